@@ -1,0 +1,64 @@
+# e-PediCare Call. `make demo` and `make test` work on a fresh Debian machine:
+# each target installs what it needs (a virtualenv from pinned requirements;
+# Debian packages through apt-get when a target needs them).
+
+PYTHON  ?= python3
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+CONFIG  ?= config.yaml
+SESSION ?=
+ARGS    ?=
+STAMP   := $(VENV)/.installed-$(shell cat requirements.txt | cksum | cut -d' ' -f1)
+
+.PHONY: setup system-deps run-relay test lint demo bench bench-relay clean
+
+## setup: a virtualenv with the pinned requirements (idempotent)
+setup: $(STAMP)
+
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	rm -f $(VENV)/.installed-* && touch $@
+
+# Debian packages that some targets need, installed once (apt-get update first).
+APT_STAMP := /var/lib/apt/periodic/.epedicare-apt-updated
+define apt_install
+	@missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" != 0 ]; then echo "missing Debian packages:$$missing (run as root, or apt-get install them)"; exit 1; fi; \
+	  [ -f $(APT_STAMP) ] || { apt-get update -qq && mkdir -p $$(dirname $(APT_STAMP)) && touch $(APT_STAMP); }; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+endef
+
+## system-deps: Debian packages for calls in network namespaces (iproute2, iptables)
+system-deps:
+	$(call apt_install,iproute2 iptables)
+
+## run-relay: the signaling relay on ws://127.0.0.1:5001/ws
+run-relay: setup
+	$(PY) relay.py --config $(CONFIG) $(ARGS)
+
+## test: the whole test suite (what CI runs)
+test: setup system-deps
+	$(PY) -m pytest $(ARGS)
+
+## lint: ruff format check, ruff check, mypy --strict
+lint: setup
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+## demo: relay + two clients, prints what the call achieved, stops everything
+demo: setup system-deps
+	$(PY) -m peers.demo --config $(CONFIG)
+
+## bench: every benchmark
+bench: bench-relay
+
+## bench-relay: relay vs a bare websockets forwarder (see docs/benchmarks.md)
+bench-relay: setup
+	$(PY) -m bench.relay $(ARGS)
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis artifacts
