@@ -1,0 +1,1063 @@
+"""e-PediCare Call signaling relay: protocol v1 (see docs/protocol.md).
+
+The relay forwards JSON frames between the two seats (patient, practitioner) of
+a session. Media never passes through it.
+
+This file has three bands, in this order:
+
+1. The pure core: configuration, frames, seats, tokens, limits. It never awaits
+   and never touches a socket: ``connect``, ``receive``, ``join_expired`` and
+   ``disconnect`` take the state and return a list of actions (``Send``,
+   ``Close``) for the adapter to carry out.
+2. The websockets adapter (``Relay``, ``serve_relay``): one handler per
+   connection, plain HTTP (``/health``, ``/metrics``, the browser client) from
+   ``process_request``, and metrics read from the core's counters.
+3. The entry point: ``parse_args``, ``main``.
+
+Errors::
+
+    RelayError
+    ├── ConfigError     a bad YAML key or flag; names the dotted key, the relay does not start
+    └── ProtocolError   a refused frame; ``code`` is the protocol's kebab-case code and it
+                        becomes an ``error`` frame (and a close, for ``server-full`` and
+                        ``join-timeout``)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import collections
+import contextlib
+import dataclasses
+import email.utils
+import hashlib
+import hmac
+import http
+import ipaddress
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import signal
+import ssl
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+import yaml
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+__version__: Final = "0.1.0"
+
+# The file runs as a script, where __name__ is "__main__": name the logger.
+logger = logging.getLogger("relay")
+
+ROOT: Final = Path(__file__).resolve().parent
+ROLES: Final = ("patient", "practitioner")
+OTHER_ROLE: Final = {"patient": "practitioner", "practitioner": "patient"}
+SESSION_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
+RESUME_RE: Final = SESSION_RE
+FORWARDED_TYPES: Final = frozenset({"offer", "answer", "candidate"})
+CLIENT_TYPES: Final = frozenset({"join", "offer", "answer", "candidate", "bye", "ping"})
+
+CLOSE_GOING_AWAY: Final = 1001
+CLOSE_POLICY: Final = 1008
+CLOSE_TRY_AGAIN_LATER: Final = 1013
+CLOSE_INTERNAL_ERROR: Final = 1011
+CLOSE_REPLACED: Final = 4001
+
+AUTH_SECRET_ENV: Final = "EPEDICARE_AUTH_SECRET"  # noqa: S105 (a variable name)
+TURN_SECRET_ENV: Final = "EPEDICARE_TURN_SECRET"  # noqa: S105 (a variable name)
+
+
+# ---------------------------------------------------------------------------
+# Band 1: the pure core
+# ---------------------------------------------------------------------------
+
+
+class RelayError(Exception):
+    """Base of the relay's errors."""
+
+
+class ConfigError(RelayError):
+    """A configuration value is wrong; ``key`` is its dotted path."""
+
+    def __init__(self, key: str, expected: str) -> None:
+        super().__init__(f"{key}: {expected}")
+        self.key = key
+        self.expected = expected
+
+
+class ProtocolError(RelayError):
+    """A frame was refused. ``code`` is stable; ``str()`` is for humans."""
+
+    def __init__(self, code: str, message: str, *, close_code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.close_code = close_code
+
+
+# -- configuration -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Every limit the relay enforces; the defaults are the documented ones."""
+
+    max_frame_bytes: int = 65_536
+    hard_max_bytes: int = 262_144
+    frames_per_second: float = 50.0
+    burst: int = 100
+    max_connections: int = 10_000
+    max_sessions: int = 5_000
+    join_timeout_s: float = 10.0
+    ping_interval_s: float = 20.0
+    ping_timeout_s: float = 20.0
+    close_timeout_s: float = 5.0
+    shutdown_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    secret: str | None = None
+    open: bool = False
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    cert: Path | None = None
+    key: Path | None = None
+
+
+@dataclass(frozen=True)
+class TurnConfig:
+    secret: str | None = None
+    urls: tuple[str, ...] = ()
+    ttl: int = 3600
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    """Every setting of the relay, loaded once from YAML by ``load``."""
+
+    host: str = "127.0.0.1"
+    port: int = 5001
+    auth: AuthConfig = AuthConfig()
+    tls: TlsConfig = TlsConfig()
+    limits: Limits = Limits()
+    turn: TurnConfig = TurnConfig()
+    web_root: Path = ROOT / "web"
+
+    @classmethod
+    def load(cls, path: Path | None, env: Mapping[str, str] | None = None) -> RelayConfig:
+        """Read the relay's sections of a YAML file (``None``: the defaults)."""
+        data: object = {}
+        if path is not None:
+            try:
+                text = path.read_text(encoding="utf-8")
+            except OSError as exc:
+                raise ConfigError(str(path), f"cannot read the file ({exc.strerror})") from exc
+            try:
+                data = yaml.safe_load(text)
+            except yaml.YAMLError as exc:
+                raise ConfigError(str(path), f"not valid YAML ({exc})") from exc
+        return cls.from_mapping({} if data is None else data, os.environ if env is None else env)
+
+    @classmethod
+    def from_mapping(cls, data: object, env: Mapping[str, str] | None = None) -> RelayConfig:
+        env = {} if env is None else env
+        top = _Section(data, "")
+        relay = top.section("relay", known={"url", "host", "port"})
+        auth = top.section("auth", known={"secret", "open"})
+        tls = top.section("tls", known={"cert", "key"})
+        turn = top.section("turn", known={"secret", "urls", "ttl"})
+        limits = top.section("limits", known={f.name for f in dataclasses.fields(Limits)})
+
+        d = Limits()
+        lim = Limits(
+            max_frame_bytes=int(limits.number("max_frame_bytes", d.max_frame_bytes, integer=True)),
+            hard_max_bytes=int(limits.number("hard_max_bytes", d.hard_max_bytes, integer=True)),
+            frames_per_second=limits.number("frames_per_second", d.frames_per_second),
+            burst=int(limits.number("burst", d.burst, integer=True)),
+            max_connections=int(limits.number("max_connections", d.max_connections, integer=True)),
+            max_sessions=int(limits.number("max_sessions", d.max_sessions, integer=True)),
+            join_timeout_s=limits.number("join_timeout_s", d.join_timeout_s),
+            ping_interval_s=limits.number("ping_interval_s", d.ping_interval_s),
+            ping_timeout_s=limits.number("ping_timeout_s", d.ping_timeout_s),
+            close_timeout_s=limits.number("close_timeout_s", d.close_timeout_s),
+            shutdown_timeout_s=limits.number("shutdown_timeout_s", d.shutdown_timeout_s),
+        )
+        if lim.hard_max_bytes <= lim.max_frame_bytes:
+            raise ConfigError(
+                "limits.hard_max_bytes", "expected a value above limits.max_frame_bytes"
+            )
+        cert, key = tls.optional_text("cert"), tls.optional_text("key")
+        if (cert is None) != (key is None):
+            raise ConfigError("tls.cert" if cert is None else "tls.key", "set both or neither")
+        urls = turn.texts("urls")
+        for i, url in enumerate(urls):
+            if not url.startswith(("turn:", "turns:")):
+                raise ConfigError(f"turn.urls[{i}]", "expected a turn: or turns: URL")
+        return cls(
+            host=relay.text("host", cls.host),
+            port=int(relay.number("port", cls.port, integer=True, minimum=0, maximum=65_535)),
+            auth=AuthConfig(
+                secret=env.get(AUTH_SECRET_ENV) or auth.optional_text("secret"),
+                open=auth.flag("open", False),
+            ),
+            tls=TlsConfig(
+                cert=None if cert is None else Path(cert),
+                key=None if key is None else Path(key),
+            ),
+            limits=lim,
+            turn=TurnConfig(
+                secret=env.get(TURN_SECRET_ENV) or turn.optional_text("secret"),
+                urls=tuple(urls),
+                ttl=int(turn.number("ttl", 3600, integer=True)),
+            ),
+        )
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        if self.tls.cert is None or self.tls.key is None:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            context.load_cert_chain(self.tls.cert, self.tls.key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError("tls.cert", f"cannot load the certificate and key ({exc})") from exc
+        return context
+
+    def check_exposure(self) -> None:
+        """Refuse to listen beyond loopback without a join-token secret (unless open)."""
+        if self.auth.secret or is_loopback(self.host):
+            return
+        if not self.auth.open:
+            raise ConfigError(
+                "auth.secret",
+                f"required to listen on {self.host!r} (not loopback): set auth.secret or "
+                f"{AUTH_SECRET_ENV}, or auth.open: true to run without join tokens",
+            )
+        logger.warning(
+            "relay runs OPEN on %s: anyone who reaches it can join any session "
+            "(auth.open is true and no auth.secret is set)",
+            self.host,
+        )
+
+
+class _Section:
+    """One mapping of the YAML tree, read with typed getters that name the dotted key."""
+
+    def __init__(self, data: object, path: str, known: set[str] | None = None) -> None:
+        if not isinstance(data, dict):
+            raise ConfigError(path or "(top level)", "expected a mapping")
+        self.data: dict[str, object] = data
+        self.path = path
+        if known is not None:
+            for name in data:
+                if name not in known:
+                    raise ConfigError(self.key(str(name)), f"unknown key (known: {sorted(known)})")
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def section(self, name: str, known: set[str]) -> _Section:
+        value = self.data.get(name)
+        return _Section({} if value is None else value, self.key(name), known)
+
+    def text(self, name: str, default: str) -> str:
+        value = self.optional_text(name)
+        return default if value is None else value
+
+    def optional_text(self, name: str) -> str | None:
+        value = self.data.get(name)
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value:
+            raise ConfigError(self.key(name), "expected a non-empty string")
+        return value
+
+    def flag(self, name: str, default: bool) -> bool:
+        value = self.data.get(name, default)
+        if not isinstance(value, bool):
+            raise ConfigError(self.key(name), "expected true or false")
+        return value
+
+    def number(
+        self,
+        name: str,
+        default: float,
+        *,
+        integer: bool = False,
+        minimum: float = 0,
+        maximum: float = math.inf,
+    ) -> float:
+        """A number in [minimum, maximum]; with the default minimum, zero is refused."""
+        value = self.data.get(name, default)
+        ok = isinstance(value, int) if integer else isinstance(value, int | float)
+        if isinstance(value, bool) or not ok:
+            raise ConfigError(
+                self.key(name), "expected an integer" if integer else "expected a number"
+            )
+        assert isinstance(value, int | float)
+        if not minimum <= value <= maximum or (minimum == 0 and value == 0 and name != "port"):
+            raise ConfigError(
+                self.key(name), f"expected a number above {minimum:g}, up to {maximum:g}"
+            )
+        return value
+
+    def texts(self, name: str) -> list[str]:
+        value = self.data.get(name)
+        if value is None:
+            return []
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(self.key(name), "expected a string or a list of strings")
+        return list(value)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# -- frames --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One parsed client frame; ``text`` is forwarded verbatim."""
+
+    type: str
+    data: dict[str, Any]
+    text: str
+
+
+def parse_frame(message: str | bytes, max_frame_bytes: int) -> Frame:
+    """Parse and check one client frame, or raise ``ProtocolError``."""
+    if not isinstance(message, str):
+        raise ProtocolError("binary-frame", "Binary frames are not accepted: send JSON text.")
+    # Characters never outnumber UTF-8 bytes, and never weigh more than four.
+    size = len(message)
+    if size * 4 > max_frame_bytes:
+        size = len(message.encode("utf-8", "surrogatepass"))
+    if size > max_frame_bytes:
+        raise ProtocolError(
+            "frame-too-large", f"The frame is {size} bytes, over the {max_frame_bytes}-byte limit."
+        )
+    try:
+        data = json.loads(message)
+    except (ValueError, RecursionError):
+        raise ProtocolError("bad-json", "The frame is not valid JSON.") from None
+    if not isinstance(data, dict):
+        raise ProtocolError("bad-json", "A frame must be one JSON object.")
+    if "type" not in data:
+        raise ProtocolError("missing-field", "The frame has no 'type' field.")
+    kind = data["type"]
+    if not isinstance(kind, str):
+        raise ProtocolError("bad-field", "The field 'type' must be a string.")
+    if kind not in CLIENT_TYPES:
+        raise ProtocolError("unknown-type", f"Unknown frame type {_shorten(kind)!r}.")
+    _check_fields(kind, data)
+    return Frame(kind, data, message)
+
+
+def _check_fields(kind: str, data: dict[str, Any]) -> None:
+    if kind in {"offer", "answer"}:
+        _field(data, "sdp", str)
+    elif kind == "candidate":
+        if "candidate" not in data:
+            raise ProtocolError("missing-field", "The field 'candidate' is missing.")
+        init = data["candidate"]
+        if init is None:
+            return  # end-of-candidates
+        if not isinstance(init, dict):
+            raise ProtocolError("bad-field", "The field 'candidate' must be an object or null.")
+        _field(init, "candidate", str, prefix="candidate.")
+        _field(init, "sdpMid", str, prefix="candidate.", optional=True)
+        _field(init, "sdpMLineIndex", int, prefix="candidate.", optional=True)
+    elif kind == "bye":
+        _field(data, "reason", str, optional=True)
+
+
+def _field(
+    data: dict[str, Any], name: str, kind: type, *, prefix: str = "", optional: bool = False
+) -> Any:
+    if name not in data:
+        if optional:
+            return None
+        raise ProtocolError("missing-field", f"The field '{prefix}{name}' is missing.")
+    value = data[name]
+    if value is None and optional:
+        return None
+    if not isinstance(value, kind) or isinstance(value, bool):
+        expected = {str: "a string", int: "an integer"}[kind]
+        raise ProtocolError("bad-field", f"The field '{prefix}{name}' must be {expected}.")
+    return value
+
+
+def _shorten(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def frame(kind: str, **fields: object) -> str:
+    """Serialize one relay frame."""
+    return json.dumps({"type": kind, **fields}, separators=(",", ":"))
+
+
+def error_frame(exc: ProtocolError) -> str:
+    return frame("error", code=exc.code, message=str(exc))
+
+
+# -- tokens and TURN credentials -------------------------------------------------
+
+
+def _b64url(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def _token_signature(secret: str, session: str, role: str, expiry: int) -> str:
+    message = f"v1|{session}|{role}|{expiry}".encode()
+    return _b64url(hmac.new(secret.encode(), message, hashlib.sha256).digest())
+
+
+def mint_token(secret: str, session: str, role: str, expiry: int) -> str:
+    """A join token for one session and role, valid until ``expiry`` (Unix seconds)."""
+    if not SESSION_RE.fullmatch(session):
+        raise ValueError(f"bad session id {session!r}: expected 1-64 of [A-Za-z0-9_-]")
+    if role not in ROLES:
+        raise ValueError(f"bad role {role!r}: expected patient or practitioner")
+    return f"v1.{expiry}.{_token_signature(secret, session, role, expiry)}"
+
+
+def check_token(secret: str, token: str | None, session: str, role: str, now: float) -> None:
+    """Raise ``ProtocolError`` unless ``token`` signs this session and role and is current."""
+    if token is None:
+        raise ProtocolError("bad-token", "This relay needs a join token.")
+    version, _, rest = token.partition(".")
+    expiry_text, _, signature = rest.partition(".")
+    if version != "v1" or not expiry_text.isdigit() or len(expiry_text) > 12:
+        raise ProtocolError("bad-token", "The join token is malformed.")
+    expiry = int(expiry_text)
+    expected = _token_signature(secret, session, role, expiry)
+    if not hmac.compare_digest(expected.encode(), signature.encode()):
+        raise ProtocolError("bad-token", "The join token is not valid for this session and role.")
+    if expiry < now:
+        raise ProtocolError("token-expired", "The join token has expired.")
+
+
+def turn_credentials(turn: TurnConfig, session: str, role: str, now: float) -> list[dict[str, Any]]:
+    """Short-lived TURN credentials (the TURN REST API scheme of coturn's use-auth-secret)."""
+    if not turn.secret or not turn.urls:
+        return []
+    username = f"{int(now) + turn.ttl}:{session}-{role}"
+    digest = hmac.new(turn.secret.encode(), username.encode(), hashlib.sha1).digest()
+    credential = base64.b64encode(digest).decode("ascii")
+    return [{"urls": list(turn.urls), "username": username, "credential": credential}]
+
+
+# -- state and actions -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Send:
+    conn: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Close:
+    conn: int
+    code: int
+    reason: str
+
+
+Action = Send | Close
+
+
+@dataclass(slots=True)
+class Conn:
+    """One WebSocket connection, as the core sees it."""
+
+    id: int
+    allowance: float
+    last: float
+    session: str | None = None
+    role: str | None = None
+    ever_joined: bool = False
+    closing: bool = False
+
+
+@dataclass(slots=True)
+class Seat:
+    conn: int
+    resume: str
+    resumed: bool
+
+
+@dataclass
+class Stats:
+    """Counters read by /metrics."""
+
+    frames: collections.Counter[str] = field(default_factory=collections.Counter)
+    errors: collections.Counter[str] = field(default_factory=collections.Counter)
+    joins: int = 0
+    resumes: int = 0
+    replaced: int = 0
+    connections_total: int = 0
+
+
+class State:
+    """Every seat and connection. Mutated only by the core functions below."""
+
+    def __init__(
+        self,
+        config: RelayConfig,
+        monotonic: Callable[[], float] = time.monotonic,
+        wallclock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.limits = config.limits
+        self.monotonic = monotonic
+        self.wallclock = wallclock
+        self.conns: dict[int, Conn] = {}
+        self.sessions: dict[str, dict[str, Seat]] = {}
+        self.stats = Stats()
+        self._next_id = 1
+
+    def seats_taken(self) -> int:
+        return sum(len(seats) for seats in self.sessions.values())
+
+    def other_seat(self, conn: Conn) -> Seat | None:
+        if conn.session is None or conn.role is None:
+            return None
+        return self.sessions[conn.session].get(OTHER_ROLE[conn.role])
+
+
+def connect(state: State) -> tuple[int, list[Action]]:
+    """Register a new connection; refuse it when the relay is full."""
+    conn = Conn(state._next_id, float(state.limits.burst), state.monotonic())
+    state._next_id += 1
+    state.conns[conn.id] = conn
+    state.stats.connections_total += 1
+    if len(state.conns) > state.limits.max_connections:
+        return _refuse(
+            state,
+            conn,
+            ProtocolError(
+                "server-full",
+                "The relay has reached its connection limit; try again later.",
+                close_code=CLOSE_TRY_AGAIN_LATER,
+            ),
+        )
+    return conn.id, []
+
+
+def _refuse(state: State, conn: Conn, exc: ProtocolError) -> tuple[int, list[Action]]:
+    return conn.id, _error_actions(state, conn, exc)
+
+
+def _error_actions(state: State, conn: Conn, exc: ProtocolError) -> list[Action]:
+    """The one place where a refusal becomes frames."""
+    state.stats.errors[exc.code] += 1
+    if exc.code == "rate-limited":
+        logger.debug("conn=%d refused: %s", conn.id, exc.code)
+    else:
+        logger.warning(
+            "conn=%d session=%s role=%s refused: %s (%s)",
+            conn.id,
+            conn.session,
+            conn.role,
+            exc.code,
+            exc,
+        )
+    actions: list[Action] = [Send(conn.id, error_frame(exc))]
+    if exc.close_code is not None:
+        conn.closing = True
+        actions.append(Close(conn.id, exc.close_code, exc.code))
+    return actions
+
+
+def receive(state: State, conn_id: int, message: str | bytes) -> list[Action]:
+    """Handle one frame from a connection: rate limit, parse, act."""
+    conn = state.conns[conn_id]
+    if conn.closing:
+        return []
+    try:
+        _take_token(state, conn)
+        parsed = parse_frame(message, state.limits.max_frame_bytes)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("conn=%d > %s", conn.id, _shorten(parsed.text, 120))
+        return handle(state, conn, parsed)
+    except ProtocolError as exc:
+        return _error_actions(state, conn, exc)
+
+
+def _take_token(state: State, conn: Conn) -> None:
+    now = state.monotonic()
+    rate = state.limits.frames_per_second
+    conn.allowance = min(float(state.limits.burst), conn.allowance + (now - conn.last) * rate)
+    conn.last = now
+    if conn.allowance < 1.0:
+        raise ProtocolError(
+            "rate-limited",
+            f"More than {rate:g} frames per second (burst {state.limits.burst}): frame dropped.",
+        )
+    conn.allowance -= 1.0
+
+
+def handle(state: State, conn: Conn, parsed: Frame) -> list[Action]:
+    """Act on one valid frame. Raises ``ProtocolError`` to refuse it."""
+    kind = parsed.type
+    if kind == "ping":
+        return [Send(conn.id, frame("pong"))]
+    if kind == "join":
+        return _join(state, conn, parsed.data)
+    if conn.session is None:
+        raise ProtocolError("not-joined", f"Send 'join' before {kind!r}.")
+    other = state.other_seat(conn)
+    if kind == "bye":
+        return _leave(state, conn, "bye", forward=parsed.text)
+    if other is None:
+        raise ProtocolError("no-peer", f"No {OTHER_ROLE[conn.role or '']} to send {kind!r} to.")
+    state.stats.frames[kind] += 1
+    return [Send(other.conn, parsed.text)]
+
+
+def _join(state: State, conn: Conn, data: dict[str, Any]) -> list[Action]:
+    if conn.session is not None:
+        raise ProtocolError("already-joined", f"Already joined session {conn.session!r}.")
+    session = _field(data, "session", str)
+    role = _field(data, "role", str)
+    token = _field(data, "token", str, optional=True)
+    resume = _field(data, "resume", str, optional=True)
+    if not SESSION_RE.fullmatch(session):
+        raise ProtocolError("bad-session", "A session id is 1 to 64 of A-Z, a-z, 0-9, _ and -.")
+    if role not in ROLES:
+        raise ProtocolError("bad-role", "The role must be 'patient' or 'practitioner'.")
+    if resume is not None and not RESUME_RE.fullmatch(resume):
+        raise ProtocolError("bad-field", "The field 'resume' must be a key the relay handed out.")
+    if state.config.auth.secret:
+        check_token(state.config.auth.secret, token, session, role, state.wallclock())
+    seats = state.sessions.get(session)
+    if seats is None and len(state.sessions) >= state.limits.max_sessions:
+        raise ProtocolError(
+            "server-full",
+            "The relay has reached its session limit; try again later.",
+            close_code=CLOSE_TRY_AGAIN_LATER,
+        )
+    held = None if seats is None else seats.get(role)
+    if held is not None and (
+        resume is None or not hmac.compare_digest(resume.encode(), held.resume.encode())
+    ):
+        raise ProtocolError("role-taken", f"The {role} seat of this session is taken.")
+
+    actions: list[Action] = []
+    if held is not None:
+        stale = state.conns[held.conn]
+        stale.session = stale.role = None
+        stale.closing = True
+        state.stats.replaced += 1
+        actions.append(Close(stale.id, CLOSE_REPLACED, "replaced"))
+        logger.info(
+            "conn=%d session=%s role=%s replaced by conn=%d", stale.id, session, role, conn.id
+        )
+    if seats is None:
+        seats = state.sessions[session] = {}
+    seat = Seat(conn.id, resume or secrets.token_urlsafe(16), resumed=resume is not None)
+    seats[role] = seat
+    conn.session, conn.role, conn.ever_joined = session, role, True
+    state.stats.joins += 1
+    state.stats.resumes += resume is not None
+    other = seats.get(OTHER_ROLE[role])
+    joined: dict[str, object] = {
+        "session": session,
+        "role": role,
+        "peer": other is not None,
+        "resume": seat.resume,
+        "resumed": seat.resumed,
+        "peer_resumed": other is not None and other.resumed,
+    }
+    ice_servers = turn_credentials(state.config.turn, session, role, state.wallclock())
+    if ice_servers:
+        joined["ice_servers"] = ice_servers
+    actions.append(Send(conn.id, frame("joined", **joined)))
+    if other is not None:
+        actions.append(Send(other.conn, frame("peer-joined", role=role, resumed=seat.resumed)))
+    logger.info(
+        "conn=%d session=%s role=%s joined (peer=%s, resumed=%s)",
+        conn.id,
+        session,
+        role,
+        other is not None,
+        seat.resumed,
+    )
+    return actions
+
+
+def _leave(state: State, conn: Conn, reason: str, forward: str | None = None) -> list[Action]:
+    """Free the connection's seat and tell the other seat."""
+    session, role = conn.session, conn.role
+    if session is None or role is None:
+        return []
+    seats = state.sessions[session]
+    del seats[role]
+    conn.session = conn.role = None
+    actions: list[Action] = []
+    other = seats.get(OTHER_ROLE[role])
+    if other is not None:
+        if forward is not None:
+            state.stats.frames["bye"] += 1
+            actions.append(Send(other.conn, forward))
+        actions.append(Send(other.conn, frame("peer-left", role=role, reason=reason)))
+    else:
+        del state.sessions[session]
+    logger.info("conn=%d session=%s role=%s left (%s)", conn.id, session, role, reason)
+    return actions
+
+
+def join_expired(state: State, conn_id: int) -> list[Action]:
+    """The join deadline of a connection has passed."""
+    conn = state.conns.get(conn_id)
+    if conn is None or conn.ever_joined or conn.closing:
+        return []
+    return _error_actions(
+        state,
+        conn,
+        ProtocolError(
+            "join-timeout",
+            f"No 'join' within {state.limits.join_timeout_s:g} s.",
+            close_code=CLOSE_POLICY,
+        ),
+    )
+
+
+def disconnect(state: State, conn_id: int) -> list[Action]:
+    """A connection has closed: free its seat (not a hang-up)."""
+    conn = state.conns.pop(conn_id)
+    return _leave(state, conn, "disconnected")
+
+
+# ---------------------------------------------------------------------------
+# Band 2: the websockets adapter
+# ---------------------------------------------------------------------------
+
+CONTENT_TYPES: Final = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".mjs": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".json": "application/json",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+    ".ico": "image/x-icon",
+    ".webmanifest": "application/manifest+json",
+}
+CSP: Final = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "media-src 'self' blob: mediastream:; connect-src 'self'; object-src 'none'; "
+    "base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+SECURITY_HEADERS: Final = (
+    ("Content-Security-Policy", CSP),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "no-referrer"),
+    ("Permissions-Policy", "camera=(self), microphone=(self)"),
+    ("Cache-Control", "no-cache"),
+)
+
+
+class _StateCollector:
+    """Prometheus metrics read from the core's state at scrape time."""
+
+    def __init__(self, state: State) -> None:
+        self.state = state
+
+    def collect(self) -> Iterable[Metric]:
+        state, stats = self.state, self.state.stats
+        yield GaugeMetricFamily(
+            "relay_connections", "Open WebSocket connections.", len(state.conns)
+        )
+        yield GaugeMetricFamily(
+            "relay_sessions", "Sessions with at least one seat taken.", len(state.sessions)
+        )
+        yield GaugeMetricFamily("relay_seats_taken", "Seats taken.", state.seats_taken())
+        yield CounterMetricFamily(
+            "relay_connections_opened", "WebSocket connections accepted.", stats.connections_total
+        )
+        yield CounterMetricFamily("relay_joins", "Joins accepted.", stats.joins)
+        yield CounterMetricFamily(
+            "relay_resumes", "Joins that presented a resume key.", stats.resumes
+        )
+        yield CounterMetricFamily(
+            "relay_replaced", "Stale connections replaced by a resume.", stats.replaced
+        )
+        frames = CounterMetricFamily(
+            "relay_frames_relayed", "Frames forwarded to the other seat.", labels=["type"]
+        )
+        for kind in sorted(FORWARDED_TYPES | {"bye"}):
+            frames.add_metric([kind], stats.frames[kind])
+        yield frames
+        errors = CounterMetricFamily("relay_errors", "Frames refused, by code.", labels=["code"])
+        for code, count in sorted(stats.errors.items()):
+            errors.add_metric([code], count)
+        yield errors
+
+
+class Relay:
+    """The adapter: carries out the core's actions on real connections."""
+
+    def __init__(self, config: RelayConfig) -> None:
+        self.config = config
+        self.state = State(config)
+        self.connections: dict[int, ServerConnection] = {}
+        self.started = time.monotonic()
+        self.registry = CollectorRegistry()
+        self.registry.register(_StateCollector(self.state))
+        ProcessCollector(registry=self.registry)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def handler(self, ws: ServerConnection) -> None:
+        conn_id, actions = connect(self.state)
+        self.connections[conn_id] = ws
+        timer = asyncio.get_running_loop().call_later(
+            self.config.limits.join_timeout_s, self._join_expired, conn_id
+        )
+        logger.debug("conn=%d open from %s", conn_id, ws.remote_address)
+        try:
+            await self.perform(actions)
+            async for message in ws:
+                await self.perform(receive(self.state, conn_id, message))
+        except ConnectionClosed:
+            pass
+        except Exception:
+            logger.exception("conn=%d internal error; closing it", conn_id)
+            await ws.close(CLOSE_INTERNAL_ERROR, "internal error")
+        finally:
+            timer.cancel()
+            del self.connections[conn_id]
+            await self.perform(disconnect(self.state, conn_id))
+            logger.debug("conn=%d closed (%s %s)", conn_id, ws.close_code, ws.close_reason or "")
+
+    async def perform(self, actions: list[Action]) -> None:
+        for action in actions:
+            ws = self.connections.get(action.conn)
+            if ws is None:
+                continue
+            if isinstance(action, Send):
+                with contextlib.suppress(ConnectionClosed):
+                    await ws.send(action.text)
+            else:
+                # Closing waits for the peer's answer: never block the caller on it.
+                self._spawn(ws.close(action.code, action.reason))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _join_expired(self, conn_id: int) -> None:
+        actions = join_expired(self.state, conn_id)
+        if actions:
+            self._spawn(self.perform(actions))
+
+    # -- plain HTTP on the same port --
+
+    def process_request(self, ws: ServerConnection, request: Request) -> Response | None:
+        path = urlsplit(request.path).path
+        if path == "/ws":
+            return None
+        if path == "/health":
+            body = json.dumps(
+                {
+                    "status": "ok",
+                    "sessions": len(self.state.sessions),
+                    "connections": len(self.state.conns),
+                    "uptime_s": round(time.monotonic() - self.started, 3),
+                    "version": __version__,
+                }
+            ).encode()
+            return http_response(200, body, "application/json")
+        if path == "/metrics":
+            return http_response(200, generate_latest(self.registry), CONTENT_TYPE_LATEST)
+        return self.static_file(path)
+
+    def static_file(self, path: str) -> Response:
+        root = self.config.web_root.resolve()
+        name = "index.html" if path in {"", "/"} else path.lstrip("/")
+        candidate = (root / name).resolve()
+        content_type = CONTENT_TYPES.get(candidate.suffix)
+        if content_type is None or not candidate.is_relative_to(root) or not candidate.is_file():
+            return http_response(404, b"Not found.\n", "text/plain; charset=utf-8")
+        return http_response(200, candidate.read_bytes(), content_type)
+
+
+def http_response(status: int, body: bytes, content_type: str) -> Response:
+    headers = Headers(
+        [
+            ("Date", email.utils.formatdate(usegmt=True)),
+            ("Connection", "close"),
+            ("Content-Length", str(len(body))),
+            ("Content-Type", content_type),
+            *SECURITY_HEADERS,
+        ]
+    )
+    return Response(status, http.HTTPStatus(status).phrase, headers, body)
+
+
+@dataclass
+class RunningRelay:
+    """A relay that is listening; ``url`` is the real WebSocket address."""
+
+    relay: Relay
+    server: Server
+    url: str
+    http_url: str
+    port: int
+
+    @property
+    def state(self) -> State:
+        return self.relay.state
+
+
+@contextlib.asynccontextmanager
+async def serve_relay(config: RelayConfig) -> AsyncIterator[RunningRelay]:
+    """Listen until the block exits, then close every connection with 1001."""
+    config.check_exposure()
+    relay = Relay(config)
+    limits = config.limits
+    ssl_context = config.ssl_context()
+    server = await serve(
+        relay.handler,
+        config.host,
+        config.port,
+        process_request=relay.process_request,
+        server_header=f"e-pedicare-relay/{__version__}",
+        # Compression off: it costs ~40 % more CPU per frame and 3x the memory
+        # per connection for SDP-sized frames.
+        compression=None,
+        # Limits: the application answers frames over max_frame_bytes with an
+        # error frame; max_size is the hard ceiling (close 1009).
+        max_size=limits.hard_max_bytes,
+        max_queue=16,
+        # Timeouts.
+        open_timeout=10,
+        ping_interval=limits.ping_interval_s,
+        ping_timeout=limits.ping_timeout_s,
+        close_timeout=limits.close_timeout_s,
+        ssl=ssl_context,
+    )
+    try:
+        host, port = server.sockets[0].getsockname()[:2]
+        shown = f"[{host}]" if ":" in host else host
+        scheme = "wss" if ssl_context else "ws"
+        running = RunningRelay(
+            relay,
+            server,
+            f"{scheme}://{shown}:{port}/ws",
+            f"{'https' if ssl_context else 'http'}://{shown}:{port}",
+            port,
+        )
+        logger.info("relay listening on %s", running.url)
+        yield running
+    finally:
+        server.close(code=CLOSE_GOING_AWAY, reason="relay shutting down")
+        try:
+            await asyncio.wait_for(server.wait_closed(), limits.shutdown_timeout_s)
+        except TimeoutError:
+            logger.warning("shutdown: handlers still running after %gs", limits.shutdown_timeout_s)
+        logger.info("relay stopped")
+
+
+# ---------------------------------------------------------------------------
+# Band 3: the entry point
+# ---------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="relay.py", description="e-PediCare Call signaling relay (protocol v1)."
+    )
+    parser.add_argument(
+        "--config", type=Path, default=Path("config.yaml"), help="YAML file (default: config.yaml)"
+    )
+    parser.add_argument("--host", help="address to listen on (overrides relay.host)")
+    parser.add_argument(
+        "--port", type=int, help="port to listen on, 0 for a free one (overrides relay.port)"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log frames (DEBUG)")
+    commands = parser.add_subparsers(dest="command", metavar="{token}")
+    token = commands.add_parser("token", help="print a join token signed with auth.secret")
+    # SUPPRESS: a --config given before the subcommand is kept.
+    token.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="YAML file")
+    token.add_argument("--session", required=True, help="session id")
+    token.add_argument("--role", required=True, choices=ROLES)
+    token.add_argument("--ttl", type=int, default=3600, help="seconds of validity (default 3600)")
+    return parser.parse_args(argv)
+
+
+async def run(config: RelayConfig) -> None:
+    """Serve until SIGINT or SIGTERM, then close every connection with 1001."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    async with serve_relay(config):
+        await stop.wait()
+        logger.info("signal received: closing every connection")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("websockets").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    try:
+        config = RelayConfig.load(args.config)
+        if args.command == "token":
+            if not config.auth.secret:
+                raise ConfigError("auth.secret", f"needed to sign tokens (or {AUTH_SECRET_ENV})")
+            if args.ttl <= 0:
+                raise ConfigError("--ttl", "expected a positive number of seconds")
+            print(
+                mint_token(config.auth.secret, args.session, args.role, int(time.time()) + args.ttl)
+            )
+            return 0
+        if args.host is not None:
+            config = dataclasses.replace(config, host=args.host)
+        if args.port is not None:
+            if not 0 <= args.port <= 65_535:
+                raise ConfigError("--port", "expected 0 to 65535")
+            config = dataclasses.replace(config, port=args.port)
+        asyncio.run(run(config))
+    except (ConfigError, ValueError) as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"relay: cannot listen: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
