@@ -1,0 +1,1 @@
+"""aiortc peers of e-PediCare Call: patient and practitioner."""

@@ -1,0 +1,518 @@
+"""The relay's pure core: parsing, seats, routing, limits, tokens. No event loop."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import relay
+from relay import Close, ProtocolError, Send, State
+from tests.support import relay_config
+
+SECRET = "test-secret"
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_state(**sections: dict[str, Any]) -> tuple[State, Clock]:
+    clock = Clock()
+    return State(relay_config(**sections), monotonic=clock, wallclock=clock), clock
+
+
+def frames_to(actions: list[relay.Action], conn: int) -> list[dict[str, Any]]:
+    return [json.loads(a.text) for a in actions if isinstance(a, Send) and a.conn == conn]
+
+
+def send(state: State, conn: int, **fields: Any) -> list[relay.Action]:
+    return relay.receive(state, conn, json.dumps(fields))
+
+
+def joined_conn(state: State, session: str, role: str, **fields: Any) -> int:
+    conn, actions = relay.connect(state)
+    assert actions == []
+    reply = frames_to(send(state, conn, type="join", session=session, role=role, **fields), conn)
+    assert reply[0]["type"] == "joined", reply
+    return conn
+
+
+def error_code(actions: list[relay.Action], conn: int) -> str:
+    (frame,) = frames_to(actions, conn)
+    assert frame["type"] == "error"
+    assert isinstance(frame["message"], str) and frame["message"]
+    code: str = frame["code"]
+    return code
+
+
+# -- parse_frame ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("message", "code"),
+    [
+        pytest.param(b'{"type":"ping"}', "binary-frame", id="binary"),
+        pytest.param("x" * 70_000, "frame-too-large", id="too-large-ascii"),
+        pytest.param('"' + "é" * 40_000 + '"', "frame-too-large", id="too-large-by-utf8-bytes"),
+        pytest.param("{not json", "bad-json", id="invalid-json"),
+        pytest.param("[1, 2]", "bad-json", id="array"),
+        pytest.param('"join"', "bad-json", id="string"),
+        pytest.param("[" * 50_000 + "]" * 50_000, "frame-too-large", id="deep-nesting-too-large"),
+        pytest.param("[" * 30_000 + "]" * 30_000, "bad-json", id="deep-nesting"),
+        pytest.param("{}", "missing-field", id="no-type"),
+        pytest.param('{"type": 3}', "bad-field", id="type-not-string"),
+        pytest.param('{"type": "hello"}', "unknown-type", id="unknown-type"),
+        pytest.param('{"type": "offer"}', "missing-field", id="offer-without-sdp"),
+        pytest.param('{"type": "answer", "sdp": 5}', "bad-field", id="sdp-not-string"),
+        pytest.param('{"type": "candidate"}', "missing-field", id="candidate-missing"),
+        pytest.param('{"type": "candidate", "candidate": "x"}', "bad-field", id="candidate-string"),
+        pytest.param(
+            '{"type": "candidate", "candidate": {}}', "missing-field", id="candidate-init-empty"
+        ),
+        pytest.param(
+            '{"type": "candidate", "candidate": {"candidate": "a", "sdpMLineIndex": "0"}}',
+            "bad-field",
+            id="mline-index-string",
+        ),
+        pytest.param(
+            '{"type": "candidate", "candidate": {"candidate": "a", "sdpMLineIndex": true}}',
+            "bad-field",
+            id="mline-index-bool",
+        ),
+        pytest.param('{"type": "bye", "reason": 1}', "bad-field", id="bye-reason-number"),
+    ],
+)
+def test_parse_frame_refuses(message: str | bytes, code: str) -> None:
+    """A bad frame raises ProtocolError with its own code and a readable message."""
+    with pytest.raises(ProtocolError) as caught:
+        relay.parse_frame(message, 65_536)
+    assert caught.value.code == code
+    assert str(caught.value).endswith(".")
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        pytest.param('{"type": "ping"}', id="ping"),
+        pytest.param('{"type": "offer", "sdp": "v=0", "extra": [1]}', id="extra-fields"),
+        pytest.param('{"type": "candidate", "candidate": null}', id="end-of-candidates"),
+        pytest.param(
+            '{"type":"candidate","candidate":{"candidate":"","sdpMid":null,"sdpMLineIndex":null}}',
+            id="empty-candidate-nulls",
+        ),
+        pytest.param('{"type": "bye"}', id="bye-without-reason"),
+        pytest.param('{"type": "offer", "sdp": "\\ud800"}', id="lone-surrogate-escape"),
+    ],
+)
+def test_parse_frame_accepts(message: str) -> None:
+    """A valid frame parses, keeping its text for verbatim forwarding."""
+    parsed = relay.parse_frame(message, 65_536)
+    assert parsed.text is message
+
+
+def test_frame_exactly_at_limit_is_accepted() -> None:
+    """The size limit is inclusive and counted in UTF-8 bytes."""
+    message = json.dumps({"type": "offer", "sdp": ""})
+    padded = message[:-2] + "é" * ((100 - len(message)) // 2) + '"}'
+    size = len(padded.encode())
+    assert relay.parse_frame(padded, size).type == "offer"
+    with pytest.raises(ProtocolError, match="over the"):
+        relay.parse_frame(padded, size - 1)
+
+
+# -- seats and routing ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("first", ["patient", "practitioner"])
+def test_either_side_joins_first(first: str) -> None:
+    """Whoever joins second sees peer: true; the first gets peer-joined."""
+    state, _ = make_state()
+    second = relay.OTHER_ROLE[first]
+    a = joined_conn(state, "s1", first)
+    b, _ = relay.connect(state)
+    actions = send(state, b, type="join", session="s1", role=second)
+    (joined,) = frames_to(actions, b)
+    assert joined["peer"] is True
+    assert frames_to(actions, a) == [{"type": "peer-joined", "role": second, "resumed": False}]
+
+
+def test_frames_forwarded_verbatim_to_other_seat_only() -> None:
+    """offer/answer/candidate go verbatim to the other seat of the same session."""
+    state, _ = make_state()
+    patient, practitioner = (
+        joined_conn(state, "s1", "patient"),
+        joined_conn(state, "s1", "practitioner"),
+    )
+    other_session = joined_conn(state, "s2", "practitioner")
+    text = '{"type": "offer", "sdp": "v=0", "x": 1}'
+    assert relay.receive(state, patient, text) == [Send(practitioner, text)]
+    answer = '{"type":"answer","sdp":"v=0"}'
+    assert relay.receive(state, practitioner, answer) == [Send(patient, answer)]
+    assert state.stats.frames["offer"] == 1
+    assert frames_to(relay.receive(state, patient, text), other_session) == []
+
+
+def test_role_taken_and_seat_unchanged() -> None:
+    """A second claim on a taken role is refused and changes nothing."""
+    state, _ = make_state()
+    first = joined_conn(state, "s1", "patient")
+    intruder, _ = relay.connect(state)
+    actions = send(state, intruder, type="join", session="s1", role="patient")
+    assert error_code(actions, intruder) == "role-taken"
+    assert state.sessions["s1"]["patient"].conn == first
+    assert state.conns[intruder].session is None
+
+
+def test_resume_replaces_stale_connection_of_its_own_seat() -> None:
+    """The resume key replaces the stale connection (closed 4001) and tells the peer."""
+    state, _ = make_state()
+    stale, _ = relay.connect(state)
+    key = frames_to(send(state, stale, type="join", session="s1", role="patient"), stale)[0][
+        "resume"
+    ]
+    practitioner = joined_conn(state, "s1", "practitioner")
+    fresh, _ = relay.connect(state)
+    actions = send(state, fresh, type="join", session="s1", role="patient", resume=key)
+    assert Close(stale, relay.CLOSE_REPLACED, "replaced") in actions
+    (joined,) = frames_to(actions, fresh)
+    assert joined["resumed"] is True and joined["resume"] == key and joined["peer"] is True
+    assert frames_to(actions, practitioner) == [
+        {"type": "peer-joined", "role": "patient", "resumed": True}
+    ]
+    # The stale connection's late disconnect frees nothing.
+    assert relay.disconnect(state, stale) == []
+    assert state.sessions["s1"]["patient"].conn == fresh
+
+
+@pytest.mark.parametrize(
+    ("session", "role"),
+    [
+        pytest.param("s1", "practitioner", id="other-role"),
+        pytest.param("s2", "patient", id="other-session"),
+    ],
+)
+def test_resume_key_opens_no_other_seat(session: str, role: str) -> None:
+    """A resume key for one seat never replaces another seat's connection."""
+    state, _ = make_state()
+    patient, _ = relay.connect(state)
+    key = frames_to(send(state, patient, type="join", session="s1", role="patient"), patient)[0][
+        "resume"
+    ]
+    holder = joined_conn(state, session, role)
+    thief, _ = relay.connect(state)
+    actions = send(state, thief, type="join", session=session, role=role, resume=key)
+    assert error_code(actions, thief) == "role-taken"
+    assert state.sessions[session][role].conn == holder
+
+
+def test_unknown_resume_key_adopted_when_seat_free() -> None:
+    """After a relay restart, a client keeps its key: the free seat adopts it."""
+    state, _ = make_state()
+    practitioner = joined_conn(state, "s1", "practitioner", resume="k" * 22)
+    conn, _ = relay.connect(state)
+    (joined,) = frames_to(
+        send(state, conn, type="join", session="s1", role="patient", resume="abc"), conn
+    )
+    assert joined["resume"] == "abc" and joined["resumed"] is True
+    assert joined["peer_resumed"] is True
+    assert state.stats.resumes == 2 and practitioner in state.conns
+
+
+def test_bye_forwarded_then_peer_left_and_seat_freed() -> None:
+    """bye is forwarded verbatim, followed by peer-left; the session goes when empty."""
+    state, _ = make_state()
+    patient, practitioner = (
+        joined_conn(state, "s1", "patient"),
+        joined_conn(state, "s1", "practitioner"),
+    )
+    bye = '{"type":"bye","reason":"done"}'
+    actions = relay.receive(state, practitioner, bye)
+    assert actions == [
+        Send(patient, bye),
+        Send(patient, relay.frame("peer-left", role="practitioner", reason="bye")),
+    ]
+    assert "practitioner" not in state.sessions["s1"]
+    relay.disconnect(state, patient)
+    assert state.sessions == {}
+    # The connection that said bye may join again.
+    assert frames_to(
+        send(state, practitioner, type="join", session="s1", role="practitioner"), practitioner
+    )
+
+
+def test_disconnect_is_not_bye() -> None:
+    """A dropped connection frees its seat with reason 'disconnected'."""
+    state, _ = make_state()
+    patient, practitioner = (
+        joined_conn(state, "s1", "patient"),
+        joined_conn(state, "s1", "practitioner"),
+    )
+    actions = relay.disconnect(state, practitioner)
+    assert frames_to(actions, patient) == [
+        {"type": "peer-left", "role": "practitioner", "reason": "disconnected"}
+    ]
+
+
+@pytest.mark.parametrize(
+    ("fields", "code"),
+    [
+        pytest.param({"session": "a b", "role": "patient"}, "bad-session", id="space"),
+        pytest.param({"session": "", "role": "patient"}, "bad-session", id="empty"),
+        pytest.param({"session": "x" * 65, "role": "patient"}, "bad-session", id="65-chars"),
+        pytest.param({"session": "s", "role": "doctor"}, "bad-role", id="bad-role"),
+        pytest.param({"role": "patient"}, "missing-field", id="no-session"),
+        pytest.param({"session": "s"}, "missing-field", id="no-role"),
+        pytest.param({"session": 5, "role": "patient"}, "bad-field", id="session-number"),
+        pytest.param(
+            {"session": "s", "role": "patient", "token": 1}, "bad-field", id="token-number"
+        ),
+        pytest.param(
+            {"session": "s", "role": "patient", "resume": "a/b"}, "bad-field", id="bad-resume"
+        ),
+    ],
+)
+def test_join_refused(fields: dict[str, Any], code: str) -> None:
+    """A join with a bad field is refused with its code and takes no seat."""
+    state, _ = make_state()
+    conn, _ = relay.connect(state)
+    assert error_code(send(state, conn, type="join", **fields), conn) == code
+    assert state.sessions == {}
+
+
+def test_session_id_of_64_chars_accepted() -> None:
+    """Session ids are 1-64 characters of [A-Za-z0-9_-]."""
+    state, _ = make_state()
+    joined_conn(state, "A-z_9" + "x" * 59, "patient")
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        pytest.param({"type": "offer", "sdp": "v=0"}, "not-joined", id="offer"),
+        pytest.param({"type": "bye"}, "not-joined", id="bye"),
+    ],
+)
+def test_frames_before_join_refused(frame: dict[str, Any], code: str) -> None:
+    """Only join and ping are accepted before join."""
+    state, _ = make_state()
+    conn, _ = relay.connect(state)
+    assert error_code(send(state, conn, **frame), conn) == code
+    assert frames_to(send(state, conn, type="ping"), conn) == [{"type": "pong"}]
+
+
+def test_already_joined_and_no_peer() -> None:
+    """A second join and a frame with nobody to receive it are refused."""
+    state, _ = make_state()
+    conn = joined_conn(state, "s1", "patient")
+    assert error_code(send(state, conn, type="join", session="s2", role="patient"), conn) == (
+        "already-joined"
+    )
+    assert error_code(send(state, conn, type="offer", sdp="v=0"), conn) == "no-peer"
+    assert list(state.sessions) == ["s1"]
+
+
+# -- limits -----------------------------------------------------------------------
+
+
+def test_rate_limit_token_bucket() -> None:
+    """Past the burst, frames are refused until the bucket refills at the configured rate."""
+    state, clock = make_state(limits={"frames_per_second": 10, "burst": 3})
+    conn, _ = relay.connect(state)
+    for _ in range(3):
+        assert frames_to(send(state, conn, type="ping"), conn) == [{"type": "pong"}]
+    assert error_code(send(state, conn, type="ping"), conn) == "rate-limited"
+    clock.now += 0.1
+    assert frames_to(send(state, conn, type="ping"), conn) == [{"type": "pong"}]
+    assert error_code(send(state, conn, type="ping"), conn) == "rate-limited"
+    assert state.stats.errors["rate-limited"] == 2
+
+
+def test_server_full_connections() -> None:
+    """Past max_connections, a new connection gets server-full and is closed with 1013."""
+    state, _ = make_state(limits={"max_connections": 1})
+    relay.connect(state)
+    conn, actions = relay.connect(state)
+    assert error_code(actions, conn) == "server-full"
+    assert Close(conn, 1013, "server-full") in actions
+    assert send(state, conn, type="ping") == []
+
+
+def test_server_full_sessions() -> None:
+    """Past max_sessions, a join that would open a new session is refused and closed."""
+    state, _ = make_state(limits={"max_sessions": 1})
+    joined_conn(state, "s1", "patient")
+    joined_conn(state, "s1", "practitioner")  # an existing session still fills
+    conn, _ = relay.connect(state)
+    actions = send(state, conn, type="join", session="s2", role="patient")
+    assert error_code(actions, conn) == "server-full"
+    assert Close(conn, 1013, "server-full") in actions
+
+
+def test_join_timeout_only_before_first_join() -> None:
+    """The join deadline closes a connection that never joined (1008), nothing else."""
+    state, _ = make_state()
+    idle, _ = relay.connect(state)
+    actions = relay.join_expired(state, idle)
+    assert error_code(actions, idle) == "join-timeout"
+    assert Close(idle, 1008, "join-timeout") in actions
+    member = joined_conn(state, "s1", "patient")
+    assert relay.join_expired(state, member) == []
+
+
+# -- tokens and TURN credentials ---------------------------------------------------------
+
+
+def test_token_round_trip_and_binding() -> None:
+    """A token opens exactly its session and role, until its expiry."""
+    token = relay.mint_token(SECRET, "s1", "patient", 2_000)
+    relay.check_token(SECRET, token, "s1", "patient", 1_999)
+    for session, role in [("s2", "patient"), ("s1", "practitioner")]:
+        with pytest.raises(ProtocolError) as caught:
+            relay.check_token(SECRET, token, session, role, 1_999)
+        assert caught.value.code == "bad-token"
+    with pytest.raises(ProtocolError) as caught:
+        relay.check_token(SECRET, token, "s1", "patient", 2_001)
+    assert caught.value.code == "token-expired"
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        pytest.param(None, id="missing"),
+        pytest.param("", id="empty"),
+        pytest.param("v2.99999999999.abc", id="wrong-version"),
+        pytest.param("v1.-5.abc", id="negative-expiry"),
+        pytest.param("v1.99999999999.", id="no-signature"),
+        pytest.param("v1.99999999999.AAAA", id="wrong-signature"),
+    ],
+)
+def test_malformed_tokens(token: str | None) -> None:
+    """Missing, malformed and forged tokens are bad-token."""
+    with pytest.raises(ProtocolError) as caught:
+        relay.check_token(SECRET, token, "s1", "patient", 0)
+    assert caught.value.code == "bad-token"
+
+
+def test_forged_token_with_other_secret() -> None:
+    """A token signed with another secret is refused."""
+    token = relay.mint_token("other", "s1", "patient", 2_000)
+    with pytest.raises(ProtocolError, match="not valid"):
+        relay.check_token(SECRET, token, "s1", "patient", 0)
+
+
+def test_join_requires_token_when_secret_set() -> None:
+    """With auth.secret, joins need a valid token; the right one takes the seat."""
+    state, clock = make_state(auth={"secret": SECRET})
+    conn, _ = relay.connect(state)
+    assert (
+        error_code(send(state, conn, type="join", session="s1", role="patient"), conn)
+        == "bad-token"
+    )
+    token = relay.mint_token(SECRET, "s1", "patient", int(clock.now) + 60)
+    actions = send(state, conn, type="join", session="s1", role="patient", token=token)
+    assert frames_to(actions, conn)[0]["type"] == "joined"
+
+
+def test_turn_rest_credentials() -> None:
+    """joined carries TURN REST credentials that coturn's use-auth-secret accepts."""
+    state, clock = make_state(
+        turn={"secret": "turnsecret", "urls": ["turn:198.18.0.1:3478"], "ttl": 600}
+    )
+    conn, _ = relay.connect(state)
+    (joined,) = frames_to(send(state, conn, type="join", session="s1", role="patient"), conn)
+    (server,) = joined["ice_servers"]
+    assert server["urls"] == ["turn:198.18.0.1:3478"]
+    assert server["username"] == f"{int(clock.now) + 600}:s1-patient"
+    digest = hmac.new(b"turnsecret", server["username"].encode(), hashlib.sha1).digest()
+    assert server["credential"] == base64.b64encode(digest).decode()
+
+
+def test_no_ice_servers_without_turn_secret() -> None:
+    """Without turn.secret, joined has no ice_servers."""
+    state, _ = make_state()
+    conn, _ = relay.connect(state)
+    (joined,) = frames_to(send(state, conn, type="join", session="s1", role="patient"), conn)
+    assert "ice_servers" not in joined
+
+
+# -- configuration -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        pytest.param(
+            {"limits": {"max_frame_bytes": "big"}}, "limits.max_frame_bytes", id="not-int"
+        ),
+        pytest.param({"limits": {"burst": 0}}, "limits.burst", id="zero"),
+        pytest.param(
+            {"limits": {"frames_per_second": -1}}, "limits.frames_per_second", id="negative"
+        ),
+        pytest.param({"limits": {"max_frame_byte": 1}}, "limits.max_frame_byte", id="typo"),
+        pytest.param(
+            {"limits": {"max_frame_bytes": 10, "hard_max_bytes": 10}},
+            "limits.hard_max_bytes",
+            id="hard-not-above",
+        ),
+        pytest.param({"relay": {"port": 70_000}}, "relay.port", id="port-range"),
+        pytest.param({"relay": {"port": True}}, "relay.port", id="port-bool"),
+        pytest.param({"auth": {"open": "yes"}}, "auth.open", id="open-not-bool"),
+        pytest.param({"auth": []}, "auth", id="section-not-mapping"),
+        pytest.param({"tls": {"cert": "c.pem"}}, "tls.key", id="cert-without-key"),
+        pytest.param({"turn": {"urls": ["stun:x:3478"]}}, "turn.urls[0]", id="turn-url-scheme"),
+        pytest.param([1], "(top level)", id="top-not-mapping"),
+    ],
+)
+def test_config_errors_name_their_key(data: object, key: str) -> None:
+    """A bad configuration value is reported with its dotted key."""
+    with pytest.raises(relay.ConfigError) as caught:
+        relay.RelayConfig.from_mapping(data, env={})
+    assert caught.value.key == key
+    assert str(caught.value).startswith(f"{key}: ")
+
+
+def test_shipped_config_loads_with_documented_defaults() -> None:
+    """config.yaml as shipped loads, on loopback, with the documented defaults."""
+    config = relay.RelayConfig.load(Path(relay.ROOT / "config.yaml"), env={})
+    assert (config.host, config.port) == ("127.0.0.1", 5001)
+    assert config.limits == relay.Limits()
+    assert config.auth.secret is None
+
+
+def test_secret_from_environment() -> None:
+    """EPEDICARE_AUTH_SECRET overrides auth.secret."""
+    config = relay.RelayConfig.from_mapping({}, env={relay.AUTH_SECRET_ENV: "from-env"})
+    assert config.auth.secret == "from-env"
+
+
+@pytest.mark.parametrize(
+    ("host", "auth", "refused"),
+    [
+        pytest.param("127.0.0.1", {}, False, id="loopback-open"),
+        pytest.param("::1", {}, False, id="ipv6-loopback"),
+        pytest.param("localhost", {}, False, id="localhost"),
+        pytest.param("0.0.0.0", {}, True, id="any-without-secret"),
+        pytest.param("198.18.0.1", {"secret": "s"}, False, id="secret"),
+        pytest.param("198.18.0.1", {"open": True}, False, id="explicitly-open"),
+    ],
+)
+def test_exposure_rule(host: str, auth: dict[str, Any], refused: bool) -> None:
+    """Beyond loopback the relay needs auth.secret, or auth.open: true."""
+    config = relay.RelayConfig.from_mapping({"relay": {"host": host}, "auth": auth}, env={})
+    if refused:
+        with pytest.raises(relay.ConfigError, match=r"^auth\.secret: required"):
+            config.check_exposure()
+    else:
+        config.check_exposure()
