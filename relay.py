@@ -313,10 +313,11 @@ class _Section:
                 self.key(name), "expected an integer" if integer else "expected a number"
             )
         assert isinstance(value, int | float)
-        if not minimum <= value <= maximum or (minimum == 0 and value == 0 and name != "port"):
-            raise ConfigError(
-                self.key(name), f"expected a number above {minimum:g}, up to {maximum:g}"
-            )
+        positive = minimum == 0 and name != "port"
+        if not minimum <= value <= maximum or (positive and value == 0):
+            wanted = "a number above 0" if positive else f"a number from {minimum:g}"
+            upper = f" up to {maximum:g}" if maximum < math.inf else ""
+            raise ConfigError(self.key(name), f"expected {wanted}{upper}")
         return value
 
     def texts(self, name: str) -> list[str]:
