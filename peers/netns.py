@@ -1,0 +1,144 @@
+"""Private networks built from Linux network namespaces and veth pairs.
+
+aioice and Chromium never gather candidates on 127.0.0.1, and a call should not
+send anything (mDNS included) onto the machine's own network. So ``make demo``
+(as root) and the tests hold their calls inside namespaces that they create
+here and delete on exit, with addresses from 198.18.0.0/15 (the benchmarking
+range) only. Nothing is ever added to the machine's own namespace.
+
+    async with Network() as net:
+        lan = await net.lan("198.18.0.2/24")       # one host with one address
+        await net.run(lan, "ip", "addr")            # a command inside it
+        argv = lan.command("python", "-m", "peers.patient")
+
+Topologies with routers (NAT) are built from the same three calls:
+``namespace``, ``link`` and ``run``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import TracebackType
+
+__all__ = ["Netns", "Network", "NetworkError", "netns_missing"]
+
+_networks = itertools.count(1)
+
+
+class NetworkError(RuntimeError):
+    """A namespace, link or command inside one could not be set up."""
+
+
+def netns_missing() -> str | None:
+    """Why namespaces cannot be built on this machine, or None when they can."""
+    if os.geteuid() != 0:
+        return "network namespaces need root (run as root, as CI does)"
+    if shutil.which("ip") is None:
+        return "`ip` is missing: run `make system-deps` (Debian's iproute2)"
+    return None
+
+
+@dataclass(frozen=True)
+class Netns:
+    """One network namespace of a ``Network``."""
+
+    name: str
+
+    def command(self, *argv: str) -> list[str]:
+        """``argv`` run inside this namespace (``ip netns exec`` keeps open descriptors)."""
+        return ["ip", "netns", "exec", self.name, *argv]
+
+
+class Network:
+    """Namespaces and the links between them, all deleted when the block ends."""
+
+    def __init__(self, prefix: str = "epc") -> None:
+        self.prefix = f"{prefix}-{os.getpid()}-{next(_networks)}"
+        self.namespaces: list[Netns] = []
+        self._links = itertools.count(0)
+
+    async def __aenter__(self) -> Network:
+        if reason := netns_missing():
+            raise NetworkError(reason)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Delete every namespace (their veth ends and processes' sockets go with them)."""
+        while self.namespaces:
+            ns = self.namespaces.pop()
+            with contextlib.suppress(NetworkError):
+                await _run("ip", "netns", "del", ns.name)
+
+    async def namespace(self, label: str) -> Netns:
+        """A new namespace: loopback up, IPv6 off (no link-local candidates)."""
+        ns = Netns(f"{self.prefix}-{len(self.namespaces)}{label}")
+        await _run("ip", "netns", "add", ns.name)
+        self.namespaces.append(ns)
+        await self.run(ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1")
+        await self.run(ns, "sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1")
+        await _run("ip", "-n", ns.name, "link", "set", "lo", "up")
+        return ns
+
+    async def link(self, a: Netns, a_address: str, b: Netns, b_address: str) -> tuple[str, str]:
+        """A veth pair between ``a`` and ``b`` with an address (CIDR) on each end, up.
+
+        An empty address leaves that end without one (a bridge port, say).
+        Returns the two interface names.
+        """
+        n = next(self._links)
+        a_dev, b_dev = f"v{n}a", f"v{n}b"
+        await _run(
+            "ip", "link", "add", a_dev, "netns", a.name, "type", "veth",
+            "peer", b_dev, "netns", b.name,
+        )  # fmt: skip
+        for ns, dev, address in ((a, a_dev, a_address), (b, b_dev, b_address)):
+            if address:
+                await _run("ip", "-n", ns.name, "addr", "add", address, "dev", dev)
+            await _run("ip", "-n", ns.name, "link", "set", dev, "up")
+        return a_dev, b_dev
+
+    async def lan(self, address: str = "198.18.0.2/24") -> Netns:
+        """One host whose only address is ``address``, on a veth to an empty namespace.
+
+        Every process run inside it shares that address: enough for a whole call
+        (relay, both peers, browsers) on one machine, with nothing leaving it.
+        """
+        host = await self.namespace("lan")
+        stub = await self.namespace("stub")
+        await self.link(host, address, stub, "")
+        return host
+
+    async def run(self, ns: Netns, *argv: str) -> str:
+        """Run a command inside ``ns``; its standard output, or NetworkError naming it."""
+        return await _run(*ns.command(*argv))
+
+
+async def _run(*argv: str) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise NetworkError(f"`{_shell(argv)}` failed: {err.decode(errors='replace').strip()}")
+    return out.decode(errors="replace")
+
+
+def _shell(argv: Sequence[str]) -> str:
+    return " ".join(argv)
