@@ -184,7 +184,14 @@ class RelayConfig:
         relay = top.section("relay", known={"url", "host", "port"})
         auth = top.section("auth", known={"secret", "open"})
         tls = top.section("tls", known={"cert", "key"})
-        turn = top.section("turn", known={"secret", "urls", "ttl"})
+        # The other turn keys configure the local coturn (peers/turnserver.py) and the
+        # peers' trust (ca_file); the relay ignores them.
+        turn = top.section(
+            "turn",
+            known={"secret", "urls", "ttl", "listen", "port", "tls_port", "cert", "key"}
+            | {"relay_ip", "external_ip", "min_port", "max_port", "realm", "username"}
+            | {"credential", "allow_private_peers", "allowed_peers", "verbose", "ca_file"},
+        )
         limits = top.section("limits", known={f.name for f in dataclasses.fields(Limits)})
 
         d = Limits()
