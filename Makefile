@@ -10,7 +10,7 @@ SESSION ?=
 ARGS    ?=
 STAMP   := $(VENV)/.installed-$(shell cat requirements.txt | cksum | cut -d' ' -f1)
 
-.PHONY: setup system-deps run-relay test lint demo bench bench-relay clean
+.PHONY: setup system-deps turn-deps turn bench-turn browser-deps run-relay test lint demo bench bench-relay screenshots clean
 
 ## setup: a virtualenv with the pinned requirements (idempotent)
 setup: $(STAMP)
@@ -35,12 +35,20 @@ endef
 system-deps:
 	$(call apt_install,iproute2 iptables)
 
+## turn-deps: Debian's coturn (turnserver) for `make turn` and the TURN tests
+turn-deps:
+	$(call apt_install,coturn)
+
+## browser-deps: Debian's Chromium for the browser tests (Playwright drives it; never `playwright install`)
+browser-deps:
+	$(call apt_install,chromium)
+
 ## run-relay: the signaling relay on ws://127.0.0.1:5001/ws
 run-relay: setup
 	$(PY) relay.py --config $(CONFIG) $(ARGS)
 
 ## test: the whole test suite (what CI runs)
-test: setup system-deps
+test: setup system-deps turn-deps browser-deps
 	$(PY) -m pytest $(ARGS)
 
 ## lint: ruff format check, ruff check, mypy --strict
@@ -54,11 +62,23 @@ demo: setup system-deps
 	$(PY) -m peers.demo --config $(CONFIG)
 
 ## bench: every benchmark
-bench: bench-relay
+bench: bench-relay bench-turn
+
+## turn: a local coturn from the turn: section of $(CONFIG) (Ctrl-C stops it)
+turn: setup turn-deps
+	$(PY) -m peers.turnserver --config $(CONFIG) $(ARGS)
+
+## bench-turn: first frame and latency, direct vs TURN over UDP and TCP, coturn's CPU (as root)
+bench-turn: setup system-deps turn-deps
+	$(PY) -m bench.turn $(ARGS)
 
 ## bench-relay: relay vs a bare websockets forwarder (see docs/benchmarks.md)
 bench-relay: setup
 	$(PY) -m bench.relay $(ARGS)
+
+## screenshots: docs/screenshot-*.png of the browser client (start, waiting, in call)
+screenshots: setup system-deps browser-deps
+	$(PY) -m tests.screenshots
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis artifacts
