@@ -7,7 +7,7 @@ import contextlib
 import json
 import os
 from collections.abc import AsyncIterator, Awaitable
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from websockets.asyncio.client import ClientConnection, connect
 
@@ -36,15 +36,32 @@ def relay_config(**sections: dict[str, Any]) -> relay.RelayConfig:
 async def running_relay(
     config: relay.RelayConfig | None = None,
 ) -> AsyncIterator[relay.RunningRelay]:
-    async with relay.serve_relay(config or relay_config()) as running:
-        yield running
+    try:
+        async with relay.serve_relay(config or relay_config()) as running:
+            yield running
+    finally:
+        await Client.drop_all()
 
 
 class Client:
     """A protocol client on a real WebSocket connection."""
 
+    # Every client still open; a test's relay drops them at its end, so that a
+    # client the test left half-open (paused, silent) never leaks its socket.
+    opened: ClassVar[list[Client]] = []
+
     def __init__(self, ws: ClientConnection) -> None:
         self.ws = ws
+        Client.opened.append(self)
+
+    @classmethod
+    async def drop_all(cls) -> None:
+        clients, cls.opened = cls.opened, []
+        for client in clients:
+            client.ws.transport.abort()
+        for client in clients:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.ws.wait_closed(), TIMEOUT)
 
     @classmethod
     async def open(cls, url: str, **kwargs: Any) -> Client:
