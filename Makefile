@@ -10,7 +10,7 @@ SESSION ?=
 ARGS    ?=
 STAMP   := $(VENV)/.installed-$(shell cat requirements.txt | cksum | cut -d' ' -f1)
 
-.PHONY: setup system-deps turn-deps turn bench-turn browser-deps run-relay test lint demo bench bench-relay screenshots clean
+.PHONY: patient practitioner bench-deps setup system-deps turn-deps turn bench-turn browser-deps run-relay test lint demo bench bench-relay screenshots clean
 
 ## setup: a virtualenv with the pinned requirements (idempotent)
 setup: $(STAMP)
@@ -59,7 +59,11 @@ lint: setup
 
 ## demo: relay + two clients, prints what the call achieved, stops everything
 demo: setup system-deps
-	$(PY) -m peers.demo --config $(CONFIG)
+	$(PY) -m peers.demo --config $(CONFIG) $(ARGS)
+
+## patient, practitioner: one seat of a consultation, e.g. `make patient SESSION=test123`
+patient practitioner: setup
+	$(PY) -m peers.$@ --config $(CONFIG) $(if $(SESSION),--session $(SESSION)) $(ARGS)
 
 ## bench: every benchmark
 bench: bench-relay bench-turn

@@ -1,0 +1,194 @@
+"""The command line shared by ``python -m peers.patient`` and ``python -m peers.practitioner``.
+
+Each flag overrides one key of config.yaml. Exit status: 0 after a hang-up
+(Ctrl-C, SIGTERM, ``--duration``), 1 when ICE cannot connect (the message
+names the likely cause), 2 for a refused join or a configuration error (one
+line naming the code, key or flag).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from peers.call import IceFailed, Seat
+from peers.config import ConfigError, PeerSettings, check_session, parse_ice_urls
+from peers.media import MediaError, open_sources
+from peers.signaling import JoinRefused, Replaced
+
+logger = logging.getLogger("peers")
+
+
+def parse_args(role: str, argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog=f"python -m peers.{role}",
+        description=f"e-PediCare Call: the {role}'s side of a consultation (aiortc).",
+    )
+    parser.add_argument(
+        "--config", type=Path, default=Path("config.yaml"), help="YAML file (default: config.yaml)"
+    )
+    parser.add_argument("--session", help="session id (overrides session)")
+    parser.add_argument("--relay", help="relay URL, ws:// or wss:// (overrides relay.url)")
+    parser.add_argument("--token", help="join token (overrides token)")
+    parser.add_argument(
+        "--ice-policy",
+        choices=["all", "relay"],
+        help="all, or relay for TURN only (overrides ice.policy)",
+    )
+    parser.add_argument(
+        "--ice-server",
+        action="append",
+        metavar="URL",
+        help="STUN/TURN URL, repeatable, replaces ice.servers "
+        "(turn:USER:PASS@HOST:PORT carries credentials)",
+    )
+    parser.add_argument(
+        "--ice-timeout",
+        type=float,
+        metavar="S",
+        help="seconds before ICE gives up (overrides ice.timeout_s)",
+    )
+    parser.add_argument(
+        "--video",
+        default="auto",
+        help="pattern | camera | DEVICE | FILE | none "
+        "(default: the camera if there is one, else pattern)",
+    )
+    parser.add_argument(
+        "--audio",
+        default="auto",
+        help="tone | mic | FILE | none (default: the microphone if there is one, else tone)",
+    )
+    parser.add_argument(
+        "--record-to",
+        type=Path,
+        metavar="FILE",
+        help="record the received audio and video (.mp4 or .mkv)",
+    )
+    parser.add_argument(
+        "--duration",
+        type=float,
+        metavar="S",
+        help="hang up after S seconds (default: until Ctrl-C)",
+    )
+    parser.add_argument(
+        "--stats-json", type=Path, metavar="FILE", help="write a summary of the call at exit"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser.parse_args(argv)
+
+
+def settings_from(args: argparse.Namespace) -> PeerSettings:
+    settings = PeerSettings.load(args.config)
+    changes: dict[str, object] = {}
+    if args.session is not None:
+        changes["session"] = check_session(args.session)
+    if args.relay is not None:
+        if not args.relay.startswith(("ws://", "wss://")):
+            raise ConfigError("--relay", f"expected a ws:// or wss:// URL, got {args.relay!r}")
+        changes["relay_url"] = args.relay
+    if args.token is not None:
+        changes["token"] = args.token
+    if args.ice_policy is not None:
+        changes["ice_policy"] = args.ice_policy
+    if args.ice_server is not None:
+        changes["ice_servers"] = parse_ice_urls(args.ice_server)
+    if args.ice_timeout is not None:
+        if args.ice_timeout < 1:
+            raise ConfigError("--ice-timeout", "expected at least 1 second")
+        changes["ice_timeout_s"] = args.ice_timeout
+    if args.record_to is not None and args.record_to.suffix.lower() not in {".mp4", ".mkv"}:
+        raise ConfigError("--record-to", "expected a .mp4 or .mkv file")
+    if args.duration is not None and args.duration <= 0:
+        raise ConfigError("--duration", "expected a positive number of seconds")
+    return dataclasses.replace(settings, **changes)  # type: ignore[arg-type]
+
+
+async def run(role: str, args: argparse.Namespace, settings: PeerSettings) -> tuple[int, str]:
+    video = settings.video
+    sources = open_sources(
+        args.video,
+        args.audio if settings.audio else "none",
+        video.width,
+        video.height,
+        video.fps,
+    )
+    seat = Seat(role, settings, sources, record_to=args.record_to, chat_input=True)
+    logger.info(
+        "%s: session %s via %s; %s; ICE servers %d, policy %s",
+        role,
+        settings.session,
+        settings.relay_url,
+        sources.description,
+        len(settings.ice_servers),
+        settings.ice_policy,
+    )
+    stop = asyncio.Event()
+    reason = "duration"
+    loop = asyncio.get_running_loop()
+
+    def on_signal(name: str) -> None:
+        nonlocal reason
+        reason = name
+        stop.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal, signal.Signals(signum).name)
+    main = asyncio.create_task(seat.run())
+    stopper = asyncio.create_task(asyncio.wait_for(stop.wait(), args.duration))
+    status = 0
+    try:
+        await asyncio.wait([main, stopper], return_when=asyncio.FIRST_COMPLETED)
+        if main.done():
+            main.result()  # raises what ended it
+    except TimeoutError:
+        pass
+    except JoinRefused as exc:
+        print(f"{role}: join refused: {exc}", file=sys.stderr)
+        status, reason = 2, exc.code
+    except IceFailed as exc:
+        print(f"{role}: {exc}", file=sys.stderr)
+        status, reason = 1, "ice-failed"
+    except Replaced as exc:
+        print(f"{role}: {exc}", file=sys.stderr)
+        status, reason = 0, "replaced"
+    finally:
+        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+            stopper.cancel()
+            await stopper
+        if status == 0 and reason != "replaced":
+            await seat.hang_up(send_bye=True, reason=reason)
+        main.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await main
+        summary = seat.summary(reason)
+        if args.stats_json is not None:
+            args.stats_json.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        await seat.close()
+    return status, reason
+
+
+def main(role: str, argv: Sequence[str] | None = None) -> int:
+    args = parse_args(role, argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    for noisy in ("aioice", "aiortc", "websockets"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    try:
+        settings = settings_from(args)
+        status, reason = asyncio.run(run(role, args, settings))
+    except (ConfigError, MediaError) as exc:
+        print(f"{role}: {exc}", file=sys.stderr)
+        return 2
+    logger.info("%s: exit (%s)", role, reason)
+    return status

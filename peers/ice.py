@@ -1,0 +1,113 @@
+"""ICE for the peers: our RTCConfiguration (never aiortc's default public STUN
+server), the servers the relay hands out, the transport policy, and an ICE
+timeout that the stack itself honours.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import aioice.stun
+from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection
+from aiortc.rtcconfiguration import RTCIceTransportPolicy
+
+from peers.config import PeerSettings
+from peers.turnclient import IcePath, selected_path
+
+__all__ = [
+    "IcePath",
+    "configuration",
+    "explain_failure",
+    "honour_timeout",
+    "ice_servers",
+    "ice_transports",
+    "path_of",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def ice_servers(
+    settings: PeerSettings, from_relay: Sequence[dict[str, Any]] | None
+) -> list[RTCIceServer]:
+    """The servers for one call: the relay's short-lived TURN credentials first, then the YAML's.
+
+    aiortc uses only the first TURN URL and the first STUN URL, so the order is
+    the preference: credentials minted by the relay win over static ones.
+    """
+    servers: list[RTCIceServer] = []
+    for entry in from_relay or []:
+        urls = entry.get("urls")
+        if isinstance(urls, str | list):
+            servers.append(
+                RTCIceServer(
+                    urls=urls, username=entry.get("username"), credential=entry.get("credential")
+                )
+            )
+    servers += [
+        RTCIceServer(urls=list(s.urls), username=s.username, credential=s.credential)
+        for s in settings.ice_servers
+    ]
+    return servers
+
+
+def configuration(settings: PeerSettings, servers: list[RTCIceServer]) -> RTCConfiguration:
+    """Always an explicit configuration: aiortc's default points at a public STUN server."""
+    policy = (
+        RTCIceTransportPolicy.RELAY if settings.ice_policy == "relay" else RTCIceTransportPolicy.ALL
+    )
+    return RTCConfiguration(iceServers=servers, iceTransportPolicy=policy)
+
+
+def honour_timeout(timeout_s: float) -> int:
+    """Make aioice give up connectivity checks within ``timeout_s``.
+
+    aioice retransmits a STUN check RETRY_MAX times with a doubling timeout
+    starting at 0.5 s: 6 retransmissions take 63.5 s before ICE fails. Pick the
+    largest count whose total fits the timeout (at least 2, i.e. 3.5 s).
+    """
+    retries = 2
+    while 0.5 * (2 ** (retries + 2) - 1) <= timeout_s:
+        retries += 1
+    aioice.stun.RETRY_MAX = retries
+    return retries
+
+
+def ice_transports(pc: RTCPeerConnection) -> list[Any]:
+    """The distinct RTCIceTransports of a connection (one, with bundling)."""
+    found: list[Any] = []
+    for transceiver in pc.getTransceivers():
+        dtls = transceiver.sender.transport
+        if dtls is not None and dtls.transport not in found:
+            found.append(dtls.transport)
+    sctp = pc.sctp
+    if sctp is not None and sctp.transport.transport not in found:
+        found.append(sctp.transport.transport)
+    return found
+
+
+def path_of(pc: RTCPeerConnection) -> IcePath | None:
+    for transport in ice_transports(pc):
+        with_path = selected_path(transport)
+        if with_path is not None:
+            return with_path
+    return None
+
+
+def explain_failure(settings: PeerSettings, servers: list[RTCIceServer]) -> str:
+    """The likely cause of an ICE failure, for the one-line message."""
+    has_turn = any(
+        str(url).startswith("turn")
+        for s in servers
+        for url in ([s.urls] if isinstance(s.urls, str) else s.urls)
+    )
+    if not has_turn:
+        return (
+            "no TURN server is configured (ice.servers or the relay's turn.urls); "
+            "behind symmetric NAT or a firewall a direct path cannot exist"
+        )
+    return (
+        "the TURN server is unreachable or refused the credentials, or its relay ports are blocked"
+    )

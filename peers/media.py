@@ -1,0 +1,332 @@
+"""Media sources and sinks of the peers.
+
+Sources: the camera and microphone where they exist, else a generated test
+pattern and a tone. The pattern stamps every frame with its send time and a
+counter, drawn as large black and white blocks that survive VP8 and H.264, so
+the receiver can measure glass-to-glass latency and prove that the frames it
+decodes are the ones that were sent.
+
+Sinks: ``Receiver`` counts what arrives (frames, resolution, first-frame time,
+latency from the stamps) and can record it to a file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fractions
+import logging
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiortc import MediaStreamTrack
+from aiortc.contrib.media import MediaPlayer, MediaRecorder
+from aiortc.mediastreams import AUDIO_PTIME, AudioStreamTrack, MediaStreamError, VideoStreamTrack
+from av import AudioFrame, VideoFrame
+
+logger = logging.getLogger(__name__)
+
+# The stamp: 64 bits in 4 rows of 16 blocks across the top of the frame.
+STAMP_COLUMNS, STAMP_ROWS = 16, 4
+STAMP_BITS = STAMP_COLUMNS * STAMP_ROWS
+COUNTER_BITS, TIME_BITS, CHECK_BITS = 20, 36, 8
+TIME_MASK = (1 << TIME_BITS) - 1
+
+CAMERA = Path("/dev/video0")
+MICROPHONE = Path("/dev/snd/pcmC0D0c")
+
+
+class MediaError(RuntimeError):
+    """A media source or sink could not be opened; the message names it."""
+
+
+# -- the stamp ---------------------------------------------------------------------------
+
+
+def _check(value: int) -> int:
+    total = 0
+    for shift in range(0, COUNTER_BITS + TIME_BITS, 8):
+        total ^= (value >> shift) & 0xFF
+    return total ^ 0xA5
+
+
+def stamp_bits(counter: int, millis: int) -> int:
+    """The 64 bits of one stamp: counter, time (ms, wrapped), check byte."""
+    value = (counter & ((1 << COUNTER_BITS) - 1)) | ((millis & TIME_MASK) << COUNTER_BITS)
+    return value | (_check(value) << (COUNTER_BITS + TIME_BITS))
+
+
+def read_stamp(frame: VideoFrame) -> tuple[int, int] | None:
+    """(counter, send time in ms, wrapped) from a decoded frame, or None if unstamped."""
+    width, height = frame.width, frame.height
+    block_w, block_h = width // STAMP_COLUMNS, height // 4 // STAMP_ROWS
+    if block_w < 4 or block_h < 4:
+        return None
+    plane = frame.planes[0] if frame.format.name in {"yuv420p", "yuvj420p", "gray"} else None
+    if plane is None:
+        frame = frame.reformat(format="gray")
+        plane = frame.planes[0]
+    luma, stride = bytes(plane), plane.line_size
+    value = 0
+    for bit in range(STAMP_BITS):
+        row, column = divmod(bit, STAMP_COLUMNS)
+        y = row * block_h + block_h // 2
+        x = column * block_w + block_w // 2
+        if luma[y * stride + x] > 128:
+            value |= 1 << bit
+    payload = value & ((1 << (COUNTER_BITS + TIME_BITS)) - 1)
+    if value >> (COUNTER_BITS + TIME_BITS) != _check(payload):
+        return None
+    return payload & ((1 << COUNTER_BITS) - 1), payload >> COUNTER_BITS
+
+
+def latency_ms(sent_millis: int, now: float | None = None) -> float:
+    """Milliseconds from a stamp's (wrapped) send time to ``now`` (wall clock)."""
+    now_ms = (time.time() if now is None else now) * 1000
+    return (now_ms - sent_millis) % (1 << TIME_BITS) if now_ms >= 0 else math.nan
+
+
+# -- generated sources -----------------------------------------------------------------------
+
+
+class PatternTrack(VideoStreamTrack):
+    """A moving test pattern, each frame stamped with its send time and counter."""
+
+    def __init__(self, width: int, height: int, fps: int) -> None:
+        super().__init__()
+        self.width, self.height, self.fps = width, height, fps
+        self.counter = 0
+        self._begin: float | None = None
+        self._time_base = fractions.Fraction(1, 90_000)
+        self._background = [bytes([16 + (x * 200 // width) for x in range(width)])]
+
+    async def recv(self) -> VideoFrame:
+        if self._begin is None:
+            self._begin = time.monotonic()
+        due = self._begin + self.counter / self.fps
+        await asyncio.sleep(max(0.0, due - time.monotonic()))
+        frame = self._draw(self.counter, int(time.time() * 1000))
+        frame.pts = int(self.counter * 90_000 / self.fps)
+        frame.time_base = self._time_base
+        self.counter += 1
+        return frame
+
+    def _draw(self, counter: int, millis: int) -> VideoFrame:
+        width, height = self.width, self.height
+        bits = stamp_bits(counter, millis)
+        block_w, block_h = width // STAMP_COLUMNS, height // 4 // STAMP_ROWS
+        rows = []
+        for row in range(STAMP_ROWS):
+            line = b"".join(
+                (b"\xeb" if bits >> (row * STAMP_COLUMNS + column) & 1 else b"\x10") * block_w
+                for column in range(STAMP_COLUMNS)
+            ).ljust(width, b"\x80")
+            rows.append(line * block_h)
+        stamp = b"".join(rows)
+        # Below the stamp: a gradient with a bar that moves one step per frame.
+        bar = (counter * 4) % width
+        body = bytearray(self._background[0])
+        body[bar : bar + 8] = b"\xeb" * len(body[bar : bar + 8])
+        image = stamp + bytes(body) * (height - len(stamp) // width)
+        gray = VideoFrame(width, height, "gray")
+        gray.planes[0].update(image)
+        return gray.reformat(format="yuv420p")
+
+
+class ToneTrack(AudioStreamTrack):
+    """A 440 Hz tone, 48 kHz mono, in 20 ms frames."""
+
+    RATE, FREQUENCY = 48_000, 440
+
+    def __init__(self) -> None:
+        super().__init__()
+        samples = int(self.RATE * AUDIO_PTIME)
+        self._period = [
+            int(8000 * math.sin(2 * math.pi * self.FREQUENCY * n / self.RATE))
+            for n in range(self.RATE // 40)  # 440 Hz repeats every 1/40 s at 48 kHz: 11 periods
+        ]
+        self._samples = samples
+        self._pts = 0
+        self._begin: float | None = None
+        self._time_base = fractions.Fraction(1, self.RATE)
+
+    async def recv(self) -> AudioFrame:
+        if self._begin is None:
+            self._begin = time.monotonic()
+        due = self._begin + self._pts / self.RATE
+        await asyncio.sleep(max(0.0, due - time.monotonic()))
+        offset = self._pts % len(self._period)
+        chunk = (self._period[offset:] + self._period)[: self._samples]
+        frame = AudioFrame(format="s16", layout="mono", samples=self._samples)
+        frame.planes[0].update(b"".join(s.to_bytes(2, "little", signed=True) for s in chunk))
+        frame.sample_rate = self.RATE
+        frame.pts = self._pts
+        frame.time_base = self._time_base
+        self._pts += self._samples
+        return frame
+
+
+@dataclass
+class Sources:
+    video: MediaStreamTrack | None
+    audio: MediaStreamTrack | None
+    players: list[MediaPlayer] = field(default_factory=list)
+    description: str = ""
+
+    def stop(self) -> None:
+        for track in (self.video, self.audio):
+            if track is not None:
+                track.stop()
+
+
+def open_sources(video: str, audio: str, width: int, height: int, fps: int) -> Sources:
+    """The tracks to send for ``--video`` and ``--audio`` (see the CLI's help)."""
+    sources = Sources(None, None)
+    names = []
+    choice = video
+    if choice == "auto":
+        choice = "camera" if CAMERA.exists() else "pattern"
+    if choice == "pattern":
+        sources.video = PatternTrack(width, height, fps)
+    elif choice != "none":
+        device = str(CAMERA) if choice == "camera" else choice
+        options = {"video_size": f"{width}x{height}", "framerate": str(fps)}
+        player = _player("--video", device, "v4l2" if device.startswith("/dev/") else None, options)
+        sources.video = player.video
+        sources.players.append(player)
+    names.append(f"video={choice}")
+    choice = audio
+    if choice == "auto":
+        choice = "mic" if MICROPHONE.exists() else "tone"
+    if choice == "tone":
+        sources.audio = ToneTrack()
+    elif choice != "none":
+        if choice == "mic":
+            player = _player("--audio", "default", "pulse", {})
+        else:
+            player = _player("--audio", choice, None, {})
+        sources.audio = player.audio
+        sources.players.append(player)
+    names.append(f"audio={choice}")
+    sources.description = " ".join(names)
+    return sources
+
+
+def _player(flag: str, source: str, fmt: str | None, options: dict[str, str]) -> MediaPlayer:
+    try:
+        return MediaPlayer(source, format=fmt, options=options)
+    except Exception as exc:  # av raises many kinds; each one means "cannot open it"
+        raise MediaError(f"{flag} {source}: cannot open it ({exc})") from exc
+
+
+# -- what arrives ------------------------------------------------------------------------------
+
+
+@dataclass
+class Received:
+    """Counters of one direction's received media."""
+
+    video_frames: int = 0
+    audio_frames: int = 0
+    width: int = 0
+    height: int = 0
+    first_video: float | None = None  # time.monotonic() of the first decoded video frame
+    first_audio: float | None = None
+    stamped: int = 0
+    counters: list[int] = field(default_factory=list)
+    latencies_ms: list[float] = field(default_factory=list)
+    window: list[float] = field(default_factory=list)  # monotonic times of recent video frames
+
+    def fps(self, now: float, seconds: float = 2.0) -> float:
+        recent = [t for t in self.window if t > now - seconds]
+        self.window = recent
+        return len(recent) / seconds
+
+    def latency_summary(self) -> dict[str, float] | None:
+        if not self.latencies_ms:
+            return None
+        ordered = sorted(self.latencies_ms)
+        return {
+            "p50": round(statistics.median(ordered), 1),
+            "p95": round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))], 1),
+        }
+
+
+class Receiver:
+    """Consumes the remote tracks: counts, decodes stamps, records if asked."""
+
+    def __init__(self, record_to: Path | None = None) -> None:
+        self.received = Received()
+        self.record_to = record_to
+        self.recorder: MediaRecorder | None = None
+        self.tasks: list[asyncio.Task[None]] = []
+        self.first_frame = asyncio.Event()
+
+    def add(self, track: MediaStreamTrack) -> None:
+        if self.record_to is not None:
+            if self.recorder is None:
+                self.recorder = MediaRecorder(str(self.record_to))
+            self.recorder.addTrack(_Tee(track, self))
+            return
+        self.tasks.append(asyncio.create_task(self._consume(track)))
+
+    async def start(self) -> None:
+        if self.recorder is not None:
+            await self.recorder.start()
+
+    async def _consume(self, track: MediaStreamTrack) -> None:
+        with contextlib.suppress(MediaStreamError):
+            while True:
+                self.count(await track.recv())
+
+    def count(self, frame: Any) -> None:
+        now = time.monotonic()
+        got = self.received
+        if isinstance(frame, VideoFrame):
+            got.video_frames += 1
+            got.width, got.height = frame.width, frame.height
+            got.window.append(now)
+            if got.first_video is None:
+                got.first_video = now
+                self.first_frame.set()
+            stamp = read_stamp(frame)
+            if stamp is not None:
+                got.stamped += 1
+                got.counters.append(stamp[0])
+                got.latencies_ms.append(latency_ms(stamp[1]))
+                del got.counters[:-1000]
+                del got.latencies_ms[:-5000]
+        else:
+            got.audio_frames += 1
+            if got.first_audio is None:
+                got.first_audio = now
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self.tasks.clear()
+        if self.recorder is not None:
+            await self.recorder.stop()
+            self.recorder = None
+
+
+class _Tee(MediaStreamTrack):
+    """Passes a track's frames to a recorder, counting them on the way."""
+
+    def __init__(self, track: MediaStreamTrack, receiver: Receiver) -> None:
+        super().__init__()
+        self.kind = track.kind
+        self.track = track
+        self.receiver = receiver
+
+    async def recv(self) -> Any:
+        frame = await self.track.recv()
+        self.receiver.count(frame)
+        return frame
