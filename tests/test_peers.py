@@ -1,0 +1,319 @@
+"""The aiortc peers: pure parts, then real calls inside a private network namespace.
+
+Calls use the real relay and the real ``python -m peers.patient`` /
+``peers.practitioner`` command lines (through peers.demo's process helpers),
+inside a namespace this test run creates and deletes: aioice never gathers on
+127.0.0.1, and nothing leaves the machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+import yaml
+from aiortc import RTCPeerConnection
+from av import VideoFrame
+
+from peers import ice
+from peers.config import ConfigError, PeerSettings, parse_ice_urls
+from peers.demo import Process, peer_argv, spawn, start_relay
+from peers.media import PatternTrack, Receiver, ToneTrack, latency_ms, read_stamp, stamp_bits
+from peers.netns import Netns, Network, netns_missing
+from tests.nat import inside
+from tests.support import within
+
+FPS = 15
+VIDEO = {"width": 320, "height": 240, "fps": FPS}
+
+
+# -- pure parts --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        ({"session": "a b"}, "session"),
+        ({"relay": {"url": 5}}, "relay.url"),
+        ({"ice": {"policy": "turn"}}, "ice.policy"),
+        ({"ice": {"servers": "stun:x"}}, "ice.servers"),
+        ({"ice": {"servers": [{"urls": "http://x"}]}}, "ice.servers[0].urls"),
+        ({"ice": {"servers": [{"urls": "turns:x:5349?transport=udp"}]}}, "ice.servers[0].urls"),
+        (
+            {"ice": {"servers": [{"urls": "turn:x", "credentialType": "oauth"}]}},
+            "ice.servers[0].credentialType",
+        ),
+        ({"ice": {"servers": [{"urls": "stun:x", "user": "u"}]}}, "ice.servers[0].user"),
+        ({"ice": {"timeout_s": 0}}, "ice.timeout_s"),
+        ({"ice": {"polcy": "all"}}, "ice.polcy"),
+        ({"media": {"video": {"width": "wide"}}}, "media.video.width"),
+        ({"media": {"video": {"codec": "av1"}}}, "media.video.codec"),
+        ({"media": {"audio": "loud"}}, "media.audio"),
+    ],
+)
+def test_config_errors_name_their_key(data: dict[str, Any], key: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        PeerSettings.from_mapping(data)
+    assert caught.value.key == key
+    assert str(caught.value).startswith(f"{key}: ")
+    assert len(str(caught.value).splitlines()) == 1
+
+
+def test_settings_aiortc_would_ignore_are_warned_about() -> None:
+    settings = PeerSettings.from_mapping(
+        {
+            "ice": {
+                "servers": [
+                    {"urls": ["stun:a:3478", "stun:b:3478"]},
+                    {"urls": "turn:t:3478", "username": "u", "credential": "p"},
+                    {"urls": "turn:u:3478", "username": "u", "credential": "p"},
+                ]
+            }
+        }
+    )
+    assert any("only the first STUN URL" in w and "stun:b:3478" in w for w in settings.warnings)
+    assert any("only the first TURN URL" in w and "turn:u:3478" in w for w in settings.warnings)
+
+
+def test_the_shipped_config_works_offline() -> None:
+    settings = PeerSettings.load(Path(__file__).resolve().parent.parent / "config.yaml")
+    assert settings.ice_servers == ()  # no public STUN server, ever
+    config = ice.configuration(settings, ice.ice_servers(settings, None))
+    assert config.iceServers == []
+
+
+def test_ice_server_flag_carries_credentials_and_relay_credentials_come_first() -> None:
+    (server,) = parse_ice_urls(["turn:alice:s3cret@198.18.0.9:3478?transport=tcp"])
+    assert server.urls == ("turn:198.18.0.9:3478?transport=tcp",)
+    assert (server.username, server.credential) == ("alice", "s3cret")
+    settings = PeerSettings(ice_servers=(server,))
+    minted = [{"urls": ["turn:198.18.0.1:3478"], "username": "1:s-patient", "credential": "x"}]
+    servers = ice.ice_servers(settings, minted)
+    assert servers[0].username == "1:s-patient"
+    assert servers[1].username == "alice"
+
+
+@pytest.mark.parametrize(("timeout", "retries"), [(3.5, 2), (7.5, 3), (20, 4), (63.5, 6)])
+def test_the_ice_timeout_sets_aioice_retransmissions(timeout: float, retries: int) -> None:
+    import aioice.stun
+
+    saved = aioice.stun.RETRY_MAX
+    try:
+        assert ice.honour_timeout(timeout) == retries
+        assert 0.5 * (2 ** (retries + 1) - 1) <= timeout  # what aioice waits in all
+    finally:
+        aioice.stun.RETRY_MAX = saved
+
+
+@pytest.mark.asyncio
+async def test_the_pattern_stamp_reads_back_and_a_plain_frame_has_none() -> None:
+    track = PatternTrack(320, 240, 30)
+    for _ in range(3):
+        frame = await track.recv()
+        stamp = read_stamp(frame)
+        assert stamp is not None
+        assert stamp[0] == track.counter - 1
+        assert 0 <= latency_ms(stamp[1]) < 1000  # the send time, wrapped to 36 bits
+    gray = VideoFrame(320, 240, "gray")
+    gray.planes[0].update(bytes([128]) * 320 * 240)
+    assert read_stamp(gray.reformat(format="yuv420p")) is None
+    assert stamp_bits(1, 2) != stamp_bits(1, 3)
+    track.stop()
+
+
+# -- calls -------------------------------------------------------------------------------------
+
+
+@pytest_asyncio.fixture
+async def lan() -> AsyncIterator[Netns]:
+    if reason := netns_missing():
+        pytest.skip(reason)
+    async with Network("epc-peers") as net:
+        yield await net.lan("198.18.0.2/24")
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"media": {"video": VIDEO}, "ice": {"timeout_s": 10}}))
+    return path
+
+
+def summary(tmp_path: Path, name: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((tmp_path / f"{name}.json").read_text())
+    return data
+
+
+def assert_media_arrived(got: dict[str, Any], seconds: float) -> None:
+    video = got["video"]
+    assert (video["width"], video["height"]) == (VIDEO["width"], VIDEO["height"])
+    assert video["frames"] >= FPS * seconds * 0.6, video
+    assert video["stamped"] == video["frames"], video  # every frame decoded is one we sent
+    assert video["in_order"], video
+    assert got["audio"]["frames"] >= 50 * seconds * 0.6, got["audio"]
+    assert got["ice"]["local_type"] == "host"
+    assert got["latency_ms"]["p50"] > 0
+
+
+async def peer(
+    lan: Netns, role: str, config: Path, tmp_path: Path, url: str, *args: str, name: str = ""
+) -> Process:
+    argv = peer_argv(
+        role, config, "--relay", url, "--session", "call", "--video", "pattern",
+        "--audio", "tone", "--stats-json", str(tmp_path / f"{name or role}.json"), *args,
+    )  # fmt: skip
+    return await spawn(name or role, argv, lan.command())
+
+
+@pytest.mark.netns
+@pytest.mark.asyncio
+async def test_two_peers_in_one_process_without_the_relay(lan: Netns) -> None:
+    a, b = RTCPeerConnection(), RTCPeerConnection()
+    receivers = {"a": Receiver(), "b": Receiver()}
+    for pc, receiver in ((a, receivers["a"]), (b, receivers["b"])):
+        pc.addTrack(ToneTrack())
+        pc.addTrack(PatternTrack(320, 240, FPS))
+        pc.on("track", receiver.add)
+    with inside(lan):
+        await a.setLocalDescription(await a.createOffer())
+        await b.setRemoteDescription(a.localDescription)
+        await b.setLocalDescription(await b.createAnswer())
+    await a.setRemoteDescription(b.localDescription)
+    try:
+        await within(asyncio.gather(*(r.first_frame.wait() for r in receivers.values())), 2)
+        await asyncio.sleep(2)
+        for receiver in receivers.values():
+            got = receiver.received
+            assert (got.width, got.height) == (320, 240)
+            assert got.stamped == got.video_frames > 10
+            assert got.audio_frames > 20
+    finally:
+        for receiver in receivers.values():
+            await receiver.stop()
+        await a.close()
+        await b.close()
+
+
+@pytest.mark.netns
+@pytest.mark.asyncio
+@pytest.mark.parametrize("first", ["patient", "practitioner"])
+async def test_a_call_through_the_relay_in_either_join_order(
+    lan: Netns, config: Path, tmp_path: Path, first: str
+) -> None:
+    relay, url = await start_relay(config, lan.command())
+    second = "practitioner" if first == "patient" else "patient"
+    try:
+        a = await peer(lan, first, config, tmp_path, url, "--duration", "6")
+        await asyncio.sleep(1)
+        b = await peer(lan, second, config, tmp_path, url, "--duration", "4")
+        assert await b.wait(30) == 0, b.log()
+        assert await a.wait(30) == 0, a.log()
+    finally:
+        await relay.stop()
+    for role in ("patient", "practitioner"):
+        got = summary(tmp_path, role)
+        assert_media_arrived(got, 3)
+        assert got["first_frame_ms"] < 5000
+
+
+@pytest.mark.netns
+@pytest.mark.asyncio
+async def test_the_call_survives_a_relay_restart(lan: Netns, config: Path, tmp_path: Path) -> None:
+    relay, url = await start_relay(config, lan.command(), port=5001)
+    patient = await peer(lan, "patient", config, tmp_path, url, "--duration", "12")
+    practitioner = await peer(lan, "practitioner", config, tmp_path, url, "--duration", "12")
+    try:
+        await asyncio.sleep(4)
+        assert await relay.stop() == 0
+        await asyncio.sleep(2)  # the relay is away; media keeps flowing
+        relay, _ = await start_relay(config, lan.command(), port=5001)
+        assert await patient.wait(40) == 0, patient.log()
+        assert await practitioner.wait(40) == 0, practitioner.log()
+    finally:
+        await relay.stop()
+    for role, process in (("patient", patient), ("practitioner", practitioner)):
+        got = summary(tmp_path, role)
+        assert got["calls"] == 1, process.log()  # one call from start to end
+        assert got["relay_reconnects"] >= 1
+        assert_media_arrived(got, 11)  # no gap: frames all along
+        assert any("(resumed)" in line for line in process.lines), process.log()
+
+
+@pytest.mark.netns
+@pytest.mark.asyncio
+async def test_a_second_practitioner_gets_a_fresh_call(
+    lan: Netns, config: Path, tmp_path: Path
+) -> None:
+    relay, url = await start_relay(config, lan.command())
+    try:
+        patient = await peer(lan, "patient", config, tmp_path, url, "--duration", "12")
+        first = await peer(
+            lan, "practitioner", config, tmp_path, url, "--duration", "3", name="first"
+        )
+        assert await first.wait(30) == 0, first.log()
+        second = await peer(
+            lan, "practitioner", config, tmp_path, url, "--duration", "4", name="second"
+        )
+        assert await second.wait(30) == 0, second.log()
+        assert await patient.wait(30) == 0, patient.log()
+    finally:
+        await relay.stop()
+    assert any("hung up" in line for line in patient.lines), patient.log()
+    assert summary(tmp_path, "patient")["calls"] == 2
+    assert_media_arrived(summary(tmp_path, "first"), 2)
+    assert_media_arrived(summary(tmp_path, "second"), 3)
+
+
+@pytest.mark.netns
+@pytest.mark.asyncio
+async def test_a_second_patient_exits_2_with_role_taken(
+    lan: Netns, config: Path, tmp_path: Path
+) -> None:
+    relay, url = await start_relay(config, lan.command())
+    try:
+        first = await peer(lan, "patient", config, tmp_path, url, "--duration", "6")
+        await asyncio.sleep(1.5)
+        second = await peer(lan, "patient", config, tmp_path, url, name="second")
+        assert await second.wait(20) == 2
+        assert any("role-taken" in line for line in second.lines), second.log()
+        assert await first.stop() == 0
+    finally:
+        await relay.stop()
+
+
+@pytest.mark.netns
+@pytest.mark.asyncio
+async def test_an_impossible_ice_path_fails_within_the_timeout_with_its_cause(
+    lan: Netns, config: Path, tmp_path: Path
+) -> None:
+    relay, url = await start_relay(config, lan.command())
+    args = ("--ice-policy", "relay", "--ice-timeout", "3")  # TURN only, and no TURN server
+    try:
+        patient = await peer(lan, "patient", config, tmp_path, url, *args)
+        practitioner = await peer(lan, "practitioner", config, tmp_path, url, *args)
+        assert await patient.wait(20) == 1, patient.log()
+        await practitioner.stop()
+    finally:
+        await relay.stop()
+    message = "\n".join(patient.lines)
+    assert "no TURN server is configured" in message
+    assert summary(tmp_path, "patient")["exit_reason"] == "ice-failed"
+
+
+@pytest.mark.asyncio
+async def test_a_bad_flag_or_key_exits_2_naming_it(config: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("ice: {policy: sometimes}\n")
+    for argv, named in (
+        (peer_argv("patient", bad), "ice.policy"),
+        (peer_argv("patient", config, "--session", "no spaces"), "--session"),
+        (peer_argv("patient", config, "--relay", "http://x"), "--relay"),
+    ):
+        process = await spawn("patient", argv)
+        assert await process.wait(20) == 2
+        assert any(named in line for line in process.lines), process.log()
