@@ -10,7 +10,7 @@ SESSION ?=
 ARGS    ?=
 STAMP   := $(VENV)/.installed-$(shell cat requirements.txt | cksum | cut -d' ' -f1)
 
-.PHONY: patient practitioner bench-deps setup system-deps turn-deps turn bench-turn browser-deps run-relay test lint demo bench bench-relay screenshots clean
+.PHONY: patient practitioner bench-deps apt-nodejs setup system-deps turn-deps turn bench-turn browser-deps run-relay test lint demo bench bench-relay screenshots clean
 
 ## setup: a virtualenv with the pinned requirements (idempotent)
 setup: $(STAMP)
@@ -77,8 +77,18 @@ bench-turn: setup system-deps turn-deps
 	$(PY) -m bench.turn $(ARGS)
 
 ## bench-relay: relay vs a bare websockets forwarder (see docs/benchmarks.md)
-bench-relay: setup
+bench-relay: setup bench-deps
 	$(PY) -m bench.relay $(ARGS)
+
+## bench-deps: the Node `ws` load generator (npm ci from the committed lock file)
+bench-deps: bench/loadgen/node_modules/.installed
+bench/loadgen/node_modules/.installed: bench/loadgen/package-lock.json
+	command -v npm >/dev/null || $(MAKE) --no-print-directory apt-nodejs
+	cd bench/loadgen && npm ci --no-audit --no-fund
+	touch $@
+
+apt-nodejs:
+	$(call apt_install,nodejs npm)
 
 ## screenshots: docs/screenshot-*.png of the browser client (start, waiting, in call)
 screenshots: setup system-deps browser-deps

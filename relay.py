@@ -49,7 +49,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 from urllib.parse import urlsplit
 
 import yaml
@@ -485,14 +485,14 @@ def turn_credentials(turn: TurnConfig, session: str, role: str, now: float) -> l
 # -- state and actions -----------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Send:
+# Actions are named tuples: one is made for every relayed frame, and a tuple
+# is built several times faster than a frozen dataclass.
+class Send(NamedTuple):
     conn: int
     text: str
 
 
-@dataclass(frozen=True)
-class Close:
+class Close(NamedTuple):
     conn: int
     code: int
     reason: str

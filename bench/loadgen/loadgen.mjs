@@ -1,0 +1,174 @@
+// Load generator for bench/relay.py: the same frames for the relay and the bare forwarder.
+//
+//   node loadgen.mjs MODE PHASE URL [N] [SECONDS]
+//
+// MODE: relay (joins each pair to a session first) or bare (the forwarder pairs
+// connections in the order they open). Every line printed is one JSON object;
+// bench/relay.py reads them and samples the server process at each "mark".
+//
+// PHASE
+//   throughput N SECONDS  N pairs ping-pong signaling frames (mostly ICE
+//                         candidates, an SDP-sized offer/answer every tenth);
+//                         prints {mark:"start"}, then {mark:"end", frames}
+//   rtt N                 one pair, N sequential round trips; {rtt_us:[...]}
+//   idle N                N/2 pairs joined and idle; {mark:"open"}, then waits
+//                         for a line on stdin and closes them
+//   cycles N              N join/leave cycles (connect, join, close), 50 at a
+//                         time; {mark:"warm"} after the first 2000, {mark:"done"}
+
+import { createInterface } from "node:readline";
+import WebSocket from "ws";
+
+const [mode, phase, url, nArg = "100", secondsArg = "5"] = process.argv.slice(2);
+const N = Number(nArg);
+const SECONDS = Number(secondsArg);
+
+const SDP = "v=0\r\no=- 4611731400430051336 2 IN IP4 198.18.0.2\r\n" + "a=candidate:1 1 udp 2130706431 198.18.0.2 40000 typ host\r\n".repeat(48);
+const CANDIDATE = { candidate: "candidate:1 1 udp 2130706431 198.18.0.2 40000 typ host generation 0", sdpMid: "0", sdpMLineIndex: 0 };
+const FRAMES = Array.from({ length: 10 }, (_, k) =>
+  JSON.stringify(k === 0 ? { type: "offer", sdp: SDP } : { type: "candidate", candidate: CANDIDATE }),
+);
+
+function emit(object) {
+  process.stdout.write(JSON.stringify(object) + "\n");
+}
+
+function open() {
+  return new Promise((resolve, reject) => {
+    const ws = new WebSocket(url, { perMessageDeflate: false });
+    ws.once("open", () => resolve(ws));
+    ws.once("error", reject);
+  });
+}
+
+function next(ws) {
+  return new Promise((resolve, reject) => {
+    const onClose = () => reject(new Error("closed"));
+    ws.once("message", (data) => {
+      ws.off("close", onClose);
+      resolve(data.toString());
+    });
+    ws.once("close", onClose);
+  });
+}
+
+/** Two connected seats; in relay mode joined to `session`, both told of each other. */
+async function openPair(session) {
+  const a = await open();
+  if (mode === "relay") {
+    a.send(JSON.stringify({ type: "join", session, role: "patient" }));
+    await next(a); // joined
+  }
+  const b = await open();
+  if (mode === "relay") {
+    const peerJoined = next(a);
+    b.send(JSON.stringify({ type: "join", session, role: "practitioner" }));
+    await next(b); // joined
+    await peerJoined;
+  }
+  return [a, b];
+}
+
+async function openPairs(n, prefix) {
+  const pairs = [];
+  // Sequentially in batches: the bare forwarder pairs connections by order.
+  for (let i = 0; i < n; i += 1) pairs.push(await openPair(`${prefix}-${i}`));
+  return pairs;
+}
+
+async function throughput() {
+  const pairs = await openPairs(N, "tp");
+  let frames = 0;
+  let running = true;
+  const loops = pairs.map(async ([a, b]) => {
+    let k = 0;
+    // Each seat answers what it receives with the next frame of the mix.
+    b.on("message", () => {
+      if (running) b.send(FRAMES[k++ % FRAMES.length]);
+      frames += 1;
+    });
+    a.on("message", () => {
+      frames += 1;
+      if (running) a.send(FRAMES[k++ % FRAMES.length]);
+    });
+    a.send(FRAMES[0]);
+  });
+  await Promise.all(loops);
+  await new Promise((r) => setTimeout(r, 1000)); // warm-up
+  const before = frames;
+  emit({ mark: "start" });
+  await new Promise((r) => setTimeout(r, SECONDS * 1000));
+  const counted = frames - before;
+  emit({ mark: "end", frames: counted, seconds: SECONDS });
+  running = false;
+  for (const [a, b] of pairs) {
+    a.terminate();
+    b.terminate();
+  }
+}
+
+async function rtt() {
+  const [[a, b]] = await openPairs(1, "rtt");
+  b.on("message", (data) => b.send(data.toString()));
+  const samples = [];
+  for (let i = 0; i < N + 200; i += 1) {
+    const frame = FRAMES[i % FRAMES.length];
+    const t0 = process.hrtime.bigint();
+    const reply = next(a);
+    a.send(frame);
+    await reply;
+    if (i >= 200) samples.push(Number(process.hrtime.bigint() - t0) / 1000); // after warm-up
+  }
+  emit({ rtt_us: samples });
+  a.terminate();
+  b.terminate();
+}
+
+async function idle() {
+  const pairs = await openPairs(N / 2, "idle");
+  emit({ mark: "open", connections: pairs.length * 2 });
+  const lines = createInterface({ input: process.stdin });
+  for await (const _ of lines) break;
+  for (const [a, b] of pairs) {
+    a.terminate();
+    b.terminate();
+  }
+}
+
+async function cycles() {
+  let done = 0;
+  let marked = false;
+  async function worker(w) {
+    while (done < N) {
+      done += 1;
+      const ws = await open();
+      if (mode === "relay") {
+        ws.send(JSON.stringify({ type: "join", session: `cycle-${w}-${done}`, role: "patient" }));
+        await next(ws);
+      }
+      await new Promise((resolve) => {
+        ws.once("close", resolve);
+        ws.close();
+      });
+      if (!marked && done >= 2000) {
+        marked = true;
+        emit({ mark: "warm" });
+      }
+    }
+  }
+  await Promise.all(Array.from({ length: 50 }, (_, w) => worker(w)));
+  emit({ mark: "done", cycles: done });
+}
+
+const phases = { throughput, rtt, idle, cycles };
+if (!["relay", "bare"].includes(mode) || !(phase in phases)) {
+  console.error("usage: node loadgen.mjs relay|bare throughput|rtt|idle|cycles URL [N] [SECONDS]");
+  process.exit(2);
+}
+phases[phase]().then(
+  () => process.exit(0),
+  (error) => {
+    console.error(`loadgen: ${error.message}`);
+    process.exit(1);
+  },
+);

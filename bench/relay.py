@@ -1,0 +1,287 @@
+"""``make bench-relay``: the relay against a bare websockets forwarder, in the same run.
+
+Each server runs as its own process pinned to CPU 0; the Node ``ws`` load
+generator (bench/loadgen, the same frames for both) runs pinned to CPU 1.
+Printed for both, and as a ratio relay/bare:
+
+- ping-pong frames per second over many pairs (signaling frames: ICE
+  candidates, an SDP-sized offer every tenth frame);
+- one pair's round trip, p50 and p99 (nothing else running);
+- CPU microseconds per relayed frame (the server's utime+stime over the
+  measured window, from /proc);
+- memory per idle connection with 2,000 connections open (RSS delta / 2,000);
+- RSS before and after 10,000 join/leave cycles (after 2,000 for warm-up).
+
+Figures are printed, never asserted: see docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+LOADGEN = ROOT / "bench" / "loadgen" / "loadgen.mjs"
+TICKS = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+SERVER_CPU, LOADGEN_CPU = 0, 1
+
+# Limits high enough that the relay's checks run but never refuse the load.
+BENCH_CONFIG = """\
+relay: {host: 127.0.0.1, port: 0}
+limits:
+  frames_per_second: 1000000
+  burst: 1000000
+  max_connections: 100000
+  max_sessions: 100000
+  join_timeout_s: 60
+"""
+
+
+@dataclass
+class Figures:
+    frames_per_s: float = 0.0
+    rtt_p50_us: float = 0.0
+    rtt_p99_us: float = 0.0
+    cpu_us_per_frame: float = 0.0
+    kib_per_idle_conn: float = 0.0
+    rss_before_cycles_mib: float = 0.0
+    rss_after_cycles_mib: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Server:
+    name: str
+    proc: asyncio.subprocess.Process
+    url: str
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime
+
+    def rss_mib(self) -> float:
+        pages = int(Path(f"/proc/{self.proc.pid}/statm").read_text().split()[1])
+        return pages * PAGE / 2**20
+
+
+def pinned(cpu: int) -> list[str]:
+    return ["taskset", "-c", str(cpu)] if shutil.which("taskset") and os.cpu_count() else []
+
+
+@asynccontextmanager
+async def server(name: str, workdir: Path) -> AsyncIterator[Server]:
+    if name == "relay":
+        config = workdir / "bench.yaml"
+        config.write_text(BENCH_CONFIG)
+        argv = [sys.executable, str(ROOT / "relay.py"), "--config", str(config)]
+        pattern = re.compile(r"relay listening on (ws://\S+)")
+        stream = "stderr"
+    else:
+        argv = [sys.executable, "-m", "bench.bare_forwarder", "--port", "0"]
+        pattern = re.compile(r"listening (\d+)")
+        stream = "stdout"
+    proc = await asyncio.create_subprocess_exec(
+        *pinned(SERVER_CPU),
+        *argv,
+        cwd=ROOT,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    reader = proc.stderr if stream == "stderr" else proc.stdout
+    assert reader is not None
+    url = ""
+    while not url:
+        line = (await asyncio.wait_for(reader.readline(), 30)).decode()
+        if not line:
+            raise RuntimeError(f"{name} exited before listening")
+        if match := pattern.search(line):
+            url = match.group(1) if name == "relay" else f"ws://127.0.0.1:{match.group(1)}/ws"
+    # Both pipes read to the end, so that the server never blocks on a full one.
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+    drains = [asyncio.create_task(_drain(r)) for r in (proc.stdout, proc.stderr)]
+    try:
+        yield Server(name, proc, url)
+    finally:
+        proc.terminate()
+        await proc.wait()
+        for drain in drains:
+            drain.cancel()
+
+
+async def _drain(reader: asyncio.StreamReader) -> None:
+    while await reader.readline():
+        pass
+
+
+@asynccontextmanager
+async def loadgen(srv: Server, phase: str, *args: str) -> AsyncIterator[asyncio.subprocess.Process]:
+    mode = "relay" if srv.name == "relay" else "bare"
+    proc = await asyncio.create_subprocess_exec(
+        *pinned(LOADGEN_CPU),
+        "node",
+        str(LOADGEN),
+        mode,
+        phase,
+        srv.url,
+        *args,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+        await proc.wait()
+
+
+async def line(proc: asyncio.subprocess.Process) -> dict[str, Any]:
+    assert proc.stdout is not None
+    raw = await asyncio.wait_for(proc.stdout.readline(), 120)
+    if not raw:
+        raise RuntimeError(f"load generator exited ({await proc.wait()})")
+    data = json.loads(raw)
+    assert isinstance(data, dict)
+    return data
+
+
+async def measure(name: str, args: argparse.Namespace) -> Figures:
+    pairs, seconds, rtts, idle, cycles = args.pairs, args.seconds, args.rtts, args.idle, args.cycles
+    figures = Figures()
+    with tempfile.TemporaryDirectory() as tmp:
+        async with server(name, Path(tmp)) as srv:
+            # Throughput and CPU per frame.
+            async with loadgen(srv, "throughput", str(pairs), str(seconds)) as gen:
+                assert (await line(gen))["mark"] == "start"
+                cpu0 = srv.cpu_seconds()
+                end = await line(gen)
+                cpu = srv.cpu_seconds() - cpu0
+            figures.frames_per_s = end["frames"] / end["seconds"]
+            figures.cpu_us_per_frame = cpu * 1e6 / max(end["frames"], 1)
+            # Round trip of one pair.
+            async with loadgen(srv, "rtt", str(rtts)) as gen:
+                samples = sorted((await line(gen))["rtt_us"])
+            figures.rtt_p50_us = statistics.median(samples)
+            figures.rtt_p99_us = samples[int(len(samples) * 0.99) - 1]
+            # Memory per idle connection.
+            await asyncio.sleep(0.5)
+            rss0 = srv.rss_mib()
+            async with loadgen(srv, "idle", str(idle)) as gen:
+                opened = await line(gen)
+                await asyncio.sleep(1)
+                rss1 = srv.rss_mib()
+                assert gen.stdin is not None
+                gen.stdin.write(b"close\n")
+                await gen.stdin.drain()
+            figures.kib_per_idle_conn = (rss1 - rss0) * 1024 / opened["connections"]
+            # Join/leave cycles.
+            async with loadgen(srv, "cycles", str(cycles)) as gen:
+                assert (await line(gen))["mark"] == "warm"
+                figures.rss_before_cycles_mib = srv.rss_mib()
+                assert (await line(gen))["mark"] == "done"
+            await asyncio.sleep(1)
+            figures.rss_after_cycles_mib = srv.rss_mib()
+    return figures
+
+
+def median_of(runs: list[Figures]) -> Figures:
+    """The median of each figure over the runs."""
+    return Figures(
+        **{
+            name: statistics.median(getattr(run, name) for run in runs)
+            for name in Figures.__dataclass_fields__
+            if name != "notes"
+        }
+    )
+
+
+def table(relay: Figures, bare: Figures) -> str:
+    rows = [
+        ("ping-pong frames/s (higher is better)", "frames_per_s", "{:,.0f}"),
+        ("round trip p50 (µs)", "rtt_p50_us", "{:,.0f}"),
+        ("round trip p99 (µs)", "rtt_p99_us", "{:,.0f}"),
+        ("CPU µs per relayed frame", "cpu_us_per_frame", "{:.1f}"),
+        ("KiB per idle connection (2,000 open)", "kib_per_idle_conn", "{:.1f}"),
+        ("RSS before 10k join/leave (MiB)", "rss_before_cycles_mib", "{:.1f}"),
+        ("RSS after 10k join/leave (MiB)", "rss_after_cycles_mib", "{:.1f}"),
+    ]
+    out = [
+        f"| {'figure':<40} | {'relay':>10} | {'bare':>10} | {'relay/bare':>10} |",
+        f"|{'-' * 42}|{'-' * 12}|{'-' * 12}|{'-' * 12}|",
+    ]
+    for label, attr, fmt in rows:
+        r, b = getattr(relay, attr), getattr(bare, attr)
+        ratio = f"{r / b:.2f}x" if b else "-"
+        out.append(f"| {label:<40} | {fmt.format(r):>10} | {fmt.format(b):>10} | {ratio:>10} |")
+    return "\n".join(out)
+
+
+def verdict(relay: Figures, bare: Figures) -> str:
+    growth = relay.rss_after_cycles_mib - relay.rss_before_cycles_mib
+    checks = [
+        ("throughput >= 0.8x bare", relay.frames_per_s >= 0.8 * bare.frames_per_s),
+        ("CPU/frame <= 1.25x bare", relay.cpu_us_per_frame <= 1.25 * bare.cpu_us_per_frame),
+        ("< 40 KiB per idle connection", relay.kib_per_idle_conn < 40),
+        (f"no growth after cycles ({growth:+.1f} MiB)", growth < 1.0),
+    ]
+    return "\n".join(f"  {'met ' if ok else 'MISSED'}  {label}" for label, ok in checks)
+
+
+async def main(args: argparse.Namespace) -> int:
+    if shutil.which("node") is None or not (LOADGEN.parent / "node_modules" / "ws").exists():
+        print(
+            "bench-relay: run `make bench-deps` (node and `npm ci` in bench/loadgen)",
+            file=sys.stderr,
+        )
+        return 2
+    print(
+        f"{os.cpu_count()} CPUs; servers on CPU {SERVER_CPU}, load generator on CPU {LOADGEN_CPU}; "
+        f"{args.pairs} pairs for {args.seconds:g} s; {args.rtts} round trips; "
+        f"{args.idle} idle connections; {args.cycles} join/leave cycles"
+    )
+    runs: dict[str, list[Figures]] = {"bare": [], "relay": []}
+    for n in range(args.repeat):  # interleaved, so that drift hits both alike
+        for name in ("bare", "relay"):
+            figures = await measure(name, args)
+            runs[name].append(figures)
+            print(
+                f"  run {n + 1}: {name:5} {figures.frames_per_s:9,.0f} frames/s "
+                f"{figures.cpu_us_per_frame:5.1f} µs/frame",
+                flush=True,
+            )
+    results = {name: median_of(figures) for name, figures in runs.items()}
+    print(f"medians of {args.repeat} runs:")
+    print(table(results["relay"], results["bare"]))
+    print("targets:")
+    print(verdict(results["relay"], results["bare"]))
+    return 0
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Relay vs bare websockets forwarder.")
+    parser.add_argument("--pairs", type=int, default=100, help="pairs for the throughput run")
+    parser.add_argument("--seconds", type=float, default=5, help="length of the throughput run")
+    parser.add_argument("--rtts", type=int, default=2000, help="round trips measured for one pair")
+    parser.add_argument("--idle", type=int, default=2000, help="idle connections opened")
+    parser.add_argument("--cycles", type=int, default=10000, help="join/leave cycles")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each server, interleaved")
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main(parse_args())))
