@@ -1,0 +1,217 @@
+"""Calls between browser pages: Chromium and the relay inside a network namespace.
+
+Chromium never gathers a useful candidate on 127.0.0.1, so each test builds a
+namespace whose only address is 198.18.0.2, runs the relay on that namespace's
+loopback (the page is then a secure context) and Chromium there too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+import yaml
+from playwright.async_api import Browser, Page
+
+from peers.demo import Process, peer_argv, spawn
+from peers.netns import Netns, Network, netns_missing
+from tests.browser import (
+    Browsers,
+    RelayProcess,
+    join,
+    relay_process,
+    wait_state,
+    write_config,
+)
+from tests.support import within
+
+pytestmark = pytest.mark.netns
+
+FAKE_WIDTH, FAKE_HEIGHT = 640, 480  # Chromium's fake camera
+
+
+@dataclass
+class Net:
+    """One namespace with the relay and a Chromium in it."""
+
+    relay: RelayProcess
+    browser: Browser
+    browsers: Browsers
+
+    async def page(self, role: str, session: str, *, locale: str = "en-US") -> Page:
+        page = await self.browsers.open(
+            role, self.relay.http_url, browser=self.browser, locale=locale
+        )
+        await join(page, session, role)
+        return page
+
+
+@pytest_asyncio.fixture
+async def net(browsers: Browsers, tmp_path: Path) -> AsyncIterator[Net]:
+    if reason := netns_missing():
+        pytest.skip(reason)
+    async with Network("epc-web") as network:
+        ns = (await network.lan("198.18.0.2/24")).name
+        async with relay_process(write_config(tmp_path / "relay.yaml"), netns=ns) as running:
+            yield Net(running, await browsers.launch(netns=ns), browsers)
+
+
+async def stat(page: Page, expression: str) -> int:
+    """A number from the page's latest getStats() summary (epedicare.stats)."""
+    value: int = await page.evaluate(f"epedicare.stats ? epedicare.stats.{expression} : 0")
+    return value
+
+
+async def grows(page: Page, expression: str, by: int, units: float = 2) -> None:
+    """Wait until a statistic of the page has grown by ``by``.
+
+    Polled from here: the page's CSP forbids the eval that wait_for_function needs.
+    """
+
+    async def poll() -> None:
+        start = await stat(page, expression)
+        while await stat(page, expression) < start + by:  # noqa: ASYNC110 (polling the page)
+            await asyncio.sleep(0.1)
+
+    await within(poll(), units)
+
+
+async def connected_pair(net: Net, session: str) -> tuple[Page, Page]:
+    practitioner = await net.page("practitioner", session)
+    await wait_state(practitioner, "waiting")
+    patient = await net.page("patient", session)
+    for page in (patient, practitioner):
+        await wait_state(page, "connected", units=2)
+    return patient, practitioner
+
+
+async def chat(sender: Page, receiver: Page, text: str) -> None:
+    await sender.fill("#chat-input", text)
+    await sender.press("#chat-input", "Enter")
+    await receiver.locator("#chat-log li.theirs .text", has_text=text).wait_for()
+
+
+@pytest.mark.asyncio
+async def test_browser_to_browser_video_audio_and_chat(net: Net) -> None:
+    """Two pages: frames decoded at the camera's size, audio packets, chat both ways."""
+    patient, practitioner = await connected_pair(net, "b2b")
+    for page in (patient, practitioner):
+        await page.bring_to_front()  # headless pages render video only when in front
+        await grows(page, "inVideo.framesDecoded", 20)
+        await grows(page, "inAudio.packetsReceived", 20)
+        size = await page.evaluate(
+            "[document.getElementById('remote-video').videoWidth,"
+            " document.getElementById('remote-video').videoHeight]"
+        )
+        assert size == [FAKE_WIDTH, FAKE_HEIGHT]
+        assert await page.inner_text("#status .status-call") == "Connected directly (host/udp)"
+        assert await page.inner_text('[data-stat="in-size"]') == f"{FAKE_WIDTH}\u00d7{FAKE_HEIGHT}"
+    await chat(patient, practitioner, "Bonjour docteur, ça va ? ✓")
+    await chat(practitioner, patient, "Hello! 👋 <b>not html</b>")
+    assert await patient.locator("#chat-log b").count() == 0
+    for role in ("patient", "practitioner"):
+        assert net.browsers.problems(role) == []
+
+
+@pytest.mark.asyncio
+async def test_hang_up_shows_left_then_the_patient_waits_for_the_next(net: Net) -> None:
+    """The practitioner hangs up: the patient reads 'left'; a new practitioner gets a call."""
+    patient, practitioner = await connected_pair(net, "bye")
+    await practitioner.click("#hangup")
+    await wait_state(patient, "left")
+    assert await patient.inner_text("#status .status-call") == "The practitioner left"
+    await practitioner.click("#join")
+    for page in (patient, practitioner):
+        await wait_state(page, "connected", units=2)
+    await patient.click("#hangup")
+    await wait_state(practitioner, "left")
+    assert await practitioner.inner_text("#status .status-call") == "The patient left"
+
+
+@pytest.mark.asyncio
+async def test_relay_restart_keeps_the_call_and_rejoins(net: Net) -> None:
+    """The relay restarts mid-call: video goes on, both pages rejoin the same call."""
+    patient, practitioner = await connected_pair(net, "restart")
+    for page in (patient, practitioner):
+        await page.evaluate("epedicare.call.marker = 'before'")
+    await net.relay.stop()
+    for page in (patient, practitioner):
+        await wait_state(page, "connected", server="reconnecting")
+        await grows(page, "inVideo.framesDecoded", 20)  # while the relay is away
+    await net.relay.start()  # the same port
+    for page in (patient, practitioner):
+        await wait_state(page, "connected", server="ok", units=3)
+        assert await page.evaluate("epedicare.call.marker") == "before"
+        await grows(page, "inVideo.framesDecoded", 20)
+    await chat(patient, practitioner, "still here")
+    await net.relay.stop()  # and once more: the resume keys still open the seats
+    await net.relay.start()
+    for page in (patient, practitioner):
+        await wait_state(page, "connected", server="ok", units=3)
+
+
+# -- the browser and the aiortc peers ---------------------------------------------------------
+
+
+PEER_VIDEO = {"width": 320, "height": 240, "fps": 15}
+
+
+async def aiortc_peer(net: Net, role: str, tmp_path: Path, session: str) -> Process:
+    """``python -m peers.ROLE`` in the namespace, chat lines on its stdin."""
+    config = tmp_path / "peer.yaml"
+    config.write_text(yaml.safe_dump({"media": {"video": PEER_VIDEO}}), encoding="utf-8")
+    argv = peer_argv(
+        role, config, "--relay", net.relay.url, "--session", session, "--video", "pattern",
+        "--audio", "tone", "--stats-json", str(tmp_path / f"{role}.json"),
+    )  # fmt: skip
+    assert net.relay.netns is not None
+    return await spawn(role, argv, Netns(net.relay.netns).command(), stdin=asyncio.subprocess.PIPE)
+
+
+async def printed(process: Process, text: str) -> None:
+    async def poll() -> None:
+        while not any(text in line for line in process.lines):  # noqa: ASYNC110 (a child's output)
+            await asyncio.sleep(0.1)
+
+    await within(poll(), 2)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("browser_role", ["patient", "practitioner"])
+async def test_browser_and_aiortc_peer_video_audio_and_chat(
+    net: Net, tmp_path: Path, browser_role: str
+) -> None:
+    """A page and an aiortc peer: video and audio both ways, chat both ways."""
+    peer_role = "practitioner" if browser_role == "patient" else "patient"
+    session = f"mixed-{browser_role}"
+    peer = await aiortc_peer(net, peer_role, tmp_path, session)
+    try:
+        page = await net.page(browser_role, session)
+        await wait_state(page, "connected", units=3)
+        await page.bring_to_front()
+        await grows(page, "inVideo.framesDecoded", 20, units=3)
+        await grows(page, "inAudio.packetsReceived", 20)
+        size = await page.evaluate(
+            "[document.getElementById('remote-video').videoWidth,"
+            " document.getElementById('remote-video').videoHeight]"
+        )
+        assert size == [PEER_VIDEO["width"], PEER_VIDEO["height"]]
+        await page.fill("#chat-input", "from the browser ✓")
+        await page.press("#chat-input", "Enter")
+        await printed(peer, "chat> from the browser ✓")
+        assert peer.proc.stdin is not None
+        peer.proc.stdin.write("from aiortc ✓\n".encode())
+        await peer.proc.stdin.drain()
+        await page.locator("#chat-log li.theirs .text", has_text="from aiortc ✓").wait_for()
+    finally:
+        assert await peer.stop() == 0, peer.log()
+    got = json.loads((tmp_path / f"{peer_role}.json").read_text(encoding="utf-8"))
+    assert (got["video"]["width"], got["video"]["height"]) == (FAKE_WIDTH, FAKE_HEIGHT)
+    assert got["video"]["frames"] > 20
+    assert got["audio"]["frames"] > 20
+    assert net.browsers.problems(browser_role) == []

@@ -1,0 +1,350 @@
+// The page's flow: the start form, then one seat of a session, its calls and chat.
+// The patient is the offerer: it offers when it learns the practitioner is there.
+
+import { Call } from "./call.js";
+import { hasKey, initialLanguage, language, setLanguage } from "./i18n.js";
+import { MediaError, openLocalMedia, stopMedia } from "./media.js";
+import { Signaling, relayUrl } from "./signaling.js";
+import { summarize } from "./stats.js";
+import * as view from "./view.js";
+
+const { els } = view;
+const SESSION_RE = /^[A-Za-z0-9_-]{1,64}$/;
+const OTHER = { patient: "practitioner", practitioner: "patient" };
+const STATS_INTERVAL_MS = 1000;
+
+const app = {
+  seat: null, // {session, role, token}
+  local: null, // the local MediaStream, or null (receive only)
+  rtcConfig: { iceServers: [] },
+  signaling: null,
+  call: null,
+  joinedOnce: false,
+  peerPresent: false,
+  peerAway: false, // the other seat's signaling dropped; the call may go on
+  ended: null, // why the last call ended: "left" | "failed" | null
+  stats: null, // the latest summary of getStats()...
+  statsOf: null, // ...and the call it describes
+  statsTimer: null,
+};
+globalThis.epedicare = app; // for the tests and for debugging from the console
+
+// -- start page --------------------------------------------------------------
+
+function init() {
+  setLanguage(initialLanguage());
+  els.langSwitch.addEventListener("click", () => setLanguage(language() === "fr" ? "en" : "fr", { save: true }));
+  const params = new URLSearchParams(location.search);
+  if (params.get("session")) els.session.value = params.get("session");
+  if (params.get("role") in OTHER) els.form.elements.role.value = params.get("role");
+  if (params.get("token")) {
+    els.token.value = params.get("token");
+    els.tokenBox.open = true;
+  }
+  els.form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    join();
+  });
+  els.mic.addEventListener("click", () => toggle("audio", els.mic, "call.mic.on", "call.mic.off"));
+  els.camera.addEventListener("click", () => toggle("video", els.camera, "call.camera.on", "call.camera.off"));
+  els.hangup.addEventListener("click", hangUp);
+  els.chatForm.addEventListener("submit", (event) => {
+    event.preventDefault();
+    sendChat();
+  });
+  addEventListener("pagehide", () => app.signaling && app.signaling.hangUp("page closed"));
+  if (typeof RTCPeerConnection === "undefined") {
+    view.notify("rtc.unsupported");
+    els.join.disabled = true;
+    return;
+  }
+  (els.session.value ? els.join : els.session).focus();
+  document.body.dataset.ready = "true";
+}
+
+async function join() {
+  view.clearNotice();
+  const session = els.session.value.trim();
+  if (!SESSION_RE.test(session)) {
+    els.session.setAttribute("aria-invalid", "true");
+    view.notify("error.bad-session");
+    els.session.focus();
+    return;
+  }
+  els.session.removeAttribute("aria-invalid");
+  els.join.disabled = true;
+  const role = els.form.elements.role.value;
+  app.seat = { session, role, token: els.token.value.trim() };
+  try {
+    const { stream, notice } = await openLocalMedia();
+    app.local = stream;
+    if (notice) view.notify(notice, {}, "info");
+  } catch (err) {
+    els.join.disabled = false;
+    if (err instanceof MediaError) view.notify(err.key, err.params);
+    else throw err;
+    return;
+  }
+  app.rtcConfig = await loadRtcConfig();
+  startSeat();
+}
+
+/** The relay's ICE settings for the page; none (LAN only) when it publishes none. */
+async function loadRtcConfig() {
+  try {
+    const response = await fetch("rtc-config.json", { cache: "no-store" });
+    if (response.ok) {
+      const data = await response.json();
+      return {
+        iceServers: Array.isArray(data.iceServers) ? data.iceServers : [],
+        iceTransportPolicy: data.iceTransportPolicy === "relay" ? "relay" : "all",
+      };
+    }
+  } catch (err) {
+    console.warn("rtc-config.json unreadable; no ICE servers:", err.message);
+  }
+  return { iceServers: [] };
+}
+
+function startSeat() {
+  Object.assign(app, { joinedOnce: false, peerPresent: false, peerAway: false, ended: null });
+  view.showCall(app.seat.session, OTHER[app.seat.role]);
+  els.localVideo.srcObject = app.local;
+  els.localVideo.hidden = !(app.local && app.local.getVideoTracks().length);
+  view.setToggle(els.mic, false, "call.mic.on", "call.mic.off");
+  view.setToggle(els.camera, false, "call.camera.on", "call.camera.off");
+  els.mic.disabled = !(app.local && app.local.getAudioTracks().length);
+  els.camera.disabled = !(app.local && app.local.getVideoTracks().length);
+  view.showInvite(app.seat.role === "practitioner" ? inviteLink() : null);
+  view.setChatOpen(false);
+  view.renderStats(null);
+
+  const signaling = new Signaling(relayUrl(), app.seat);
+  app.signaling = signaling;
+  signaling.addEventListener("joined", ({ detail }) => onJoined(detail));
+  signaling.addEventListener("frame", ({ detail }) => onFrame(detail));
+  signaling.addEventListener("refused", ({ detail }) => onRefused(detail));
+  signaling.addEventListener("state", () => renderStatus());
+  signaling.addEventListener("retry", ({ detail }) => {
+    // Unreachable: never opened, or dropped without a closing handshake (1006).
+    // A relay that closed on purpose (server-full) has said why already.
+    if (!app.joinedOnce && (detail.code === undefined || detail.code === 1006)) {
+      view.notify("server.unreachable", { seconds: Math.ceil(detail.delay / 1000) });
+    }
+  });
+  signaling.addEventListener("fatal", ({ detail }) => onFatal(detail));
+  signaling.start();
+  renderStatus();
+}
+
+function inviteLink() {
+  const url = new URL(location.pathname, location.origin);
+  url.search = new URLSearchParams({ session: app.seat.session, role: "patient" }).toString();
+  return url.toString();
+}
+
+// -- signaling -----------------------------------------------------------------
+
+function onJoined(frame) {
+  if (!app.joinedOnce && els.notice.dataset.key === "server.unreachable") view.clearNotice();
+  app.joinedOnce = true;
+  if (Array.isArray(frame.ice_servers) && frame.ice_servers.length) {
+    app.rtcConfig = { ...app.rtcConfig, iceServers: frame.ice_servers };
+  }
+  app.peerPresent = frame.peer;
+  app.peerAway = false;
+  // A rejoin keeps a call that is still alive; otherwise the patient offers.
+  if (frame.peer && app.seat.role === "patient" && !(app.call && app.call.alive)) startCall();
+  renderStatus();
+}
+
+function onFrame(frame) {
+  switch (frame.type) {
+    case "peer-joined":
+      app.peerPresent = true;
+      app.peerAway = false;
+      app.ended = null;
+      // resumed: the same client came back (signaling reconnect): the call goes on.
+      if (!(frame.resumed && app.call && app.call.alive)) {
+        if (app.seat.role === "patient") startCall();
+        else endCall(); // a new patient client will offer
+      }
+      break;
+    case "peer-left":
+      app.peerPresent = false;
+      if (frame.reason === "disconnected" && app.call && app.call.alive) {
+        app.peerAway = true; // not a hang-up: media may still flow
+      } else {
+        endCall();
+        app.ended = "left";
+      }
+      break;
+    case "offer":
+      if (app.seat.role === "practitioner") answerCall(frame.sdp);
+      break;
+    case "answer":
+      if (app.call) app.call.accept(frame.sdp).catch(callFailed);
+      break;
+    case "candidate":
+      if (app.call) app.call.addCandidate(frame.candidate);
+      break;
+    default:
+      break; // "bye" is followed by peer-left; unknown types are ignored
+  }
+  renderStatus();
+}
+
+function onRefused(frame) {
+  const key = hasKey(`error.${frame.code}`) ? `error.${frame.code}` : "error.unknown";
+  view.notify(key, { message: frame.message, other: OTHER[app.seat.role], role: app.seat.role });
+}
+
+function onFatal({ code, message }) {
+  endCall();
+  stopMedia(app.local);
+  app.local = null;
+  app.signaling = null;
+  view.showStart();
+  if (code === "replaced") view.notify("server.replaced");
+  else onRefused({ code, message });
+}
+
+// -- calls -------------------------------------------------------------------
+
+function newCall() {
+  endCall();
+  app.signaling.clearOutbox();
+  app.ended = null;
+  const call = new Call(app.rtcConfig, app.local);
+  app.call = call;
+  call.addEventListener("signal", ({ detail }) => call === app.call && app.signaling.send(detail));
+  call.addEventListener("remote", ({ detail }) => showRemote(detail));
+  call.addEventListener("state", ({ detail }) => onCallState(call, detail));
+  call.addEventListener("chat", ({ detail }) => view.addChatLine(detail.text, false, OTHER[app.seat.role]));
+  call.addEventListener("chatstate", ({ detail }) => call === app.call && view.setChatOpen(detail));
+  app.statsTimer = setInterval(updateStats, STATS_INTERVAL_MS);
+  return call;
+}
+
+function startCall() {
+  newCall().offer().catch(callFailed);
+}
+
+function answerCall(sdp) {
+  newCall().answer(sdp).catch(callFailed);
+}
+
+function endCall() {
+  clearInterval(app.statsTimer);
+  app.statsTimer = null;
+  if (app.call) {
+    const call = app.call;
+    app.call = null;
+    call.close();
+  }
+  els.remoteVideo.srcObject = null;
+  view.setChatOpen(false);
+}
+
+function onCallState(call, state) {
+  if (call !== app.call) return;
+  if (state === "connected") updateStats();
+  if (state === "failed") {
+    // ICE failing ends the call; the patient waits for the next practitioner.
+    endCall();
+    app.ended = "failed";
+  }
+  renderStatus();
+}
+
+function callFailed(err) {
+  console.error("call:", err);
+  view.notify("media.other", { name: err.name || "Error" });
+}
+
+function showRemote(stream) {
+  if (els.remoteVideo.srcObject !== stream) els.remoteVideo.srcObject = stream;
+  els.remoteVideo.play().catch(() => {}); // autoplay may wait for a gesture; the join was one
+}
+
+async function updateStats() {
+  const call = app.call;
+  if (!call) return;
+  const summary = summarize(await call.pc.getStats(), app.statsOf === call ? app.stats : null);
+  if (call !== app.call) return;
+  app.stats = summary;
+  app.statsOf = call;
+  view.renderStats(summary);
+  renderStatus();
+}
+
+// -- status ------------------------------------------------------------------
+
+function renderStatus() {
+  if (!app.signaling) return;
+  const other = OTHER[app.seat.role];
+  const server = app.signaling.state;
+  if (!app.joinedOnce) {
+    view.renderStatus({ state: "signaling", key: "state.signaling" }, null);
+    return;
+  }
+  view.renderStatus(callStatus(other), serverStatus(server, other));
+}
+
+function callStatus(other) {
+  const call = app.call;
+  if (call && call.connectionState === "connected") {
+    const path = app.statsOf === call ? app.stats.path : null;
+    const relayed = path && path.relayed;
+    return {
+      state: "connected",
+      key: relayed ? "state.connected-relay" : "state.connected",
+      params: { path: path ? path.text : "…" },
+    };
+  }
+  if (call) return { state: "connecting", key: "state.connecting" };
+  if (app.ended === "left") return { state: "left", key: "state.left", params: { other } };
+  if (app.ended === "failed") return { state: "failed", key: "state.failed", params: { other } };
+  if (app.peerPresent) return { state: "connecting", key: "state.connecting" };
+  return { state: "waiting", key: "state.waiting", params: { other } };
+}
+
+function serverStatus(server, other) {
+  if (server === "reconnecting" || server === "connecting") {
+    return { state: "reconnecting", key: "state.reconnecting" };
+  }
+  if (app.peerAway) return { state: "peer-away", key: "state.peer-away", params: { other } };
+  return null;
+}
+
+// -- controls ------------------------------------------------------------------
+
+function toggle(kind, button, keyOn, keyOff) {
+  const tracks = app.local ? app.local.getTracks().filter((track) => track.kind === kind) : [];
+  if (!tracks.length) return;
+  const off = tracks[0].enabled; // enabled now: turning it off
+  for (const track of tracks) track.enabled = !off;
+  view.setToggle(button, off, keyOn, keyOff);
+}
+
+function hangUp() {
+  if (app.signaling) app.signaling.hangUp();
+  app.signaling = null;
+  endCall();
+  stopMedia(app.local);
+  app.local = null;
+  els.localVideo.srcObject = null;
+  view.showStart();
+  view.notify("state.ended", {}, "info");
+  els.join.focus();
+}
+
+function sendChat() {
+  const text = els.chatInput.value;
+  if (!text.trim() || !app.call || !app.call.sendChat(text)) return;
+  view.addChatLine(text, true);
+  els.chatInput.value = "";
+  els.chatInput.focus();
+}
+
+init();

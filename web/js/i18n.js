@@ -1,0 +1,239 @@
+// French and English strings. French is the default (the original was French);
+// the browser's language decides unless the person picked one (kept in localStorage).
+
+const STRINGS = {
+  fr: {
+    "lang.switch": "English",
+    "lang.switch.label": "Switch to English",
+    "start.title": "Rejoindre une consultation",
+    "start.role": "Je suis",
+    "role.patient": "un patient",
+    "role.practitioner": "un praticien",
+    "start.session": "Identifiant de la consultation",
+    "start.session.help": "De 1 à 64 lettres, chiffres, _ ou -, par exemple celui du lien reçu.",
+    "start.token": "Jeton d'accès (si le lien en contenait un)",
+    "start.join": "Rejoindre",
+    "call.title": "Consultation {session}",
+    "call.remote": "Vidéo du {other}",
+    "call.local": "Mon aperçu",
+    "call.controls": "Commandes de l'appel",
+    "call.mic.off": "Couper le micro",
+    "call.mic.on": "Rétablir le micro",
+    "call.camera.off": "Couper la caméra",
+    "call.camera.on": "Rétablir la caméra",
+    "call.hangup": "Raccrocher",
+    "call.invite": "Lien pour le patient",
+    "stats.title": "Statistiques",
+    "stats.in": "Reçu",
+    "stats.out": "Envoyé",
+    "stats.bitrate": "Débit",
+    "stats.fps": "Images/s",
+    "stats.size": "Résolution",
+    "stats.rtt": "Aller-retour",
+    "stats.lost": "Paquets perdus",
+    "chat.title": "Messages",
+    "chat.input": "Votre message",
+    "chat.send": "Envoyer",
+    "chat.me": "Moi",
+    "chat.closed": "La messagerie s'ouvre quand l'appel est établi.",
+    "other.patient": "patient",
+    "other.practitioner": "praticien",
+    "state.signaling": "Connexion au serveur…",
+    "state.waiting": "En attente du {other}",
+    "state.connecting": "Connexion en cours…",
+    "state.connected": "Connecté en direct ({path})",
+    "state.connected-relay": "Connecté via un relais ({path})",
+    "state.reconnecting": "Reconnexion au serveur…",
+    "state.peer-away": "Le {other} a perdu la connexion au serveur ; l'appel continue",
+    "state.left": "Le {other} a quitté l'appel",
+    "state.failed": "La connexion avec le {other} a échoué",
+    "state.ended": "Vous avez raccroché.",
+    "media.denied": "L'accès à la caméra et au micro a été refusé. Autorisez-le dans les réglages du navigateur, puis rejoignez à nouveau.",
+    "media.none": "Aucune caméra ni aucun micro n'a été trouvé : vous recevez l'image et le son de l'autre sans envoyer les vôtres.",
+    "media.no-camera": "Aucune caméra n'a été trouvée : l'appel continue avec le son seulement.",
+    "media.no-mic": "Aucun micro n'a été trouvé : l'appel continue avec l'image seulement.",
+    "media.busy": "La caméra ou le micro est déjà utilisé par une autre application. Fermez-la, puis rejoignez à nouveau.",
+    "media.insecure": "Ce navigateur ne donne accès à la caméra que sur une page sécurisée (https ou localhost).",
+    "media.other": "La caméra ou le micro n'a pas pu démarrer ({name}).",
+    "rtc.unsupported": "Ce navigateur ne prend pas en charge les appels vidéo (WebRTC).",
+    "server.replaced": "Cette consultation a été reprise dans une autre fenêtre ; celle-ci s'arrête.",
+    "server.unreachable": "Le serveur est injoignable ; nouvelle tentative dans {seconds} s.",
+    "error.bad-json": "Le serveur n'a pas compris un message de la page (JSON invalide).",
+    "error.binary-frame": "Le serveur n'accepte pas les messages binaires.",
+    "error.frame-too-large": "Un message était trop gros pour le serveur et n'a pas été transmis.",
+    "error.missing-field": "Un message de la page était incomplet ; le serveur l'a refusé.",
+    "error.bad-field": "Un message de la page contenait une valeur invalide ; le serveur l'a refusé.",
+    "error.unknown-type": "Le serveur ne connaît pas ce type de message.",
+    "error.not-joined": "La page a parlé au serveur avant d'avoir rejoint la consultation.",
+    "error.already-joined": "Cette page a déjà rejoint une consultation.",
+    "error.bad-session": "Identifiant de consultation invalide : de 1 à 64 lettres, chiffres, _ ou -.",
+    "error.bad-role": "Rôle invalide : choisissez patient ou praticien.",
+    "error.role-taken": "Quelqu'un occupe déjà la place du {role} dans cette consultation.",
+    "error.bad-token": "Le jeton d'accès manque ou n'est pas valable pour cette consultation et ce rôle.",
+    "error.token-expired": "Le jeton d'accès a expiré ; demandez un nouveau lien.",
+    "error.no-peer": "Le {other} n'est pas connecté au serveur : un message n'a pas été transmis.",
+    "error.rate-limited": "Trop de messages envoyés trop vite : le serveur en a ignoré un.",
+    "error.server-full": "Le serveur est complet ; nouvelle tentative automatique.",
+    "error.join-timeout": "La page a tardé à rejoindre la consultation ; nouvelle tentative.",
+    "error.unknown": "Le serveur a refusé un message : {message}",
+  },
+  en: {
+    "lang.switch": "Français",
+    "lang.switch.label": "Passer en français",
+    "start.title": "Join a consultation",
+    "start.role": "I am",
+    "role.patient": "a patient",
+    "role.practitioner": "a practitioner",
+    "start.session": "Consultation id",
+    "start.session.help": "1 to 64 letters, digits, _ or -, for example the one in the link you received.",
+    "start.token": "Access token (if the link had one)",
+    "start.join": "Join",
+    "call.title": "Consultation {session}",
+    "call.remote": "The {other}'s video",
+    "call.local": "My preview",
+    "call.controls": "Call controls",
+    "call.mic.off": "Mute microphone",
+    "call.mic.on": "Unmute microphone",
+    "call.camera.off": "Turn camera off",
+    "call.camera.on": "Turn camera on",
+    "call.hangup": "Hang up",
+    "call.invite": "Link for the patient",
+    "stats.title": "Statistics",
+    "stats.in": "Received",
+    "stats.out": "Sent",
+    "stats.bitrate": "Bitrate",
+    "stats.fps": "Frames/s",
+    "stats.size": "Resolution",
+    "stats.rtt": "Round trip",
+    "stats.lost": "Packets lost",
+    "chat.title": "Messages",
+    "chat.input": "Your message",
+    "chat.send": "Send",
+    "chat.me": "Me",
+    "chat.closed": "Messages open once the call is connected.",
+    "other.patient": "patient",
+    "other.practitioner": "practitioner",
+    "state.signaling": "Connecting to the server…",
+    "state.waiting": "Waiting for the {other}",
+    "state.connecting": "Connecting…",
+    "state.connected": "Connected directly ({path})",
+    "state.connected-relay": "Connected via relay ({path})",
+    "state.reconnecting": "Reconnecting to the server…",
+    "state.peer-away": "The {other} lost the connection to the server; the call goes on",
+    "state.left": "The {other} left",
+    "state.failed": "The connection with the {other} failed",
+    "state.ended": "You hung up.",
+    "media.denied": "Access to the camera and microphone was refused. Allow it in the browser's settings, then join again.",
+    "media.none": "No camera and no microphone were found: you receive the other side's picture and sound without sending yours.",
+    "media.no-camera": "No camera was found: the call goes on with sound only.",
+    "media.no-mic": "No microphone was found: the call goes on with the picture only.",
+    "media.busy": "The camera or microphone is already in use by another application. Close it, then join again.",
+    "media.insecure": "This browser gives access to the camera only on a secure page (https or localhost).",
+    "media.other": "The camera or microphone could not start ({name}).",
+    "rtc.unsupported": "This browser does not support video calls (WebRTC).",
+    "server.replaced": "This consultation was taken over in another window; this one stops.",
+    "server.unreachable": "The server cannot be reached; trying again in {seconds} s.",
+    "error.bad-json": "The server did not understand a message from the page (invalid JSON).",
+    "error.binary-frame": "The server does not accept binary messages.",
+    "error.frame-too-large": "A message was too large for the server and was not delivered.",
+    "error.missing-field": "A message from the page was incomplete; the server refused it.",
+    "error.bad-field": "A message from the page had an invalid value; the server refused it.",
+    "error.unknown-type": "The server does not know this type of message.",
+    "error.not-joined": "The page spoke to the server before joining the consultation.",
+    "error.already-joined": "This page has already joined a consultation.",
+    "error.bad-session": "Invalid consultation id: 1 to 64 letters, digits, _ or -.",
+    "error.bad-role": "Invalid role: choose patient or practitioner.",
+    "error.role-taken": "Someone already holds the {role}'s seat in this consultation.",
+    "error.bad-token": "The access token is missing or not valid for this consultation and role.",
+    "error.token-expired": "The access token has expired; ask for a new link.",
+    "error.no-peer": "The {other} is not connected to the server: a message was not delivered.",
+    "error.rate-limited": "Too many messages too fast: the server ignored one.",
+    "error.server-full": "The server is full; trying again automatically.",
+    "error.join-timeout": "The page took too long to join the consultation; trying again.",
+    "error.unknown": "The server refused a message: {message}",
+  },
+};
+
+export const LANGUAGES = Object.keys(STRINGS);
+const STORAGE_KEY = "epedicare.lang";
+let current = "fr";
+
+/** The language to start with: ?lang=, then the saved choice, then the browser's, then French. */
+export function initialLanguage(params = new URLSearchParams(location.search)) {
+  const wanted = [params.get("lang"), savedLanguage(), ...(navigator.languages || [navigator.language])];
+  for (const tag of wanted) {
+    const base = (tag || "").toLowerCase().split("-")[0];
+    if (LANGUAGES.includes(base)) return base;
+  }
+  return "fr";
+}
+
+function savedLanguage() {
+  try {
+    return localStorage.getItem(STORAGE_KEY);
+  } catch {
+    return null; // storage disabled: no saved choice
+  }
+}
+
+export function language() {
+  return current;
+}
+
+export function setLanguage(lang, { save = false } = {}) {
+  current = LANGUAGES.includes(lang) ? lang : "fr";
+  document.documentElement.lang = current;
+  if (save) {
+    try {
+      localStorage.setItem(STORAGE_KEY, current);
+    } catch {
+      // storage disabled: the choice lasts for this page only
+    }
+  }
+  translatePage();
+}
+
+// Placeholders that name a role ({other}, {role}) are translated themselves.
+const ROLE_PARAMS = new Set(["other", "role"]);
+
+/** The string for key in the current language, with {name} placeholders filled in. */
+export function t(key, params = {}) {
+  const text = STRINGS[current][key] ?? STRINGS.fr[key] ?? key;
+  return text.replace(/\{(\w+)\}/g, (match, name) => {
+    if (!(name in params)) return match;
+    return ROLE_PARAMS.has(name) ? t(`other.${params[name]}`) : String(params[name]);
+  });
+}
+
+/** Show a translated text in el, and keep it translated when the language changes. */
+export function setText(el, key, params = {}) {
+  el.dataset.i18n = key;
+  el.dataset.i18nArgs = JSON.stringify(params);
+  el.textContent = t(key, params);
+}
+
+export function hasKey(key) {
+  return key in STRINGS.fr;
+}
+
+/** An element's accessible name, kept translated like setText. */
+export function setLabel(el, key, params = {}) {
+  el.dataset.i18nAriaLabel = key;
+  el.dataset.i18nArgs = JSON.stringify(params);
+  el.setAttribute("aria-label", t(key, params));
+}
+
+const ATTRIBUTES = { "aria-label": "i18nAriaLabel", placeholder: "i18nPlaceholder" };
+
+/** Fill every [data-i18n] element's text and [data-i18n-<attribute>] attribute. */
+export function translatePage(root = document) {
+  const args = (el) => JSON.parse(el.dataset.i18nArgs || "{}");
+  for (const el of root.querySelectorAll("[data-i18n]")) {
+    el.textContent = t(el.dataset.i18n, args(el));
+  }
+  for (const [attr, data] of Object.entries(ATTRIBUTES)) {
+    for (const el of root.querySelectorAll(`[data-i18n-${attr}]`)) {
+      el.setAttribute(attr, t(el.dataset[data], args(el)));
+    }
+  }
+}

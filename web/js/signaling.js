@@ -1,0 +1,220 @@
+// The relay client: join, send, receive, heartbeat, reconnect with backoff and
+// rejoin with the resume key. A dropped connection never touches the call: the
+// page's call goes on while this reconnects.
+//
+// Events (CustomEvent, detail is the frame unless said otherwise):
+//   joined            the relay accepted the join (first time or rejoin)
+//   frame             any other frame from the relay (peer-joined, peer-left, offer, ...)
+//   refused           an error frame (the connection stays open)
+//   state             detail: "connecting" | "joined" | "reconnecting" | "stopped"
+//   retry             detail: {delay, reason, code}: a reconnection is scheduled (code: the close code)
+//   fatal             detail: {code, message}: stopped for good (join refused, replaced)
+
+const CLOSE_REPLACED = 4001;
+// Join refusals that retrying cannot fix: the person must change something.
+const FATAL_JOIN_CODES = new Set([
+  "bad-session", "bad-role", "role-taken", "bad-token", "token-expired",
+  "missing-field", "bad-field", "already-joined",
+]);
+const FORWARDED = new Set(["offer", "answer", "candidate"]);
+
+export const DEFAULTS = {
+  pingIntervalMs: 10_000, // application heartbeat (browsers send no WebSocket pings)
+  deadAfterMs: 25_000, // nothing heard for this long: the connection is dead
+  joinTimeoutMs: 10_000, // no answer to join: reconnect
+  backoffBaseMs: 500,
+  backoffCapMs: 10_000,
+};
+
+/** Jittered, capped exponential backoff: attempt 0, 1, 2... */
+export function backoffDelay(attempt, { backoffBaseMs, backoffCapMs } = DEFAULTS) {
+  const ceiling = Math.min(backoffCapMs, backoffBaseMs * 2 ** attempt);
+  return Math.round(ceiling * (0.5 + Math.random() * 0.5));
+}
+
+export function relayUrl(loc = location) {
+  return `${loc.protocol === "https:" ? "wss" : "ws"}://${loc.host}/ws`;
+}
+
+export class Signaling extends EventTarget {
+  constructor(url, { session, role, token }, options = {}) {
+    super();
+    this.url = url;
+    this.seat = { session, role, token: token || undefined };
+    this.options = { ...DEFAULTS, ...options };
+    this.resume = undefined; // the relay's key for this seat, once joined
+    this.state = "stopped";
+    this.attempt = 0;
+    this.outbox = []; // offer/answer/candidate frames waiting for a rejoin
+    this.ws = null;
+    this.timers = {};
+  }
+
+  start() {
+    this.stopped = false;
+    this.connect();
+  }
+
+  /** Send a frame. Call frames sent while away wait for the rejoin. */
+  send(frame) {
+    if (this.state === "joined") {
+      this.ws.send(JSON.stringify(frame));
+    } else if (FORWARDED.has(frame.type)) {
+      this.outbox.push(frame);
+    }
+  }
+
+  /** Forget call frames not sent yet (the call they belong to is over). */
+  clearOutbox() {
+    this.outbox = [];
+  }
+
+  /** Hang up on purpose: bye, then close for good. */
+  hangUp(reason = "hangup") {
+    if (this.state === "joined") this.ws.send(JSON.stringify({ type: "bye", reason }));
+    this.stop();
+  }
+
+  stop() {
+    this.stopped = true;
+    this.clearTimers();
+    if (this.ws) {
+      this.detach();
+      this.ws.close(1000, "bye");
+      this.ws = null;
+    }
+    this.setState("stopped");
+  }
+
+  // -- internals --
+
+  connect() {
+    this.setState(this.resume ? "reconnecting" : "connecting");
+    let ws;
+    try {
+      ws = new WebSocket(this.url);
+    } catch (err) {
+      this.scheduleRetry(String(err));
+      return;
+    }
+    this.ws = ws;
+    ws.onopen = () => this.onOpen();
+    ws.onmessage = (event) => this.onMessage(event.data);
+    ws.onclose = (event) => this.onClose(event.code, event.reason);
+    ws.onerror = () => {}; // onclose follows with the code
+  }
+
+  onOpen() {
+    this.heard();
+    const join = { type: "join", ...this.seat };
+    if (this.resume) join.resume = this.resume;
+    this.ws.send(JSON.stringify(join));
+    this.timers.join = setTimeout(() => this.drop("no answer to join"), this.options.joinTimeoutMs);
+    this.timers.ping = setInterval(() => this.ping(), this.options.pingIntervalMs);
+  }
+
+  onMessage(text) {
+    this.heard();
+    let frame;
+    try {
+      frame = JSON.parse(text);
+    } catch {
+      return; // the relay sends JSON only; ignore anything else
+    }
+    if (frame.type === "pong") return;
+    if (frame.type === "joined") {
+      clearTimeout(this.timers.join);
+      this.resume = frame.resume;
+      this.attempt = 0; // the backoff resets after a successful join
+      this.setState("joined");
+      this.flush();
+      this.emit("joined", frame);
+    } else if (frame.type === "error") {
+      this.onRefused(frame);
+    } else {
+      this.emit("frame", frame);
+    }
+  }
+
+  onRefused(frame) {
+    if (this.state !== "joined" && FATAL_JOIN_CODES.has(frame.code)) {
+      this.fail(frame.code, frame.message);
+      return;
+    }
+    this.emit("refused", frame); // server-full and join-timeout: the close that follows retries
+  }
+
+  onClose(code, reason) {
+    this.detach();
+    this.ws = null;
+    this.clearTimers();
+    if (this.stopped) return;
+    if (code === CLOSE_REPLACED) {
+      this.fail("replaced", reason || "replaced");
+      return;
+    }
+    this.scheduleRetry(`closed ${code}${reason ? ` ${reason}` : ""}`, code);
+  }
+
+  ping() {
+    if (Date.now() - this.lastHeard > this.options.deadAfterMs) {
+      this.drop("no answer to the heartbeat");
+    } else if (this.ws && this.ws.readyState === WebSocket.OPEN) {
+      this.ws.send('{"type":"ping"}');
+    }
+  }
+
+  /** Give up on a connection that does not answer, and reconnect. */
+  drop(reason) {
+    if (!this.ws) return;
+    this.detach();
+    this.ws.close(4000, "dead");
+    this.ws = null;
+    this.clearTimers();
+    this.scheduleRetry(reason);
+  }
+
+  scheduleRetry(reason, code = undefined) {
+    const delay = backoffDelay(this.attempt++, this.options);
+    this.setState(this.resume ? "reconnecting" : "connecting");
+    console.info(`signaling: reconnecting in ${delay} ms (${reason})`);
+    this.emit("retry", { delay, reason, code });
+    this.timers.retry = setTimeout(() => this.connect(), delay);
+  }
+
+  fail(code, message) {
+    this.stop();
+    this.emit("fatal", { code, message });
+  }
+
+  flush() {
+    const waiting = this.outbox;
+    this.outbox = [];
+    for (const frame of waiting) this.send(frame);
+  }
+
+  heard() {
+    this.lastHeard = Date.now();
+  }
+
+  detach() {
+    this.ws.onopen = this.ws.onmessage = this.ws.onclose = this.ws.onerror = null;
+  }
+
+  clearTimers() {
+    clearTimeout(this.timers.join);
+    clearInterval(this.timers.ping);
+    clearTimeout(this.timers.retry);
+    this.timers = {};
+  }
+
+  setState(state) {
+    if (state === this.state) return;
+    this.state = state;
+    this.emit("state", state);
+  }
+
+  emit(type, detail) {
+    this.dispatchEvent(new CustomEvent(type, { detail }));
+  }
+}

@@ -1,0 +1,126 @@
+// What the page shows: views, the notice, the status line, statistics, chat.
+// No call logic here; app.js decides, this module draws.
+
+import { setLabel, setText } from "./i18n.js";
+import { formatBitrate, formatFps, formatRtt, formatSize } from "./stats.js";
+
+const $ = (id) => document.getElementById(id);
+
+export const els = {
+  startView: $("start-view"),
+  callView: $("call-view"),
+  form: $("join-form"),
+  session: $("session"),
+  token: $("token"),
+  tokenBox: $("token-box"),
+  join: $("join"),
+  notice: $("notice"),
+  status: $("status"),
+  remoteVideo: $("remote-video"),
+  localVideo: $("local-video"),
+  mic: $("mic"),
+  camera: $("camera"),
+  hangup: $("hangup"),
+  invite: $("invite"),
+  inviteLink: $("invite-link"),
+  stats: $("stats"),
+  chatLog: $("chat-log"),
+  chatClosed: $("chat-closed"),
+  chatForm: $("chat-form"),
+  chatInput: $("chat-input"),
+  chatSend: $("chat-send"),
+  langSwitch: $("lang-switch"),
+};
+
+export function showStart() {
+  els.callView.hidden = true;
+  els.startView.hidden = false;
+  els.join.disabled = false;
+}
+
+export function showCall(session, other) {
+  els.startView.hidden = true;
+  els.callView.hidden = false;
+  setText($("call-title"), "call.title", { session });
+  setLabel(els.remoteVideo, "call.remote", { other });
+  document.title = `e-PediCare Call · ${session}`;
+}
+
+/** A message in the page: kind "error" (alert) or "info". key is an i18n key. */
+export function notify(key, params = {}, kind = "error") {
+  els.notice.hidden = false;
+  els.notice.className = `notice ${kind}`;
+  els.notice.dataset.key = key;
+  setText(els.notice, key, params);
+}
+
+export function clearNotice() {
+  els.notice.hidden = true;
+  els.notice.textContent = "";
+  delete els.notice.dataset.key;
+}
+
+/**
+ * The status line: what the call is doing, then the server's state when it matters.
+ * call: {state, key, params}; server: {state, key, params} or null.
+ */
+export function renderStatus(call, server) {
+  els.status.dataset.state = call.state;
+  els.status.dataset.server = server ? server.state : "ok";
+  els.status.replaceChildren();
+  for (const part of [call, server]) {
+    if (!part) continue;
+    const span = document.createElement("span");
+    span.className = `status-${part === call ? "call" : "server"}`;
+    setText(span, part.key, part.params || {});
+    els.status.append(span);
+  }
+}
+
+export function renderStats(summary) {
+  const cells = {
+    "in-bitrate": formatBitrate(summary ? summary.inVideo.bitrate + (summary.inAudio.bitrate || 0) : null),
+    "out-bitrate": formatBitrate(summary ? summary.outVideo.bitrate : null),
+    "in-fps": formatFps(summary && summary.inVideo.fps),
+    "out-fps": formatFps(summary && summary.outVideo.fps),
+    "in-size": summary ? formatSize(summary.inVideo.width, summary.inVideo.height) : "–",
+    "out-size": summary ? formatSize(summary.outVideo.width, summary.outVideo.height) : "–",
+    rtt: formatRtt(summary ? summary.rtt : null),
+    lost: summary ? String(summary.inVideo.packetsLost + summary.inAudio.packetsLost) : "–",
+  };
+  for (const [name, text] of Object.entries(cells)) {
+    els.stats.querySelector(`[data-stat="${name}"]`).textContent = text;
+  }
+}
+
+export function setChatOpen(open) {
+  els.chatInput.disabled = !open;
+  els.chatSend.disabled = !open;
+  els.chatClosed.hidden = open;
+}
+
+/** One chat line; mine: sent by this page. Text only, never HTML. */
+export function addChatLine(text, mine, otherRole) {
+  const item = document.createElement("li");
+  item.className = mine ? "mine" : "theirs";
+  const who = document.createElement("span");
+  who.className = "who";
+  setText(who, mine ? "chat.me" : `other.${otherRole}`);
+  const body = document.createElement("span");
+  body.className = "text";
+  body.textContent = text;
+  item.append(who, body);
+  els.chatLog.append(item);
+  els.chatLog.scrollTop = els.chatLog.scrollHeight;
+}
+
+/** A toggle button: pressed means "off" (muted, camera off). */
+export function setToggle(button, off, keyOn, keyOff) {
+  button.setAttribute("aria-pressed", String(off));
+  setText(button, off ? keyOn : keyOff);
+}
+
+export function showInvite(url) {
+  els.invite.hidden = !url;
+  els.inviteLink.value = url || "";
+}
