@@ -43,6 +43,7 @@ from peers import ice
 from peers.config import PeerSettings
 from peers.media import Receiver, Sources
 from peers.signaling import RelayClient
+from peers.turnclient import TurnUnavailable, check_relay_gathered, first_turn_server, instrument
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class CallState:
     receiver: Receiver
     started: float
     connected_at: float | None = None
+    servers: list[Any] = field(default_factory=list)
     pending: list[dict[str, Any] | None] = field(default_factory=list)
     channel: RTCDataChannel | None = None
     watchdog: asyncio.Task[None] | None = None
@@ -96,6 +98,7 @@ class Seat:
         self.summary_call: CallState | None = None
         self.last_path: ice.IcePath | None = None
         self._stats_prev: tuple[float, int, int] | None = None
+        self._closing: dict[int, asyncio.Task[None]] = {}
 
     # -- the main loop --
 
@@ -117,7 +120,8 @@ class Seat:
                     task.cancel()
             for task in (stats, chat, frames):
                 if task is not None:
-                    with contextlib.suppress(asyncio.CancelledError):
+                    # What ended the frames task is reported through self.fatal.
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
                         await task
 
     async def _frames(self) -> None:
@@ -180,7 +184,7 @@ class Seat:
             self._close_call_soon(self.call)
         servers = ice.ice_servers(self.settings, self.relay_ice)
         pc = RTCPeerConnection(ice.configuration(self.settings, servers))
-        call = CallState(pc, Receiver(self.record_to), time.monotonic())
+        call = CallState(pc, Receiver(self.record_to), time.monotonic(), servers=servers)
         self.call, self.calls = call, self.calls + 1
         self.summary_call = call
 
@@ -215,14 +219,37 @@ class Seat:
         call.watchdog = asyncio.create_task(self._watchdog(call, servers))
         return call
 
-    def _fail(self, servers: list[Any]) -> None:
+    def _fail(self, servers: list[Any], message: str | None = None) -> None:
         if not self.fatal.done():
             self.fatal.set_result(
                 IceFailed(
-                    f"ICE: no connection after {self.settings.ice_timeout_s:g} s: "
+                    message
+                    or f"ICE: no connection after {self.settings.ice_timeout_s:g} s: "
                     + ice.explain_failure(self.settings, servers)
                 )
             )
+
+    def _prepare_turn(self, call: CallState) -> None:
+        """Before gathering: trust turn.ca_file, bind TURN channels early, watch allocations."""
+
+        def lost(why: str) -> None:
+            logger.error("TURN: %s", why)
+            self._fail(call.servers, f"TURN: {why}")
+
+        for transport in ice.ice_transports(call.pc):
+            instrument(transport, ca_file=self.settings.turn_ca_file, on_lost=lost)
+
+    async def _check_turn(self, call: CallState) -> None:
+        """After gathering: a configured TURN server that gave no relay candidate fails now."""
+        server = first_turn_server(call.servers)
+        if server is None:
+            return
+        for transport in ice.ice_transports(call.pc):
+            try:
+                await check_relay_gathered(transport, server, self.settings.turn_ca_file)
+            except TurnUnavailable as exc:
+                self._fail(call.servers, str(exc))
+                raise
 
     async def _watchdog(self, call: CallState, servers: list[Any]) -> None:
         await asyncio.sleep(self.settings.ice_timeout_s)
@@ -247,7 +274,9 @@ class Seat:
         call = self._new_call()
         self._add_media(call.pc)
         self._use_channel(call, call.pc.createDataChannel(CHAT_LABEL))
+        self._prepare_turn(call)
         await call.pc.setLocalDescription(await call.pc.createOffer())  # gathers every candidate
+        await self._check_turn(call)
         await call.receiver.start()
         await self.relay.send(type="offer", sdp=call.pc.localDescription.sdp)
         logger.info("offer sent to the %s", self.other)
@@ -260,7 +289,9 @@ class Seat:
             if track is not None:
                 transceiver.sender.replaceTrack(track)
                 transceiver.direction = "sendrecv"
+        self._prepare_turn(call)
         await call.pc.setLocalDescription(await call.pc.createAnswer())
+        await self._check_turn(call)
         await call.receiver.start()
         await self._flush_candidates()
         await self.relay.send(type="answer", sdp=call.pc.localDescription.sdp)
@@ -300,9 +331,22 @@ class Seat:
             await self._close_call(call)
 
     def _close_call_soon(self, call: CallState) -> None:
-        asyncio.get_running_loop().create_task(self._close_call(call))
+        self._closing_task(call)
 
     async def _close_call(self, call: CallState) -> None:
+        # Shielded: a hang-up cancelled half-way (Ctrl-C while the other side's
+        # bye is being handled) must still stop aiortc's decoder threads, or the
+        # process never exits. close() waits for every such task.
+        await asyncio.shield(self._closing_task(call))
+
+    def _closing_task(self, call: CallState) -> asyncio.Task[None]:
+        task = self._closing.get(id(call))
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._finish(call))
+            self._closing[id(call)] = task
+        return task
+
+    async def _finish(self, call: CallState) -> None:
         if call.watchdog is not None:
             call.watchdog.cancel()
         await call.receiver.stop()
@@ -418,6 +462,8 @@ class Seat:
 
     async def close(self) -> None:
         await self.hang_up(send_bye=False)
+        for task in list(self._closing.values()):
+            await task
         self.sources.stop()
 
 

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import yaml
 
@@ -118,14 +119,17 @@ def check_session(value: str, key: str = "--session") -> str:
 
 
 def parse_ice_urls(urls: list[str], key: str = "--ice-server") -> tuple[IceServer, ...]:
-    """``--ice-server URL`` flags: ``turn:user:pass@host:port`` carries credentials."""
+    """``--ice-server URL`` flags: ``turn:USER:PASS@HOST:PORT`` carries credentials.
+
+    USER and PASS are percent-decoded (a TURN REST username has a colon: ``%3A``).
+    """
     servers = []
     for given in urls:
         url, username, credential = given, None, None
         match = re.fullmatch(r"(turns?):([^:@]+):([^@]+)@(.+)", given)
         if match:
             url = f"{match.group(1)}:{match.group(4)}"
-            username, credential = match.group(2), match.group(3)
+            username, credential = unquote(match.group(2)), unquote(match.group(3))
         servers.append({"urls": url, "username": username, "credential": credential})
     warnings: list[str] = []
     parsed = _ice_servers(servers, warnings, key)

@@ -98,9 +98,9 @@ async def spawn(
 
 
 async def start_relay(
-    config: Path, prefix: Sequence[str] = (), port: int = 0
+    config: Path, prefix: Sequence[str] = (), port: int = 0, host: str = "127.0.0.1"
 ) -> tuple[Process, str]:
-    """``relay.py`` on 127.0.0.1 (inside the namespace of ``prefix``); its ws:// URL."""
+    """``relay.py`` on ``host`` (inside the namespace of ``prefix``); its ws:// URL."""
     relay = await spawn(
         "relay",
         [
@@ -109,7 +109,7 @@ async def start_relay(
             "--config",
             str(config),
             "--host",
-            "127.0.0.1",
+            host,
             "--port",
             str(port),
         ],
