@@ -270,7 +270,16 @@ class Seat:
                 rest = [c for c in capabilities if c not in preferred]
                 transceiver.setCodecPreferences(preferred + rest)
 
+    async def _turn_resolves(self) -> bool:
+        servers = ice.ice_servers(self.settings, self.relay_ice)
+        if why := await ice.unresolvable(servers):
+            self._fail(servers, why)
+            return False
+        return True
+
     async def _offer(self) -> None:
+        if not await self._turn_resolves():
+            return
         call = self._new_call()
         self._add_media(call.pc)
         self._use_channel(call, call.pc.createDataChannel(CHAT_LABEL))
@@ -282,6 +291,8 @@ class Seat:
         logger.info("offer sent to the %s", self.other)
 
     async def _answer(self, sdp: str) -> None:
+        if not await self._turn_resolves():
+            return
         call = self._new_call()
         await call.pc.setRemoteDescription(RTCSessionDescription(sdp, "offer"))
         for transceiver in call.pc.getTransceivers():

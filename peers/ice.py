@@ -5,6 +5,8 @@ timeout that the stack itself honours.
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -14,7 +16,7 @@ from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection
 from aiortc.rtcconfiguration import RTCIceTransportPolicy
 
 from peers.config import PeerSettings
-from peers.turnclient import IcePath, selected_path
+from peers.turnclient import IcePath, first_turn_server, selected_path
 
 __all__ = [
     "IcePath",
@@ -93,6 +95,34 @@ def path_of(pc: RTCPeerConnection) -> IcePath | None:
         with_path = selected_path(transport)
         if with_path is not None:
             return with_path
+    return None
+
+
+async def unresolvable(servers: list[RTCIceServer], timeout_s: float = 3.0) -> str | None:
+    """A message when the TURN server aiortc will use has a name that does not resolve.
+
+    Checked before gathering, with a short timeout: otherwise aioice waits on
+    the resolver for as long as it takes, and the call just has no relay path.
+    """
+    server = first_turn_server(servers)
+    if server is None:
+        return None
+    try:
+        ipaddress.ip_address(server.host)
+    except ValueError:
+        pass
+    else:
+        return None
+    loop = asyncio.get_running_loop()
+    try:
+        await asyncio.wait_for(loop.getaddrinfo(server.host, server.port), timeout_s)
+    except TimeoutError:
+        return (
+            f"TURN server {server.url}: {server.host} does not resolve "
+            f"(no answer in {timeout_s:g} s)"
+        )
+    except OSError as exc:
+        return f"TURN server {server.url}: {server.host} does not resolve ({exc.strerror or exc})"
     return None
 
 

@@ -194,3 +194,30 @@ async def test_expired_credentials_fail_at_once_naming_the_url(tmp_path: Path) -
         for line in process.lines
     ), process.log()
     assert time.monotonic() - started < 20  # told at gathering, not after ICE gave up
+
+
+async def test_credentials_signed_with_a_wrong_secret_are_refused_at_once(tmp_path: Path) -> None:
+    """The relay's turn.secret differs from coturn's: the peer says so at gathering."""
+    async with scene("symmetric", tmp_path, []) as s:
+        config = relay.RelayConfig.from_mapping(
+            {"turn": {"secret": "not-the-secret", "urls": [s.url("tcp")], "ttl": 600}}, env={}
+        )
+        (minted,) = relay.turn_credentials(config.turn, "nat", "patient", time.time())
+        user, password = (quote(minted[key], safe="") for key in ("username", "credential"))
+        flag = f"turn:{user}:{password}@{nat.PUBLIC_ADDRESS}:3478?transport=tcp"
+        results = await call(s, "--ice-server", flag)
+    status, _, process = results["patient"]
+    assert status == 1, process.log()
+    assert any(
+        f"TURN server turn:{nat.PUBLIC_ADDRESS}:3478?transport=tcp" in line and "401" in line
+        for line in process.lines
+    ), process.log()
+
+
+async def test_a_turn_url_that_does_not_resolve_is_named(tmp_path: Path) -> None:
+    """No resolver is reachable from the hosts: the lookup fails there, and nothing leaves."""
+    async with scene("symmetric", tmp_path, []) as s:
+        results = await call(s, "--ice-server", "turn:u:p@turn.epedicare.invalid:3478")
+    status, _, process = results["patient"]
+    assert status == 1, process.log()
+    assert any("turn.epedicare.invalid" in line for line in process.lines), process.log()
