@@ -197,7 +197,8 @@ async def main(args: argparse.Namespace) -> int:
         print(f"bench-call: {reason}", file=sys.stderr)
         return 2
     print(
-        f"{os.cpu_count()} CPUs; VP8 {WIDTH}x{HEIGHT} at {FPS} fps; {args.runs} runs of {args.seconds:g} s"
+        f"{os.cpu_count()} CPUs; VP8 {WIDTH}x{HEIGHT} at {FPS} fps; "
+        f"{args.runs} runs of {args.seconds:g} s"
     )
     real: list[Run] = []
     bare: list[Run] = []
