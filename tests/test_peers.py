@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import av
 import pytest
 import pytest_asyncio
 import yaml
@@ -317,3 +318,40 @@ async def test_a_bad_flag_or_key_exits_2_naming_it(config: Path, tmp_path: Path)
         process = await spawn("patient", argv)
         assert await process.wait(20) == 2
         assert any(named in line for line in process.lines), process.log()
+
+
+@pytest.mark.netns
+@pytest.mark.asyncio
+async def test_record_to_a_file_then_send_that_file(
+    lan: Netns, config: Path, tmp_path: Path
+) -> None:
+    """--record-to keeps what arrived; --video FILE --audio FILE sends it back out."""
+    recording = tmp_path / "received.mkv"
+    relay, url = await start_relay(config, lan.command())
+    try:
+        practitioner = await peer(
+            lan, "practitioner", config, tmp_path, url, "--duration", "4",
+            "--record-to", str(recording),
+        )  # fmt: skip
+        patient = await peer(lan, "patient", config, tmp_path, url, "--duration", "4")
+        assert await patient.wait(30) == 0, patient.log()
+        assert await practitioner.wait(30) == 0, practitioner.log()
+        with av.open(str(recording)) as container:
+            kinds = {stream.type for stream in container.streams}
+            frames = [read_stamp(frame) for frame in container.decode(video=0)]
+        assert kinds == {"audio", "video"}
+        assert len(frames) >= FPS * 2
+        assert sum(stamp is not None for stamp in frames) >= len(frames) * 0.9  # ours, recorded
+        replay = await peer(
+            lan, "patient", config, tmp_path, url, "--duration", "3", "--video", str(recording),
+            "--audio", str(recording), name="replay",
+        )  # fmt: skip
+        listener = await peer(lan, "practitioner", config, tmp_path, url, "--duration", "3")
+        assert await replay.wait(30) == 0, replay.log()
+        assert await listener.wait(30) == 0, listener.log()
+    finally:
+        await relay.stop()
+    got = summary(tmp_path, "practitioner")
+    assert got["video"]["frames"] > 10
+    assert got["video"]["stamped"] > 10  # the recorded stamps went out again
+    assert got["audio"]["frames"] > 50
