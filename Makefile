@@ -10,7 +10,7 @@ SESSION ?=
 ARGS    ?=
 STAMP   := $(VENV)/.installed-$(shell cat requirements.txt | cksum | cut -d' ' -f1)
 
-.PHONY: bench-call patient practitioner bench-deps apt-nodejs setup system-deps turn-deps turn bench-turn browser-deps run-relay test lint demo bench bench-relay screenshots clean
+.PHONY: bench-browser bench-call patient practitioner bench-deps apt-nodejs setup system-deps turn-deps turn bench-turn browser-deps run-relay test lint demo bench bench-relay screenshots clean
 
 ## setup: a virtualenv with the pinned requirements (idempotent)
 setup: $(STAMP)
@@ -66,7 +66,7 @@ patient practitioner: setup
 	$(PY) -m peers.$@ --config $(CONFIG) $(if $(SESSION),--session $(SESSION)) $(ARGS)
 
 ## bench: every benchmark
-bench: bench-relay bench-call bench-turn
+bench: bench-relay bench-call bench-browser bench-turn
 
 ## turn: a local coturn from the turn: section of $(CONFIG) (Ctrl-C stops it)
 turn: setup turn-deps
@@ -79,6 +79,10 @@ bench-turn: setup system-deps turn-deps
 ## bench-call: calls through the relay and the peers' command lines vs two bare aiortc peers (as root)
 bench-call: setup system-deps
 	$(PY) -m bench.call $(ARGS)
+
+## bench-browser: the browser client vs itself and the aiortc peers (as root)
+bench-browser: setup system-deps browser-deps
+	$(PY) -m bench.browser $(ARGS)
 
 ## bench-relay: relay vs a bare websockets forwarder (see docs/benchmarks.md)
 bench-relay: setup bench-deps

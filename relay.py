@@ -150,6 +150,19 @@ class TurnConfig:
     ttl: int = 3600
 
 
+def read_yaml(path: Path) -> object:
+    """The YAML document of ``path`` ({} when empty), or ConfigError naming the file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(path), f"cannot read the file ({exc.strerror})") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(path), f"not valid YAML ({exc})") from exc
+    return {} if data is None else data
+
+
 @dataclass(frozen=True)
 class RelayConfig:
     """Every setting of the relay, loaded once from YAML by ``load``."""
@@ -165,17 +178,8 @@ class RelayConfig:
     @classmethod
     def load(cls, path: Path | None, env: Mapping[str, str] | None = None) -> RelayConfig:
         """Read the relay's sections of a YAML file (``None``: the defaults)."""
-        data: object = {}
-        if path is not None:
-            try:
-                text = path.read_text(encoding="utf-8")
-            except OSError as exc:
-                raise ConfigError(str(path), f"cannot read the file ({exc.strerror})") from exc
-            try:
-                data = yaml.safe_load(text)
-            except yaml.YAMLError as exc:
-                raise ConfigError(str(path), f"not valid YAML ({exc})") from exc
-        return cls.from_mapping({} if data is None else data, os.environ if env is None else env)
+        data = {} if path is None else read_yaml(path)
+        return cls.from_mapping(data, os.environ if env is None else env)
 
     @classmethod
     def from_mapping(cls, data: object, env: Mapping[str, str] | None = None) -> RelayConfig:

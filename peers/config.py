@@ -19,20 +19,21 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-import yaml
+from relay import ConfigError, read_yaml
+
+__all__ = [
+    "ConfigError",
+    "IceServer",
+    "PeerSettings",
+    "VideoSettings",
+    "check_session",
+    "parse_ice_urls",
+]
 
 logger = logging.getLogger(__name__)
 
 SESSION_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 ICE_URL_RE = re.compile(r"(stun|stuns|turn|turns):([^?]+)(\?transport=(udp|tcp))?")
-
-
-class ConfigError(ValueError):
-    """A setting is missing or wrong; ``key`` is its dotted YAML key or flag."""
-
-    def __init__(self, key: str, expected: str) -> None:
-        super().__init__(f"{key}: {expected}")
-        self.key = key
 
 
 @dataclass(frozen=True)
@@ -65,15 +66,7 @@ class PeerSettings:
 
     @classmethod
     def load(cls, path: Path) -> PeerSettings:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(str(path), f"cannot read the file ({exc.strerror})") from exc
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(str(path), f"not valid YAML ({exc})") from exc
-        return cls.from_mapping({} if data is None else data)
+        return cls.from_mapping(read_yaml(path))
 
     @classmethod
     def from_mapping(cls, data: object) -> PeerSettings:

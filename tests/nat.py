@@ -36,6 +36,7 @@ import ctypes
 import datetime
 import ipaddress
 import os
+import shutil
 import socket
 import sys
 import time
@@ -44,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import pytest
 from aiortc import (
     RTCConfiguration,
     RTCIceServer,
@@ -59,7 +61,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from peers.netns import Netns, Network
+from peers.netns import Netns, Network, netns_missing
 from peers.turnclient import (
     IcePath,
     TurnUnavailable,
@@ -177,8 +179,6 @@ def inside(ns: Netns) -> Iterator[None]:
 
 
 def iptables_missing() -> str | None:
-    import shutil
-
     if shutil.which("iptables") is None:
         return "`iptables` is missing: run `make system-deps` (Debian's iptables)"
     return None
@@ -513,3 +513,17 @@ def _path(side: Side) -> IcePath | None:
         if path is not None:
             return path
     return None
+
+
+def skip_without_nat_or_coturn() -> list[pytest.MarkDecorator]:
+    """The marks of a test module that builds NATs and starts coturn (skipped, saying why)."""
+    return [
+        pytest.mark.netns,
+        pytest.mark.skipif(
+            (reason := netns_missing() or iptables_missing()) is not None, reason=reason or ""
+        ),
+        pytest.mark.skipif(
+            shutil.which("turnserver") is None,
+            reason="coturn's turnserver is missing: run `make turn-deps` (Debian's coturn)",
+        ),
+    ]

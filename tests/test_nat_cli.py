@@ -13,7 +13,6 @@ asserts on the selected candidate pair that the peers report in
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -27,22 +26,10 @@ import yaml
 
 import relay
 from peers.demo import Process, peer_argv, spawn, start_relay
-from peers.netns import netns_missing
 from tests import nat
 from tests.test_turn_nat import SECRET, start_coturn, stop
 
-pytestmark = [
-    pytest.mark.netns,
-    pytest.mark.asyncio,
-    pytest.mark.skipif(
-        (reason := netns_missing() or nat.iptables_missing()) is not None,
-        reason=reason or "",
-    ),
-    pytest.mark.skipif(
-        shutil.which("turnserver") is None,
-        reason="coturn's turnserver is missing: run `make turn-deps` (Debian's coturn)",
-    ),
-]
+pytestmark = [*nat.skip_without_nat_or_coturn(), pytest.mark.asyncio]
 
 ICE_TIMEOUT = "5"
 MEDIA = {"video": {"width": 320, "height": 240, "fps": 15}}

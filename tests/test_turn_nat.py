@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -27,23 +26,12 @@ import yaml
 from aiortc import RTCIceServer
 
 import relay
-from peers.netns import netns_missing
 from tests import nat
 from tests.support import TIMEOUT, within
 
 SECRET = "nat-test-secret"
 
-pytestmark = [
-    pytest.mark.netns,
-    pytest.mark.skipif(
-        (reason := netns_missing() or nat.iptables_missing()) is not None,
-        reason=reason or "",
-    ),
-    pytest.mark.skipif(
-        shutil.which("turnserver") is None,
-        reason="coturn's turnserver is missing: run `make turn-deps` (Debian's coturn)",
-    ),
-]
+pytestmark = [*nat.skip_without_nat_or_coturn()]
 
 
 @dataclass
