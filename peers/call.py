@@ -187,6 +187,7 @@ class Seat:
         call = CallState(pc, Receiver(self.record_to), time.monotonic(), servers=servers)
         self.call, self.calls = call, self.calls + 1
         self.summary_call = call
+        self._stats_prev = None
 
         @pc.on("track")
         def on_track(track: Any) -> None:
@@ -415,16 +416,17 @@ class Seat:
             elif isinstance(stat, RTCRemoteInboundRtpStreamStats) and stat.kind == "video":
                 rtt = stat.roundTripTime
         prev, self._stats_prev = self._stats_prev, (now, received, sent)
-        rate_in = rate_out = 0.0
+        bitrate = "bitrate -"  # the first line has no earlier sample to compare with
         if prev is not None and now > prev[0]:
             rate_in = (received - prev[1]) * 8 / (now - prev[0]) / 1000
             rate_out = (sent - prev[2]) * 8 / (now - prev[0]) / 1000
+            bitrate = f"bitrate in {rate_in:.0f} kbit/s out {rate_out:.0f} kbit/s"
         got = call.receiver.received
         path = ice.path_of(call.pc) or self.last_path
         rtt_text = f"{rtt * 1000:.0f} ms" if rtt is not None else "-"
         return (
             f"stats: path {path or '-'}; video in {got.width}x{got.height} "
-            f"{got.fps(now):.1f} fps; bitrate in {rate_in:.0f} kbit/s out {rate_out:.0f} kbit/s; "
+            f"{got.fps(now):.1f} fps; {bitrate}; "
             f"rtt {rtt_text}; packets lost {lost}"
         )
 
