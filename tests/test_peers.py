@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from peers.config import ConfigError, PeerSettings, parse_ice_urls
 from peers.demo import Process, peer_argv, spawn, start_relay
 from peers.media import PatternTrack, Receiver, ToneTrack, latency_ms, read_stamp, stamp_bits
 from peers.netns import Netns, Network, netns_missing
+from relay import mint_token
 from tests.nat import inside
 from tests.support import within
 
@@ -355,3 +357,28 @@ async def test_record_to_a_file_then_send_that_file(
     assert got["video"]["frames"] > 10
     assert got["video"]["stamped"] > 10  # the recorded stamps went out again
     assert got["audio"]["frames"] > 50
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("age", "code"), [(None, "bad-token"), (-60, "token-expired")])
+async def test_a_refused_token_exits_2_naming_the_code(
+    tmp_path: Path, age: int | None, code: str
+) -> None:
+    """No ICE is involved: the relay refuses the join, the peer says why and does not retry."""
+    config = tmp_path / "secured.yaml"
+    config.write_text(yaml.safe_dump({"auth": {"secret": "clinic-secret"}}))
+    relay, url = await start_relay(config)
+    try:
+        args = ["--relay", url, "--session", "s1"]
+        if age is not None:
+            args += [
+                "--token",
+                mint_token("clinic-secret", "s1", "patient", int(time.time()) + age),
+            ]
+        process = await spawn("patient", peer_argv("patient", config, *args))
+        assert await process.wait(20) == 2
+    finally:
+        await relay.stop()
+    refusals = [line for line in process.lines if "join refused" in line]
+    assert len(refusals) == 1, process.log()
+    assert code in refusals[0]
