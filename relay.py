@@ -150,6 +150,33 @@ class TurnConfig:
     ttl: int = 3600
 
 
+def _browser_ice_servers(value: object, key: str) -> list[dict[str, Any]]:
+    """``ice.servers`` as RTCIceServer dictionaries for the browser client."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ConfigError(key, "expected a list of {urls, username, credential}")
+    servers = []
+    for n, entry in enumerate(value):
+        where = f"{key}[{n}]"
+        if not isinstance(entry, Mapping):
+            raise ConfigError(where, "expected a mapping with urls, username, credential")
+        urls = entry.get("urls")
+        if isinstance(urls, str):
+            urls = [urls]
+        if not isinstance(urls, list) or not urls or not all(isinstance(u, str) for u in urls):
+            raise ConfigError(f"{where}.urls", "expected a URL or a list of URLs")
+        server: dict[str, Any] = {"urls": urls}
+        for name in ("username", "credential"):
+            item = entry.get(name)
+            if item is not None and not isinstance(item, str):
+                raise ConfigError(f"{where}.{name}", "expected a string")
+            if item is not None:
+                server[name] = item
+        servers.append(server)
+    return servers
+
+
 def read_yaml(path: Path) -> object:
     """The YAML document of ``path`` ({} when empty), or ConfigError naming the file."""
     try:
@@ -174,6 +201,11 @@ class RelayConfig:
     limits: Limits = Limits()
     turn: TurnConfig = TurnConfig()
     web_root: Path = ROOT / "web"
+    # GET /rtc-config.json: the browsers' RTCConfiguration, from the same `ice`
+    # section as the peers', so one YAML value switches both.
+    browser_ice: Mapping[str, Any] = field(
+        default_factory=lambda: {"iceServers": [], "iceTransportPolicy": "all"}
+    )
 
     @classmethod
     def load(cls, path: Path | None, env: Mapping[str, str] | None = None) -> RelayConfig:
@@ -197,6 +229,7 @@ class RelayConfig:
             | {"credential", "allow_private_peers", "allowed_peers", "verbose", "ca_file"},
         )
         limits = top.section("limits", known={f.name for f in dataclasses.fields(Limits)})
+        ice = top.section("ice", known={"servers", "policy", "timeout_s"})
 
         d = Limits()
         lim = Limits(
@@ -240,6 +273,10 @@ class RelayConfig:
                 urls=tuple(urls),
                 ttl=int(turn.number("ttl", 3600, integer=True)),
             ),
+            browser_ice={
+                "iceServers": _browser_ice_servers(ice.data.get("servers"), ice.key("servers")),
+                "iceTransportPolicy": ice.choice("policy", ("all", "relay"), "all"),
+            },
         )
 
     def ssl_context(self) -> ssl.SSLContext | None:
@@ -292,6 +329,13 @@ class _Section:
     def text(self, name: str, default: str) -> str:
         value = self.optional_text(name)
         return default if value is None else value
+
+    def choice(self, name: str, choices: tuple[str, ...], default: str) -> str:
+        value = self.data.get(name, default)
+        if value not in choices:
+            expected = f"expected one of {', '.join(choices)}, got {value!r}"
+            raise ConfigError(self.key(name), expected)
+        return str(value)
 
     def optional_text(self, name: str) -> str | None:
         value = self.data.get(name)
@@ -910,6 +954,9 @@ class Relay:
             return http_response(200, body, "application/json")
         if path == "/metrics":
             return http_response(200, generate_latest(self.registry), CONTENT_TYPE_LATEST)
+        if path == "/rtc-config.json":
+            body = json.dumps(self.config.browser_ice).encode()
+            return http_response(200, body, "application/json")
         return self.static_file(path)
 
     def static_file(self, path: str) -> Response:

@@ -516,3 +516,19 @@ def test_exposure_rule(host: str, auth: dict[str, Any], refused: bool) -> None:
             config.check_exposure()
     else:
         config.check_exposure()
+
+
+@pytest.mark.parametrize(
+    ("ice", "key"),
+    [
+        ({"servers": "stun:x"}, "ice.servers"),
+        ({"servers": [{"urls": 5}]}, "ice.servers[0].urls"),
+        ({"servers": [{"urls": "turn:x", "username": 1}]}, "ice.servers[0].username"),
+        ({"policy": "sometimes"}, "ice.policy"),
+        ({"polcy": "all"}, "ice.polcy"),
+    ],
+)
+def test_ice_section_errors_name_their_key(ice: dict[str, Any], key: str) -> None:
+    with pytest.raises(relay.ConfigError) as caught:
+        relay_config(ice=ice)
+    assert caught.value.key == key

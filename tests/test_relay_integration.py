@@ -716,3 +716,25 @@ async def test_the_relay_keeps_serving_after_a_flood_of_handshakes_that_fail(
         writer.close()
     await patient.send(type="offer", sdp="ok")
     await practitioner.expect("offer", sdp="ok")
+
+
+async def test_rtc_config_for_browsers_comes_from_the_ice_section() -> None:
+    """One YAML value switches the peers and the browsers: ice.servers and ice.policy."""
+    config = relay_config(
+        ice={
+            "servers": [{"urls": "turn:198.18.0.9:3478", "username": "u", "credential": "p"}],
+            "policy": "relay",
+            "timeout_s": 20,
+        }
+    )
+    async with running_relay(config) as running:
+        status, headers, body = await http_get(running.port, "/rtc-config.json")
+    assert status == 200
+    assert headers["content-type"] == "application/json"
+    assert json.loads(body) == {
+        "iceServers": [{"urls": ["turn:198.18.0.9:3478"], "username": "u", "credential": "p"}],
+        "iceTransportPolicy": "relay",
+    }
+    async with running_relay() as running:
+        _, _, body = await http_get(running.port, "/rtc-config.json")
+    assert json.loads(body) == {"iceServers": [], "iceTransportPolicy": "all"}  # no public STUN
