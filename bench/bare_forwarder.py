@@ -4,7 +4,10 @@ The same library as the relay, compression off, and no checks at all: each
 connection is paired with the next one to open, and every frame goes to the
 other one of its pair as it is (frames with no partner yet are dropped).
 
-    python -m bench.bare_forwarder [--port 0]   # prints "listening PORT"
+    python -m bench.bare_forwarder [--port 0] [--loop uvloop|asyncio]   # prints "listening PORT"
+
+It runs on the same event loop as the relay (``--loop``, uvloop by default), so
+that the two differ only in what the relay does with each frame.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import asyncio
 import contextlib
 import signal
 
+import uvloop
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
@@ -59,4 +63,9 @@ async def main(port: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=0)
-    asyncio.run(main(parser.parse_args().port))
+    parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
+    args = parser.parse_args()
+    with asyncio.Runner(
+        loop_factory=uvloop.new_event_loop if args.loop == "uvloop" else None
+    ) as runner:
+        runner.run(main(args.port))

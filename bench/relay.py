@@ -1,6 +1,7 @@
 """``make bench-relay``: the relay against a bare websockets forwarder, in the same run.
 
-Each server runs as its own process pinned to CPU 0; the Node ``ws`` load
+Each server runs as its own process pinned to CPU 0, both on the same event
+loop (``--loop``, uvloop by default as in production); the Node ``ws`` load
 generator (bench/loadgen, the same frames for both) runs pinned to CPU 1.
 Printed for both, and as a ratio relay/bare:
 
@@ -82,15 +83,15 @@ def pinned(cpu: int) -> list[str]:
 
 
 @asynccontextmanager
-async def server(name: str, workdir: Path) -> AsyncIterator[Server]:
+async def server(name: str, workdir: Path, loop: str) -> AsyncIterator[Server]:
     if name == "relay":
         config = workdir / "bench.yaml"
         config.write_text(BENCH_CONFIG)
-        argv = [sys.executable, str(ROOT / "relay.py"), "--config", str(config)]
+        argv = [sys.executable, str(ROOT / "relay.py"), "--config", str(config), "--loop", loop]
         pattern = re.compile(r"relay listening on (ws://\S+)")
         stream = "stderr"
     else:
-        argv = [sys.executable, "-m", "bench.bare_forwarder", "--port", "0"]
+        argv = [sys.executable, "-m", "bench.bare_forwarder", "--port", "0", "--loop", loop]
         pattern = re.compile(r"listening (\d+)")
         stream = "stdout"
     proc = await asyncio.create_subprocess_exec(
@@ -164,7 +165,7 @@ async def measure(name: str, args: argparse.Namespace) -> Figures:
     pairs, seconds, rtts, idle, cycles = args.pairs, args.seconds, args.rtts, args.idle, args.cycles
     figures = Figures()
     with tempfile.TemporaryDirectory() as tmp:
-        async with server(name, Path(tmp)) as srv:
+        async with server(name, Path(tmp), args.loop) as srv:
             # Throughput and CPU per frame.
             async with loadgen(srv, "throughput", str(pairs), str(seconds)) as gen:
                 assert (await line(gen))["mark"] == "start"
@@ -250,7 +251,8 @@ async def main(args: argparse.Namespace) -> int:
         )
         return 2
     print(
-        f"{os.cpu_count()} CPUs; servers on CPU {SERVER_CPU}, load generator on CPU {LOADGEN_CPU}; "
+        f"{os.cpu_count()} CPUs; servers on CPU {SERVER_CPU} ({args.loop} event loop), "
+        f"load generator on CPU {LOADGEN_CPU}; "
         f"{args.pairs} pairs for {args.seconds:g} s; {args.rtts} round trips; "
         f"{args.idle} idle connections; {args.cycles} join/leave cycles"
     )
@@ -267,6 +269,14 @@ async def main(args: argparse.Namespace) -> int:
     results = {name: median_of(figures) for name, figures in runs.items()}
     print(f"medians of {args.repeat} runs:")
     print(table(results["relay"], results["bare"]))
+    print("spread of the runs (lowest to highest):")
+    for name, figures in runs.items():
+        rates = sorted(run.frames_per_s for run in figures)
+        costs = sorted(run.cpu_us_per_frame for run in figures)
+        print(
+            f"  {name:5} {rates[0]:,.0f} to {rates[-1]:,.0f} frames/s, "
+            f"{costs[0]:.1f} to {costs[-1]:.1f} µs/frame"
+        )
     print("targets:")
     print(verdict(results["relay"], results["bare"]))
     return 0
@@ -279,7 +289,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rtts", type=int, default=2000, help="round trips measured for one pair")
     parser.add_argument("--idle", type=int, default=2000, help="idle connections opened")
     parser.add_argument("--cycles", type=int, default=10000, help="join/leave cycles")
-    parser.add_argument("--repeat", type=int, default=3, help="runs of each server, interleaved")
+    parser.add_argument("--repeat", type=int, default=5, help="runs of each server, interleaved")
+    parser.add_argument(
+        "--loop",
+        choices=("uvloop", "asyncio"),
+        default="uvloop",
+        help="event loop of both servers (default uvloop, the relay's default)",
+    )
     return parser.parse_args()
 
 

@@ -589,16 +589,23 @@ async def listening_port(proc: asyncio.subprocess.Process, log: list[str]) -> in
     raise AssertionError("".join(log))
 
 
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 async def test_signal_closes_every_connection_with_1001_and_exits_0(
-    tmp_path: Path, signum: signal.Signals
+    tmp_path: Path, signum: signal.Signals, loop: str
 ) -> None:
+    """On either event loop: a call's frames pass, then a signal closes everything."""
     config = write_yaml(tmp_path / "c.yaml", {})
-    proc = await start("--config", str(config), "--port", "0")
+    proc = await start("--config", str(config), "--port", "0", "--loop", loop)
     log: list[str] = []
     try:
         port = await listening_port(proc, log)
+        assert f"(event loop: {loop})" in log[-1]
         patient, practitioner = await pair(f"ws://127.0.0.1:{port}/ws", "s1")
+        await patient.send(type="offer", sdp="v=0")
+        assert (await practitioner.expect("offer"))["sdp"] == "v=0"
+        await practitioner.send(type="candidate", candidate=CANDIDATE)
+        assert (await patient.expect("candidate"))["candidate"] == CANDIDATE
         proc.send_signal(signum)
         assert (await patient.closed())[0] == 1001
         assert (await practitioner.closed())[0] == 1001
