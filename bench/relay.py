@@ -270,9 +270,9 @@ async def main(args: argparse.Namespace) -> int:
     print(f"medians of {args.repeat} runs:")
     print(table(results["relay"], results["bare"]))
     print("spread of the runs (lowest to highest):")
-    for name, figures in runs.items():
-        rates = sorted(run.frames_per_s for run in figures)
-        costs = sorted(run.cpu_us_per_frame for run in figures)
+    for name, samples in runs.items():
+        rates = sorted(run.frames_per_s for run in samples)
+        costs = sorted(run.cpu_us_per_frame for run in samples)
         print(
             f"  {name:5} {rates[0]:,.0f} to {rates[-1]:,.0f} frames/s, "
             f"{costs[0]:.1f} to {costs[-1]:.1f} µs/frame"
