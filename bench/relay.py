@@ -3,6 +3,9 @@
 Each server runs as its own process pinned to CPU 0, both on the same event
 loop (``--loop``, uvloop by default as in production); the Node ``ws`` load
 generator (bench/loadgen, the same frames for both) runs pinned to CPU 1.
+Each run starts a fresh process of both and measures their throughput back
+to back, seconds apart (the machine's speed drifts by a quarter over minutes),
+taking turns at going first; five runs by default, figures are their medians.
 Printed for both, and as a ratio relay/bare:
 
 - ping-pong frames per second over many pairs (signaling frames: ICE
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -161,42 +165,57 @@ async def line(proc: asyncio.subprocess.Process) -> dict[str, Any]:
     return data
 
 
-async def measure(name: str, args: argparse.Namespace) -> Figures:
-    pairs, seconds, rtts, idle, cycles = args.pairs, args.seconds, args.rtts, args.idle, args.cycles
-    figures = Figures()
+async def throughput(srv: Server, figures: Figures, args: argparse.Namespace) -> None:
+    """Ping-pong frames per second over many pairs, and CPU per frame."""
+    async with loadgen(srv, "throughput", str(args.pairs), str(args.seconds)) as gen:
+        assert (await line(gen))["mark"] == "start"
+        cpu0 = srv.cpu_seconds()
+        end = await line(gen)
+        cpu = srv.cpu_seconds() - cpu0
+    figures.frames_per_s = end["frames"] / end["seconds"]
+    figures.cpu_us_per_frame = cpu * 1e6 / max(end["frames"], 1)
+
+
+async def latency_and_memory(srv: Server, figures: Figures, args: argparse.Namespace) -> None:
+    # Round trip of one pair.
+    async with loadgen(srv, "rtt", str(args.rtts)) as gen:
+        samples = sorted((await line(gen))["rtt_us"])
+    figures.rtt_p50_us = statistics.median(samples)
+    figures.rtt_p99_us = samples[int(len(samples) * 0.99) - 1]
+    # Memory per idle connection.
+    await asyncio.sleep(0.5)
+    rss0 = srv.rss_mib()
+    async with loadgen(srv, "idle", str(args.idle)) as gen:
+        opened = await line(gen)
+        await asyncio.sleep(1)
+        rss1 = srv.rss_mib()
+        assert gen.stdin is not None
+        gen.stdin.write(b"close\n")
+        await gen.stdin.drain()
+    figures.kib_per_idle_conn = (rss1 - rss0) * 1024 / opened["connections"]
+    # Join/leave cycles.
+    async with loadgen(srv, "cycles", str(args.cycles)) as gen:
+        assert (await line(gen))["mark"] == "warm"
+        figures.rss_before_cycles_mib = srv.rss_mib()
+        assert (await line(gen))["mark"] == "done"
+    await asyncio.sleep(1)
+    figures.rss_after_cycles_mib = srv.rss_mib()
+
+
+async def measure(order: tuple[str, ...], args: argparse.Namespace) -> dict[str, Figures]:
+    """One run: a fresh process of each server, their throughput windows back to back."""
+    figures = {name: Figures() for name in order}
     with tempfile.TemporaryDirectory() as tmp:
-        async with server(name, Path(tmp), args.loop) as srv:
-            # Throughput and CPU per frame.
-            async with loadgen(srv, "throughput", str(pairs), str(seconds)) as gen:
-                assert (await line(gen))["mark"] == "start"
-                cpu0 = srv.cpu_seconds()
-                end = await line(gen)
-                cpu = srv.cpu_seconds() - cpu0
-            figures.frames_per_s = end["frames"] / end["seconds"]
-            figures.cpu_us_per_frame = cpu * 1e6 / max(end["frames"], 1)
-            # Round trip of one pair.
-            async with loadgen(srv, "rtt", str(rtts)) as gen:
-                samples = sorted((await line(gen))["rtt_us"])
-            figures.rtt_p50_us = statistics.median(samples)
-            figures.rtt_p99_us = samples[int(len(samples) * 0.99) - 1]
-            # Memory per idle connection.
-            await asyncio.sleep(0.5)
-            rss0 = srv.rss_mib()
-            async with loadgen(srv, "idle", str(idle)) as gen:
-                opened = await line(gen)
-                await asyncio.sleep(1)
-                rss1 = srv.rss_mib()
-                assert gen.stdin is not None
-                gen.stdin.write(b"close\n")
-                await gen.stdin.drain()
-            figures.kib_per_idle_conn = (rss1 - rss0) * 1024 / opened["connections"]
-            # Join/leave cycles.
-            async with loadgen(srv, "cycles", str(cycles)) as gen:
-                assert (await line(gen))["mark"] == "warm"
-                figures.rss_before_cycles_mib = srv.rss_mib()
-                assert (await line(gen))["mark"] == "done"
-            await asyncio.sleep(1)
-            figures.rss_after_cycles_mib = srv.rss_mib()
+        async with contextlib.AsyncExitStack() as stack:
+            servers = {
+                name: await stack.enter_async_context(server(name, Path(tmp), args.loop))
+                for name in order
+            }
+            # Seconds apart, so that the machine's drift hits both alike.
+            for name in order:
+                await throughput(servers[name], figures[name], args)
+            for name in order:
+                await latency_and_memory(servers[name], figures[name], args)
     return figures
 
 
@@ -257,9 +276,11 @@ async def main(args: argparse.Namespace) -> int:
         f"{args.idle} idle connections; {args.cycles} join/leave cycles"
     )
     runs: dict[str, list[Figures]] = {"bare": [], "relay": []}
-    for n in range(args.repeat):  # interleaved, so that drift hits both alike
+    for n in range(args.repeat):
+        order = ("bare", "relay") if n % 2 == 0 else ("relay", "bare")  # neither always first
+        measured = await measure(order, args)
         for name in ("bare", "relay"):
-            figures = await measure(name, args)
+            figures = measured[name]
             runs[name].append(figures)
             print(
                 f"  run {n + 1}: {name:5} {figures.frames_per_s:9,.0f} frames/s "
@@ -277,7 +298,17 @@ async def main(args: argparse.Namespace) -> int:
             f"  {name:5} {rates[0]:,.0f} to {rates[-1]:,.0f} frames/s, "
             f"{costs[0]:.1f} to {costs[-1]:.1f} µs/frame"
         )
-    print("targets:")
+    paired = [
+        (relay.frames_per_s / bare.frames_per_s, relay.cpu_us_per_frame / bare.cpu_us_per_frame)
+        for relay, bare in zip(runs["relay"], runs["bare"], strict=True)
+    ]
+    print(
+        "relay/bare run by run: "
+        + ", ".join(f"{rate:.2f}x/{cost:.2f}x" for rate, cost in paired)
+        + f" (frames/s / CPU per frame; medians {statistics.median(r for r, _ in paired):.2f}x"
+        f" and {statistics.median(c for _, c in paired):.2f}x)"
+    )
+    print("targets (on the medians of the runs):")
     print(verdict(results["relay"], results["bare"]))
     return 0
 
