@@ -92,6 +92,16 @@ def error_code(actions: list[relay.Action], conn: int) -> str:
             id="mline-index-bool",
         ),
         pytest.param('{"type": "bye", "reason": 1}', "bad-field", id="bye-reason-number"),
+        pytest.param(
+            '{"type": "candidate", "candidate": {"candidate": "a", "sdpMid": 0}}',
+            "bad-field",
+            id="sdp-mid-number",
+        ),
+        pytest.param(
+            '{"type": "candidate", "candidate": {"candidate": "a", "sdpMLineIndex": 0.5}}',
+            "bad-field",
+            id="mline-index-fraction",
+        ),
         # Strict JSON (RFC 8259): what a peer's parser may read differently never passes.
         pytest.param('{"type": "offer", "sdp": "\\ud800"}', "bad-json", id="lone-surrogate"),
         pytest.param('{"type": "ping", "n": NaN}', "bad-json", id="nan"),
@@ -117,12 +127,18 @@ def test_parse_frame_refuses(message: str | bytes, code: str) -> None:
             id="empty-candidate-nulls",
         ),
         pytest.param('{"type": "bye"}', id="bye-without-reason"),
+        pytest.param(
+            '{"type": "candidate", "candidate": {"candidate": "a", "sdpMid": null,'
+            ' "sdpMLineIndex": null}}',
+            id="candidate-null-mid-and-index",
+        ),
     ],
 )
 def test_parse_frame_accepts(message: str) -> None:
     """A valid frame parses, keeping its text for verbatim forwarding."""
-    parsed = relay.parse_frame(message, 65_536)
-    assert parsed.text is message
+    kind, data, text = relay.parse_frame(message, 65_536)
+    assert kind == data["type"] == json.loads(message)["type"]
+    assert text is message
 
 
 def test_frame_exactly_at_limit_is_accepted() -> None:
@@ -130,7 +146,7 @@ def test_frame_exactly_at_limit_is_accepted() -> None:
     message = json.dumps({"type": "offer", "sdp": ""})
     padded = message[:-2] + "é" * ((100 - len(message)) // 2) + '"}'
     size = len(padded.encode())
-    assert relay.parse_frame(padded, size).type == "offer"
+    assert relay.parse_frame(padded, size)[0] == "offer"
     with pytest.raises(ProtocolError, match="over the"):
         relay.parse_frame(padded, size - 1)
 
