@@ -74,6 +74,7 @@ OTHER_ROLE: Final = {"patient": "practitioner", "practitioner": "patient"}
 SESSION_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 RESUME_RE: Final = SESSION_RE
 FORWARDED_TYPES: Final = frozenset({"offer", "answer", "candidate"})
+RELAYED_TYPES: Final = FORWARDED_TYPES | {"bye"}  # what reaches the other seat as sent
 CLIENT_TYPES: Final = frozenset({"join", "offer", "answer", "candidate", "bye", "ping"})
 TEXT_OR_NULL: Final = (str, type(None))
 INT_OR_NULL: Final = (int, type(None))  # exact types: true is not an integer
@@ -584,7 +585,8 @@ class Seat:
 class Stats:
     """Counters read by /metrics."""
 
-    frames: collections.Counter[str] = field(default_factory=collections.Counter)
+    # A plain dict, not a Counter: its += is specialized by the interpreter.
+    frames: dict[str, int] = field(default_factory=lambda: dict.fromkeys(RELAYED_TYPES, 0))
     errors: collections.Counter[str] = field(default_factory=collections.Counter)
     joins: int = 0
     resumes: int = 0
@@ -882,7 +884,7 @@ class _StateCollector:
         frames = CounterMetricFamily(
             "relay_frames_relayed", "Frames forwarded to the other seat.", labels=["type"]
         )
-        for kind in sorted(FORWARDED_TYPES | {"bye"}):
+        for kind in sorted(RELAYED_TYPES):
             frames.add_metric([kind], stats.frames[kind])
         yield frames
         errors = CounterMetricFamily("relay_errors", "Frames refused, by code.", labels=["code"])
@@ -914,7 +916,20 @@ class Relay:
         try:
             await self.perform(actions)
             async for message in ws:
-                await self.perform(receive(self.state, conn_id, message))
+                actions = receive(self.state, conn_id, message)
+                # A relayed frame, the common case, is sent here: one coroutine
+                # less per frame than through perform().
+                if (
+                    len(actions) == 1
+                    and isinstance(send := actions[0], Send)
+                    and (peer := self.connections.get(send.conn)) is not None
+                ):
+                    try:  # noqa: SIM105 (as in perform())
+                        await peer.send(send.text)
+                    except ConnectionClosed:
+                        pass
+                else:
+                    await self.perform(actions)
         except ConnectionClosed:
             pass
         except Exception:
