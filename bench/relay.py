@@ -5,7 +5,9 @@ loop (``--loop``, uvloop by default as in production); the Node ``ws`` load
 generator (bench/loadgen, the same frames for both) runs pinned to CPU 1.
 Each run starts a fresh process of both and measures their throughput back
 to back, seconds apart (the machine's speed drifts by a quarter over minutes),
-taking turns at going first; five runs by default, figures are their medians.
+taking turns at going first; five runs by default. The table gives the
+medians of the runs; the throughput and CPU targets are judged on the median
+of the run-by-run ratios, which cancel the drift.
 Printed for both, and as a ratio relay/bare:
 
 - ping-pong frames per second over many pairs (signaling frames: ICE
@@ -251,11 +253,12 @@ def table(relay: Figures, bare: Figures) -> str:
     return "\n".join(out)
 
 
-def verdict(relay: Figures, bare: Figures) -> str:
+def verdict(relay: Figures, rate_ratio: float, cost_ratio: float) -> str:
+    """The targets: throughput and CPU on the paired ratios, memory on the relay's medians."""
     growth = relay.rss_after_cycles_mib - relay.rss_before_cycles_mib
     checks = [
-        ("throughput >= 0.8x bare", relay.frames_per_s >= 0.8 * bare.frames_per_s),
-        ("CPU/frame <= 1.25x bare", relay.cpu_us_per_frame <= 1.25 * bare.cpu_us_per_frame),
+        (f"throughput >= 0.8x bare ({rate_ratio:.2f}x)", rate_ratio >= 0.8),
+        (f"CPU/frame <= 1.25x bare ({cost_ratio:.2f}x)", cost_ratio <= 1.25),
         ("< 40 KiB per idle connection", relay.kib_per_idle_conn < 40),
         (f"no growth after cycles ({growth:+.1f} MiB)", growth < 1.0),
     ]
@@ -298,18 +301,21 @@ async def main(args: argparse.Namespace) -> int:
             f"  {name:5} {rates[0]:,.0f} to {rates[-1]:,.0f} frames/s, "
             f"{costs[0]:.1f} to {costs[-1]:.1f} µs/frame"
         )
+    # Each run's two windows are seconds apart, so their ratio cancels the
+    # machine's drift; the targets are judged on the median of these ratios.
     paired = [
         (relay.frames_per_s / bare.frames_per_s, relay.cpu_us_per_frame / bare.cpu_us_per_frame)
         for relay, bare in zip(runs["relay"], runs["bare"], strict=True)
     ]
+    rate_ratio = statistics.median(rate for rate, _ in paired)
+    cost_ratio = statistics.median(cost for _, cost in paired)
     print(
-        "relay/bare run by run: "
-        + ", ".join(f"{rate:.2f}x/{cost:.2f}x" for rate, cost in paired)
-        + f" (frames/s / CPU per frame; medians {statistics.median(r for r, _ in paired):.2f}x"
-        f" and {statistics.median(c for _, c in paired):.2f}x)"
+        "relay/bare run by run (frames/s, CPU per frame): "
+        + ", ".join(f"{rate:.2f}x {cost:.2f}x" for rate, cost in paired)
+        + f"; medians {rate_ratio:.2f}x and {cost_ratio:.2f}x"
     )
-    print("targets (on the medians of the runs):")
-    print(verdict(results["relay"], results["bare"]))
+    print("targets:")
+    print(verdict(results["relay"], rate_ratio, cost_ratio))
     return 0
 
 
