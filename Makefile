@@ -84,8 +84,9 @@ bench-call: setup system-deps
 bench-browser: setup system-deps browser-deps
 	$(PY) -m bench.browser $(ARGS)
 
-## bench-relay: relay vs a bare websockets forwarder (see docs/benchmarks.md)
+## bench-relay: relay vs a bare websockets forwarder (see docs/benchmarks.md); valgrind counts instructions
 bench-relay: setup bench-deps
+	$(call apt_install,valgrind)
 	$(PY) -m bench.relay $(ARGS)
 
 ## bench-deps: the Node `ws` load generator (npm ci from the committed lock file)

@@ -16,7 +16,9 @@ Printed for both, and as a ratio relay/bare:
 - CPU microseconds per relayed frame (the server's utime+stime over the
   measured window, from /proc);
 - memory per idle connection with 2,000 connections open (RSS delta / 2,000);
-- RSS before and after 10,000 join/leave cycles (after 2,000 for warm-up).
+- RSS before and after 10,000 join/leave cycles (after 2,000 for warm-up);
+- once per server, user-space instructions per relayed frame, counted by
+  callgrind: a figure that the machine's load does not move.
 
 Figures are printed, never asserted: see docs/benchmarks.md.
 """
@@ -89,7 +91,9 @@ def pinned(cpu: int) -> list[str]:
 
 
 @asynccontextmanager
-async def server(name: str, workdir: Path, loop: str) -> AsyncIterator[Server]:
+async def server(
+    name: str, workdir: Path, loop: str, wrapper: tuple[str, ...] = ()
+) -> AsyncIterator[Server]:
     if name == "relay":
         config = workdir / "bench.yaml"
         config.write_text(BENCH_CONFIG)
@@ -102,6 +106,7 @@ async def server(name: str, workdir: Path, loop: str) -> AsyncIterator[Server]:
         stream = "stdout"
     proc = await asyncio.create_subprocess_exec(
         *pinned(SERVER_CPU),
+        *wrapper,
         *argv,
         cwd=ROOT,
         stdin=asyncio.subprocess.DEVNULL,
@@ -112,7 +117,7 @@ async def server(name: str, workdir: Path, loop: str) -> AsyncIterator[Server]:
     assert reader is not None
     url = ""
     while not url:
-        line = (await asyncio.wait_for(reader.readline(), 30)).decode()
+        line = (await asyncio.wait_for(reader.readline(), 120)).decode()
         if not line:
             raise RuntimeError(f"{name} exited before listening")
         if match := pattern.search(line):
@@ -221,6 +226,54 @@ async def measure(order: tuple[str, ...], args: argparse.Namespace) -> dict[str,
     return figures
 
 
+async def instructions_per_frame(name: str, args: argparse.Namespace) -> float:
+    """User-space instructions per relayed frame, counted by callgrind.
+
+    Unlike CPU time, an instruction count does not move with the machine's
+    load. The server runs under valgrind (about 50 times slower), so a lighter
+    load (20 pairs) is counted, from the load generator's start mark to its end.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "callgrind.out"
+        wrapper = (
+            "valgrind",
+            "--tool=callgrind",
+            "--instr-atstart=no",
+            f"--callgrind-out-file={out}",
+        )
+        async with server(name, Path(tmp), args.loop, wrapper) as srv:
+            pid = str(srv.proc.pid)
+            async with loadgen(srv, "throughput", "20", str(args.seconds)) as gen:
+                assert (await line(gen))["mark"] == "start"
+                await _callgrind_control("-i", "on", pid)
+                end = await line(gen)
+                await _callgrind_control("-i", "off", pid)
+            await _callgrind_control("-d", pid)
+        counted = _callgrind_totals(Path(tmp))
+    return counted / max(int(end["frames"]), 1)
+
+
+def _callgrind_totals(folder: Path) -> int:
+    """Instructions in every dump callgrind wrote into ``folder``."""
+    return sum(
+        int(row.split()[1])
+        for dump in folder.glob("callgrind.out*")
+        for row in dump.read_text().splitlines()
+        if row.startswith("totals:")
+    )
+
+
+async def _callgrind_control(*argv: str) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        "callgrind_control",
+        *argv,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    if await proc.wait() != 0:
+        raise RuntimeError(f"callgrind_control {' '.join(argv)} failed")
+
+
 def median_of(runs: list[Figures]) -> Figures:
     """The median of each figure over the runs."""
     return Figures(
@@ -314,6 +367,15 @@ async def main(args: argparse.Namespace) -> int:
         + ", ".join(f"{rate:.2f}x {cost:.2f}x" for rate, cost in paired)
         + f"; medians {rate_ratio:.2f}x and {cost_ratio:.2f}x"
     )
+    if shutil.which("valgrind") and shutil.which("callgrind_control"):
+        counts = {name: await instructions_per_frame(name, args) for name in ("bare", "relay")}
+        print(
+            f"user-space instructions per relayed frame (callgrind, 20 pairs): "
+            f"relay {counts['relay']:,.0f}, bare {counts['bare']:,.0f}, "
+            f"{counts['relay'] / counts['bare']:.2f}x"
+        )
+    else:
+        print("instructions per frame: not counted (no valgrind; `apt-get install valgrind`)")
     print("targets:")
     print(verdict(results["relay"], rate_ratio, cost_ratio))
     return 0
