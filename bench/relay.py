@@ -46,6 +46,7 @@ LOADGEN = ROOT / "bench" / "loadgen" / "loadgen.mjs"
 TICKS = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 SERVER_CPU, LOADGEN_CPU = 0, 1
+CALLGRIND_PAIRS = 20  # under valgrind a server runs about 50 times slower: a lighter load
 
 # Limits high enough that the relay's checks run but never refuse the load.
 BENCH_CONFIG = """\
@@ -231,7 +232,7 @@ async def instructions_per_frame(name: str, args: argparse.Namespace) -> float:
 
     Unlike CPU time, an instruction count does not move with the machine's
     load. The server runs under valgrind (about 50 times slower), so a lighter
-    load (20 pairs) is counted, from the load generator's start mark to its end.
+    load (``CALLGRIND_PAIRS`` pairs) is counted, from the load generator's start mark to its end.
     """
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "callgrind.out"
@@ -243,7 +244,7 @@ async def instructions_per_frame(name: str, args: argparse.Namespace) -> float:
         )
         async with server(name, Path(tmp), args.loop, wrapper) as srv:
             pid = str(srv.proc.pid)
-            async with loadgen(srv, "throughput", "20", str(args.seconds)) as gen:
+            async with loadgen(srv, "throughput", str(CALLGRIND_PAIRS), str(args.seconds)) as gen:
                 assert (await line(gen))["mark"] == "start"
                 await _callgrind_control("-i", "on", pid)
                 end = await line(gen)
@@ -370,7 +371,7 @@ async def main(args: argparse.Namespace) -> int:
     if shutil.which("valgrind") and shutil.which("callgrind_control"):
         counts = {name: await instructions_per_frame(name, args) for name in ("bare", "relay")}
         print(
-            f"user-space instructions per relayed frame (callgrind, 20 pairs): "
+            f"user-space instructions per relayed frame (callgrind, {CALLGRIND_PAIRS} pairs): "
             f"relay {counts['relay']:,.0f}, bare {counts['bare']:,.0f}, "
             f"{counts['relay'] / counts['bare']:.2f}x"
         )
