@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import copy
 import hashlib
 import hmac
 import json
@@ -10,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import relay
 from relay import Close, ProtocolError, Send, State
@@ -139,6 +142,75 @@ def test_parse_frame_accepts(message: str) -> None:
     kind, data, text = relay.parse_frame(message, 65_536)
     assert kind == data["type"] == json.loads(message)["type"]
     assert text is message
+
+
+# Any JSON value, weighted to the types that the checks tell apart.
+JSON_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=8),
+    st.lists(st.integers(), max_size=2),
+    st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
+)
+WELL_FORMED: dict[str, dict[str, Any]] = {
+    "candidate": {
+        "type": "candidate",
+        "candidate": {
+            "candidate": "candidate:1 1 udp 1 198.18.0.2 9 typ host",
+            "sdpMid": "0",
+            "sdpMLineIndex": 0,
+        },
+    },
+    "offer": {"type": "offer", "sdp": "v=0"},
+    "answer": {"type": "answer", "sdp": "v=0"},
+}
+FIELD_PATHS = [
+    ("candidate",),
+    ("candidate", "candidate"),
+    ("candidate", "sdpMid"),
+    ("candidate", "sdpMLineIndex"),
+    ("sdp",),
+    ("extra",),
+]
+DELETE = object()
+
+
+@st.composite
+def relayed_frames(draw: st.DrawFn) -> dict[str, Any]:
+    """A well-formed candidate, offer or answer with up to two fields removed or replaced."""
+    data: dict[str, Any] = copy.deepcopy(WELL_FORMED[draw(st.sampled_from(sorted(WELL_FORMED)))])
+    for path in draw(st.lists(st.sampled_from(FIELD_PATHS), max_size=2)):
+        *parents, name = path
+        target: Any = data
+        for parent in parents:
+            target = target.get(parent)
+        if type(target) is not dict:
+            continue
+        value = draw(st.one_of(st.just(DELETE), JSON_VALUES))
+        if value is DELETE:
+            target.pop(name, None)
+        else:
+            target[name] = value
+    return data
+
+
+@given(relayed_frames())
+def test_fast_accept_agrees_with_the_field_checks(data: dict[str, Any]) -> None:
+    """parse_frame's shortcut for well-formed relayed frames accepts exactly
+    what the field-by-field checks accept, which name what is wrong otherwise."""
+    try:
+        relay._check_fields(data["type"], data)
+        expected = None
+    except ProtocolError as exc:
+        expected = exc.code
+    try:
+        relay.parse_frame(json.dumps(data), 65_536)
+        got = None
+    except ProtocolError as exc:
+        got = exc.code
+    assert got == expected
 
 
 def test_frame_exactly_at_limit_is_accepted() -> None:
