@@ -3,18 +3,19 @@
 Each server runs as its own process pinned to CPU 0, both on the same event
 loop (``--loop``, uvloop by default as in production); the Node ``ws`` load
 generator (bench/loadgen, the same frames for both) runs pinned to CPU 1.
-Each run starts a fresh process of both and measures their throughput back
-to back, seconds apart (the machine's speed drifts by a quarter over minutes),
-taking turns at going first; five runs by default. The table gives the
-medians of the runs; the throughput and CPU targets are judged on the median
-of the run-by-run ratios, which cancel the drift.
+Each run starts a fresh process of both and measures their throughput in
+turns of a quarter second, alternating for 10 s (the machine's speed drifts
+by up to a quarter over seconds: a drift then falls on both), taking turns at
+going first; five runs by default. The table gives the medians of the runs;
+the throughput and CPU targets are judged on the median of the run-by-run
+ratios.
 Printed for both, and as a ratio relay/bare:
 
 - ping-pong frames per second over many pairs (signaling frames: ICE
   candidates, an SDP-sized offer every tenth frame);
 - one pair's round trip, p50 and p99 (nothing else running);
 - CPU microseconds per relayed frame (the server's utime+stime over the
-  measured window, from /proc);
+  measured run, from /proc; a server idles while the other has its turn);
 - memory per idle connection with 2,000 connections open (RSS delta / 2,000);
 - RSS before and after 10,000 join/leave cycles (after 2,000 for warm-up);
 - once per server, user-space instructions per relayed frame, counted by
@@ -144,14 +145,17 @@ async def _drain(reader: asyncio.StreamReader) -> None:
 @asynccontextmanager
 async def loadgen(srv: Server, phase: str, *args: str) -> AsyncIterator[asyncio.subprocess.Process]:
     mode = "relay" if srv.name == "relay" else "bare"
+    async with loadgen_process([mode, phase, srv.url, *args]) as proc:
+        yield proc
+
+
+@asynccontextmanager
+async def loadgen_process(argv: list[str]) -> AsyncIterator[asyncio.subprocess.Process]:
     proc = await asyncio.create_subprocess_exec(
         *pinned(LOADGEN_CPU),
         "node",
         str(LOADGEN),
-        mode,
-        phase,
-        srv.url,
-        *args,
+        *argv,
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
     )
@@ -173,15 +177,29 @@ async def line(proc: asyncio.subprocess.Process) -> dict[str, Any]:
     return data
 
 
-async def throughput(srv: Server, figures: Figures, args: argparse.Namespace) -> None:
-    """Ping-pong frames per second over many pairs, and CPU per frame."""
-    async with loadgen(srv, "throughput", str(args.pairs), str(args.seconds)) as gen:
+async def throughput(
+    servers: dict[str, Server], figures: dict[str, Figures], args: argparse.Namespace
+) -> None:
+    """Ping-pong frames per second over many pairs, and CPU per frame, for all servers at once.
+
+    The load generator gives the servers turns of ``--slice-ms``: only one has
+    traffic at a time, and each turn ends once its frames in flight have
+    arrived. Drifts of the machine's speed, which last seconds, fall on both
+    servers alike.
+    """
+    targets = [
+        f"{'relay' if name == 'relay' else 'bare'}:{srv.url}" for name, srv in servers.items()
+    ]
+    argv = ["interleaved", str(args.pairs), str(args.seconds), str(args.slice_ms), *targets]
+    async with loadgen_process(argv) as gen:
         assert (await line(gen))["mark"] == "start"
-        cpu0 = srv.cpu_seconds()
+        cpu0 = {name: srv.cpu_seconds() for name, srv in servers.items()}
         end = await line(gen)
-        cpu = srv.cpu_seconds() - cpu0
-    figures.frames_per_s = end["frames"] / end["seconds"]
-    figures.cpu_us_per_frame = cpu * 1e6 / max(end["frames"], 1)
+        cpu = {name: srv.cpu_seconds() - cpu0[name] for name, srv in servers.items()}
+    for (name, counted), target in zip(figures.items(), end["targets"], strict=True):
+        frames = max(int(target["frames"]), 1)
+        counted.frames_per_s = frames / target["seconds"]
+        counted.cpu_us_per_frame = cpu[name] * 1e6 / frames
 
 
 async def latency_and_memory(srv: Server, figures: Figures, args: argparse.Namespace) -> None:
@@ -211,7 +229,7 @@ async def latency_and_memory(srv: Server, figures: Figures, args: argparse.Names
 
 
 async def measure(order: tuple[str, ...], args: argparse.Namespace) -> dict[str, Figures]:
-    """One run: a fresh process of each server, their throughput windows back to back."""
+    """One run: a fresh process of each server, their throughput measured in turns."""
     figures = {name: Figures() for name in order}
     with tempfile.TemporaryDirectory() as tmp:
         async with contextlib.AsyncExitStack() as stack:
@@ -219,9 +237,7 @@ async def measure(order: tuple[str, ...], args: argparse.Namespace) -> dict[str,
                 name: await stack.enter_async_context(server(name, Path(tmp), args.loop))
                 for name in order
             }
-            # Seconds apart, so that the machine's drift hits both alike.
-            for name in order:
-                await throughput(servers[name], figures[name], args)
+            await throughput(servers, figures, args)
             for name in order:
                 await latency_and_memory(servers[name], figures[name], args)
     return figures
@@ -244,7 +260,8 @@ async def instructions_per_frame(name: str, args: argparse.Namespace) -> float:
         )
         async with server(name, Path(tmp), args.loop, wrapper) as srv:
             pid = str(srv.proc.pid)
-            async with loadgen(srv, "throughput", str(CALLGRIND_PAIRS), str(args.seconds)) as gen:
+            seconds = str(args.seconds / 2)
+            async with loadgen(srv, "throughput", str(CALLGRIND_PAIRS), seconds) as gen:
                 assert (await line(gen))["mark"] == "start"
                 await _callgrind_control("-i", "on", pid)
                 end = await line(gen)
@@ -329,7 +346,8 @@ async def main(args: argparse.Namespace) -> int:
     print(
         f"{os.cpu_count()} CPUs; servers on CPU {SERVER_CPU} ({args.loop} event loop), "
         f"load generator on CPU {LOADGEN_CPU}; "
-        f"{args.pairs} pairs for {args.seconds:g} s; {args.rtts} round trips; "
+        f"{args.pairs} pairs for {args.seconds:g} s in turns of {args.slice_ms} ms; "
+        f"{args.rtts} round trips; "
         f"{args.idle} idle connections; {args.cycles} join/leave cycles"
     )
     runs: dict[str, list[Figures]] = {"bare": [], "relay": []}
@@ -355,7 +373,7 @@ async def main(args: argparse.Namespace) -> int:
             f"  {name:5} {rates[0]:,.0f} to {rates[-1]:,.0f} frames/s, "
             f"{costs[0]:.1f} to {costs[-1]:.1f} µs/frame"
         )
-    # Each run's two windows are seconds apart, so their ratio cancels the
+    # Within a run the two servers took turns, so their ratio cancels the
     # machine's drift; the targets are judged on the median of these ratios.
     paired = [
         (relay.frames_per_s / bare.frames_per_s, relay.cpu_us_per_frame / bare.cpu_us_per_frame)
@@ -385,7 +403,12 @@ async def main(args: argparse.Namespace) -> int:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Relay vs bare websockets forwarder.")
     parser.add_argument("--pairs", type=int, default=100, help="pairs for the throughput run")
-    parser.add_argument("--seconds", type=float, default=5, help="length of the throughput run")
+    parser.add_argument(
+        "--seconds", type=float, default=10, help="length of a throughput run, both servers' turns"
+    )
+    parser.add_argument(
+        "--slice-ms", type=int, default=250, help="length of one server's turn in a throughput run"
+    )
     parser.add_argument("--rtts", type=int, default=2000, help="round trips measured for one pair")
     parser.add_argument("--idle", type=int, default=2000, help="idle connections opened")
     parser.add_argument("--cycles", type=int, default=10000, help="join/leave cycles")

@@ -15,13 +15,25 @@
 //                         for a line on stdin and closes them
 //   cycles N              N join/leave cycles (connect, join, close), 50 at a
 //                         time; {mark:"warm"} after the first 2000, {mark:"done"}
+//
+//   node loadgen.mjs interleaved N SECONDS SLICE_MS MODE:URL...
+//
+// The throughput ping-pong on several servers (MODE relay or bare each), N
+// pairs on each, the servers taking turns of SLICE_MS; prints {mark:"start"}
+// after a second of warm-up, then {mark:"end", targets:[{frames, seconds}]}
+// with each server's frames and the seconds of its turns, in argument order.
 
 import { createInterface } from "node:readline";
 import WebSocket from "ws";
 
-const [mode, phase, url, nArg = "100", secondsArg = "5"] = process.argv.slice(2);
+const INTERLEAVED = process.argv[2] === "interleaved";
+const [mode, phase, url, nArg = "100", secondsArg = "5"] = INTERLEAVED
+  ? ["-", "interleaved", "-", ...process.argv.slice(3, 5)]
+  : process.argv.slice(2);
 const N = Number(nArg);
 const SECONDS = Number(secondsArg);
+const SLICE_MS = INTERLEAVED ? Number(process.argv[5]) : 0;
+const TARGETS = INTERLEAVED ? process.argv.slice(6) : [];
 
 const SDP = "v=0\r\no=- 4611731400430051336 2 IN IP4 198.18.0.2\r\n" + "a=candidate:1 1 udp 2130706431 198.18.0.2 40000 typ host\r\n".repeat(48);
 const CANDIDATE = { candidate: "candidate:1 1 udp 2130706431 198.18.0.2 40000 typ host generation 0", sdpMid: "0", sdpMLineIndex: 0 };
@@ -33,9 +45,9 @@ function emit(object) {
   process.stdout.write(JSON.stringify(object) + "\n");
 }
 
-function open() {
+function open(target = url) {
   return new Promise((resolve, reject) => {
-    const ws = new WebSocket(url, { perMessageDeflate: false });
+    const ws = new WebSocket(target, { perMessageDeflate: false });
     ws.once("open", () => resolve(ws));
     ws.once("error", reject);
   });
@@ -53,14 +65,14 @@ function next(ws) {
 }
 
 /** Two connected seats; in relay mode joined to `session`, both told of each other. */
-async function openPair(session) {
-  const a = await open();
-  if (mode === "relay") {
+async function openPair(session, pairMode = mode, target = url) {
+  const a = await open(target);
+  if (pairMode === "relay") {
     a.send(JSON.stringify({ type: "join", session, role: "patient" }));
     await next(a); // joined
   }
-  const b = await open();
-  if (mode === "relay") {
+  const b = await open(target);
+  if (pairMode === "relay") {
     const peerJoined = next(a);
     b.send(JSON.stringify({ type: "join", session, role: "practitioner" }));
     await next(b); // joined
@@ -69,10 +81,10 @@ async function openPair(session) {
   return [a, b];
 }
 
-async function openPairs(n, prefix) {
+async function openPairs(n, prefix, pairMode = mode, target = url) {
   const pairs = [];
-  // Sequentially in batches: the bare forwarder pairs connections by order.
-  for (let i = 0; i < n; i += 1) pairs.push(await openPair(`${prefix}-${i}`));
+  // One after the other: the bare forwarder pairs connections by order.
+  for (let i = 0; i < n; i += 1) pairs.push(await openPair(`${prefix}-${i}`, pairMode, target));
   return pairs;
 }
 
@@ -104,6 +116,69 @@ async function throughput() {
   for (const [a, b] of pairs) {
     a.terminate();
     b.terminate();
+  }
+}
+
+/**
+ * The same ping-pong as `throughput`, on several servers at once, taking turns
+ * in slices of SLICE_MS: only one server has traffic at a time, and a slice
+ * ends once its frames in flight have arrived. Slow drifts of the machine's
+ * speed then fall on every server alike.
+ */
+async function interleaved() {
+  const targets = [];
+  for (const spec of TARGETS) {
+    const [pairMode, target] = [spec.slice(0, spec.indexOf(":")), spec.slice(spec.indexOf(":") + 1)];
+    const state = { frames: 0, activeNs: 0n, inFlight: 0, live: false, drained: null };
+    state.pairs = await openPairs(N, `il-${targets.length}`, pairMode, target);
+    state.pairs.forEach(([a, b], p) => {
+      let k = p;
+      const onMessage = (ws) => () => {
+        state.inFlight -= 1;
+        state.frames += 1;
+        if (state.live) {
+          state.inFlight += 1;
+          ws.send(FRAMES[k++ % FRAMES.length]);
+        } else if (state.inFlight === 0 && state.drained) {
+          state.drained();
+        }
+      };
+      a.on("message", onMessage(a));
+      b.on("message", onMessage(b));
+    });
+    targets.push(state);
+  }
+  async function slice(state) {
+    const t0 = process.hrtime.bigint();
+    state.live = true;
+    for (const [a] of state.pairs) {
+      state.inFlight += 1;
+      a.send(FRAMES[0]);
+    }
+    await new Promise((r) => setTimeout(r, SLICE_MS));
+    const drained = new Promise((r) => (state.drained = r));
+    state.live = false;
+    if (state.inFlight > 0) await drained;
+    state.drained = null;
+    state.activeNs += process.hrtime.bigint() - t0;
+  }
+  async function run(seconds) {
+    const end = Date.now() + seconds * 1000;
+    for (let i = 0; Date.now() < end; i += 1) await slice(targets[i % targets.length]);
+  }
+  await run(1); // warm-up
+  for (const state of targets) [state.frames, state.activeNs] = [0, 0n];
+  emit({ mark: "start" });
+  await run(SECONDS);
+  emit({
+    mark: "end",
+    targets: targets.map((t) => ({ frames: t.frames, seconds: Number(t.activeNs) / 1e9 })),
+  });
+  for (const state of targets) {
+    for (const [a, b] of state.pairs) {
+      a.terminate();
+      b.terminate();
+    }
   }
 }
 
@@ -160,9 +235,11 @@ async function cycles() {
   emit({ mark: "done", cycles: done });
 }
 
-const phases = { throughput, rtt, idle, cycles };
-if (!["relay", "bare"].includes(mode) || !(phase in phases)) {
+const phases = { throughput, rtt, idle, cycles, interleaved };
+const badTarget = TARGETS.some((t) => !/^(relay|bare):ws:/.test(t));
+if (INTERLEAVED ? badTarget || TARGETS.length < 1 || !(SLICE_MS > 0) : !["relay", "bare"].includes(mode) || !(phase in phases)) {
   console.error("usage: node loadgen.mjs relay|bare throughput|rtt|idle|cycles URL [N] [SECONDS]");
+  console.error("       node loadgen.mjs interleaved N SECONDS SLICE_MS relay|bare:URL...");
   process.exit(2);
 }
 phases[phase]().then(
