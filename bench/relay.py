@@ -143,14 +143,8 @@ async def _drain(reader: asyncio.StreamReader) -> None:
 
 
 @asynccontextmanager
-async def loadgen(srv: Server, phase: str, *args: str) -> AsyncIterator[asyncio.subprocess.Process]:
-    mode = "relay" if srv.name == "relay" else "bare"
-    async with loadgen_process([mode, phase, srv.url, *args]) as proc:
-        yield proc
-
-
-@asynccontextmanager
-async def loadgen_process(argv: list[str]) -> AsyncIterator[asyncio.subprocess.Process]:
+async def loadgen(*argv: str) -> AsyncIterator[asyncio.subprocess.Process]:
+    """The load generator, with bench/loadgen/loadgen.mjs's arguments."""
     proc = await asyncio.create_subprocess_exec(
         *pinned(LOADGEN_CPU),
         "node",
@@ -165,6 +159,13 @@ async def loadgen_process(argv: list[str]) -> AsyncIterator[asyncio.subprocess.P
         if proc.returncode is None:
             proc.terminate()
         await proc.wait()
+
+
+async def go(proc: asyncio.subprocess.Process) -> None:
+    """Let the load generator go on from where it waits for a line."""
+    assert proc.stdin is not None
+    proc.stdin.write(b"go\n")
+    await proc.stdin.drain()
 
 
 async def line(proc: asyncio.subprocess.Process) -> dict[str, Any]:
@@ -187,13 +188,13 @@ async def throughput(
     arrived. Drifts of the machine's speed, which last seconds, fall on both
     servers alike.
     """
-    targets = [
-        f"{'relay' if name == 'relay' else 'bare'}:{srv.url}" for name, srv in servers.items()
-    ]
-    argv = ["interleaved", str(args.pairs), str(args.seconds), str(args.slice_ms), *targets]
-    async with loadgen_process(argv) as gen:
-        assert (await line(gen))["mark"] == "start"
+    targets = [f"{name}:{srv.url}" for name, srv in servers.items()]
+    async with loadgen(
+        "throughput", str(args.pairs), str(args.seconds), str(args.slice_ms), *targets
+    ) as gen:
+        assert (await line(gen))["mark"] == "warm"
         cpu0 = {name: srv.cpu_seconds() for name, srv in servers.items()}
+        await go(gen)
         end = await line(gen)
         cpu = {name: srv.cpu_seconds() - cpu0[name] for name, srv in servers.items()}
     for (name, counted), target in zip(figures.items(), end["targets"], strict=True):
@@ -204,23 +205,21 @@ async def throughput(
 
 async def latency_and_memory(srv: Server, figures: Figures, args: argparse.Namespace) -> None:
     # Round trip of one pair.
-    async with loadgen(srv, "rtt", str(args.rtts)) as gen:
+    async with loadgen(srv.name, "rtt", srv.url, str(args.rtts)) as gen:
         samples = sorted((await line(gen))["rtt_us"])
     figures.rtt_p50_us = statistics.median(samples)
     figures.rtt_p99_us = samples[int(len(samples) * 0.99) - 1]
     # Memory per idle connection.
     await asyncio.sleep(0.5)
     rss0 = srv.rss_mib()
-    async with loadgen(srv, "idle", str(args.idle)) as gen:
+    async with loadgen(srv.name, "idle", srv.url, str(args.idle)) as gen:
         opened = await line(gen)
         await asyncio.sleep(1)
         rss1 = srv.rss_mib()
-        assert gen.stdin is not None
-        gen.stdin.write(b"close\n")
-        await gen.stdin.drain()
+        await go(gen)  # close them
     figures.kib_per_idle_conn = (rss1 - rss0) * 1024 / opened["connections"]
     # Join/leave cycles.
-    async with loadgen(srv, "cycles", str(args.cycles)) as gen:
+    async with loadgen(srv.name, "cycles", srv.url, str(args.cycles)) as gen:
         assert (await line(gen))["mark"] == "warm"
         figures.rss_before_cycles_mib = srv.rss_mib()
         assert (await line(gen))["mark"] == "done"
@@ -248,7 +247,8 @@ async def instructions_per_frame(name: str, args: argparse.Namespace) -> float:
 
     Unlike CPU time, an instruction count does not move with the machine's
     load. The server runs under valgrind (about 50 times slower), so a lighter
-    load (``CALLGRIND_PAIRS`` pairs) is counted, from the load generator's start mark to its end.
+    load (``CALLGRIND_PAIRS`` pairs) is counted, with the count turned on
+    before the load generator is let go and off after its end mark.
     """
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "callgrind.out"
@@ -260,15 +260,22 @@ async def instructions_per_frame(name: str, args: argparse.Namespace) -> float:
         )
         async with server(name, Path(tmp), args.loop, wrapper) as srv:
             pid = str(srv.proc.pid)
-            seconds = str(args.seconds / 2)
-            async with loadgen(srv, "throughput", str(CALLGRIND_PAIRS), seconds) as gen:
-                assert (await line(gen))["mark"] == "start"
+            seconds = args.seconds / 2  # one turn, as long as the server's in a run
+            async with loadgen(
+                "throughput",
+                str(CALLGRIND_PAIRS),
+                str(seconds),
+                str(seconds * 1000),
+                f"{name}:{srv.url}",
+            ) as gen:
+                assert (await line(gen))["mark"] == "warm"
                 await _callgrind_control("-i", "on", pid)
+                await go(gen)
                 end = await line(gen)
                 await _callgrind_control("-i", "off", pid)
             await _callgrind_control("-d", pid)
         counted = _callgrind_totals(Path(tmp))
-    return counted / max(int(end["frames"]), 1)
+    return counted / max(int(end["targets"][0]["frames"]), 1)
 
 
 def _callgrind_totals(folder: Path) -> int:

@@ -1,45 +1,49 @@
 // Load generator for bench/relay.py: the same frames for the relay and the bare forwarder.
 //
-//   node loadgen.mjs MODE PHASE URL [N] [SECONDS]
+//   node loadgen.mjs throughput N SECONDS SLICE_MS MODE:URL...
+//   node loadgen.mjs MODE rtt|idle|cycles URL [N]
 //
 // MODE: relay (joins each pair to a session first) or bare (the forwarder pairs
 // connections in the order they open). Every line printed is one JSON object;
-// bench/relay.py reads them and samples the server process at each "mark".
+// bench/relay.py reads them and samples the server processes at each "mark".
 //
-// PHASE
-//   throughput N SECONDS  N pairs ping-pong signaling frames (mostly ICE
-//                         candidates, an SDP-sized offer/answer every tenth);
-//                         prints {mark:"start"}, then {mark:"end", frames}
+//   throughput            N pairs on each server ping-pong signaling frames
+//                         (mostly ICE candidates, an SDP-sized offer every
+//                         tenth), the servers taking turns of SLICE_MS (one
+//                         server: one turn); prints {mark:"warm"} after a
+//                         second of warm-up, waits for a line on stdin, then
+//                         prints {mark:"end", targets:[{frames, seconds}]}:
+//                         each server's frames and the seconds of its turns,
+//                         in argument order
 //   rtt N                 one pair, N sequential round trips; {rtt_us:[...]}
 //   idle N                N/2 pairs joined and idle; {mark:"open"}, then waits
 //                         for a line on stdin and closes them
 //   cycles N              N join/leave cycles (connect, join, close), 50 at a
 //                         time; {mark:"warm"} after the first 2000, {mark:"done"}
-//
-//   node loadgen.mjs interleaved N SECONDS SLICE_MS MODE:URL...
-//
-// The throughput ping-pong on several servers (MODE relay or bare each), N
-// pairs on each, the servers taking turns of SLICE_MS; prints {mark:"start"}
-// after a second of warm-up, then {mark:"end", targets:[{frames, seconds}]}
-// with each server's frames and the seconds of its turns, in argument order.
 
 import { createInterface } from "node:readline";
 import WebSocket from "ws";
 
-const INTERLEAVED = process.argv[2] === "interleaved";
-const [mode, phase, url, nArg = "100", secondsArg = "5"] = INTERLEAVED
-  ? ["-", "interleaved", "-", ...process.argv.slice(3, 5)]
+const TURNS = process.argv[2] === "throughput";
+const [mode, phase, url, nArg = "100"] = TURNS
+  ? ["-", "throughput", "-", process.argv[3]]
   : process.argv.slice(2);
 const N = Number(nArg);
-const SECONDS = Number(secondsArg);
-const SLICE_MS = INTERLEAVED ? Number(process.argv[5]) : 0;
-const TARGETS = INTERLEAVED ? process.argv.slice(6) : [];
+const [SECONDS, SLICE_MS] = TURNS ? [Number(process.argv[4]), Number(process.argv[5])] : [0, 0];
+const TARGETS = TURNS ? process.argv.slice(6) : [];
 
 const SDP = "v=0\r\no=- 4611731400430051336 2 IN IP4 198.18.0.2\r\n" + "a=candidate:1 1 udp 2130706431 198.18.0.2 40000 typ host\r\n".repeat(48);
 const CANDIDATE = { candidate: "candidate:1 1 udp 2130706431 198.18.0.2 40000 typ host generation 0", sdpMid: "0", sdpMLineIndex: 0 };
 const FRAMES = Array.from({ length: 10 }, (_, k) =>
   JSON.stringify(k === 0 ? { type: "offer", sdp: SDP } : { type: "candidate", candidate: CANDIDATE }),
 );
+
+const stdin = createInterface({ input: process.stdin })[Symbol.asyncIterator]();
+
+/** The next line on stdin: the caller's go-ahead. */
+async function nextLine() {
+  await stdin.next();
+}
 
 function emit(object) {
   process.stdout.write(JSON.stringify(object) + "\n");
@@ -88,49 +92,18 @@ async function openPairs(n, prefix, pairMode = mode, target = url) {
   return pairs;
 }
 
-async function throughput() {
-  const pairs = await openPairs(N, "tp");
-  let frames = 0;
-  let running = true;
-  const loops = pairs.map(async ([a, b]) => {
-    let k = 0;
-    // Each seat answers what it receives with the next frame of the mix.
-    b.on("message", () => {
-      if (running) b.send(FRAMES[k++ % FRAMES.length]);
-      frames += 1;
-    });
-    a.on("message", () => {
-      frames += 1;
-      if (running) a.send(FRAMES[k++ % FRAMES.length]);
-    });
-    a.send(FRAMES[0]);
-  });
-  await Promise.all(loops);
-  await new Promise((r) => setTimeout(r, 1000)); // warm-up
-  const before = frames;
-  emit({ mark: "start" });
-  await new Promise((r) => setTimeout(r, SECONDS * 1000));
-  const counted = frames - before;
-  emit({ mark: "end", frames: counted, seconds: SECONDS });
-  running = false;
-  for (const [a, b] of pairs) {
-    a.terminate();
-    b.terminate();
-  }
-}
-
 /**
- * The same ping-pong as `throughput`, on several servers at once, taking turns
- * in slices of SLICE_MS: only one server has traffic at a time, and a slice
- * ends once its frames in flight have arrived. Slow drifts of the machine's
- * speed then fall on every server alike.
+ * Ping-pong on every server, the servers taking turns of SLICE_MS: only one
+ * has traffic at a time, and a turn ends once its frames in flight have
+ * arrived. Each seat answers what it receives with the next frame of the mix.
+ * Drifts of the machine's speed, which last seconds, fall on every server alike.
  */
-async function interleaved() {
+async function throughput() {
   const targets = [];
   for (const spec of TARGETS) {
     const [pairMode, target] = [spec.slice(0, spec.indexOf(":")), spec.slice(spec.indexOf(":") + 1)];
     const state = { frames: 0, activeNs: 0n, inFlight: 0, live: false, drained: null };
-    state.pairs = await openPairs(N, `il-${targets.length}`, pairMode, target);
+    state.pairs = await openPairs(N, `tp-${targets.length}`, pairMode, target);
     state.pairs.forEach(([a, b], p) => {
       let k = p;
       const onMessage = (ws) => () => {
@@ -148,14 +121,14 @@ async function interleaved() {
     });
     targets.push(state);
   }
-  async function slice(state) {
+  async function turn(state, ms) {
     const t0 = process.hrtime.bigint();
     state.live = true;
     for (const [a] of state.pairs) {
       state.inFlight += 1;
       a.send(FRAMES[0]);
     }
-    await new Promise((r) => setTimeout(r, SLICE_MS));
+    await new Promise((r) => setTimeout(r, ms));
     const drained = new Promise((r) => (state.drained = r));
     state.live = false;
     if (state.inFlight > 0) await drained;
@@ -164,11 +137,15 @@ async function interleaved() {
   }
   async function run(seconds) {
     const end = Date.now() + seconds * 1000;
-    for (let i = 0; Date.now() < end; i += 1) await slice(targets[i % targets.length]);
+    for (let i = 0; Date.now() < end; i += 1) {
+      await turn(targets[i % targets.length], Math.min(SLICE_MS, end - Date.now()));
+    }
   }
   await run(1); // warm-up
   for (const state of targets) [state.frames, state.activeNs] = [0, 0n];
-  emit({ mark: "start" });
+  // Nothing moves until the caller has sampled the servers.
+  emit({ mark: "warm" });
+  await nextLine();
   await run(SECONDS);
   emit({
     mark: "end",
@@ -202,8 +179,7 @@ async function rtt() {
 async function idle() {
   const pairs = await openPairs(N / 2, "idle");
   emit({ mark: "open", connections: pairs.length * 2 });
-  const lines = createInterface({ input: process.stdin });
-  for await (const _ of lines) break;
+  await nextLine();
   for (const [a, b] of pairs) {
     a.terminate();
     b.terminate();
@@ -235,11 +211,11 @@ async function cycles() {
   emit({ mark: "done", cycles: done });
 }
 
-const phases = { throughput, rtt, idle, cycles, interleaved };
-const badTarget = TARGETS.some((t) => !/^(relay|bare):ws:/.test(t));
-if (INTERLEAVED ? badTarget || TARGETS.length < 1 || !(SLICE_MS > 0) : !["relay", "bare"].includes(mode) || !(phase in phases)) {
-  console.error("usage: node loadgen.mjs relay|bare throughput|rtt|idle|cycles URL [N] [SECONDS]");
-  console.error("       node loadgen.mjs interleaved N SECONDS SLICE_MS relay|bare:URL...");
+const phases = { throughput, rtt, idle, cycles };
+const badTargets = TARGETS.length < 1 || TARGETS.some((t) => !/^(relay|bare):wss?:/.test(t));
+if (TURNS ? badTargets || !(N > 0 && SECONDS > 0 && SLICE_MS > 0) : !["relay", "bare"].includes(mode) || !(phase in phases)) {
+  console.error("usage: node loadgen.mjs throughput N SECONDS SLICE_MS relay|bare:URL...");
+  console.error("       node loadgen.mjs relay|bare rtt|idle|cycles URL [N]");
   process.exit(2);
 }
 phases[phase]().then(
