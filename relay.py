@@ -426,7 +426,7 @@ def parse_frame(message: str | bytes, max_frame_bytes: int) -> tuple[str, dict[s
     kind = data.get("type")
     # Well-formed candidates, offers and answers, nearly all of the traffic,
     # pass these tests; every other frame is checked field by field below, to
-    # name what is wrong.
+    # name what is wrong. (Two compares beat a set here.)
     if kind == "candidate":
         init = data.get("candidate")
         if (
