@@ -195,7 +195,9 @@ class Browsers:
             executable_path=executable,
             args=list(CHROMIUM_FLAGS),
             headless=True,
-            timeout=TIMEOUT * 2000,
+            # Playwright's own default: a cold start of Chromium on a busy
+            # 2-CPU machine once took over 10 s in CI.
+            timeout=TIMEOUT * 6000,
         )
         self.browsers.append(browser)
         return browser
