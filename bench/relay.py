@@ -5,8 +5,8 @@ loop (``--loop``, uvloop by default as in production); the Node ``ws`` load
 generator (bench/loadgen, the same frames for both) runs pinned to CPU 1.
 Each run starts a fresh process of both and measures their throughput in
 turns of a quarter second, alternating for 10 s (the machine's speed drifts
-by up to a quarter over seconds: a drift then falls on both), taking turns at
-going first; five runs by default. The table gives the medians of the runs;
+by up to a quarter over seconds: a drift then falls on both), each run
+alternating which one goes first; five runs by default. The table gives the medians of the runs;
 the throughput and CPU targets are judged on the median of the run-by-run
 ratios.
 Printed for both, and as a ratio relay/bare:
