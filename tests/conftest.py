@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Generator
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
+from hypothesis import HealthCheck, settings
 
 import relay
 from tests.browser import Browsers, chromium_missing
 from tests.support import running_relay
+
+# Hypothesis on a shared 2-core machine: no per-example deadline and no
+# too_slow/data_too_large health checks (they measure the machine's load, not
+# the code); the number of examples is Hypothesis's own default and is not
+# lowered. HYPOTHESIS_PROFILE=dev keeps Hypothesis's timing checks for local runs.
+settings.register_profile(
+    "shared-machine",
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile("dev")
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "shared-machine"))
 
 # Each phase's report, kept on the test item so that fixtures can tell a failure.
 REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()

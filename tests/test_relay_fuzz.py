@@ -20,7 +20,7 @@ import json
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed
 
@@ -176,11 +176,7 @@ async def scenario(batch: list[list[str | bytes | InvalidUtf8]]) -> None:
         assert isinstance(running.state, relay.State)
 
 
-@settings(
-    max_examples=200,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+@settings(max_examples=200)
 @given(batch=batches)
 def test_random_and_mutated_frames_never_disturb_the_relay_or_valid_sessions(
     batch: list[list[str | bytes | InvalidUtf8]],
