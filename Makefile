@@ -59,7 +59,7 @@ lint: setup
 
 ## demo: relay + two clients, prints what the call achieved, stops everything
 demo: setup system-deps
-	$(PY) -m peers.demo --config $(CONFIG) $(ARGS)
+	$(PY) -m bench.demo --config $(CONFIG) $(ARGS)
 
 ## patient, practitioner: one seat of a consultation, e.g. `make patient SESSION=test123`
 patient practitioner: setup

@@ -27,9 +27,9 @@ from typing import Any
 import yaml
 from playwright.async_api import Page
 
-from peers.demo import peer_argv, spawn
 from peers.netns import Netns, Network, netns_missing
-from tests.browser import Browsers, chromium_missing, join, relay_process, wait_state, write_config
+from tests.browser import Browsers, chromium_missing, join, wait_state, write_config
+from tests.processes import peer_argv, relay_process, spawn
 
 # Run in the page before joining: note the join click, and the first presented remote frame.
 WATCH = """() => {

@@ -1,7 +1,8 @@
 """``make bench-call``: a call through the relay and the peers' command lines, against the floor.
 
-The floor: two bare aiortc peers in one process handing each other their
-descriptions directly (VP8, the same stamped 640x480 pattern and tone). The
+The floor: two ``peers.call.Call`` objects in one process handing each other
+their descriptions directly (tests/inprocess.py: VP8, the same stamped 640x480
+pattern and tone). The
 real thing: relay.py, ``python -m peers.practitioner`` then ``python -m
 peers.patient``, with ``--stats-json``. Both inside a private network namespace
 (as root), interleaved over several runs. Printed: time from both seats taken
@@ -27,12 +28,11 @@ from datetime import datetime
 from pathlib import Path
 
 import yaml
-from aiortc import RTCConfiguration, RTCPeerConnection
 
-from peers.demo import Process, peer_argv, spawn, start_relay
-from peers.media import PatternTrack, Receiver, ToneTrack
+from bench.tables import ratio_table
 from peers.netns import Netns, Network, netns_missing
-from tests.nat import inside
+from tests.inprocess import LocalPair
+from tests.processes import Process, peer_argv, spawn, start_relay
 
 TICKS = os.sysconf("SC_CLK_TCK")
 WIDTH, HEIGHT, FPS = 640, 480, 30
@@ -54,49 +54,36 @@ def cpu_seconds(pid: int) -> float:
 
 
 async def floor(lan: Netns, seconds: float) -> Run:
-    """Two bare aiortc peers in this process."""
-    config = RTCConfiguration(iceServers=[])
-    a, b = RTCPeerConnection(config), RTCPeerConnection(config)
-    receivers = (Receiver(), Receiver())
+    """Two bare Calls in this process (tests/inprocess.py), their signaling in memory."""
     connected: dict[str, float] = {}
-    for name, pc, receiver in (("a", a, receivers[0]), ("b", b, receivers[1])):
-        pc.addTrack(ToneTrack())
-        pc.addTrack(PatternTrack(WIDTH, HEIGHT, FPS))
-        pc.on("track", receiver.add)
+    pair = LocalPair(namespaces=(lan, lan), width=WIDTH, height=HEIGHT, fps=FPS)
+    for call in pair.calls:
 
-        def on_state(pc: RTCPeerConnection = pc, name: str = name) -> None:
-            if pc.connectionState == "connected":
+        def on_state(state: str, name: str = call.name) -> None:
+            if state == "connected":
                 connected.setdefault(name, time.monotonic())
 
-        pc.on("connectionstatechange", on_state)
-    cpu0 = time.process_time()
-    start = time.monotonic()
-    with inside(lan):
-        await a.setLocalDescription(await a.createOffer())
-        await b.setRemoteDescription(a.localDescription)
-        await b.setLocalDescription(await b.createAnswer())
-    await a.setRemoteDescription(b.localDescription)
-    await asyncio.wait_for(asyncio.gather(*(r.first_frame.wait() for r in receivers)), 20)
-    await asyncio.sleep(seconds)
-    cpu = time.process_time() - cpu0
-    elapsed = time.monotonic() - start
-    got = [r.received for r in receivers]
-    latencies = sorted(ms for g in got for ms in g.latencies_ms)
-    run = Run(
-        ice_ms=statistics.mean(connected[n] - start for n in connected) * 1000,
-        first_frame_ms=statistics.mean((g.first_video or start) - start for g in got) * 1000,
-        fps=statistics.mean(
-            g.video_frames / (time.monotonic() - (g.first_video or start)) for g in got
-        ),
-        p50_ms=statistics.median(latencies),
-        p95_ms=latencies[int(len(latencies) * 0.95)],
-        cpu_pct=cpu / elapsed / 2 * 100,
-    )
-    for receiver in receivers:
-        await receiver.stop()
-    await a.close()
-    await b.close()
-    return run
+        call.on_state = on_state
+    async with contextlib.aclosing(pair):
+        cpu0 = time.process_time()
+        start = time.monotonic()
+        await pair.connect()
+        await asyncio.wait_for(pair.flowing(audio=0), 20)
+        await asyncio.sleep(seconds)  # the length of the measured call
+        cpu = time.process_time() - cpu0
+        elapsed = time.monotonic() - start
+        got = [call.receiver.received for call in pair.calls]
+        latencies = sorted(ms for g in got for ms in g.latencies_ms)
+        return Run(
+            ice_ms=statistics.mean(connected[n] - start for n in connected) * 1000,
+            first_frame_ms=statistics.mean((g.first_video or start) - start for g in got) * 1000,
+            fps=statistics.mean(
+                g.video_frames / (time.monotonic() - (g.first_video or start)) for g in got
+            ),
+            p50_ms=statistics.median(latencies),
+            p95_ms=latencies[int(len(latencies) * 0.95)],
+            cpu_pct=cpu / elapsed / 2 * 100,
+        )
 
 
 def log_time(line: str) -> float:
@@ -118,7 +105,7 @@ async def through_relay(lan: Netns, tmp: Path, seconds: float, calls: int = 1) -
     config.write_text(
         yaml.safe_dump({"media": {"video": {"width": WIDTH, "height": HEIGHT, "fps": FPS}}})
     )
-    relay, url = await start_relay(config, lan.command())
+    relay, url = await start_relay(config, lan)
     processes: dict[str, Process] = {}
     totals: dict[int, float] = {}
     watcher = asyncio.create_task(watch_cpu([], totals))
@@ -181,15 +168,11 @@ def table(real: list[Run], bare: list[Run]) -> str:
         ("glass-to-glass p95 (ms)", "p95_ms", "{:.1f}"),
         ("CPU per peer (% of one core)", "cpu_pct", "{:.0f}"),
     ]
-    out = [
-        f"| {'figure (median of runs)':<40} | {'peers':>8} | {'floor':>8} | {'ratio':>7} |",
-        f"|{'-' * 42}|{'-' * 10}|{'-' * 10}|{'-' * 9}|",
-    ]
-    for label, name, fmt in rows:
-        r, b = median(real, name), median(bare, name)
-        ratio = f"{r / b:.2f}x" if b else "-"
-        out.append(f"| {label:<40} | {fmt.format(r):>8} | {fmt.format(b):>8} | {ratio:>7} |")
-    return "\n".join(out)
+    return ratio_table(
+        ("figure (median of runs)", "peers", "floor", "ratio"),
+        ((label, fmt, median(real, name), median(bare, name)) for label, name, fmt in rows),
+        (40, 8, 8, 7),
+    )
 
 
 async def main(args: argparse.Namespace) -> int:

@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.tables import ratio_table
+
 ROOT = Path(__file__).resolve().parent.parent
 LOADGEN = ROOT / "bench" / "loadgen" / "loadgen.mjs"
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -320,15 +322,11 @@ def table(relay: Figures, bare: Figures) -> str:
         ("RSS before 10k join/leave (MiB)", "rss_before_cycles_mib", "{:.1f}"),
         ("RSS after 10k join/leave (MiB)", "rss_after_cycles_mib", "{:.1f}"),
     ]
-    out = [
-        f"| {'figure':<40} | {'relay':>10} | {'bare':>10} | {'relay/bare':>10} |",
-        f"|{'-' * 42}|{'-' * 12}|{'-' * 12}|{'-' * 12}|",
-    ]
-    for label, attr, fmt in rows:
-        r, b = getattr(relay, attr), getattr(bare, attr)
-        ratio = f"{r / b:.2f}x" if b else "-"
-        out.append(f"| {label:<40} | {fmt.format(r):>10} | {fmt.format(b):>10} | {ratio:>10} |")
-    return "\n".join(out)
+    return ratio_table(
+        ("figure", "relay", "bare", "relay/bare"),
+        ((label, fmt, getattr(relay, attr), getattr(bare, attr)) for label, attr, fmt in rows),
+        (40, 10, 10, 10),
+    )
 
 
 def verdict(relay: Figures, rate_ratio: float, cost_ratio: float) -> str:

@@ -26,7 +26,7 @@ from typing import Literal
 
 from peers.netns import netns_missing
 from tests import nat
-from tests.test_turn_nat import World, start_coturn, stop
+from tests.nat import World, start_coturn, stop
 
 CASES: list[tuple[str, str | None, Literal["all", "relay"], bool]] = [
     ("direct (host)", None, "all", True),
@@ -91,7 +91,7 @@ async def run(calls: int, media_s: float, answer_delay: float) -> None:
                             continue
                         first_a.append(result.first_frame_ms(0) or 0.0)
                         first_b.append(result.first_frame_ms(1) or 0.0)
-                        latency += [1000 * s for side in result.latencies for s in side]
+                        latency += [ms for side in result.latencies_ms for ms in side]
                     cpu = (cpu_seconds(coturn) - cpu_before) / calls
                     note = f"  ({failed} failed)" if failed else ""
                     print(

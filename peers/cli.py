@@ -1,9 +1,13 @@
 """The command line shared by ``python -m peers.patient`` and ``python -m peers.practitioner``.
 
 Each flag overrides one key of config.yaml. Exit status: 0 after a hang-up
-(Ctrl-C, SIGTERM, ``--duration``), 1 when ICE cannot connect (the message
-names the likely cause), 2 for a refused join or a configuration error (one
-line naming the code, key or flag).
+(Ctrl-C, SIGTERM, ``--duration``), 1 when the call cannot be made (``CallFailed``:
+the message names the likely cause), 2 for a refused join, a configuration or
+media error, or aioice/aiortc not at their pinned versions (one line naming the
+code, key or flag).
+
+Lines typed on standard input (a terminal, a pipe or a socket) go to the other
+side over the call's chat channel; what it sends is printed as ``chat> text``.
 """
 
 from __future__ import annotations
@@ -14,15 +18,20 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from stat import S_ISFIFO, S_ISSOCK
+from typing import Any
 
-from peers.call import IceFailed, Seat
+from peers import aiortc_patches
 from peers.config import ConfigError, PeerSettings, check_session, parse_ice_urls
-from peers.media import MediaError, open_sources
-from peers.signaling import JoinRefused, Replaced
+from peers.errors import CallFailed, JoinRefused, PeerError, Replaced
+from peers.media import open_sources
+from peers.seat import Seat
+from peers.stats import log_stats, summary
 
 logger = logging.getLogger("peers")
 
@@ -121,7 +130,7 @@ async def run(role: str, args: argparse.Namespace, settings: PeerSettings) -> tu
         video.height,
         video.fps,
     )
-    seat = Seat(role, settings, sources, record_to=args.record_to, chat_input=True)
+    seat = Seat(role, settings, sources, record_to=args.record_to, on_chat=print_chat)
     logger.info(
         "%s: session %s via %s; %s; ICE servers %d, policy %s",
         role,
@@ -143,6 +152,7 @@ async def run(role: str, args: argparse.Namespace, settings: PeerSettings) -> tu
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal, signal.Signals(signum).name)
     main = asyncio.create_task(seat.run())
+    helpers = [asyncio.create_task(log_stats(seat)), asyncio.create_task(chat_input(seat))]
     stopper = asyncio.create_task(asyncio.wait_for(stop.wait(), args.duration))
     status = 0
     try:
@@ -154,7 +164,7 @@ async def run(role: str, args: argparse.Namespace, settings: PeerSettings) -> tu
     except JoinRefused as exc:
         print(f"{role}: join refused: {exc}", file=sys.stderr)
         status, reason = 2, exc.code
-    except IceFailed as exc:
+    except CallFailed as exc:
         print(f"{role}: {exc}", file=sys.stderr)
         status, reason = 1, "ice-failed"
     except Replaced as exc:
@@ -166,12 +176,14 @@ async def run(role: str, args: argparse.Namespace, settings: PeerSettings) -> tu
             await stopper
         if status == 0 and reason != "replaced":
             await seat.hang_up(send_bye=True, reason=reason)
-        main.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await main
-        summary = seat.summary(reason)
+        for task in (main, *helpers):
+            task.cancel()
+        for task in (main, *helpers):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
         if args.stats_json is not None:
-            args.stats_json.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+            text = json.dumps(summary(seat, reason), indent=2) + "\n"
+            args.stats_json.write_text(text, encoding="utf-8")
         await seat.close()
     return status, reason
 
@@ -185,10 +197,40 @@ def main(role: str, argv: Sequence[str] | None = None) -> int:
     for noisy in ("aioice", "aiortc", "websockets"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     try:
+        aiortc_patches.check_versions()
         settings = settings_from(args)
         status, reason = asyncio.run(run(role, args, settings))
-    except (ConfigError, MediaError) as exc:
+    except (ConfigError, PeerError) as exc:
         print(f"{role}: {exc}", file=sys.stderr)
         return 2
     logger.info("%s: exit (%s)", role, reason)
     return status
+
+
+def print_chat(text: str) -> None:
+    print(f"chat> {text}", flush=True)
+
+
+async def chat_input(seat: Seat) -> None:
+    """Send each line of standard input to the other side (when it is worth reading)."""
+    if not _interactive(sys.stdin):
+        return  # /dev/null, a regular file, or closed: no chat input
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    try:
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    except (ValueError, OSError):
+        return  # stdin is a regular file or closed: no chat input
+    while line := await reader.readline():
+        text = line.decode("utf-8", "replace").rstrip("\n")
+        if text and not seat.send_chat(text):
+            logger.warning("chat: not in a call yet; line dropped")
+
+
+def _interactive(stream: Any) -> bool:
+    """A terminal, a pipe or a socket: something worth reading chat lines from."""
+    try:
+        mode = os.fstat(stream.fileno()).st_mode
+    except (OSError, ValueError, AttributeError):
+        return False
+    return bool(stream.isatty()) or S_ISFIFO(mode) or S_ISSOCK(mode)

@@ -11,10 +11,10 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-import aioice.stun
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection
 from aiortc.rtcconfiguration import RTCIceTransportPolicy
 
+from peers.aiortc_patches import set_check_retries
 from peers.config import PeerSettings
 from peers.turnclient import IcePath, first_turn_server, selected_path
 
@@ -26,6 +26,8 @@ __all__ = [
     "ice_servers",
     "ice_transports",
     "path_of",
+    "rtc_configuration",
+    "unresolvable",
 ]
 
 logger = logging.getLogger(__name__)
@@ -55,12 +57,20 @@ def ice_servers(
     return servers
 
 
-def configuration(settings: PeerSettings, servers: list[RTCIceServer]) -> RTCConfiguration:
-    """Always an explicit configuration: aiortc's default points at a public STUN server."""
-    policy = (
-        RTCIceTransportPolicy.RELAY if settings.ice_policy == "relay" else RTCIceTransportPolicy.ALL
+def configuration(settings: PeerSettings, servers: Sequence[RTCIceServer]) -> RTCConfiguration:
+    """The configuration of one call for ``settings`` (its ICE policy) and ``servers``."""
+    return rtc_configuration(servers, settings.ice_policy)
+
+
+def rtc_configuration(servers: Sequence[RTCIceServer], policy: str = "all") -> RTCConfiguration:
+    """Always an explicit configuration: aiortc's default points at a public STUN server.
+
+    ``policy`` is the YAML's ``ice.policy``: ``all``, or ``relay`` for TURN only.
+    """
+    transport_policy = (
+        RTCIceTransportPolicy.RELAY if policy == "relay" else RTCIceTransportPolicy.ALL
     )
-    return RTCConfiguration(iceServers=servers, iceTransportPolicy=policy)
+    return RTCConfiguration(iceServers=list(servers), iceTransportPolicy=transport_policy)
 
 
 def honour_timeout(timeout_s: float) -> int:
@@ -73,7 +83,7 @@ def honour_timeout(timeout_s: float) -> int:
     retries = 2
     while 0.5 * (2 ** (retries + 2) - 1) <= timeout_s:
         retries += 1
-    aioice.stun.RETRY_MAX = retries
+    set_check_retries(retries)
     return retries
 
 
@@ -98,7 +108,7 @@ def path_of(pc: RTCPeerConnection) -> IcePath | None:
     return None
 
 
-async def unresolvable(servers: list[RTCIceServer], timeout_s: float = 3.0) -> str | None:
+async def unresolvable(servers: Sequence[RTCIceServer], timeout_s: float = 3.0) -> str | None:
     """A message when the TURN server aiortc will use has a name that does not resolve.
 
     Checked before gathering, with a short timeout: otherwise aioice waits on
@@ -126,7 +136,7 @@ async def unresolvable(servers: list[RTCIceServer], timeout_s: float = 3.0) -> s
     return None
 
 
-def explain_failure(settings: PeerSettings, servers: list[RTCIceServer]) -> str:
+def explain_failure(servers: Sequence[RTCIceServer]) -> str:
     """The likely cause of an ICE failure, for the one-line message."""
     has_turn = any(
         str(url).startswith("turn")

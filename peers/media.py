@@ -28,6 +28,8 @@ from aiortc.contrib.media import MediaPlayer, MediaRecorder
 from aiortc.mediastreams import AUDIO_PTIME, AudioStreamTrack, MediaStreamError, VideoStreamTrack
 from av import AudioFrame, VideoFrame
 
+from peers.errors import MediaError
+
 logger = logging.getLogger(__name__)
 
 # The stamp: 64 bits in 4 rows of 16 blocks across the top of the frame.
@@ -38,10 +40,6 @@ TIME_MASK = (1 << TIME_BITS) - 1
 
 CAMERA = Path("/dev/video0")
 MICROPHONE = Path("/dev/snd/pcmC0D0c")
-
-
-class MediaError(RuntimeError):
-    """A media source or sink could not be opened; the message names it."""
 
 
 # -- the stamp ---------------------------------------------------------------------------
@@ -265,6 +263,7 @@ class Receiver:
         self.recorder: MediaRecorder | None = None
         self.tasks: list[asyncio.Task[None]] = []
         self.first_frame = asyncio.Event()
+        self._counted = asyncio.Event()  # set after every frame counted
 
     def add(self, track: MediaStreamTrack) -> None:
         if self.record_to is not None:
@@ -283,9 +282,18 @@ class Receiver:
             while True:
                 self.count(await track.recv())
 
+    async def frames(self, video: int = 1, audio: int = 0) -> Received:
+        """Wait until at least ``video`` video and ``audio`` audio frames have arrived."""
+        got = self.received
+        while got.video_frames < video or got.audio_frames < audio:
+            self._counted.clear()
+            await self._counted.wait()
+        return got
+
     def count(self, frame: Any) -> None:
         now = time.monotonic()
         got = self.received
+        self._counted.set()
         if isinstance(frame, VideoFrame):
             got.video_frames += 1
             got.width, got.height = frame.width, frame.height

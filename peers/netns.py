@@ -12,27 +12,28 @@ range) only. Nothing is ever added to the machine's own namespace.
         argv = lan.command("python", "-m", "peers.patient")
 
 Topologies with routers (NAT) are built from the same three calls:
-``namespace``, ``link`` and ``run``.
+``namespace``, ``link`` and ``run``. ``inside(ns)`` puts the sockets that this
+thread creates during a block into ``ns``: how one test or benchmark process
+holds both peers of a call in two namespaces.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import itertools
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
-__all__ = ["Netns", "Network", "NetworkError", "netns_missing"]
+from peers.errors import NetworkError
+
+__all__ = ["Netns", "Network", "NetworkError", "inside", "netns_missing"]
 
 _networks = itertools.count(1)
-
-
-class NetworkError(RuntimeError):
-    """A namespace, link or command inside one could not be set up."""
 
 
 def netns_missing() -> str | None:
@@ -125,6 +126,32 @@ class Network:
     async def run(self, ns: Netns, *argv: str) -> str:
         """Run a command inside ``ns``; its standard output, or NetworkError naming it."""
         return await _run(*ns.command(*argv))
+
+
+_CLONE_NEWNET = 0x40000000
+
+
+@contextlib.contextmanager
+def inside(ns: Netns) -> Iterator[None]:
+    """Sockets created in this block (by this thread) belong to ``ns``.
+
+    setns(2) switches only the calling thread, and back at the end of the block,
+    so one process can gather aiortc candidates in two namespaces: sockets keep
+    the namespace they were created in. Nothing else may create sockets on the
+    event loop while the block runs.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    target = os.open(f"/run/netns/{ns.name}", os.O_RDONLY)
+    try:
+        if libc.setns(target, _CLONE_NEWNET) != 0:
+            raise NetworkError(f"setns into {ns.name} failed: {os.strerror(ctypes.get_errno())}")
+        yield
+    finally:
+        if libc.setns(own, _CLONE_NEWNET) != 0:  # pragma: no cover (cannot fail for our own)
+            raise NetworkError(f"setns back failed: {os.strerror(ctypes.get_errno())}")
+        os.close(own)
+        os.close(target)
 
 
 async def _run(*argv: str) -> str:

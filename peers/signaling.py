@@ -2,9 +2,11 @@
 
 A dropped signaling connection is not a hang-up: ``RelayClient.frames()``
 reconnects by itself and joins again with the seat's resume key, so an
-established call goes on. A refused join (a code in ``FATAL_CODES``) ends it
-with ``JoinRefused``; the relay taking the seat over (close 4001) ends it with
-``Replaced``.
+established call goes on. A refused join (``peers.errors.is_fatal(code)``)
+ends it with ``JoinRefused``; the relay taking the seat over (close 4001) ends it
+with ``Replaced``. Each reconnection waits for the next delay of a
+``peers.errors.Backoff`` (reset after every successful join) and is logged at
+INFO with its delay and reason.
 """
 
 from __future__ import annotations
@@ -12,27 +14,19 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
 from collections.abc import AsyncIterator
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
+from peers.errors import Backoff, JoinRefused, Replaced, is_fatal
+
+__all__ = ["JoinRefused", "RelayClient", "Replaced"]
+
 logger = logging.getLogger(__name__)
 
-FATAL_CODES = frozenset({"role-taken", "bad-token", "token-expired", "bad-session", "bad-role"})
 CLOSE_REPLACED = 4001
-
-
-class JoinRefused(RuntimeError):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-
-
-class Replaced(RuntimeError):
-    """Another connection took this seat over with its resume key."""
 
 
 class RelayClient:
@@ -45,11 +39,16 @@ class RelayClient:
         role: str,
         token: str | None = None,
         *,
+        backoff_base_s: float = 0.5,
         backoff_max_s: float = 5.0,
+        open_timeout_s: float = 5.0,
+        join_timeout_s: float = 10.0,
     ) -> None:
         self.url, self.session, self.role, self.token = url, session, role, token
         self.resume: str | None = None
-        self.backoff_max_s = backoff_max_s
+        self.backoff = Backoff(backoff_base_s, backoff_max_s)
+        self.open_timeout_s = open_timeout_s
+        self.join_timeout_s = join_timeout_s
         self.ws: ClientConnection | None = None
         self.connected = asyncio.Event()
         self.reconnects = 0
@@ -67,12 +66,13 @@ class RelayClient:
 
     async def frames(self) -> AsyncIterator[dict[str, Any]]:
         """Every frame from the relay, ``joined`` included, across reconnects."""
-        attempt = 0
         while True:
             try:
-                async with connect(self.url, compression=None, open_timeout=5) as ws:
+                async with connect(
+                    self.url, compression=None, open_timeout=self.open_timeout_s
+                ) as ws:
                     joined = await self._join(ws)
-                    attempt = 0
+                    self.backoff.reset()
                     self.ws = ws
                     self.connected.set()
                     yield joined
@@ -93,10 +93,9 @@ class RelayClient:
             finally:
                 self.ws = None
                 self.connected.clear()
-            attempt += 1
             self.reconnects += 1
-            delay = min(self.backoff_max_s, 0.25 * 2 ** min(attempt, 6)) * random.uniform(0.5, 1.0)  # noqa: S311
-            logger.warning("relay %s: %s; reconnecting in %.1f s", self.url, reason, delay)
+            delay = next(self.backoff)
+            logger.info("relay %s: %s; reconnecting in %.1f s", self.url, reason, delay)
             await asyncio.sleep(delay)
 
     async def _join(self, ws: ClientConnection) -> dict[str, Any]:
@@ -107,11 +106,11 @@ class RelayClient:
             frame["resume"] = self.resume
         await ws.send(json.dumps(frame))
         while True:
-            reply = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            reply = json.loads(await asyncio.wait_for(ws.recv(), self.join_timeout_s))
             if reply.get("type") == "joined":
                 self.resume = reply.get("resume", self.resume)
                 return dict(reply)
-            if reply.get("type") == "error" and reply.get("code") in FATAL_CODES:
+            if reply.get("type") == "error" and is_fatal(reply.get("code")):
                 raise JoinRefused(str(reply["code"]), str(reply.get("message", "")))
             if reply.get("type") == "error":
                 logger.warning("relay refused the join: %s", reply.get("code"))

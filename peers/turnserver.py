@@ -130,6 +130,9 @@ class TurnServerSettings:
     allow_private_peers: bool = False  # LAN-only development profile
     allowed_peers: tuple[str, ...] = ()  # exceptions to the denied ranges (CIDR)
     verbose: bool = False  # coturn's --verbose (its log, not ours)
+    # Tests only, never read from the YAML: relay to 127.0.0.0/8 (coturn's
+    # allow-loopback-peers), so that TURN calls run on loopback without root.
+    allow_loopback_peers: bool = False
 
     @classmethod
     def load(cls, path: Path, env: Mapping[str, str] | None = None) -> TurnServerSettings:
@@ -198,7 +201,9 @@ class TurnServerSettings:
         return self.cert is not None
 
     def denied_peers(self) -> tuple[str, ...]:
-        return LOOPBACK_PEERS if self.allow_private_peers else LOOPBACK_PEERS + DENIED_PEERS
+        # coturn matches 127.0.0.1 against "::/128" too: none of these when loopback is allowed.
+        loopback = () if self.allow_loopback_peers else LOOPBACK_PEERS
+        return loopback if self.allow_private_peers else loopback + DENIED_PEERS
 
     def coturn_config(self, run_dir: Path, port: int, tls_port: int) -> str:
         """coturn's configuration file (``turnserver -c``), one option per line."""
@@ -238,6 +243,8 @@ class TurnServerSettings:
             lines += ["no-tls", "no-dtls"]
         lines += [f"denied-peer-ip={_ip_range(cidr)}" for cidr in self.denied_peers()]
         lines += [f"allowed-peer-ip={_ip_range(cidr)}" for cidr in self.allowed_peers]
+        if self.allow_loopback_peers:
+            lines.append("allow-loopback-peers")
         if self.verbose:
             lines.append("verbose")
         return "\n".join(lines) + "\n"

@@ -14,14 +14,10 @@ The relay runs there too (``relay_process(netns=...)``), on that namespace's
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import re
-import signal
-import sys
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +32,10 @@ from playwright.async_api import (
 )
 from playwright.async_api import Error as PlaywrightError
 
-from tests.support import TIMEOUT, within
+from tests.processes import RelayProcess, relay_process
+from tests.support import TIMEOUT
+
+__all__ = ["RelayProcess", "relay_process"]  # re-exported: the browser tests' relay
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "artifacts"
@@ -83,80 +82,6 @@ def write_config(path: Path, **sections: Mapping[str, Any]) -> Path:
     data.update(sections)
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
     return path
-
-
-@dataclass
-class RelayProcess:
-    """``relay.py`` running as a process (optionally inside a network namespace)."""
-
-    config: Path
-    netns: str | None = None
-    port: int = 0
-    proc: asyncio.subprocess.Process | None = None
-    log: list[str] = field(default_factory=list)
-    _reader: asyncio.Task[None] | None = None
-
-    @property
-    def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws"
-
-    async def start(self) -> None:
-        """Start it (on the same port as before, after a stop) and wait until it listens."""
-        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
-        self.proc = await asyncio.create_subprocess_exec(
-            *prefix,
-            sys.executable,
-            str(ROOT / "relay.py"),
-            "--config",
-            str(self.config),
-            "--port",
-            str(self.port),
-            stdin=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-            cwd=ROOT,
-        )
-        listening = asyncio.get_running_loop().create_future()
-        self._reader = asyncio.create_task(self._read(self.proc, listening))
-        self.port = await within(listening)
-
-    async def _read(self, proc: asyncio.subprocess.Process, listening: asyncio.Future[int]) -> None:
-        assert proc.stderr is not None
-        while line := (await proc.stderr.readline()).decode(errors="replace"):
-            self.log.append(line.rstrip())
-            match = re.search(r"relay listening on wss?://[^ ]*:(\d+)/ws", line)
-            if match and not listening.done():
-                listening.set_result(int(match.group(1)))
-        if not listening.done():
-            listening.set_exception(RuntimeError("relay exited:\n" + "\n".join(self.log[-20:])))
-
-    async def stop(self) -> None:
-        """SIGTERM by PID (the relay closes every connection with 1001), then wait."""
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                await within(proc.wait(), 2)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
-        if self._reader is not None:
-            await within(self._reader)
-
-
-@contextlib.asynccontextmanager
-async def relay_process(config: Path, netns: str | None = None) -> AsyncIterator[RelayProcess]:
-    running = RelayProcess(config, netns)
-    try:
-        await running.start()
-        yield running
-    finally:
-        await running.stop()
 
 
 # -- browsers and pages ---------------------------------------------------------------

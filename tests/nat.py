@@ -21,55 +21,47 @@ and new packets addressed to the router itself are dropped, otherwise an early
 inbound check would take the mapped port in conntrack before the host's own
 packet and even port-preserving hole punching would fail.
 
-Also here: ``make_tls_files`` (a test CA and a server certificate for an IP
-address, for ``turns:``) and two tiny commands run inside the namespaces by
-``test_nat.py``: ``python -m tests.nat reflect HOST PORT...`` answers each UDP
-datagram with the address it came from, ``python -m tests.nat mapped HOST PORT...``
-prints how those ports saw one socket of this host.
+Also here: ``World``, coturn started in the public namespace with ``make
+turn``'s command line (``world()``, ``start_coturn``); ``call()``, a whole
+call between the two hosts in this process; ``make_tls_files`` (a test CA and
+a server certificate for an IP address, for ``turns:``) and two tiny commands
+run inside the namespaces by ``test_nat.py``: ``python -m tests.nat reflect
+HOST PORT...`` answers each UDP datagram with the address it came from,
+``python -m tests.nat mapped HOST PORT...`` prints how those ports saw one
+socket of this host.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import datetime
 import ipaddress
-import os
 import shutil
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pytest
-from aiortc import (
-    RTCConfiguration,
-    RTCIceServer,
-    RTCIceTransport,
-    RTCIceTransportPolicy,
-    RTCPeerConnection,
-    VideoStreamTrack,
-)
-from aiortc.mediastreams import AudioStreamTrack, MediaStreamError, MediaStreamTrack
-from av import VideoFrame
+import yaml
+from aiortc import RTCIceServer
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+import relay
+from peers.call import CallOptions
+from peers.errors import CallFailed
+from peers.media import Received
 from peers.netns import Netns, Network, netns_missing
-from peers.turnclient import (
-    IcePath,
-    TurnUnavailable,
-    check_relay_gathered,
-    first_turn_server,
-    instrument,
-    selected_path,
-)
+from peers.turnclient import IcePath
+from tests.inprocess import LocalPair
+from tests.support import TIMEOUT, within
 
 Nat = Literal["symmetric", "port-preserving", "none"]
 
@@ -150,32 +142,6 @@ async def topology(nat: Nat) -> AsyncIterator[Topology]:
     """A topology in its own ``Network``, deleted when the block ends (also on failure)."""
     async with Network("nat") as net:
         yield await build(net, nat)
-
-
-_CLONE_NEWNET = 0x40000000
-
-
-@contextlib.contextmanager
-def inside(ns: Netns) -> Iterator[None]:
-    """Sockets created in this block (by this thread) belong to ``ns``.
-
-    setns(2) switches only the calling thread, and back at the end of the block,
-    so one test process can gather aiortc candidates in two namespaces: sockets
-    keep the namespace they were created in. Nothing else may create sockets on
-    the event loop while the block runs.
-    """
-    libc = ctypes.CDLL(None, use_errno=True)
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/run/netns/{ns.name}", os.O_RDONLY)
-    try:
-        if libc.setns(target, _CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), f"setns into {ns.name} failed")
-        yield
-    finally:
-        if libc.setns(own, _CLONE_NEWNET) != 0:  # pragma: no cover (cannot fail for our own)
-            raise OSError(ctypes.get_errno(), "setns back failed")
-        os.close(own)
-        os.close(target)
 
 
 def iptables_missing() -> str | None:
@@ -320,92 +286,19 @@ if __name__ == "__main__":
 # -- a whole call between the two hosts, in this process ------------------------------------
 
 
-STRIPES = 12  # bits of the frame counter drawn into each video frame
-STRIPE_WIDTH = 16
-WIDTH, HEIGHT = STRIPES * STRIPE_WIDTH, 144
-
-
-class StampedVideo(VideoStreamTrack):
-    """Synthetic video whose frames carry their number as black and white stripes."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.sent: dict[int, float] = {}
-        self.count = 0
-
-    async def recv(self) -> VideoFrame:
-        pts, time_base = await self.next_timestamp()
-        number = self.count % (1 << STRIPES)
-        self.count += 1
-        row = b"".join(
-            (b"\xff" if number >> bit & 1 else b"\x00") * STRIPE_WIDTH for bit in range(STRIPES)
-        )
-        gray = VideoFrame(WIDTH, HEIGHT, "gray")
-        gray.planes[0].update(row * HEIGHT)
-        frame = gray.reformat(format="yuv420p")
-        frame.pts, frame.time_base = pts, time_base
-        self.sent[number] = time.perf_counter()
-        return frame
-
-
-def frame_number(frame: VideoFrame) -> int:
-    plane = frame.reformat(format="gray").planes[0]
-    middle = bytes(plane)[plane.line_size * (frame.height // 2) :]
-    return sum(
-        1 << bit for bit in range(STRIPES) if middle[bit * STRIPE_WIDTH + STRIPE_WIDTH // 2] > 128
-    )
-
-
-@dataclass
-class Side:
-    """One peer of an in-process call."""
-
-    name: str
-    ns: Netns
-    pc: RTCPeerConnection
-    video: StampedVideo
-    first: dict[str, float]  # kind -> perf_counter of the first frame received
-    latencies: list[float]  # glass-to-glass (s) of received video frames
-    lost: list[str]
-
-    def transports(self) -> list[RTCIceTransport]:
-        found: list[RTCIceTransport] = []
-        for transceiver in self.pc.getTransceivers():
-            dtls = transceiver.sender.transport
-            if dtls is not None and dtls.transport not in found:
-                found.append(dtls.transport)
-        return found
-
-
 @dataclass
 class CallResult:
     connected: bool
     paths: tuple[IcePath | None, IcePath | None]
     error: str | None = None
-    ice_start: float = 0.0  # perf_counter when the answerer started its checks
-    first: tuple[dict[str, float], dict[str, float]] = ({}, {})
-    latencies: tuple[list[float], list[float]] = ([], [])
-    lost: tuple[list[str], list[str]] = ([], [])
+    ice_start: float = 0.0  # time.monotonic() when the answerer started its checks
+    first: tuple[dict[str, float], dict[str, float]] = ({}, {})  # kind -> monotonic time
+    latencies_ms: tuple[list[float], list[float]] = ([], [])  # glass-to-glass, from the stamps
+    lost: tuple[list[str], list[str]] = ([], [])  # TURN allocations reported lost
 
     def first_frame_ms(self, side: int, kind: str = "video") -> float | None:
         at = self.first[side].get(kind)
         return None if at is None else 1000 * (at - self.ice_start)
-
-
-async def _consume(
-    side: Side, track: MediaStreamTrack, peer_video: StampedVideo, progress: asyncio.Event
-) -> None:
-    with contextlib.suppress(MediaStreamError):
-        while True:
-            frame = await track.recv()
-            now = time.perf_counter()
-            if track.kind not in side.first:
-                side.first[track.kind] = now
-                progress.set()
-            if isinstance(frame, VideoFrame):
-                sent = peer_video.sent.get(frame_number(frame))
-                if sent is not None:
-                    side.latencies.append(now - sent)
 
 
 async def call(
@@ -421,98 +314,139 @@ async def call(
 ) -> CallResult:
     """A patient on host A calls a practitioner on host B; both send video and audio.
 
-    Signaling is in memory (this is the ICE and media proof; the relay has its
-    own tests; ``answer_delay`` stands for the answer's trip through it). Returns
-    once media flowed both ways (plus ``media_s``), or when
-    ``wait`` s passed, or when a configured TURN server gave no relay candidate.
+    Two ``Call``s with their signaling in memory (tests/inprocess.py: this is the
+    ICE and media proof; the relay has its own tests; ``answer_delay`` stands for
+    the answer's trip through it). Returns once media flowed both ways (plus
+    ``media_s``), or when ``wait`` s passed, or when a configured TURN server gave
+    no relay candidate.
     """
-    sides: list[Side] = []
-    for name, ns, ice in zip(("patient", "practitioner"), topology.hosts, servers, strict=True):
-        config = RTCConfiguration(
-            iceServers=ice,
-            iceTransportPolicy=RTCIceTransportPolicy.RELAY
-            if policy == "relay"
-            else RTCIceTransportPolicy.ALL,
+    options = tuple(
+        CallOptions(
+            servers=tuple(side),
+            policy=policy,
+            timeout_s=wait + 60,  # the result says what happened within wait; no watchdog
+            ca_file=ca_file,
+            early_channels=early_channels,
         )
-        side = Side(name, ns, RTCPeerConnection(config), StampedVideo(), {}, [], [])
-        side.pc.addTrack(side.video)
-        side.pc.addTrack(AudioStreamTrack())
-        sides.append(side)
-    a, b = sides
-    progress = asyncio.Event()
-
-    for side, other in ((a, b), (b, a)):
-
-        @side.pc.on("track")
-        def on_track(track: MediaStreamTrack, side: Side = side, other: Side = other) -> None:
-            task = asyncio.ensure_future(_consume(side, track, other.video, progress))
-            _consumers.add(task)
-            task.add_done_callback(_consumers.discard)
-
-    try:
-        for side in sides:
-            for transport in side.transports():
-                instrument(
-                    transport,
-                    ca_file=ca_file,
-                    on_lost=side.lost.append,
-                    early_channels=early_channels,
-                )
-        with inside(a.ns):
-            await a.pc.setLocalDescription(await a.pc.createOffer())
-        await _check_gathered(a, servers[0], ca_file)
-        await b.pc.setRemoteDescription(a.pc.localDescription)
-        with inside(b.ns):
-            await b.pc.setLocalDescription(await b.pc.createAnswer())
-        await _check_gathered(b, servers[1], ca_file)
-        ice_start = time.perf_counter()  # the practitioner's checks start now
-        await asyncio.sleep(answer_delay)  # the answer's trip through the relay
-        await a.pc.setRemoteDescription(b.pc.localDescription)
-
-        async def flowing() -> None:
-            while not all({"video", "audio"} <= set(s.first) for s in sides):
-                progress.clear()
-                await progress.wait()
-
+        for side in servers
+    )
+    pair = LocalPair((options[0], options[1]), topology.hosts, width=WIDTH, height=HEIGHT)
+    async with contextlib.aclosing(pair):
         try:
-            await asyncio.wait_for(flowing(), wait)
+            await pair.connect(answer_delay)
+        except CallFailed as exc:
+            return CallResult(connected=False, paths=(None, None), error=str(exc))
+        try:
+            await asyncio.wait_for(pair.flowing(), wait)
             connected = True
-            await asyncio.sleep(media_s)
+            await asyncio.sleep(media_s)  # a benchmark's length of media
         except TimeoutError:
             connected = False
+        got = [c.receiver.received for c in pair.calls]
         return CallResult(
             connected=connected,
-            paths=(_path(a), _path(b)),
+            paths=(pair.a.path, pair.b.path),
             error=None if connected else f"no media both ways within {wait:g} s",
-            ice_start=ice_start,
-            first=(dict(a.first), dict(b.first)),
-            latencies=(list(a.latencies), list(b.latencies)),
-            lost=(list(a.lost), list(b.lost)),
+            ice_start=pair.answered_at or 0.0,
+            first=(_firsts(got[0]), _firsts(got[1])),
+            latencies_ms=(list(got[0].latencies_ms), list(got[1].latencies_ms)),
+            lost=(list(pair.a.lost), list(pair.b.lost)),
         )
-    except TurnUnavailable as exc:
-        return CallResult(connected=False, paths=(None, None), error=str(exc))
-    finally:
-        for side in sides:
-            await side.pc.close()
 
 
-_consumers: set[asyncio.Task[None]] = set()
+WIDTH, HEIGHT = 320, 240
 
 
-async def _check_gathered(side: Side, servers: list[RTCIceServer], ca_file: Path | None) -> None:
-    server = first_turn_server(servers)
-    if server is not None:
-        for transport in side.transports():
-            with inside(side.ns):  # a diagnosis talks to the server from the host
-                await check_relay_gathered(transport, server, ca_file)
+def _firsts(got: Received) -> dict[str, float]:
+    firsts = {"video": got.first_video, "audio": got.first_audio}
+    return {kind: at for kind, at in firsts.items() if at is not None}
 
 
-def _path(side: Side) -> IcePath | None:
-    for transport in side.transports():
-        path = selected_path(transport)
-        if path is not None:
-            return path
-    return None
+# -- coturn in the public namespace, as `make turn` starts it -------------------------------
+
+SECRET = "nat-test-secret"  # coturn's turn.secret; the relay mints credentials with it
+
+
+@dataclass
+class World:
+    topology: Topology
+    tls: TlsFiles
+    coturn: asyncio.subprocess.Process
+
+    @property
+    def address(self) -> str:
+        return self.topology.public_address
+
+    def url(self, kind: str) -> str:
+        return {
+            "udp": f"turn:{self.address}:3478?transport=udp",
+            "tcp": f"turn:{self.address}:3478?transport=tcp",
+            "tls": f"turns:{self.address}:5349?transport=tcp",
+            "stun": f"stun:{self.address}:3478",
+        }[kind]
+
+    def servers(
+        self, kind: str | None, secret: str = SECRET, age: float = 0.0
+    ) -> tuple[list[RTCIceServer], list[RTCIceServer]]:
+        """Each peer's ice servers: none, STUN, or TURN credentials minted by the relay."""
+        if kind is None:
+            return [], []
+        if kind == "stun":
+            return [RTCIceServer(self.url(kind))], [RTCIceServer(self.url(kind))]
+        config = relay.RelayConfig.from_mapping(
+            {"turn": {"secret": secret, "urls": [self.url(kind)], "ttl": 600}}, env={}
+        )
+        minted = [
+            relay.turn_credentials(config.turn, "nat", role, time.time() - age)[0]
+            for role in ("patient", "practitioner")
+        ]
+        return tuple(  # type: ignore[return-value]
+            [RTCIceServer(m["urls"], m["username"], m["credential"])] for m in minted
+        )
+
+
+async def start_coturn(
+    topology: Topology, tls: TlsFiles, directory: Path, **turn: Any
+) -> asyncio.subprocess.Process:
+    """``make turn``'s command line in the public namespace; returns once coturn answers."""
+    config = directory / "config.yaml"
+    settings = {
+        "secret": SECRET,
+        "listen": topology.public_address,
+        "cert": str(tls.cert),
+        "key": str(tls.key),
+        "allowed_peers": [PUBLIC_NETWORK],
+        **turn,
+    }
+    config.write_text(yaml.safe_dump({"turn": settings}))
+    proc = await asyncio.create_subprocess_exec(
+        *topology.public.command(sys.executable, "-m", "peers.turnserver", "--config", str(config)),
+        stderr=asyncio.subprocess.STDOUT,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        await wait_ready(proc, "TURN URL", TIMEOUT * 2)
+    except BaseException:
+        await stop(proc)
+        raise
+    return proc
+
+
+async def stop(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        proc.terminate()
+        await within(proc.wait(), 2)
+
+
+@contextlib.asynccontextmanager
+async def world(nat_kind: Nat, directory: Path, **turn: Any) -> AsyncIterator[World]:
+    async with topology(nat_kind) as built:
+        tls = make_tls_files(directory, built.public_address)
+        coturn = await start_coturn(built, tls, directory, **turn)
+        try:
+            yield World(built, tls, coturn)
+        finally:
+            await stop(coturn)
 
 
 def skip_without_nat_or_coturn() -> list[pytest.MarkDecorator]:

@@ -25,9 +25,9 @@ import pytest
 import yaml
 
 import relay
-from peers.demo import Process, peer_argv, spawn, start_relay
 from tests import nat
-from tests.test_turn_nat import SECRET, start_coturn, stop
+from tests.nat import SECRET, start_coturn, stop
+from tests.processes import Process, peer_argv, spawn, start_relay
 
 pytestmark = [*nat.skip_without_nat_or_coturn(), pytest.mark.asyncio]
 
@@ -67,9 +67,7 @@ async def scene(kind: nat.Nat, directory: Path, turn_urls: list[str]) -> AsyncIt
                 }
             )
         )
-        server, url = await start_relay(
-            config, topology.public.command(), host=topology.public_address
-        )
+        server, url = await start_relay(config, topology.public, host=topology.public_address)
         try:
             yield Scene(topology, tls, url, directory)
         finally:
@@ -129,7 +127,8 @@ async def test_symmetric_nat_without_turn_fails_within_the_timeout(
     async with scene("symmetric", tmp_path, []) as s:
         args = ("--ice-server", s.url("stun")) if servers == "stun" else ()
         started = time.monotonic()
-        results = await call(s, *args)
+        # Longer than the ICE timeout: each peer ends by itself, failing, not by --duration.
+        results = await call(s, *args, seconds=3 * float(ICE_TIMEOUT))
     assert_failed(results, "no TURN server is configured")
     assert time.monotonic() - started < 30
 

@@ -1,34 +1,37 @@
 """The aiortc peers: pure parts, then real calls inside a private network namespace.
 
-Calls use the real relay and the real ``python -m peers.patient`` /
-``peers.practitioner`` command lines (through peers.demo's process helpers),
-inside a namespace this test run creates and deletes: aioice never gathers on
-127.0.0.1, and nothing leaves the machine.
+The first call is two ``peers.call.Call`` objects in this process; the others
+use the real relay and the real ``python -m peers.patient`` /
+``peers.practitioner`` command lines (tests/processes.py), inside a namespace
+this test run creates and deletes: aioice never gathers on 127.0.0.1, and
+nothing leaves the machine. Tests wait for what they need (a log line, a
+number of frames), never for a fixed time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import av
 import pytest
 import pytest_asyncio
 import yaml
-from aiortc import RTCPeerConnection
 from av import VideoFrame
 
 from peers import ice
+from peers.call import CallOptions
 from peers.config import ConfigError, PeerSettings, parse_ice_urls
-from peers.demo import Process, peer_argv, spawn, start_relay
-from peers.media import PatternTrack, Receiver, ToneTrack, latency_ms, read_stamp, stamp_bits
+from peers.media import PatternTrack, latency_ms, read_stamp, stamp_bits
 from peers.netns import Netns, Network, netns_missing
 from relay import mint_token
-from tests.nat import inside
+from tests.inprocess import LocalPair
+from tests.processes import Process, RelayProcess, peer_argv, relay_process, spawn
 from tests.support import within
 
 FPS = 15
@@ -140,6 +143,13 @@ async def lan() -> AsyncIterator[Netns]:
         yield await net.lan("198.18.0.2/24")
 
 
+@pytest_asyncio.fixture
+async def relay(lan: Netns, config: Path) -> AsyncIterator[RelayProcess]:
+    """relay.py inside the namespace, port 0 (kept across a restart), stopped by PID."""
+    async with relay_process(config, lan.name) as running:
+        yield running
+
+
 @pytest.fixture
 def config(tmp_path: Path) -> Path:
     path = tmp_path / "config.yaml"
@@ -166,61 +176,72 @@ def assert_media_arrived(got: dict[str, Any], seconds: float) -> None:
     assert got["latency_ms"]["p50"] > 0
 
 
+class Peer(Protocol):
+    async def __call__(self, role: str, *args: str, name: str = "") -> Process: ...
+
+
+@pytest_asyncio.fixture
 async def peer(
-    lan: Netns, role: str, config: Path, tmp_path: Path, url: str, *args: str, name: str = ""
-) -> Process:
-    argv = peer_argv(
-        role, config, "--relay", url, "--session", "call", "--video", "pattern",
-        "--audio", "tone", "--stats-json", str(tmp_path / f"{name or role}.json"), *args,
-    )  # fmt: skip
-    return await spawn(name or role, argv, lan.command())
+    lan: Netns, relay: RelayProcess, config: Path, tmp_path: Path
+) -> AsyncIterator[Peer]:
+    """Starts ``python -m peers.ROLE`` in the namespace, joined to the relay's session "call"
+    with the pattern and the tone; every one still running at the end is stopped by PID."""
+    started: list[Process] = []
+
+    async def start(role: str, *args: str, name: str = "") -> Process:
+        argv = peer_argv(
+            role, config, "--relay", relay.url, "--session", "call", "--video", "pattern",
+            "--audio", "tone", "--stats-json", str(tmp_path / f"{name or role}.json"), *args,
+        )  # fmt: skip
+        started.append(await spawn(name or role, argv, lan.command()))
+        return started[-1]
+
+    try:
+        yield start
+    finally:
+        for process in started:
+            await process.stop()
 
 
 @pytest.mark.netns
 @pytest.mark.asyncio
-async def test_two_peers_in_one_process_without_the_relay(lan: Netns) -> None:
-    a, b = RTCPeerConnection(), RTCPeerConnection()
-    receivers = {"a": Receiver(), "b": Receiver()}
-    for pc, receiver in ((a, receivers["a"]), (b, receivers["b"])):
-        pc.addTrack(ToneTrack())
-        pc.addTrack(PatternTrack(320, 240, FPS))
-        pc.on("track", receiver.add)
-    with inside(lan):
-        await a.setLocalDescription(await a.createOffer())
-        await b.setRemoteDescription(a.localDescription)
-        await b.setLocalDescription(await b.createAnswer())
-    await a.setRemoteDescription(b.localDescription)
-    try:
-        await within(asyncio.gather(*(r.first_frame.wait() for r in receivers.values())), 2)
-        await asyncio.sleep(2)
-        for receiver in receivers.values():
-            got = receiver.received
+async def test_two_calls_in_one_process_exchange_media_and_chat(lan: Netns) -> None:
+    """Two Calls wired in memory exchange stamped video, audio and a chat line both ways."""
+    pair = LocalPair((CallOptions(), CallOptions()), (lan, lan), width=320, height=240, fps=FPS)
+    chats: dict[str, asyncio.Queue[str]] = {
+        "patient": asyncio.Queue(),
+        "practitioner": asyncio.Queue(),
+    }
+    for call in pair.calls:
+        call.on_chat = chats[call.name].put_nowait
+    async with contextlib.aclosing(pair):
+        await within(pair.connect(), 2)
+        await within(pair.flowing(video=FPS * 2, audio=50 * 2), 4)
+        for call in pair.calls:
+            got = call.receiver.received
             assert (got.width, got.height) == (320, 240)
-            assert got.stamped == got.video_frames > 10
-            assert got.audio_frames > 20
-    finally:
-        for receiver in receivers.values():
-            await receiver.stop()
-        await a.close()
-        await b.close()
+            assert got.stamped == got.video_frames
+            assert got.counters == sorted(got.counters)
+            assert call.path is not None and call.path.type == "host"
+        assert pair.a.send_chat("from the patient")
+        assert await within(chats["practitioner"].get()) == "from the patient"
+        assert pair.b.send_chat("from the practitioner")
+        assert await within(chats["patient"].get()) == "from the practitioner"
 
 
 @pytest.mark.netns
 @pytest.mark.asyncio
 @pytest.mark.parametrize("first", ["patient", "practitioner"])
 async def test_a_call_through_the_relay_in_either_join_order(
-    lan: Netns, config: Path, tmp_path: Path, first: str
+    peer: Peer, tmp_path: Path, first: str
 ) -> None:
-    relay, url = await start_relay(config, lan.command())
+    """Whoever joins first, both command lines receive each other's media."""
     second = "practitioner" if first == "patient" else "patient"
-    try:
-        a = await peer(lan, first, config, tmp_path, url, "--duration", "6")
-        await asyncio.sleep(1)
-        b = await peer(lan, second, config, tmp_path, url, "--duration", "4")
-        assert await b.wait(30) == 0, b.log()
-        assert await a.wait(30) == 0, a.log()
-    finally:
-        await relay.stop()
+    a = await peer(first, "--duration", "6")
+    await a.expect("waiting for the")  # joined, alone
+    b = await peer(second, "--duration", "4")
+    assert await b.wait(30) == 0, b.log()
+    assert await a.wait(30) == 0, a.log()
     for role in ("patient", "practitioner"):
         got = summary(tmp_path, role)
         assert_media_arrived(got, 3)
@@ -229,19 +250,22 @@ async def test_a_call_through_the_relay_in_either_join_order(
 
 @pytest.mark.netns
 @pytest.mark.asyncio
-async def test_the_call_survives_a_relay_restart(lan: Netns, config: Path, tmp_path: Path) -> None:
-    relay, url = await start_relay(config, lan.command(), port=5001)
-    patient = await peer(lan, "patient", config, tmp_path, url, "--duration", "12")
-    practitioner = await peer(lan, "practitioner", config, tmp_path, url, "--duration", "12")
-    try:
-        await asyncio.sleep(4)
-        assert await relay.stop() == 0
-        await asyncio.sleep(2)  # the relay is away; media keeps flowing
-        relay, _ = await start_relay(config, lan.command(), port=5001)
-        assert await patient.wait(40) == 0, patient.log()
-        assert await practitioner.wait(40) == 0, practitioner.log()
-    finally:
-        await relay.stop()
+async def test_the_call_survives_a_relay_restart(
+    peer: Peer, relay: RelayProcess, tmp_path: Path
+) -> None:
+    """The relay stops and starts again on its port: one call, media all along, resumed seats."""
+    url = relay.url
+    patient = await peer("patient", "--duration", "12")
+    practitioner = await peer("practitioner", "--duration", "12")
+    for process in (patient, practitioner):
+        await process.expect("call 1: connected", 20)
+    assert await relay.stop() == 0
+    # The relay is away and media keeps flowing; both peers retry at least once.
+    for process in (patient, practitioner):
+        await process.expect("reconnecting in", 10)
+    assert await relay.start() == url  # the same port
+    assert await patient.wait(40) == 0, patient.log()
+    assert await practitioner.wait(40) == 0, practitioner.log()
     for role, process in (("patient", patient), ("practitioner", practitioner)):
         got = summary(tmp_path, role)
         assert got["calls"] == 1, process.log()  # one call from start to end
@@ -252,23 +276,14 @@ async def test_the_call_survives_a_relay_restart(lan: Netns, config: Path, tmp_p
 
 @pytest.mark.netns
 @pytest.mark.asyncio
-async def test_a_second_practitioner_gets_a_fresh_call(
-    lan: Netns, config: Path, tmp_path: Path
-) -> None:
-    relay, url = await start_relay(config, lan.command())
-    try:
-        patient = await peer(lan, "patient", config, tmp_path, url, "--duration", "12")
-        first = await peer(
-            lan, "practitioner", config, tmp_path, url, "--duration", "3", name="first"
-        )
-        assert await first.wait(30) == 0, first.log()
-        second = await peer(
-            lan, "practitioner", config, tmp_path, url, "--duration", "4", name="second"
-        )
-        assert await second.wait(30) == 0, second.log()
-        assert await patient.wait(30) == 0, patient.log()
-    finally:
-        await relay.stop()
+async def test_a_second_practitioner_gets_a_fresh_call(peer: Peer, tmp_path: Path) -> None:
+    """After the first practitioner hangs up, the patient calls the next one afresh."""
+    patient = await peer("patient", "--duration", "12")
+    first = await peer("practitioner", "--duration", "3", name="first")
+    assert await first.wait(30) == 0, first.log()
+    second = await peer("practitioner", "--duration", "4", name="second")
+    assert await second.wait(30) == 0, second.log()
+    assert await patient.wait(30) == 0, patient.log()
     assert any("hung up" in line for line in patient.lines), patient.log()
     assert summary(tmp_path, "patient")["calls"] == 2
     assert_media_arrived(summary(tmp_path, "first"), 2)
@@ -277,35 +292,27 @@ async def test_a_second_practitioner_gets_a_fresh_call(
 
 @pytest.mark.netns
 @pytest.mark.asyncio
-async def test_a_second_patient_exits_2_with_role_taken(
-    lan: Netns, config: Path, tmp_path: Path
-) -> None:
-    relay, url = await start_relay(config, lan.command())
-    try:
-        first = await peer(lan, "patient", config, tmp_path, url, "--duration", "6")
-        await asyncio.sleep(1.5)
-        second = await peer(lan, "patient", config, tmp_path, url, name="second")
-        assert await second.wait(20) == 2
-        assert any("role-taken" in line for line in second.lines), second.log()
-        assert await first.stop() == 0
-    finally:
-        await relay.stop()
+async def test_a_second_patient_exits_2_with_role_taken(peer: Peer) -> None:
+    """A second patient in a session is refused with role-taken and exits 2."""
+    first = await peer("patient", "--duration", "6")
+    await first.expect("waiting for the")  # the seat is taken
+    second = await peer("patient", name="second")
+    assert await second.wait(20) == 2
+    assert any("role-taken" in line for line in second.lines), second.log()
+    assert await first.stop() == 0
 
 
 @pytest.mark.netns
 @pytest.mark.asyncio
 async def test_an_impossible_ice_path_fails_within_the_timeout_with_its_cause(
-    lan: Netns, config: Path, tmp_path: Path
+    peer: Peer, tmp_path: Path
 ) -> None:
-    relay, url = await start_relay(config, lan.command())
+    """TURN only without a TURN server: exit 1 within the ICE timeout, naming the cause."""
     args = ("--ice-policy", "relay", "--ice-timeout", "3")  # TURN only, and no TURN server
-    try:
-        patient = await peer(lan, "patient", config, tmp_path, url, *args)
-        practitioner = await peer(lan, "practitioner", config, tmp_path, url, *args)
-        assert await patient.wait(20) == 1, patient.log()
-        await practitioner.stop()
-    finally:
-        await relay.stop()
+    patient = await peer("patient", *args)
+    practitioner = await peer("practitioner", *args)
+    assert await patient.wait(20) == 1, patient.log()
+    await practitioner.stop()
     message = "\n".join(patient.lines)
     assert "no TURN server is configured" in message
     assert summary(tmp_path, "patient")["exit_reason"] == "ice-failed"
@@ -313,6 +320,7 @@ async def test_an_impossible_ice_path_fails_within_the_timeout_with_its_cause(
 
 @pytest.mark.asyncio
 async def test_a_bad_flag_or_key_exits_2_naming_it(config: Path, tmp_path: Path) -> None:
+    """A bad YAML value or flag exits 2 with one line naming the key or flag."""
     bad = tmp_path / "bad.yaml"
     bad.write_text("ice: {policy: sometimes}\n")
     for argv, named in (
@@ -327,35 +335,26 @@ async def test_a_bad_flag_or_key_exits_2_naming_it(config: Path, tmp_path: Path)
 
 @pytest.mark.netns
 @pytest.mark.asyncio
-async def test_record_to_a_file_then_send_that_file(
-    lan: Netns, config: Path, tmp_path: Path
-) -> None:
+async def test_record_to_a_file_then_send_that_file(peer: Peer, tmp_path: Path) -> None:
     """--record-to keeps what arrived; --video FILE --audio FILE sends it back out."""
     recording = tmp_path / "received.mkv"
-    relay, url = await start_relay(config, lan.command())
-    try:
-        practitioner = await peer(
-            lan, "practitioner", config, tmp_path, url, "--duration", "4",
-            "--record-to", str(recording),
-        )  # fmt: skip
-        patient = await peer(lan, "patient", config, tmp_path, url, "--duration", "4")
-        assert await patient.wait(30) == 0, patient.log()
-        assert await practitioner.wait(30) == 0, practitioner.log()
-        with av.open(str(recording)) as container:
-            kinds = {stream.type for stream in container.streams}
-            frames = [read_stamp(frame) for frame in container.decode(video=0)]
-        assert kinds == {"audio", "video"}
-        assert len(frames) >= FPS * 2
-        assert sum(stamp is not None for stamp in frames) >= len(frames) * 0.9  # ours, recorded
-        replay = await peer(
-            lan, "patient", config, tmp_path, url, "--duration", "3", "--video", str(recording),
-            "--audio", str(recording), name="replay",
-        )  # fmt: skip
-        listener = await peer(lan, "practitioner", config, tmp_path, url, "--duration", "3")
-        assert await replay.wait(30) == 0, replay.log()
-        assert await listener.wait(30) == 0, listener.log()
-    finally:
-        await relay.stop()
+    practitioner = await peer("practitioner", "--duration", "4", "--record-to", str(recording))
+    patient = await peer("patient", "--duration", "4")
+    assert await patient.wait(30) == 0, patient.log()
+    assert await practitioner.wait(30) == 0, practitioner.log()
+    with av.open(str(recording)) as container:
+        kinds = {stream.type for stream in container.streams}
+        frames = [read_stamp(frame) for frame in container.decode(video=0)]
+    assert kinds == {"audio", "video"}
+    assert len(frames) >= FPS * 2
+    assert sum(stamp is not None for stamp in frames) >= len(frames) * 0.9  # ours, recorded
+    replay = await peer(
+        "patient", "--duration", "3", "--video", str(recording), "--audio", str(recording),
+        name="replay",
+    )  # fmt: skip
+    listener = await peer("practitioner", "--duration", "3")
+    assert await replay.wait(30) == 0, replay.log()
+    assert await listener.wait(30) == 0, listener.log()
     got = summary(tmp_path, "practitioner")
     assert got["video"]["frames"] > 10
     assert got["video"]["stamped"] > 10  # the recorded stamps went out again
@@ -370,9 +369,8 @@ async def test_a_refused_token_exits_2_naming_the_code(
     """No ICE is involved: the relay refuses the join, the peer says why and does not retry."""
     config = tmp_path / "secured.yaml"
     config.write_text(yaml.safe_dump({"auth": {"secret": "clinic-secret"}}))
-    relay, url = await start_relay(config)
-    try:
-        args = ["--relay", url, "--session", "s1"]
+    async with relay_process(config) as relay:
+        args = ["--relay", relay.url, "--session", "s1"]
         if age is not None:
             args += [
                 "--token",
@@ -380,8 +378,6 @@ async def test_a_refused_token_exits_2_naming_the_code(
             ]
         process = await spawn("patient", peer_argv("patient", config, *args))
         assert await process.wait(20) == 2
-    finally:
-        await relay.stop()
     refusals = [line for line in process.lines if "join refused" in line]
     assert len(refusals) == 1, process.log()
     assert code in refusals[0]

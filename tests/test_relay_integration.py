@@ -31,7 +31,8 @@ from websockets.asyncio.client import connect
 
 import relay
 from peers.netns import Network, netns_missing
-from tests.support import Client, pair, relay_config, running_relay, within
+from tests.processes import RelayProcess
+from tests.support import TIMEOUT, Client, pair, relay_config, running_relay, within
 
 pytestmark = pytest.mark.asyncio
 
@@ -580,15 +581,6 @@ async def start(*args: str, prefix: tuple[str, ...] = ()) -> asyncio.subprocess.
     )
 
 
-async def listening_port(proc: asyncio.subprocess.Process, log: list[str]) -> int:
-    assert proc.stderr is not None
-    while line := (await within(proc.stderr.readline(), 2)).decode():
-        log.append(line)
-        if match := re.search(r"relay listening on ws://127\.0\.0\.1:(\d+)/ws", line):
-            return int(match.group(1))
-    raise AssertionError("".join(log))
-
-
 @pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 async def test_signal_closes_every_connection_with_1001_and_exits_0(
@@ -596,24 +588,23 @@ async def test_signal_closes_every_connection_with_1001_and_exits_0(
 ) -> None:
     """On either event loop: a call's frames pass, then a signal closes everything."""
     config = write_yaml(tmp_path / "c.yaml", {})
-    proc = await start("--config", str(config), "--port", "0", "--loop", loop)
-    log: list[str] = []
+    relay_process = RelayProcess(config, args=("--loop", loop))
     try:
-        port = await listening_port(proc, log)
-        assert f"(event loop: {loop})" in log[-1]
-        patient, practitioner = await pair(f"ws://127.0.0.1:{port}/ws", "s1")
+        url = await relay_process.start()
+        assert relay_process.process is not None
+        listening = [line for line in relay_process.log if "relay listening" in line]
+        assert f"(event loop: {loop})" in listening[0]
+        patient, practitioner = await pair(url, "s1")
         await patient.send(type="offer", sdp="v=0")
         assert (await practitioner.expect("offer"))["sdp"] == "v=0"
         await practitioner.send(type="candidate", candidate=CANDIDATE)
         assert (await patient.expect("candidate"))["candidate"] == CANDIDATE
-        proc.send_signal(signum)
+        relay_process.process.proc.send_signal(signum)
         assert (await patient.closed())[0] == 1001
         assert (await practitioner.closed())[0] == 1001
-        assert await within(proc.wait(), 2) == 0
+        assert await relay_process.process.wait(2 * TIMEOUT) == 0
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        await relay_process.stop()
 
 
 @pytest.mark.parametrize(
@@ -651,20 +642,14 @@ async def test_open_on_a_public_address_warns_at_start(tmp_path: Path) -> None:
     config = write_yaml(tmp_path / "c.yaml", {"auth": {"open": True}})
     async with Network() as net:
         lan = await net.lan("198.18.0.2/24")
-        proc = await start(
-            "--config", str(config), "--host", "198.18.0.2", "--port", "0",
-            prefix=tuple(lan.command()),
-        )  # fmt: skip
+        relay_process = RelayProcess(config, netns=lan.name, host="198.18.0.2")
         try:
-            assert proc.stderr is not None
-            log = ""
-            while "relay listening" not in log:
-                log += (await within(proc.stderr.readline(), 2)).decode()
+            await relay_process.start()
+            log = "\n".join(relay_process.log)
             assert "WARNING" in log
             assert "auth.open" in log
         finally:
-            proc.send_signal(signal.SIGTERM)
-            assert await within(proc.wait(), 2) == 0
+            assert await relay_process.stop() == 0
 
 
 async def test_token_command_prints_a_token_the_relay_accepts(tmp_path: Path) -> None:

@@ -253,24 +253,11 @@ async def test_tls_with_trusted_ca(tls_files: TlsFiles, monkeypatch: pytest.Monk
     async with TurnServer(tls) as server:
         entry = minted(server)
         assert f"turns:127.0.0.1:{server.tls_port}?transport=tcp" in server.urls()
-        untrusted = await relay_candidates(
-            server.host,
-            server.tls_port,
-            entry["username"],
-            entry["credential"],
-            transport="tcp",
-            tls=True,
-        )
+        args = (server.host, server.tls_port, entry["username"], entry["credential"])
+        untrusted = await relay_candidates(*args, transport="tcp", tls=True)
         assert untrusted == []  # aioice verifies with the default context: unknown CA
         monkeypatch.setenv("SSL_CERT_FILE", str(tls_files.ca))
-        trusted = await relay_candidates(
-            server.host,
-            server.tls_port,
-            entry["username"],
-            entry["credential"],
-            transport="tcp",
-            tls=True,
-        )
+        trusted = await relay_candidates(*args, transport="tcp", tls=True)
         assert [c.type for c in trusted] == ["relay"]
 
 

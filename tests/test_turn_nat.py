@@ -11,109 +11,18 @@ relay. Every case asserts on the selected candidate pair.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import sys
-import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import pytest
 import pytest_asyncio
-import yaml
-from aiortc import RTCIceServer
 
-import relay
 from tests import nat
+from tests.nat import World, stop, world
 from tests.support import TIMEOUT, within
 
-SECRET = "nat-test-secret"
-
 pytestmark = [*nat.skip_without_nat_or_coturn()]
-
-
-@dataclass
-class World:
-    topology: nat.Topology
-    tls: nat.TlsFiles
-    coturn: asyncio.subprocess.Process
-
-    @property
-    def address(self) -> str:
-        return self.topology.public_address
-
-    def url(self, kind: str) -> str:
-        return {
-            "udp": f"turn:{self.address}:3478?transport=udp",
-            "tcp": f"turn:{self.address}:3478?transport=tcp",
-            "tls": f"turns:{self.address}:5349?transport=tcp",
-            "stun": f"stun:{self.address}:3478",
-        }[kind]
-
-    def servers(
-        self, kind: str | None, secret: str = SECRET, age: float = 0.0
-    ) -> tuple[list[RTCIceServer], list[RTCIceServer]]:
-        """Each peer's ice servers: none, STUN, or TURN credentials minted by the relay."""
-        if kind is None:
-            return [], []
-        if kind == "stun":
-            return [RTCIceServer(self.url(kind))], [RTCIceServer(self.url(kind))]
-        config = relay.RelayConfig.from_mapping(
-            {"turn": {"secret": secret, "urls": [self.url(kind)], "ttl": 600}}, env={}
-        )
-        minted = [
-            relay.turn_credentials(config.turn, "nat", role, time.time() - age)[0]
-            for role in ("patient", "practitioner")
-        ]
-        return tuple(  # type: ignore[return-value]
-            [RTCIceServer(m["urls"], m["username"], m["credential"])] for m in minted
-        )
-
-
-async def start_coturn(
-    topology: nat.Topology, tls: nat.TlsFiles, directory: Path, **turn: Any
-) -> asyncio.subprocess.Process:
-    """``make turn``'s command line in the public namespace; returns once coturn answers."""
-    config = directory / "config.yaml"
-    settings = {
-        "secret": SECRET,
-        "listen": topology.public_address,
-        "cert": str(tls.cert),
-        "key": str(tls.key),
-        "allowed_peers": [nat.PUBLIC_NETWORK],
-        **turn,
-    }
-    config.write_text(yaml.safe_dump({"turn": settings}))
-    proc = await asyncio.create_subprocess_exec(
-        *topology.public.command(sys.executable, "-m", "peers.turnserver", "--config", str(config)),
-        stderr=asyncio.subprocess.STDOUT,
-        stdout=asyncio.subprocess.PIPE,
-    )
-    try:
-        await nat.wait_ready(proc, "TURN URL", TIMEOUT * 2)
-    except BaseException:
-        await stop(proc)
-        raise
-    return proc
-
-
-async def stop(proc: asyncio.subprocess.Process) -> None:
-    if proc.returncode is None:
-        proc.terminate()
-        await within(proc.wait(), 2)
-
-
-@contextlib.asynccontextmanager
-async def world(nat_kind: nat.Nat, directory: Path, **turn: Any) -> AsyncIterator[World]:
-    async with nat.topology(nat_kind) as topology:
-        tls = nat.make_tls_files(directory, topology.public_address)
-        coturn = await start_coturn(topology, tls, directory, **turn)
-        try:
-            yield World(topology, tls, coturn)
-        finally:
-            await stop(coturn)
 
 
 async def place(

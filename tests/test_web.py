@@ -21,13 +21,12 @@ from playwright.async_api import Page
 import relay
 from tests.browser import (
     Browsers,
-    RelayProcess,
     join,
     notice,
-    relay_process,
     wait_state,
     write_config,
 )
+from tests.processes import RelayProcess, relay_process
 from tests.support import TIMEOUT, Client
 
 WEB = Path(__file__).resolve().parent.parent / "web"

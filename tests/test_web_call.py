@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,16 +19,14 @@ import pytest_asyncio
 import yaml
 from playwright.async_api import Browser, Page
 
-from peers.demo import Process, peer_argv, spawn
 from peers.netns import Netns, Network, netns_missing
 from tests.browser import (
     Browsers,
-    RelayProcess,
     join,
-    relay_process,
     wait_state,
     write_config,
 )
+from tests.processes import Process, RelayProcess, peer_argv, relay_process, spawn
 from tests.support import TIMEOUT, within
 
 pytestmark = pytest.mark.netns
@@ -190,11 +189,7 @@ async def aiortc_peer(net: Net, role: str, tmp_path: Path, session: str) -> Proc
 
 
 async def printed(process: Process, text: str) -> None:
-    async def poll() -> None:
-        while not any(text in line for line in process.lines):  # noqa: ASYNC110 (a child's output)
-            await asyncio.sleep(0.1)
-
-    await within(poll(), 2)
+    await process.expect(re.escape(text), 2 * TIMEOUT)
 
 
 @pytest.mark.asyncio

@@ -1,5 +1,9 @@
 """``make demo``: the relay, a practitioner and a patient in a real call, then a summary.
 
+(In bench/ with the benchmarks: like them it starts real processes and prints
+figures, with the process helpers of tests/processes.py; it is not part of
+the peers themselves.)
+
 Starts ``relay.py``, then ``python -m peers.practitioner`` and ``python -m
 peers.patient`` on the generated test pattern and tone, holds the call for
 about 10 s, prints what it achieved (ICE path, time to first frame, frames per
@@ -18,127 +22,26 @@ import asyncio
 import contextlib
 import json
 import os
-import re
-import signal
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from peers.netns import Network, netns_missing
-
-ROOT = Path(__file__).resolve().parent.parent
-START_TIMEOUT = 15.0
-
-
-@dataclass
-class Process:
-    """A child process whose standard error is collected line by line."""
-
-    name: str
-    proc: asyncio.subprocess.Process
-    lines: list[str] = field(default_factory=list)
-    reader: asyncio.Task[None] | None = None
-
-    async def stop(self, grace: float = 10.0) -> int:
-        """SIGTERM by PID, then SIGKILL after ``grace`` seconds; the exit status."""
-        if self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self.proc.wait(), grace)
-            except TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
-        if self.reader is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.reader, 5)
-        assert self.proc.returncode is not None
-        return self.proc.returncode
-
-    async def wait(self, limit: float) -> int:
-        """The exit status; stopped by PID when it runs over ``limit`` seconds."""
-        try:
-            await asyncio.wait_for(self.proc.wait(), limit)
-        except TimeoutError:
-            await self.stop()
-        if self.reader is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.reader, 5)
-        assert self.proc.returncode is not None
-        return self.proc.returncode
-
-    def log(self) -> str:
-        return "\n".join(self.lines)
-
-
-async def spawn(
-    name: str, argv: Sequence[str], prefix: Sequence[str] = (), stdin: int | None = None
-) -> Process:
-    proc = await asyncio.create_subprocess_exec(
-        *prefix,
-        *argv,
-        cwd=ROOT,
-        stdin=asyncio.subprocess.DEVNULL if stdin is None else stdin,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    child = Process(name, proc)
-
-    async def read() -> None:
-        assert proc.stdout is not None
-        while line := await proc.stdout.readline():
-            child.lines.append(line.decode(errors="replace").rstrip())
-
-    child.reader = asyncio.create_task(read())
-    return child
-
-
-async def start_relay(
-    config: Path, prefix: Sequence[str] = (), port: int = 0, host: str = "127.0.0.1"
-) -> tuple[Process, str]:
-    """``relay.py`` on ``host`` (inside the namespace of ``prefix``); its ws:// URL."""
-    relay = await spawn(
-        "relay",
-        [
-            sys.executable,
-            str(ROOT / "relay.py"),
-            "--config",
-            str(config),
-            "--host",
-            host,
-            "--port",
-            str(port),
-        ],
-        prefix,
-    )
-    for _ in range(int(START_TIMEOUT * 20)):
-        for line in relay.lines:
-            if match := re.search(r"relay listening on (ws://\S+)", line):
-                return relay, match.group(1)
-        if relay.proc.returncode is not None:
-            break
-        await asyncio.sleep(0.05)
-    await relay.stop()
-    raise RuntimeError(f"the relay did not start:\n{relay.log()}")
-
-
-def peer_argv(role: str, config: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", f"peers.{role}", "--config", str(config), *args]
+from peers.netns import Netns, Network, netns_missing
+from tests.processes import Process, peer_argv, spawn, start_relay
 
 
 @contextlib.asynccontextmanager
-async def place(private: bool) -> AsyncIterator[list[str]]:
-    """The command prefix that runs a process where the call happens."""
+async def place(private: bool) -> AsyncIterator[Netns | None]:
+    """The namespace where the call happens (None: this machine's own)."""
     if not private:
-        yield []
+        yield None
         return
     async with Network("epc-demo") as net:
-        lan = await net.lan("198.18.0.2/24")
-        yield lan.command()
+        yield await net.lan("198.18.0.2/24")
 
 
 def summary_lines(summaries: dict[str, dict[str, Any]]) -> list[str]:
@@ -179,8 +82,9 @@ async def demo(data: dict[str, Any], seconds: float, private: bool) -> int:
         data["relay"].update({"host": "127.0.0.1", "port": 0})
         settings = out / "config.yaml"
         settings.write_text(yaml.safe_dump(data), encoding="utf-8")
-        async with place(private) as prefix:
-            relay, url = await start_relay(settings, prefix)
+        async with place(private) as ns:
+            prefix = [] if ns is None else ns.command()
+            relay, url = await start_relay(settings, ns)
             peers: dict[str, Process] = {}
             try:
                 for role in ("practitioner", "patient"):
@@ -212,7 +116,7 @@ async def demo(data: dict[str, Any], seconds: float, private: bool) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m peers.demo", description=__doc__.splitlines()[0]
+        prog="python -m bench.demo", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--config", type=Path, default=Path("config.yaml"))
     parser.add_argument("--seconds", type=float, default=10.0, help="length of the call")

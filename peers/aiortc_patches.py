@@ -1,0 +1,339 @@
+"""Every reach into aioice's and aiortc's internals, fenced in one module.
+
+aiortc keeps its aioice ``Connection`` private and aioice exposes neither its
+TURN client under a relayed candidate, nor the nominated pair, nor a way to be
+told when a TURN allocation is lost. The peers need all four. Each function
+below names the upstream line it stands in for (aioice 0.13.0, aiortc 1.16.0)
+and is written as it could be proposed upstream: an accessor for a private
+attribute, or a hook on a public coroutine. Nothing outside this module may
+touch a private attribute of either library; ``check_versions()`` refuses, in
+one line, any other version than the pinned ones, because these patches are
+only proven against them (tests/test_aiortc_patches.py proves each one fires).
+
+The patches:
+
+- ``ice_connection``: ``RTCIceTransport._connection`` (aiortc rtcicetransport.py:202).
+- ``turn_client``: ``TurnTransport.__inner_protocol`` (aioice turn.py:426).
+- ``relay_protocols``: ``Connection._protocols`` (aioice ice.py:451).
+- ``nominated_pair``: ``Connection._nominated`` (aioice ice.py:449).
+- ``set_check_retries``: the module global ``aioice.stun.RETRY_MAX`` (aioice stun.py:20),
+  read by every ``stun.Transaction`` (stun.py:358) that has no explicit count.
+- ``use_tls_context``: ``Connection.turn_ssl`` is typed bool (ice.py:427) but is
+  passed on as ``ssl=`` (ice.py:125), where a context works too.
+- ``instrument``: hooks ``Connection.gather_candidates`` (ice.py:568) and
+  ``Connection.connect`` (ice.py:608) to bind TURN channels early (the
+  bookkeeping of ``TurnClientMixin.send_data``, turn.py:320, without sending),
+  and ``StunProtocol.error_received`` / ``connection_lost`` (ice.py:305 and
+  ice.py:274) of each relayed candidate to report a lost allocation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.metadata
+import logging
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from typing import cast
+
+import aioice.stun
+from aioice import Connection, stun
+from aioice.ice import CandidatePair, StunProtocol
+from aioice.turn import TurnClientMixin, TurnTransport
+from aiortc import RTCIceTransport
+
+from peers.errors import PeerError
+
+__all__ = [
+    "PINNED",
+    "UnsupportedVersion",
+    "check_retries",
+    "check_versions",
+    "ice_connection",
+    "instrument",
+    "nominated_pair",
+    "relay_protocols",
+    "set_check_retries",
+    "turn_client",
+    "use_tls_context",
+]
+
+logger = logging.getLogger(__name__)
+
+PINNED = {"aioice": "0.13.0", "aiortc": "1.16.0"}
+LOST_CODES = frozenset({400, 437})  # after these, a Refresh tells whether the allocation is gone
+EARLY_BIND_S = 1.0  # at most this long spent binding channels before the checks start
+
+
+class UnsupportedVersion(PeerError):
+    """aioice or aiortc is not the version these patches were proven against."""
+
+    code = "unsupported-version"
+
+
+def check_versions(installed: Callable[[str], str] = importlib.metadata.version) -> None:
+    """Raise UnsupportedVersion (one line) unless aioice and aiortc are the pinned versions."""
+    wrong = [
+        f"{name} {installed(name)} (expected {version})"
+        for name, version in PINNED.items()
+        if installed(name) != version
+    ]
+    if wrong:
+        raise UnsupportedVersion(
+            "peers/aiortc_patches.py is proven against the pinned versions only; installed: "
+            + ", ".join(wrong)
+            + " (run `make setup`)"
+        )
+
+
+# -- accessors ----------------------------------------------------------------------------------
+
+
+def ice_connection(transport: RTCIceTransport) -> Connection:
+    """The aioice Connection behind an aiortc ICE transport.
+
+    Upstream: a public ``RTCIceTransport.connection`` property for
+    ``self._connection`` (aiortc rtcicetransport.py:202).
+    """
+    connection: Connection = transport._connection
+    return connection
+
+
+def turn_client(protocol: StunProtocol) -> TurnClientMixin | None:
+    """The TURN client under a relayed candidate's protocol (None for other candidates).
+
+    Upstream: a public ``TurnTransport.turn_client`` property for the
+    name-mangled ``self.__inner_protocol`` (aioice turn.py:426).
+    """
+    transport = getattr(protocol, "transport", None)
+    if not isinstance(transport, TurnTransport):
+        return None
+    inner: TurnClientMixin = getattr(transport, "_TurnTransport__inner_protocol")  # noqa: B009
+    return inner
+
+
+def relay_protocols(connection: Connection) -> list[tuple[StunProtocol, TurnClientMixin]]:
+    """Each relayed candidate's protocol with its TURN client.
+
+    Upstream: a public view of ``Connection._protocols`` (aioice ice.py:451).
+    """
+    pairs = []
+    for protocol in connection._protocols:
+        inner = turn_client(protocol)
+        if inner is not None:
+            pairs.append((protocol, inner))
+    return pairs
+
+
+def nominated_pair(connection: Connection) -> CandidatePair | None:
+    """The nominated pair of component 1 (or any), None before ICE completes.
+
+    Upstream: a public ``Connection.nominated`` for ``self._nominated``
+    (aioice ice.py:449).
+    """
+    nominated = connection._nominated
+    return nominated.get(1) or next(iter(nominated.values()), None)
+
+
+def set_check_retries(retries: int) -> None:
+    """How many times aioice retransmits a STUN request (its checks included).
+
+    Upstream: ``Connection(stun_retransmissions=...)`` instead of the module
+    global ``RETRY_MAX`` (aioice stun.py:20), read by ``Transaction.__init__``
+    (stun.py:358) when it is given no count.
+    """
+    aioice.stun.RETRY_MAX = retries
+
+
+def check_retries() -> int:
+    """The retransmission count aioice uses now."""
+    return aioice.stun.RETRY_MAX
+
+
+def use_tls_context(transport: RTCIceTransport, context: ssl.SSLContext) -> None:
+    """Make a ``turns:`` allocation verify with ``context`` (call before gathering).
+
+    Upstream: ``Connection.turn_ssl`` typed ``bool | ssl.SSLContext`` (aioice
+    ice.py:427); it is passed on as ``ssl=`` (ice.py:125), where a context works.
+    """
+    connection = ice_connection(transport)
+    if connection.turn_ssl:
+        connection.turn_ssl = cast(bool, context)
+
+
+# -- hooks ---------------------------------------------------------------------------------------
+
+
+def instrument(
+    transport: RTCIceTransport,
+    *,
+    on_lost: Callable[[str], None] | None = None,
+    early_channels: bool = True,
+) -> None:
+    """Hook one ICE transport before gathering: early TURN channels, lost allocations.
+
+    After gathering, a channel is bound from each relayed candidate to its own
+    relayed address; when the checks start, to each remote relay and srflx
+    candidate; and, with ``on_lost``, relayed allocations are watched.
+    Upstream: hooks around ``Connection.gather_candidates`` (aioice ice.py:568)
+    and ``Connection.connect`` (ice.py:608), or the same steps inside them.
+    """
+    connection = ice_connection(transport)
+    connect = connection.connect
+    gather = connection.gather_candidates
+
+    async def gather_with_channels() -> None:
+        await gather()
+        if early_channels:
+            await _bind_all(connection, _server_binds(connection))
+
+    connection.gather_candidates = gather_with_channels  # type: ignore[method-assign]
+
+    async def connect_with_channels() -> None:
+        if on_lost is not None:
+            watch_allocations(connection, on_lost)
+        if early_channels:
+            await _bind_all(connection, _remote_binds(connection))
+        await connect()
+
+    connection.connect = connect_with_channels  # type: ignore[method-assign]
+
+
+def _remote_binds(connection: Connection) -> list[tuple[TurnClientMixin, tuple[str, int]]]:
+    """Each relayed candidate to each remote relay and srflx candidate.
+
+    aioice discards data indications from addresses it has no channel to, which
+    loses the peer's first check; a channel bound before the checks avoids it.
+    """
+    remotes = [
+        (c.host, c.port)
+        for c in connection.remote_candidates
+        if c.type in ("relay", "srflx") and c.transport.lower() == "udp"
+    ]
+    return [
+        (inner, addr)
+        for _, inner in relay_protocols(connection)
+        for addr in remotes
+        if addr not in inner.peer_to_channel and addr not in inner.peer_connect_waiters
+    ]
+
+
+def _server_binds(connection: Connection) -> list[tuple[TurnClientMixin, tuple[str, int]]]:
+    """Each relayed candidate to its own relayed address.
+
+    aioice's filter of data indications looks at the peer's IP only, and the
+    other peer's relayed candidate on the same TURN server has the server's IP:
+    with this channel, the other peer's first check is accepted even when it
+    arrives before this side has learnt the other's candidates.
+    """
+    return [
+        (inner, inner.relayed_address)
+        for _, inner in relay_protocols(connection)
+        if inner.relayed_address is not None and inner.relayed_address not in inner.peer_to_channel
+    ]
+
+
+async def _bind_all(
+    connection: Connection, binds: list[tuple[TurnClientMixin, tuple[str, int]]]
+) -> None:
+    # Failures are left to aioice, which binds again when it sends.
+    if binds:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(EARLY_BIND_S):
+                await asyncio.gather(
+                    *(_bind(inner, addr) for inner, addr in binds), return_exceptions=True
+                )
+
+
+async def _bind(inner: TurnClientMixin, addr: tuple[str, int]) -> None:
+    # The bookkeeping of aioice's TurnClientMixin.send_data (turn.py:320-360), without sending.
+    if inner.channel_number > 0x4FFF:
+        return
+    channel = inner.channel_number
+    inner.channel_number += 1
+    waiters: list[asyncio.Future[None]] = []
+    inner.peer_connect_waiters[addr] = waiters
+    try:
+        await inner.channel_bind(channel, addr)
+    except Exception as exc:
+        inner.peer_to_failed_channel[addr] = channel
+        for waiter in inner.peer_connect_waiters.pop(addr, []):
+            waiter.set_exception(exc)
+        raise
+    inner.channel_refresh_at[channel] = time.time() + inner.channel_refresh_time
+    inner.channel_to_peer[channel] = addr
+    inner.peer_to_channel[addr] = channel
+    for waiter in inner.peer_connect_waiters.pop(addr, []):
+        waiter.set_result(None)
+
+
+def watch_allocations(connection: Connection, on_lost: Callable[[str], None]) -> None:
+    """Call ``on_lost(reason)`` once when coturn has dropped a relayed candidate's allocation.
+
+    coturn may delete an allocation (it does when relaying towards an
+    unroutable peer fails); aioice then only logs each refused channel binding
+    at DEBUG (``StunProtocol.error_received``, ice.py:305, reached from
+    turn.py:496). A refused binding is confirmed here with a Refresh; a closed
+    TURN connection (``StunProtocol.connection_lost``, ice.py:274) outside a
+    deliberate close is a loss too. Upstream: an ``allocation_lost`` event.
+    """
+    reported = False
+
+    def report(reason: str) -> None:
+        nonlocal reported
+        if not reported:
+            reported = True
+            on_lost(reason)
+
+    for protocol, inner in relay_protocols(connection):
+        original_error = protocol.error_received
+        original_lost = protocol.connection_lost
+
+        def error_received(
+            exc: Exception,
+            original: Callable[[Exception], None] = original_error,
+            inner: TurnClientMixin = inner,
+        ) -> None:
+            original(exc)
+            if isinstance(exc, stun.TransactionFailed) and exc.response.error_code in LOST_CODES:
+                _spawn(_confirm_lost(inner, exc, report))
+
+        def connection_lost(
+            exc: Exception | None,
+            original: Callable[[Exception | None], None] = original_lost,
+            inner: TurnClientMixin = inner,
+        ) -> None:
+            original(exc)
+            if not connection._closing:  # ice.py:664: a deliberate close is no loss
+                report(f"the TURN allocation {inner.relayed_address} was closed")
+
+        protocol.error_received = error_received  # type: ignore[method-assign]
+        protocol.connection_lost = connection_lost  # type: ignore[method-assign]
+
+
+_tasks: set[asyncio.Task[None]] = set()
+
+
+def _spawn(coroutine: Awaitable[None]) -> None:
+    task = asyncio.ensure_future(coroutine)
+    _tasks.add(task)
+    task.add_done_callback(_tasks.discard)
+
+
+async def _confirm_lost(
+    inner: TurnClientMixin, exc: stun.TransactionFailed, report: Callable[[str], None]
+) -> None:
+    request = stun.Message(message_method=stun.Method.REFRESH, message_class=stun.Class.REQUEST)
+    request.attributes["LIFETIME"] = inner.lifetime
+    try:
+        await inner.request_with_retry(request)
+    except stun.TransactionFailed as refused:
+        if refused.response.error_code == 437:
+            report(
+                f"coturn dropped the TURN allocation {inner.relayed_address} "
+                f"(a channel binding got {exc.response.error_code}, a refresh got 437)"
+            )
+    except (stun.TransactionError, ConnectionError, OSError) as failed:
+        report(f"the TURN server stopped answering for {inner.relayed_address} ({failed})")

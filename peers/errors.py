@@ -1,0 +1,151 @@
+"""The peers' errors, each with a stable kebab-case ``code``, and the one retry policy.
+
+::
+
+    PeerError (RuntimeError)        code; str() reads as a sentence
+    ├── SignalingError              the relay client stopped for good
+    │   ├── JoinRefused             join-refused; an instance's code is the relay's
+    │   │                           (one of FATAL_CODES: role-taken, bad-token, ...)
+    │   └── Replaced                replaced: another connection took the seat (close 4001)
+    ├── CallFailed                  one call could not be made
+    │   ├── IceFailed               ice-failed: no connection within ice.timeout_s
+    │   └── TurnUnavailable         turn-unavailable: a configured TURN server gave no
+    │                               relay candidate (``url``, ``cause``)
+    ├── MediaError                  media-error: a --video/--audio source cannot be opened
+    └── NetworkError                network-error: a namespace, link or command in one failed
+
+Configuration errors (``peers.config.ConfigError``) are the configuration
+reader's own and name their key instead.
+
+Retrying: ``is_fatal(code)`` says whether a relay's refusal is final (the same
+list as ``FATAL_JOIN_CODES`` in web/js/signaling.js; a test compares them), and
+``Backoff`` yields jittered, capped, exponential delays and starts again after a
+successful join (``reset()``).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator
+
+__all__ = [
+    "FATAL_CODES",
+    "Backoff",
+    "CallFailed",
+    "IceFailed",
+    "JoinRefused",
+    "MediaError",
+    "NetworkError",
+    "PeerError",
+    "Replaced",
+    "SignalingError",
+    "TurnUnavailable",
+    "is_fatal",
+]
+
+# Join refusals that retrying cannot fix: the person must change something.
+FATAL_CODES = frozenset(
+    {
+        "bad-session",
+        "bad-role",
+        "role-taken",
+        "bad-token",
+        "token-expired",
+        "missing-field",
+        "bad-field",
+        "already-joined",
+    }
+)
+
+
+def is_fatal(code: str | None) -> bool:
+    """True when the relay's refusal ``code`` will not change by joining again."""
+    return code in FATAL_CODES
+
+
+class PeerError(RuntimeError):
+    """The root of the peers' errors; ``code`` is stable, ``str()`` reads as a sentence."""
+
+    code = "peer-error"
+
+
+class SignalingError(PeerError):
+    """The relay client stopped for good."""
+
+    code = "signaling-error"
+
+
+class JoinRefused(SignalingError):
+    """The relay refused the join with a code that retrying cannot fix."""
+
+    code = "join-refused"  # each instance carries the relay's own code instead
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+
+
+class Replaced(SignalingError):
+    """Another connection took this seat over with its resume key."""
+
+    code = "replaced"
+
+
+class CallFailed(PeerError):
+    """A call could not be made."""
+
+    code = "call-failed"
+
+
+class IceFailed(CallFailed):
+    """No connection could be made within the ICE timeout; the message says why."""
+
+    code = "ice-failed"
+
+
+class TurnUnavailable(CallFailed):
+    """A configured TURN server gave no relayed candidate."""
+
+    code = "turn-unavailable"
+
+    def __init__(self, url: str, cause: str) -> None:
+        super().__init__(f"TURN server {url}: {cause}")
+        self.url = url
+        self.cause = cause
+
+
+class MediaError(PeerError):
+    """A media source or sink could not be opened; the message names it."""
+
+    code = "media-error"
+
+
+class NetworkError(PeerError):
+    """A namespace, link or command inside one could not be set up."""
+
+    code = "network-error"
+
+
+class Backoff(Iterator[float]):
+    """Jittered, capped exponential delays in seconds: ``next()`` for each retry.
+
+    Attempt n waits between half and all of ``min(cap_s, base_s * 2**n)``;
+    ``reset()`` after a successful join starts again from ``base_s``.
+    """
+
+    def __init__(
+        self, base_s: float = 0.5, cap_s: float = 5.0, *, jitter: Callable[[], float] | None = None
+    ) -> None:
+        if base_s <= 0 or cap_s < base_s:
+            raise ValueError(f"backoff: expected 0 < base_s <= cap_s, got {base_s}, {cap_s}")
+        self.base_s, self.cap_s = base_s, cap_s
+        self.attempt = 0
+        self._jitter = jitter or random.random  # not for cryptography: S311 does not apply
+
+    def __next__(self) -> float:
+        ceiling = min(self.cap_s, self.base_s * 2 ** min(self.attempt, 30))
+        self.attempt += 1
+        return float(ceiling * (0.5 + 0.5 * self._jitter()))
+
+    def reset(self) -> None:
+        self.attempt = 0

@@ -1,0 +1,126 @@
+"""What a seat reports: the periodic stats line and the ``--stats-json`` summary.
+
+The line, logged every few seconds while a call is up::
+
+    stats: path host -> host over udp; video in 640x480 29.9 fps; bitrate in 1203 kbit/s
+    out 1187 kbit/s; rtt 2 ms; packets lost 0
+
+The summary (JSON, written by the command line at exit) speaks of the last
+call: its ICE path, time to first frame, frames, resolution, latency from the
+stamps; and of the seat: calls started, relay reconnections, why it exited.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from aiortc.stats import (
+    RTCInboundRtpStreamStats,
+    RTCOutboundRtpStreamStats,
+    RTCRemoteInboundRtpStreamStats,
+    RTCRemoteOutboundRtpStreamStats,
+)
+
+from peers.call import Call
+from peers.seat import Seat
+
+__all__ = ["STATS_EVERY_S", "StatsLine", "log_stats", "summary"]
+
+logger = logging.getLogger(__name__)
+
+STATS_EVERY_S = 5.0
+
+
+class StatsLine:
+    """The stats line of one call after another; bitrates against the previous sample."""
+
+    def __init__(self) -> None:
+        self._call: Call | None = None
+        self._prev: tuple[float, int, int] | None = None
+
+    async def line(self, call: Call) -> str:
+        if call is not self._call:
+            self._call, self._prev = call, None
+        report = await call.pc.getStats()
+        now = time.monotonic()
+        received, sent, lost, rtt = 0, 0, 0, None
+        for stat in report.values():
+            if isinstance(stat, RTCOutboundRtpStreamStats):
+                sent += stat.bytesSent
+            elif isinstance(stat, RTCRemoteOutboundRtpStreamStats):
+                received += stat.bytesSent  # what the other side reports having sent us
+            elif isinstance(stat, RTCInboundRtpStreamStats):
+                lost += max(0, stat.packetsLost)
+            elif isinstance(stat, RTCRemoteInboundRtpStreamStats) and stat.kind == "video":
+                rtt = stat.roundTripTime
+        prev, self._prev = self._prev, (now, received, sent)
+        bitrate = "bitrate -"  # the first line has no earlier sample to compare with
+        if prev is not None and now > prev[0]:
+            rate_in = (received - prev[1]) * 8 / (now - prev[0]) / 1000
+            rate_out = (sent - prev[2]) * 8 / (now - prev[0]) / 1000
+            bitrate = f"bitrate in {rate_in:.0f} kbit/s out {rate_out:.0f} kbit/s"
+        got = call.receiver.received
+        path = call.path
+        rtt_text = f"{rtt * 1000:.0f} ms" if rtt is not None else "-"
+        return (
+            f"stats: path {path or '-'}; video in {got.width}x{got.height} "
+            f"{got.fps(now):.1f} fps; {bitrate}; "
+            f"rtt {rtt_text}; packets lost {lost}"
+        )
+
+
+async def log_stats(seat: Seat, every_s: float = STATS_EVERY_S) -> None:
+    """Log the stats line of the seat's call every ``every_s`` while it is connected."""
+    stats = StatsLine()
+    while True:
+        await asyncio.sleep(every_s)
+        call = seat.call
+        if call is not None and call.connected_at is not None:
+            logger.info("%s", await stats.line(call))
+
+
+def summary(seat: Seat, exit_reason: str) -> dict[str, Any]:
+    """The ``--stats-json`` summary of the seat's last call."""
+    call = seat.last_call
+    out: dict[str, Any] = {
+        "role": seat.role,
+        "session": seat.settings.session,
+        "exit_reason": exit_reason,
+        "calls": seat.calls,
+        "relay_reconnects": seat.relay.reconnects,
+        "ice": None,
+        "first_frame_ms": None,
+        "video": {"frames": 0, "fps": 0.0, "width": 0, "height": 0, "stamped": 0},
+        "audio": {"frames": 0},
+        "latency_ms": None,
+    }
+    if call is None:
+        return out
+    path = call.path
+    if path is not None:
+        out["ice"] = {
+            "local_type": path.local_type,
+            "remote_type": path.remote_type,
+            "protocol": path.protocol,
+            "relay_protocol": path.relay,
+            "type": path.type,
+        }
+    got = call.receiver.received
+    start = min(seat.seats_taken_at or call.started, call.started)
+    if got.first_video is not None:
+        out["first_frame_ms"] = round((got.first_video - start) * 1000, 1)
+    span = (time.monotonic() - got.first_video) if got.first_video else 0.0
+    out["video"] = {
+        "frames": got.video_frames,
+        "fps": round(got.video_frames / span, 1) if span > 0 else 0.0,
+        "width": got.width,
+        "height": got.height,
+        "stamped": got.stamped,
+        "in_order": got.counters == sorted(got.counters),
+    }
+    out["audio"] = {"frames": got.audio_frames}
+    out["latency_ms"] = got.latency_summary()
+    return out

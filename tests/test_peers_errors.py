@@ -1,0 +1,96 @@
+"""The peers' error tree, the one retry policy, and a Seat replacing its Call (no network)."""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket
+from pathlib import Path
+
+import pytest
+
+from peers import errors
+from peers.config import PeerSettings
+from peers.errors import FATAL_CODES, Backoff, JoinRefused, PeerError, is_fatal
+from peers.media import Sources
+from peers.seat import Seat
+from peers.signaling import RelayClient
+from tests.support import within
+
+SIGNALING_JS = Path(__file__).resolve().parent.parent / "web" / "js" / "signaling.js"
+
+
+def test_the_fatal_codes_are_the_browsers() -> None:
+    """is_fatal() refuses exactly the codes of FATAL_JOIN_CODES in web/js/signaling.js."""
+    text = SIGNALING_JS.read_text(encoding="utf-8")
+    block = re.search(r"const FATAL_JOIN_CODES = new Set\(\[(.*?)\]\)", text, re.DOTALL)
+    assert block is not None, "FATAL_JOIN_CODES not found in signaling.js"
+    browser = set(re.findall(r'"([a-z-]+)"', block.group(1)))
+    assert browser == set(FATAL_CODES)
+    assert all(is_fatal(code) for code in browser)
+    assert not is_fatal("rate-limited")
+    assert not is_fatal(None)
+
+
+def test_every_peer_error_has_a_stable_kebab_case_code() -> None:
+    """Each class of the tree is a PeerError with its own kebab-case code."""
+    classes = [getattr(errors, name) for name in errors.__all__]
+    tree = [c for c in classes if isinstance(c, type) and issubclass(c, PeerError)]
+    assert len(tree) == 9
+    codes = [c.code for c in tree]
+    assert len(set(codes)) == len(codes)
+    assert all(re.fullmatch(r"[a-z]+(-[a-z]+)*", code) for code in codes)
+    refused = JoinRefused("role-taken", "the patient's seat is taken")
+    assert refused.code == "role-taken"
+    assert str(refused) == "role-taken: the patient's seat is taken"
+
+
+def test_backoff_doubles_up_to_its_cap_with_jitter_and_resets() -> None:
+    """Delays double from base to cap, jitter keeps half to all of each, reset starts again."""
+    top = Backoff(0.5, 5.0, jitter=lambda: 1.0)
+    assert [next(top) for _ in range(6)] == [0.5, 1.0, 2.0, 4.0, 5.0, 5.0]
+    top.reset()
+    assert next(top) == 0.5
+    bottom = Backoff(0.5, 5.0, jitter=lambda: 0.0)
+    assert [next(bottom) for _ in range(3)] == [0.25, 0.5, 1.0]
+    with pytest.raises(ValueError, match="backoff"):
+        Backoff(1.0, 0.5)
+
+
+@pytest.mark.asyncio
+async def test_each_retry_is_logged_at_info_with_its_delay_and_reason(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A relay that refuses connections: each retry says when and why, at INFO."""
+    with socket.socket() as probe:  # a free port that nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    caplog.set_level(logging.INFO, logger="peers.signaling")
+    client = RelayClient(
+        f"ws://127.0.0.1:{port}/ws", "s1", "patient", backoff_base_s=0.01, backoff_max_s=0.02
+    )
+
+    async def two_retries() -> None:
+        async for _ in client.frames():
+            pass  # never reached: nothing answers
+
+    with pytest.raises(TimeoutError):
+        await within(two_retries(), 0.2)
+    retries = [r for r in caplog.records if "reconnecting in" in r.getMessage()]
+    assert len(retries) >= 2
+    assert {r.levelno for r in retries} == {logging.INFO}
+    assert "ConnectionRefusedError" in retries[0].getMessage()
+    assert client.reconnects == len(retries)
+
+
+@pytest.mark.asyncio
+async def test_a_seat_replacing_its_call_closes_the_old_one() -> None:
+    """new_call() twice: the first Call is closed for sure and counted; close() waits for all."""
+    seat = Seat("patient", PeerSettings(), Sources(None, None))
+    first = seat.new_call()
+    second = seat.new_call()
+    assert seat.call is second and seat.calls == 2
+    await seat.close()
+    assert first.closed and second.closed
+    assert seat.closed_calls == 2
+    assert first.pc.connectionState == "closed"
