@@ -19,10 +19,11 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
+from relay import CLOSE_REPLACED
+
 logger = logging.getLogger(__name__)
 
 FATAL_CODES = frozenset({"role-taken", "bad-token", "token-expired", "bad-session", "bad-role"})
-CLOSE_REPLACED = 4001
 
 
 class JoinRefused(RuntimeError):
