@@ -155,33 +155,6 @@ class TurnConfig:
     ttl: int = 3600
 
 
-def _browser_ice_servers(value: object, key: str) -> list[dict[str, Any]]:
-    """``ice.servers`` as RTCIceServer dictionaries for the browser client."""
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise ConfigError(key, "expected a list of {urls, username, credential}")
-    servers = []
-    for n, entry in enumerate(value):
-        where = f"{key}[{n}]"
-        if not isinstance(entry, Mapping):
-            raise ConfigError(where, "expected a mapping with urls, username, credential")
-        urls = entry.get("urls")
-        if isinstance(urls, str):
-            urls = [urls]
-        if not isinstance(urls, list) or not urls or not all(isinstance(u, str) for u in urls):
-            raise ConfigError(f"{where}.urls", "expected a URL or a list of URLs")
-        server: dict[str, Any] = {"urls": urls}
-        for name in ("username", "credential"):
-            item = entry.get(name)
-            if item is not None and not isinstance(item, str):
-                raise ConfigError(f"{where}.{name}", "expected a string")
-            if item is not None:
-                server[name] = item
-        servers.append(server)
-    return servers
-
-
 def read_yaml(path: Path) -> object:
     """The YAML document of ``path`` ({} when empty), or ConfigError naming the file."""
     try:
@@ -191,7 +164,12 @@ def read_yaml(path: Path) -> object:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(str(path), f"not valid YAML ({exc})") from exc
+        # Only the position and the parser's words: the snippet PyYAML quotes could
+        # be a secret's line.
+        mark = getattr(exc, "problem_mark", None)
+        where = "" if mark is None else f" at line {mark.line + 1}, column {mark.column + 1}"
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ConfigError(str(path), f"not valid YAML{where} ({problem})") from None
     return {} if data is None else data
 
 
@@ -221,29 +199,22 @@ class RelayConfig:
     @classmethod
     def from_mapping(cls, data: object, env: Mapping[str, str] | None = None) -> RelayConfig:
         env = {} if env is None else env
-        top = _Section(data, "")
-        relay = top.section("relay", known={"url", "host", "port"})
-        auth = top.section("auth", known={"secret", "open"})
-        tls = top.section("tls", known={"cert", "key"})
-        # The other turn keys configure the local coturn (peers/turnserver.py) and the
-        # peers' trust (ca_file); the relay ignores them.
-        turn = top.section(
-            "turn",
-            known={"secret", "urls", "ttl", "listen", "port", "tls_port", "cert", "key"}
-            | {"relay_ip", "external_ip", "min_port", "max_port", "realm", "username"}
-            | {"credential", "allow_private_peers", "allowed_peers", "verbose", "ca_file"},
-        )
-        limits = top.section("limits", known={f.name for f in dataclasses.fields(Limits)})
-        ice = top.section("ice", known={"servers", "policy", "timeout_s"})
+        top = Section.root(data)
+        relay = top.section("relay")
+        auth = top.section("auth")
+        tls = top.section("tls")
+        turn = top.section("turn")
+        limits = top.section("limits")
+        ice = top.section("ice")
 
         d = Limits()
         lim = Limits(
-            max_frame_bytes=int(limits.number("max_frame_bytes", d.max_frame_bytes, integer=True)),
-            hard_max_bytes=int(limits.number("hard_max_bytes", d.hard_max_bytes, integer=True)),
+            max_frame_bytes=limits.integer("max_frame_bytes", d.max_frame_bytes),
+            hard_max_bytes=limits.integer("hard_max_bytes", d.hard_max_bytes),
             frames_per_second=limits.number("frames_per_second", d.frames_per_second),
-            burst=int(limits.number("burst", d.burst, integer=True)),
-            max_connections=int(limits.number("max_connections", d.max_connections, integer=True)),
-            max_sessions=int(limits.number("max_sessions", d.max_sessions, integer=True)),
+            burst=limits.integer("burst", d.burst),
+            max_connections=limits.integer("max_connections", d.max_connections),
+            max_sessions=limits.integer("max_sessions", d.max_sessions),
             join_timeout_s=limits.number("join_timeout_s", d.join_timeout_s),
             ping_interval_s=limits.number("ping_interval_s", d.ping_interval_s),
             ping_timeout_s=limits.number("ping_timeout_s", d.ping_timeout_s),
@@ -263,7 +234,7 @@ class RelayConfig:
                 raise ConfigError(f"turn.urls[{i}]", "expected a turn: or turns: URL")
         return cls(
             host=relay.text("host", cls.host),
-            port=int(relay.number("port", cls.port, integer=True, minimum=0, maximum=65_535)),
+            port=relay.port("port", cls.port),
             auth=AuthConfig(
                 secret=env.get(AUTH_SECRET_ENV) or auth.optional_text("secret"),
                 open=auth.flag("open", False),
@@ -276,10 +247,10 @@ class RelayConfig:
             turn=TurnConfig(
                 secret=env.get(TURN_SECRET_ENV) or turn.optional_text("secret"),
                 urls=tuple(urls),
-                ttl=int(turn.number("ttl", 3600, integer=True)),
+                ttl=turn.integer("ttl", 3600),
             ),
             browser_ice={
-                "iceServers": _browser_ice_servers(ice.data.get("servers"), ice.key("servers")),
+                "iceServers": ice.ice_servers("servers"),
                 "iceTransportPolicy": ice.choice("policy", ("all", "relay"), "all"),
             },
         )
@@ -311,36 +282,69 @@ class RelayConfig:
         )
 
 
-class _Section:
-    """One mapping of the YAML tree, read with typed getters that name the dotted key."""
+# Every key the YAML file may hold, by section: the relay, the peers and the local
+# coturn read the same file through ``Section`` and refuse the same unknown keys.
+CONFIG_KEYS: Final[Mapping[str, frozenset[str]]] = {
+    "relay": frozenset({"url", "host", "port"}),
+    "auth": frozenset({"secret", "open"}),
+    "tls": frozenset({"cert", "key"}),
+    "limits": frozenset(f.name for f in dataclasses.fields(Limits)),
+    # secret, urls, ttl: the relay's short-lived credentials; ca_file: the peers' trust;
+    # the rest configure the local coturn (peers/turnserver.py).
+    "turn": frozenset(
+        {"secret", "urls", "ttl", "ca_file", "listen", "port", "tls_port", "cert", "key"}
+        | {"relay_ip", "external_ip", "min_port", "max_port", "realm", "username"}
+        | {"credential", "allow_private_peers", "allowed_peers", "verbose"}
+    ),
+    "ice": frozenset({"servers", "policy", "timeout_s"}),
+    "media": frozenset({"video", "audio"}),
+}
+# Top-level scalars (the peers' defaults) besides the sections.
+CONFIG_SCALARS: Final = frozenset({"session", "token"})
+ICE_URL_RE: Final = re.compile(r"(stun|stuns|turn|turns):([^?]+)(\?transport=(udp|tcp))?")
 
-    def __init__(self, data: object, path: str, known: set[str] | None = None) -> None:
+
+class Section:
+    """One mapping of the YAML tree, read with typed getters that name the dotted key.
+
+    The one configuration reader of the project: ``Section.root(data)`` checks the
+    top level, ``root.section("turn")`` a section (its known keys from
+    ``CONFIG_KEYS``). A key whose value is null (or absent) takes the default.
+    """
+
+    def __init__(self, data: object, path: str, known: Iterable[str] | None = None) -> None:
         if not isinstance(data, dict):
             raise ConfigError(path or "(top level)", "expected a mapping")
         self.data: dict[str, object] = data
         self.path = path
         if known is not None:
+            known = set(known)
             for name in data:
                 if name not in known:
-                    raise ConfigError(self.key(str(name)), f"unknown key (known: {sorted(known)})")
+                    what = "unknown section" if not path else "unknown key"
+                    raise ConfigError(self.key(str(name)), f"{what} (known: {sorted(known)})")
+
+    @classmethod
+    def root(cls, data: object) -> Section:
+        """The whole document ({} for an empty file); an unknown top-level name is refused."""
+        return cls({} if data is None else data, "", known=set(CONFIG_KEYS) | CONFIG_SCALARS)
 
     def key(self, name: str) -> str:
         return f"{self.path}.{name}" if self.path else name
 
-    def section(self, name: str, known: set[str]) -> _Section:
+    def get(self, name: str) -> object:
+        return self.data.get(name)
+
+    def section(self, name: str, known: Iterable[str] | None = None) -> Section:
+        """A sub-mapping; its known keys are ``known``, or ``CONFIG_KEYS`` for a section."""
         value = self.data.get(name)
-        return _Section({} if value is None else value, self.key(name), known)
+        if known is None and not self.path:
+            known = CONFIG_KEYS[name]
+        return Section({} if value is None else value, self.key(name), known)
 
     def text(self, name: str, default: str) -> str:
         value = self.optional_text(name)
         return default if value is None else value
-
-    def choice(self, name: str, choices: tuple[str, ...], default: str) -> str:
-        value = self.data.get(name, default)
-        if value not in choices:
-            expected = f"expected one of {', '.join(choices)}, got {value!r}"
-            raise ConfigError(self.key(name), expected)
-        return str(value)
 
     def optional_text(self, name: str) -> str | None:
         value = self.data.get(name)
@@ -350,8 +354,19 @@ class _Section:
             raise ConfigError(self.key(name), "expected a non-empty string")
         return value
 
+    def choice(self, name: str, choices: tuple[str, ...], default: str) -> str:
+        value = self.data.get(name)
+        if value is None:
+            return default
+        if value not in choices:
+            expected = f"expected one of {', '.join(choices)}, got {value!r}"
+            raise ConfigError(self.key(name), expected)
+        return str(value)
+
     def flag(self, name: str, default: bool) -> bool:
-        value = self.data.get(name, default)
+        value = self.data.get(name)
+        if value is None:
+            return default
         if not isinstance(value, bool):
             raise ConfigError(self.key(name), "expected true or false")
         return value
@@ -362,23 +377,31 @@ class _Section:
         default: float,
         *,
         integer: bool = False,
-        minimum: float = 0,
+        minimum: float | None = None,
         maximum: float = math.inf,
     ) -> float:
-        """A number in [minimum, maximum]; with the default minimum, zero is refused."""
-        value = self.data.get(name, default)
+        """A finite number in [minimum, maximum]; without a minimum, above 0."""
+        value = self.data.get(name)
+        if value is None:
+            return default
         ok = isinstance(value, int) if integer else isinstance(value, int | float)
         if isinstance(value, bool) or not ok:
             raise ConfigError(
                 self.key(name), "expected an integer" if integer else "expected a number"
             )
         assert isinstance(value, int | float)
-        positive = minimum == 0 and name != "port"
-        if not minimum <= value <= maximum or (positive and value == 0):
-            wanted = "a number above 0" if positive else f"a number from {minimum:g}"
-            upper = f" up to {maximum:g}" if maximum < math.inf else ""
-            raise ConfigError(self.key(name), f"expected {wanted}{upper}")
+        low = "above 0" if minimum is None else f"from {minimum:g}"
+        high = f" up to {maximum:g}" if maximum < math.inf else ""
+        in_range = (value > 0 if minimum is None else value >= minimum) and value <= maximum
+        if not math.isfinite(value) or not in_range:
+            raise ConfigError(self.key(name), f"expected a number {low}{high}, got {value!r}")
         return value
+
+    def integer(self, name: str, default: int, *, minimum: int | None = None) -> int:
+        return int(self.number(name, default, integer=True, minimum=minimum))
+
+    def port(self, name: str, default: int, *, minimum: int = 0) -> int:
+        return int(self.number(name, default, integer=True, minimum=minimum, maximum=65_535))
 
     def texts(self, name: str) -> list[str]:
         value = self.data.get(name)
@@ -389,6 +412,87 @@ class _Section:
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
             raise ConfigError(self.key(name), "expected a string or a list of strings")
         return list(value)
+
+    def path_value(self, name: str) -> Path | None:
+        value = self.optional_text(name)
+        return None if value is None else Path(value)
+
+    def address(self, name: str) -> str | None:
+        """An IP address (no host name), or None."""
+        value = self.optional_text(name)
+        if value is not None:
+            try:
+                ipaddress.ip_address(value)
+            except ValueError:
+                raise ConfigError(self.key(name), "expected an IP address") from None
+        return value
+
+    def networks(self, name: str) -> tuple[str, ...]:
+        """A list of networks in CIDR notation, normalised."""
+        value = self.data.get(name)
+        if value is None:
+            return ()
+        if not isinstance(value, list):
+            raise ConfigError(self.key(name), "expected a list of networks (CIDR)")
+        networks = []
+        for i, item in enumerate(value):
+            try:
+                networks.append(str(ipaddress.ip_network(str(item))))
+            except ValueError:
+                raise ConfigError(f"{self.key(name)}[{i}]", "expected a network (CIDR)") from None
+        return tuple(networks)
+
+    def session(self, name: str, default: str) -> str:
+        value = self.data.get(name)
+        return default if value is None else check_session(value, self.key(name))
+
+    def ice_servers(self, name: str) -> list[dict[str, Any]]:
+        """``ice.servers``: RTCIceServer dictionaries, ``urls`` always a list.
+
+        What any WebRTC stack accepts is checked here; what aiortc cannot use is
+        refused or warned about by the peers (peers/config.py).
+        """
+        value = self.data.get(name)
+        key = self.key(name)
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise ConfigError(key, "expected a list of {urls, username, credential}")
+        servers = []
+        for n, entry in enumerate(value):
+            where = Section(entry, f"{key}[{n}]", known=ICE_SERVER_KEYS)
+            urls = entry.get("urls")
+            urls = [urls] if isinstance(urls, str) else urls
+            if not isinstance(urls, list) or not urls or not all(isinstance(u, str) for u in urls):
+                raise ConfigError(where.key("urls"), "expected a URL or a list of URLs")
+            for url in urls:
+                if ICE_URL_RE.fullmatch(url) is None:
+                    raise ConfigError(
+                        where.key("urls"),
+                        f"{url!r} is not stun:HOST[:PORT] or "
+                        "turn[s]:HOST[:PORT][?transport=udp|tcp]",
+                    )
+            server: dict[str, Any] = {"urls": urls}
+            for field_name in ("username", "credential"):
+                item = entry.get(field_name)
+                if item is not None and not isinstance(item, str):
+                    raise ConfigError(where.key(field_name), "expected a string")
+                if item is not None:
+                    server[field_name] = item
+            if "credentialType" in entry:
+                server["credentialType"] = entry["credentialType"]
+            servers.append(server)
+        return servers
+
+
+ICE_SERVER_KEYS: Final = frozenset({"urls", "username", "credential", "credentialType"})
+
+
+def check_session(value: object, key: str) -> str:
+    """A session id (1-64 of ``[A-Za-z0-9_-]``), or ConfigError naming ``key``."""
+    if not isinstance(value, str) or not SESSION_RE.fullmatch(value):
+        raise ConfigError(key, f"expected 1-64 characters of A-Z a-z 0-9 _ -, got {value!r}")
+    return value
 
 
 def is_loopback(host: str) -> bool:

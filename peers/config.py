@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-from relay import ConfigError, read_yaml
+import relay
+from relay import ICE_URL_RE, ConfigError, Section, read_yaml
 
 __all__ = [
     "ConfigError",
@@ -31,9 +31,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-SESSION_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
-ICE_URL_RE = re.compile(r"(stun|stuns|turn|turns):([^?]+)(\?transport=(udp|tcp))?")
 
 
 @dataclass(frozen=True)
@@ -70,36 +67,35 @@ class PeerSettings:
 
     @classmethod
     def from_mapping(cls, data: object) -> PeerSettings:
-        if not isinstance(data, Mapping):
-            raise ConfigError("(top level)", "expected a mapping of sections")
-        relay = _section(data, "relay")
-        ice = _section(data, "ice", known={"servers", "policy", "timeout_s"})
-        media = _section(data, "media", known={"video", "audio"})
-        turn = _section(data, "turn")
-        video = _section(media, "video", "media.", known={"width", "height", "fps", "codec"})
-        audio = media.get("audio", True)
-        if isinstance(audio, Mapping):
-            audio = _flag(audio, "enabled", "media.audio.", True)
-        elif not isinstance(audio, bool):
-            raise ConfigError("media.audio", "expected true or false")
+        top = Section.root(data)
+        relay = top.section("relay")
+        ice = top.section("ice")
+        media = top.section("media")
+        turn = top.section("turn")
+        video = media.section("video", known={"width", "height", "fps", "codec"})
+        audio: object = media.get("audio")
+        if isinstance(audio, dict):
+            audio = media.section("audio", known={"enabled"}).flag("enabled", True)
+        else:
+            audio = media.flag("audio", True)
         warnings: list[str] = []
-        servers = _ice_servers(ice.get("servers"), warnings)
-        ca_file = turn.get("ca_file")
+        servers = _ice_servers(ice.ice_servers("servers"), ice.key("servers"), warnings)
+        d = VideoSettings()
         settings = cls(
-            relay_url=_text(relay, "url", "relay.", cls.relay_url),
-            session=_session(data.get("session", cls.session), "session"),
-            token=_optional_text(data, "token", ""),
+            relay_url=relay.text("url", cls.relay_url),
+            session=top.session("session", cls.session),
+            token=top.optional_text("token"),
             ice_servers=servers,
-            ice_policy=_choice(ice, "policy", "ice.", ("all", "relay"), "all"),
-            ice_timeout_s=_number(ice, "timeout_s", "ice.", 20.0, minimum=1.0),
-            turn_ca_file=None if ca_file is None else Path(str(ca_file)),
+            ice_policy=ice.choice("policy", ("all", "relay"), "all"),
+            ice_timeout_s=float(ice.number("timeout_s", cls.ice_timeout_s, minimum=1.0)),
+            turn_ca_file=turn.path_value("ca_file"),
             video=VideoSettings(
-                width=int(_number(video, "width", "media.video.", 640, minimum=16)),
-                height=int(_number(video, "height", "media.video.", 480, minimum=16)),
-                fps=int(_number(video, "fps", "media.video.", 30, minimum=1)),
-                codec=_choice(video, "codec", "media.video.", ("vp8", "h264"), "vp8"),
+                width=video.integer("width", d.width, minimum=16),
+                height=video.integer("height", d.height, minimum=16),
+                fps=video.integer("fps", d.fps, minimum=1),
+                codec=video.choice("codec", ("vp8", "h264"), d.codec),
             ),
-            audio=audio,
+            audio=bool(audio),
             warnings=tuple(warnings),
         )
         for warning in warnings:
@@ -108,7 +104,7 @@ class PeerSettings:
 
 
 def check_session(value: str, key: str = "--session") -> str:
-    return _session(value, key)
+    return relay.check_session(value, key)
 
 
 def parse_ice_urls(urls: list[str], key: str = "--ice-server") -> tuple[IceServer, ...]:
@@ -116,119 +112,49 @@ def parse_ice_urls(urls: list[str], key: str = "--ice-server") -> tuple[IceServe
 
     USER and PASS are percent-decoded (a TURN REST username has a colon: ``%3A``).
     """
-    servers = []
+    servers: list[dict[str, object]] = []
     for given in urls:
-        url, username, credential = given, None, None
+        server: dict[str, object] = {"urls": given}
         match = re.fullmatch(r"(turns?):([^:@]+):([^@]+)@(.+)", given)
         if match:
-            url = f"{match.group(1)}:{match.group(4)}"
-            username, credential = unquote(match.group(2)), unquote(match.group(3))
-        servers.append({"urls": url, "username": username, "credential": credential})
+            server = {
+                "urls": f"{match.group(1)}:{match.group(4)}",
+                "username": unquote(match.group(2)),
+                "credential": unquote(match.group(3)),
+            }
+        servers.append(server)
+    try:
+        parsed = Section({"flags": servers}, "").ice_servers("flags")
+    except ConfigError as exc:
+        raise ConfigError(key, exc.expected) from None
     warnings: list[str] = []
-    parsed = _ice_servers(servers, warnings, key)
+    checked = _ice_servers(parsed, key, warnings)
     for warning in warnings:
         logger.warning("%s", warning)
-    return parsed
+    return checked
 
 
 # -- helpers --------------------------------------------------------------------------------
 
 
-def _section(
-    data: Mapping[Any, Any], name: str, prefix: str = "", known: set[str] | None = None
-) -> Mapping[Any, Any]:
-    value = data.get(name)
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise ConfigError(prefix + name, "expected a mapping")
-    if known is not None:
-        for key in value:
-            if key not in known:
-                raise ConfigError(f"{prefix}{name}.{key}", f"unknown key (known: {sorted(known)})")
-    return value
-
-
-def _text(data: Mapping[Any, Any], name: str, prefix: str, default: str) -> str:
-    value = data.get(name, default)
-    if not isinstance(value, str) or not value:
-        raise ConfigError(prefix + name, "expected a non-empty string")
-    return value
-
-
-def _optional_text(data: Mapping[Any, Any], name: str, prefix: str) -> str | None:
-    value = data.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise ConfigError(prefix + name, "expected a string or null")
-    return value
-
-
-def _flag(data: Mapping[Any, Any], name: str, prefix: str, default: bool) -> bool:
-    value = data.get(name, default)
-    if not isinstance(value, bool):
-        raise ConfigError(prefix + name, "expected true or false")
-    return value
-
-
-def _number(
-    data: Mapping[Any, Any], name: str, prefix: str, default: float, minimum: float
-) -> float:
-    value = data.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
-        raise ConfigError(prefix + name, f"expected a number >= {minimum:g}, got {value!r}")
-    return float(value)
-
-
-def _choice(
-    data: Mapping[Any, Any], name: str, prefix: str, choices: tuple[str, ...], default: str
-) -> str:
-    value = data.get(name, default)
-    if value not in choices:
-        raise ConfigError(prefix + name, f"expected one of {', '.join(choices)}, got {value!r}")
-    return str(value)
-
-
-def _session(value: object, key: str) -> str:
-    if not isinstance(value, str) or not SESSION_RE.fullmatch(value):
-        raise ConfigError(key, f"expected 1-64 characters of A-Z a-z 0-9 _ -, got {value!r}")
-    return value
-
-
 def _ice_servers(
-    value: object, warnings: list[str], key: str = "ice.servers"
+    servers: list[dict[str, Any]], key: str, warnings: list[str]
 ) -> tuple[IceServer, ...]:
-    if value is None:
-        return ()
-    if not isinstance(value, list):
-        raise ConfigError(key, "expected a list of {urls, username, credential}")
-    servers = []
+    """Refuse what aiortc cannot use and warn about what it would ignore, naming the key.
+
+    ``servers`` were read by ``Section.ice_servers`` (shapes and URL syntax checked).
+    """
+    parsed = []
     seen = {"stun": "", "turn": ""}
-    for n, entry in enumerate(value):
+    for n, server in enumerate(servers):
         where = f"{key}[{n}]" if key == "ice.servers" else key
-        if not isinstance(entry, Mapping):
-            raise ConfigError(where, "expected a mapping with urls, username, credential")
-        for name in entry:
-            if name not in {"urls", "username", "credential", "credentialType"}:
-                raise ConfigError(
-                    f"{where}.{name}", "unknown key (known: urls, username, credential)"
-                )
-        urls = entry.get("urls")
-        urls = [urls] if isinstance(urls, str) else urls
-        if not isinstance(urls, list) or not urls or not all(isinstance(u, str) for u in urls):
-            raise ConfigError(f"{where}.urls", "expected a URL or a list of URLs")
-        if entry.get("credentialType", "password") != "password":
+        if server.get("credentialType", "password") != "password":
             raise ConfigError(
                 f"{where}.credentialType", "aiortc supports only password credentials"
             )
-        for url in urls:
+        for url in server["urls"]:
             match = ICE_URL_RE.fullmatch(url)
-            if match is None:
-                raise ConfigError(
-                    f"{where}.urls",
-                    f"{url!r} is not stun:HOST[:PORT] or turn[s]:HOST[:PORT][?transport=udp|tcp]",
-                )
+            assert match is not None  # checked by Section.ice_servers
             scheme, transport = match.group(1), match.group(4)
             if scheme == "stuns":
                 raise ConfigError(f"{where}.urls", f"{url!r}: aiortc does not support stuns:")
@@ -237,7 +163,7 @@ def _ice_servers(
                     f"{where}.urls", f"{url!r}: aiortc does not support turns: over UDP (DTLS)"
                 )
             if scheme.startswith("turn") and not (
-                entry.get("username") and entry.get("credential")
+                server.get("username") and server.get("credential")
             ):
                 warnings.append(
                     f"{where}: {url} has no username/credential (the relay may hand some out)"
@@ -250,10 +176,7 @@ def _ice_servers(
                 )
             else:
                 seen[kind] = url
-        username = entry.get("username")
-        credential = entry.get("credential")
-        for name, item in (("username", username), ("credential", credential)):
-            if item is not None and not isinstance(item, str):
-                raise ConfigError(f"{where}.{name}", "expected a string")
-        servers.append(IceServer(tuple(urls), username, credential))
-    return tuple(servers)
+        parsed.append(
+            IceServer(tuple(server["urls"]), server.get("username"), server.get("credential"))
+        )
+    return tuple(parsed)

@@ -21,12 +21,11 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from peers.errors import Backoff, JoinRefused, Replaced, is_fatal
+from relay import CLOSE_REPLACED
 
 __all__ = ["JoinRefused", "RelayClient", "Replaced"]
 
 logger = logging.getLogger(__name__)
-
-CLOSE_REPLACED = 4001
 
 
 class RelayClient:

@@ -23,8 +23,10 @@ segment, which lives in 198.18.0.0/15 like every test address).
 Errors::
 
     TurnServerError
-    ├── TurnConfigError   a bad key of ``turn:``; names the dotted key and what was expected
     └── TurnStartError    coturn is missing, exited, or never answered (with its log's tail)
+
+A bad key of ``turn:`` is the project's one ``relay.ConfigError`` (it names the
+dotted key and what was expected), raised by the one reader, ``relay.Section``.
 """
 
 from __future__ import annotations
@@ -49,13 +51,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final
 
-import yaml
 from aioice import stun
+
+from relay import TURN_SECRET_ENV, ConfigError, Section, read_yaml
 
 __all__ = [
     "DENIED_PEERS",
     "LOOPBACK_PEERS",
-    "TurnConfigError",
     "TurnServer",
     "TurnServerError",
     "TurnServerSettings",
@@ -65,7 +67,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-TURN_SECRET_ENV: Final = "EPEDICARE_TURN_SECRET"  # noqa: S105 (a variable name; the relay reads it too)
 TURNSERVER: Final = "turnserver"
 START_TIMEOUT: Final = 10.0
 STOP_TIMEOUT: Final = 5.0
@@ -98,14 +99,6 @@ class TurnServerError(RuntimeError):
     """Base class: the local coturn could not be configured or run."""
 
 
-class TurnConfigError(TurnServerError):
-    """A bad value in ``turn:``."""
-
-    def __init__(self, key: str, expected: str) -> None:
-        super().__init__(f"{key}: {expected}")
-        self.key = key
-
-
 class TurnStartError(TurnServerError):
     """coturn is missing, exited early, or never answered STUN."""
 
@@ -136,43 +129,31 @@ class TurnServerSettings:
 
     @classmethod
     def load(cls, path: Path, env: Mapping[str, str] | None = None) -> TurnServerSettings:
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise TurnConfigError(str(path), f"cannot read the file ({exc.strerror})") from exc
-        except yaml.YAMLError as exc:
-            raise TurnConfigError(str(path), f"not valid YAML ({exc})") from exc
-        return cls.from_mapping(data, os.environ if env is None else env)
+        return cls.from_mapping(read_yaml(path), os.environ if env is None else env)
 
     @classmethod
     def from_mapping(cls, data: object, env: Mapping[str, str] | None = None) -> TurnServerSettings:
-        """Read ``data["turn"]`` (the whole YAML document); unknown keys belong to others."""
+        """Read the ``turn`` section of the whole YAML document."""
         env = {} if env is None else env
-        if data is None:
-            data = {}
-        if not isinstance(data, Mapping):
-            raise TurnConfigError("(top level)", "expected a mapping")
-        turn = data.get("turn") or {}
-        if not isinstance(turn, Mapping):
-            raise TurnConfigError("turn", "expected a mapping")
+        turn = Section.root(data).section("turn")
         d = cls()
         settings = cls(
-            listen=_address(turn, "listen", d.listen),
-            port=_port(turn, "port", d.port),
-            tls_port=_port(turn, "tls_port", d.tls_port),
-            cert=_path(turn, "cert"),
-            key=_path(turn, "key"),
-            relay_ip=_optional_address(turn, "relay_ip"),
-            external_ip=_optional_address(turn, "external_ip"),
-            min_port=_port(turn, "min_port", d.min_port, minimum=1),
-            max_port=_port(turn, "max_port", d.max_port, minimum=1),
-            realm=_text(turn, "realm") or d.realm,
-            secret=env.get(TURN_SECRET_ENV) or _text(turn, "secret"),
-            username=_text(turn, "username"),
-            credential=_text(turn, "credential"),
-            allow_private_peers=_flag(turn, "allow_private_peers", d.allow_private_peers),
-            allowed_peers=_networks(turn, "allowed_peers"),
-            verbose=_flag(turn, "verbose", d.verbose),
+            listen=turn.address("listen") or d.listen,
+            port=turn.port("port", d.port),
+            tls_port=turn.port("tls_port", d.tls_port),
+            cert=turn.path_value("cert"),
+            key=turn.path_value("key"),
+            relay_ip=turn.address("relay_ip"),
+            external_ip=turn.address("external_ip"),
+            min_port=turn.port("min_port", d.min_port, minimum=1),
+            max_port=turn.port("max_port", d.max_port, minimum=1),
+            realm=turn.text("realm", d.realm),
+            secret=env.get(TURN_SECRET_ENV) or turn.optional_text("secret"),
+            username=turn.optional_text("username"),
+            credential=turn.optional_text("credential"),
+            allow_private_peers=turn.flag("allow_private_peers", d.allow_private_peers),
+            allowed_peers=turn.networks("allowed_peers"),
+            verbose=turn.flag("verbose", d.verbose),
         )
         settings.check()
         return settings
@@ -180,17 +161,17 @@ class TurnServerSettings:
     def check(self) -> None:
         """Refuse settings that coturn would ignore or misread."""
         if self.min_port > self.max_port:
-            raise TurnConfigError("turn.min_port", "expected at most turn.max_port")
+            raise ConfigError("turn.min_port", "expected at most turn.max_port")
         if (self.cert is None) != (self.key is None):
-            raise TurnConfigError("turn.cert" if self.cert is None else "turn.key", "set both")
+            raise ConfigError("turn.cert" if self.cert is None else "turn.key", "set both")
         if (self.username is None) != (self.credential is None):
-            raise TurnConfigError(
+            raise ConfigError(
                 "turn.username" if self.username is None else "turn.credential", "set both"
             )
         if self.username is not None and ":" in self.username:
-            raise TurnConfigError("turn.username", "expected a name without ':'")
+            raise ConfigError("turn.username", "expected a name without ':'")
         if self.secret is None and self.username is None:
-            raise TurnConfigError(
+            raise ConfigError(
                 "turn.secret",
                 f"required (or {TURN_SECRET_ENV}, or turn.username and turn.credential): "
                 "coturn never runs as an open relay",
@@ -478,65 +459,6 @@ def _ip_range(cidr: str) -> str:
     return f"{network.network_address}-{network.broadcast_address}"
 
 
-def _text(section: Mapping[object, object], name: str) -> str | None:
-    value = section.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, str) or not value:
-        raise TurnConfigError(f"turn.{name}", "expected a non-empty string")
-    return value
-
-
-def _address(section: Mapping[object, object], name: str, default: str) -> str:
-    return _optional_address(section, name) or default
-
-
-def _optional_address(section: Mapping[object, object], name: str) -> str | None:
-    value = _text(section, name)
-    if value is not None:
-        try:
-            ipaddress.ip_address(value)
-        except ValueError:
-            raise TurnConfigError(f"turn.{name}", "expected an IP address") from None
-    return value
-
-
-def _port(section: Mapping[object, object], name: str, default: int, minimum: int = 0) -> int:
-    value = section.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= 65_535:
-        raise TurnConfigError(f"turn.{name}", f"expected a port number ({minimum}-65535)")
-    return value
-
-
-def _path(section: Mapping[object, object], name: str) -> Path | None:
-    value = _text(section, name)
-    return None if value is None else Path(value)
-
-
-def _flag(section: Mapping[object, object], name: str, default: bool) -> bool:
-    value = section.get(name, default)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise TurnConfigError(f"turn.{name}", "expected true or false")
-    return value
-
-
-def _networks(section: Mapping[object, object], name: str) -> tuple[str, ...]:
-    value = section.get(name) or []
-    if not isinstance(value, list):
-        raise TurnConfigError(f"turn.{name}", "expected a list of networks (CIDR)")
-    networks = []
-    for i, item in enumerate(value):
-        try:
-            networks.append(str(ipaddress.ip_network(str(item))))
-        except ValueError:
-            raise TurnConfigError(f"turn.{name}[{i}]", "expected a network (CIDR)") from None
-    return tuple(networks)
-
-
 # -- entry point ----------------------------------------------------------------------------
 
 
@@ -587,11 +509,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verbose:
             overrides["verbose"] = True
         if overrides:
-            data = yaml.safe_load(args.config.read_text(encoding="utf-8")) or {}
-            data["turn"] = {**(data.get("turn") or {}), **overrides}
+            data = read_yaml(args.config)
+            if isinstance(data, dict):
+                data["turn"] = {**(data.get("turn") or {}), **overrides}
             settings = TurnServerSettings.from_mapping(data, os.environ)
         asyncio.run(serve(settings))
-    except TurnServerError as exc:
+    except (ConfigError, TurnServerError) as exc:
         logger.error("turn: %s", exc)
         return 1
     return 0

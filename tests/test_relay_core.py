@@ -7,6 +7,7 @@ import copy
 import hashlib
 import hmac
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -564,6 +565,16 @@ def test_no_ice_servers_without_turn_secret() -> None:
         pytest.param({"tls": {"cert": "c.pem"}}, "tls.key", id="cert-without-key"),
         pytest.param({"turn": {"urls": ["stun:x:3478"]}}, "turn.urls[0]", id="turn-url-scheme"),
         pytest.param([1], "(top level)", id="top-not-mapping"),
+        pytest.param({"limts": {"burst": 5}}, "limts", id="unknown-section"),
+        pytest.param({"limits": {"burst": 5.5}}, "limits.burst", id="integer-expected"),
+        pytest.param(
+            {"limits": {"frames_per_second": float("inf")}},
+            "limits.frames_per_second",
+            id="infinite",
+        ),
+        pytest.param(
+            {"limits": {"join_timeout_s": float("nan")}}, "limits.join_timeout_s", id="nan"
+        ),
     ],
 )
 def test_config_errors_name_their_key(data: object, key: str) -> None:
@@ -572,6 +583,36 @@ def test_config_errors_name_their_key(data: object, key: str) -> None:
         relay.RelayConfig.from_mapping(data, env={})
     assert caught.value.key == key
     assert str(caught.value).startswith(f"{key}: ")
+
+
+def test_yaml_error_names_the_position_not_the_line(tmp_path: Path) -> None:
+    """A YAML syntax error names file, line and column, never the text of the line."""
+    path = tmp_path / "c.yaml"
+    path.write_text("auth:\n  secret: hunter2-very-secret\n  open: [\n", encoding="utf-8")
+    with pytest.raises(relay.ConfigError) as caught:
+        relay.RelayConfig.load(path, env={})
+    message = str(caught.value)
+    assert message.startswith(f"{path}: not valid YAML at line 4, column 1")
+    assert "hunter2" not in message
+    assert len(message.splitlines()) == 1
+
+
+def test_every_reader_refuses_the_same_unknown_section() -> None:
+    """The relay, the peers and the local coturn read one file and refuse the same names."""
+    from peers.config import PeerSettings
+    from peers.turnserver import TurnServerSettings
+
+    data = {"turn": {"secret": "s"}, "limts": {"burst": 5}}
+    readers: list[Callable[[], object]] = [
+        lambda: relay.RelayConfig.from_mapping(data, env={}),
+        lambda: PeerSettings.from_mapping(data),
+        lambda: TurnServerSettings.from_mapping(data, env={}),
+    ]
+    for read in readers:
+        with pytest.raises(relay.ConfigError) as caught:
+            read()
+        assert caught.value.key == "limts"
+        assert "unknown section" in str(caught.value)
 
 
 def test_shipped_config_loads_with_documented_defaults() -> None:

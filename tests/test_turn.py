@@ -23,7 +23,6 @@ from aiortc import RTCIceServer
 import relay
 from peers.turnclient import TurnServerUrl, diagnose, first_turn_server
 from peers.turnserver import (
-    TurnConfigError,
     TurnServer,
     TurnServerSettings,
     TurnStartError,
@@ -153,7 +152,7 @@ def test_config_static_user_and_tls(tls_files: TlsFiles) -> None:
 )
 def test_config_errors_name_the_key(turn: dict[str, Any], key: str) -> None:
     """A bad turn: value is refused with its dotted key."""
-    with pytest.raises(TurnConfigError) as info:
+    with pytest.raises(relay.ConfigError) as info:
         settings(**turn)
     assert info.value.key == key
 
