@@ -285,7 +285,9 @@ class RelayConfig:
 # Every key the YAML file may hold, by section: the relay, the peers and the local
 # coturn read the same file through ``Section`` and refuse the same unknown keys.
 CONFIG_KEYS: Final[Mapping[str, frozenset[str]]] = {
-    "relay": frozenset({"url", "host", "port"}),
+    # url and the *_s timeouts: the peers' relay client; host, port: where relay.py listens.
+    "relay": frozenset({"url", "host", "port", "open_timeout_s", "join_timeout_s"})
+    | frozenset({"reconnect_max_s"}),
     "auth": frozenset({"secret", "open"}),
     "tls": frozenset({"cert", "key"}),
     "limits": frozenset(f.name for f in dataclasses.fields(Limits)),

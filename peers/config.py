@@ -51,6 +51,9 @@ class VideoSettings:
 @dataclass(frozen=True)
 class PeerSettings:
     relay_url: str = "ws://127.0.0.1:5001/ws"
+    relay_open_timeout_s: float = 5.0
+    relay_join_timeout_s: float = 10.0
+    relay_reconnect_max_s: float = 5.0
     session: str = "test123"
     token: str | None = None
     ice_servers: tuple[IceServer, ...] = ()
@@ -83,6 +86,11 @@ class PeerSettings:
         d = VideoSettings()
         settings = cls(
             relay_url=relay.text("url", cls.relay_url),
+            relay_open_timeout_s=relay.number("open_timeout_s", cls.relay_open_timeout_s),
+            relay_join_timeout_s=relay.number("join_timeout_s", cls.relay_join_timeout_s),
+            relay_reconnect_max_s=relay.number(
+                "reconnect_max_s", cls.relay_reconnect_max_s, minimum=0.5
+            ),
             session=top.session("session", cls.session),
             token=top.optional_text("token"),
             ice_servers=servers,

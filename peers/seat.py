@@ -59,7 +59,13 @@ class Seat:
         self.record_to = record_to
         self.on_chat = on_chat
         self.relay = relay or RelayClient(
-            settings.relay_url, settings.session, role, settings.token
+            settings.relay_url,
+            settings.session,
+            role,
+            settings.token,
+            backoff_max_s=settings.relay_reconnect_max_s,
+            open_timeout_s=settings.relay_open_timeout_s,
+            join_timeout_s=settings.relay_join_timeout_s,
         )
         self.call: Call | None = None
         self.last_call: Call | None = None  # the one the summary speaks of

@@ -56,6 +56,8 @@ VIDEO = {"width": 320, "height": 240, "fps": FPS}
         ),
         ({"ice": {"servers": [{"urls": "stun:x", "user": "u"}]}}, "ice.servers[0].user"),
         ({"ice": {"timeout_s": 0}}, "ice.timeout_s"),
+        ({"relay": {"reconnect_max_s": 0.1}}, "relay.reconnect_max_s"),
+        ({"relay": {"join_timeout_s": "soon"}}, "relay.join_timeout_s"),
         ({"ice": {"polcy": "all"}}, "ice.polcy"),
         ({"media": {"video": {"width": "wide"}}}, "media.video.width"),
         ({"media": {"video": {"codec": "av1"}}}, "media.video.codec"),
@@ -153,7 +155,11 @@ async def relay(lan: Netns, config: Path) -> AsyncIterator[RelayProcess]:
 @pytest.fixture
 def config(tmp_path: Path) -> Path:
     path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump({"media": {"video": VIDEO}, "ice": {"timeout_s": 10}}))
+    # The relay client's knobs shortened (a restart is noticed and rejoined within a second).
+    relay = {"open_timeout_s": 2, "join_timeout_s": 3, "reconnect_max_s": 1}
+    path.write_text(
+        yaml.safe_dump({"relay": relay, "media": {"video": VIDEO}, "ice": {"timeout_s": 10}})
+    )
     return path
 
 
