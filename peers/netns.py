@@ -27,11 +27,10 @@ import os
 import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from types import TracebackType
 
 from peers.errors import NetworkError
 
-__all__ = ["Netns", "Network", "NetworkError", "inside", "netns_missing"]
+__all__ = ["Netns", "Network", "NetworkError", "command_missing", "inside", "netns_missing"]
 
 _networks = itertools.count(1)
 
@@ -40,8 +39,13 @@ def netns_missing() -> str | None:
     """Why namespaces cannot be built on this machine, or None when they can."""
     if os.geteuid() != 0:
         return "network namespaces need root (run as root, as CI does)"
-    if shutil.which("ip") is None:
-        return "`ip` is missing: run `make system-deps` (Debian's iproute2)"
+    return command_missing("ip", "iproute2")
+
+
+def command_missing(command: str, package: str) -> str | None:
+    """Why ``command`` cannot run (it is not installed), or None when it can."""
+    if shutil.which(command) is None:
+        return f"`{command}` is missing: run `make system-deps` (Debian's {package})"
     return None
 
 
@@ -69,12 +73,7 @@ class Network:
             raise NetworkError(reason)
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
     async def close(self) -> None:

@@ -58,7 +58,7 @@ import relay
 from peers.call import CallOptions
 from peers.errors import CallFailed
 from peers.media import Received
-from peers.netns import Netns, Network, netns_missing
+from peers.netns import Netns, Network, command_missing, netns_missing
 from peers.turnclient import IcePath
 from tests.inprocess import LocalPair
 from tests.support import TIMEOUT, within
@@ -145,9 +145,7 @@ async def topology(nat: Nat) -> AsyncIterator[Topology]:
 
 
 def iptables_missing() -> str | None:
-    if shutil.which("iptables") is None:
-        return "`iptables` is missing: run `make system-deps` (Debian's iptables)"
-    return None
+    return command_missing("iptables", "iptables")
 
 
 # -- certificates for turns: ----------------------------------------------------------------
