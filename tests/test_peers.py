@@ -24,11 +24,11 @@ import pytest_asyncio
 import yaml
 from av import VideoFrame
 
-from peers import ice
+from peers import aiortc_patches, ice
 from peers.call import CallOptions
 from peers.config import ConfigError, PeerSettings, parse_ice_urls
 from peers.media import PatternTrack, latency_ms, read_stamp, stamp_bits
-from peers.netns import Netns, Network, netns_missing
+from peers.netns import Netns, Network, inside, netns_missing
 from relay import mint_token
 from tests.inprocess import LocalPair
 from tests.processes import Process, RelayProcess, peer_argv, relay_process, spawn
@@ -233,6 +233,28 @@ async def test_two_calls_in_one_process_exchange_media_and_chat(lan: Netns) -> N
         assert await within(chats["practitioner"].get()) == "from the patient"
         assert pair.b.send_chat("from the practitioner")
         assert await within(chats["patient"].get()) == "from the practitioner"
+
+
+@pytest.mark.netns
+@pytest.mark.asyncio
+async def test_candidates_before_the_offer_wait_for_it(lan: Netns) -> None:
+    """Trickled candidates that arrive before the description are applied once it is set."""
+    async with contextlib.aclosing(LocalPair(namespaces=(lan, lan))) as pair:
+        with inside(lan):
+            await within(pair.a.offer(), 2)
+        # As from a browser, which trickles: no end-of-candidates in the offer itself.
+        sdp = pair.inbox[1].get_nowait()["sdp"].replace("a=end-of-candidates\r\n", "")
+        # A candidate that is not in the offer (port 9): only the queue can bring it in.
+        line = "candidate:9 1 udp 2130706431 198.18.0.2 9 typ host"
+        init = {"candidate": line, "sdpMid": "0", "sdpMLineIndex": 0}
+        await pair.b.add_candidate(init)
+        await pair.b.add_candidate(None)  # end-of-candidates, as a browser sends it
+        assert pair.b.pc.remoteDescription is None  # kept, not refused
+        with inside(lan):
+            await within(pair.b.answer(sdp), 2)
+        [transport, *_] = ice.ice_transports(pair.b.pc)
+        remote = aiortc_patches.ice_connection(transport).remote_candidates
+        assert [(c.host, c.port) for c in remote if c.port == 9] == [("198.18.0.2", 9)]
 
 
 @pytest.mark.netns
