@@ -73,8 +73,12 @@ class UnsupportedVersion(PeerError):
     code = "unsupported-version"
 
 
-def check_versions(installed: Callable[[str], str] = importlib.metadata.version) -> None:
-    """Raise UnsupportedVersion (one line) unless aioice and aiortc are the pinned versions."""
+def check_versions(installed: Callable[[str], str] | None = None) -> None:
+    """Raise UnsupportedVersion (one line) unless aioice and aiortc are the pinned versions.
+
+    ``installed(name)`` gives a distribution's version (importlib.metadata's by default).
+    """
+    installed = installed or importlib.metadata.version
     wrong = [
         f"{name} {installed(name)} (expected {version})"
         for name, version in PINNED.items()

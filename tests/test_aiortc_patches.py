@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -32,6 +34,7 @@ from tests.inprocess import LocalPair
 from tests.support import within
 
 SECRET = "patch-test-secret"
+ROOT = Path(__file__).resolve().parent.parent
 
 needs_coturn = pytest.mark.skipif(
     shutil.which("turnserver") is None,
@@ -81,6 +84,28 @@ def test_the_pinned_versions_pass_and_others_fail_in_one_line() -> None:
     assert "aioice 0.14.0 (expected 0.13.0)" in message
     assert "aiortc" not in message.split("installed:")[1]
     assert len(message.splitlines()) == 1
+
+
+def test_a_peer_with_another_aioice_stops_at_start_in_one_line(tmp_path: Path) -> None:
+    """python -m peers.patient with aioice reported as 0.14.0: exit 2, one line naming it."""
+    script = (
+        "import importlib.metadata as m, sys\n"
+        "real = m.version\n"
+        "m.version = lambda name: '0.14.0' if name == 'aioice' else real(name)\n"
+        "from peers.cli import main\n"
+        "sys.exit(main('patient', ['--config', sys.argv[1]]))\n"
+    )
+    config = tmp_path / "config.yaml"
+    config.write_text("{}\n")
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(config)],
+        capture_output=True, text=True, timeout=60, cwd=ROOT, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        "patient: peers/aiortc_patches.py is proven against the pinned versions only; "
+        "installed: aioice 0.14.0 (expected 0.13.0) (run `make setup`)"
+    ]
 
 
 class _Silent:
