@@ -276,7 +276,7 @@ async def test_precheck_shows_the_camera_and_the_microphone_level(
     )
 
     async def moving() -> None:
-        while await page.evaluate(size) == [0, 0] or not await page.evaluate(
+        while await page.evaluate(size) == [0, 0] or not await page.evaluate(  # noqa: ASYNC110 (polling the page)
             "document.getElementById('mic-level').value > 0"
         ):
             await asyncio.sleep(0.1)

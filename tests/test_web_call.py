@@ -159,7 +159,9 @@ async def test_hang_up_shows_left_then_the_patient_waits_for_the_next(net: Net) 
     # The statistics described the call that ended: they are reset, not frozen.
     assert await patient.evaluate("epedicare.stats") is None
     for name in ("path", "quality", "in-bitrate", "out-bitrate", "in-size", "rtt", "lost"):
-        assert await patient.inner_text(f'[data-stat="{name}"]') == "–", name
+        assert await patient.inner_text(f'[data-stat="{name}"]') == "\u2013", (
+            name
+        )  # an en dash: no value
     assert await patient.get_attribute("#quality", "data-level") == "none"
     await practitioner.click("#join")
     for page in (patient, practitioner):
