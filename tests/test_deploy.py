@@ -10,7 +10,9 @@ its secrets in the environment, as the systemd unit gives them.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -28,9 +30,12 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 import relay
-from tests.browser import RelayProcess, relay_process
+from peers.netns import Netns, Network, netns_missing
+from tests.browser import Browsers, RelayProcess, join, relay_process, wait_state
 from tests.nat import make_tls_files
 from tests.support import TIMEOUT, Client, within
 
@@ -139,15 +144,15 @@ class Proxy:
         return (self.directory / "epedicare.access.log").read_text(encoding="utf-8")
 
 
-def nginx_site(directory: Path, relay_port: int, https: int, http: int) -> str:
+def nginx_site(directory: Path, relay_port: int, address: str, https: int, http: int) -> str:
     """deploy/nginx/epedicare.conf with this host's addresses, ports and paths."""
     site = (DEPLOY / "nginx" / "epedicare.conf").read_text(encoding="utf-8")
     replacements = [
         ("server 127.0.0.1:5001;", f"server 127.0.0.1:{relay_port};"),
         ("    listen [::]:80;\n", ""),
         ("    listen [::]:443 ssl http2;\n", ""),
-        ("listen 80;", f"listen 127.0.0.1:{http};"),
-        ("listen 443 ssl http2;", f"listen 127.0.0.1:{https} ssl http2;"),
+        ("listen 80;", f"listen {address}:{http};"),
+        ("listen 443 ssl http2;", f"listen {address}:{https} ssl http2;"),
         ("/etc/letsencrypt/live/call.example.org/fullchain.pem", str(directory / "cert.pem")),
         ("/etc/letsencrypt/live/call.example.org/privkey.pem", str(directory / "key.pem")),
         ("/var/log/nginx/", f"{directory}/"),
@@ -179,53 +184,69 @@ http {{
 """
 
 
-async def listening(port: int) -> None:
+async def listening(
+    prefix: list[str], https: int, http: int, proc: asyncio.subprocess.Process
+) -> None:
+    """Wait until both ports listen (asked with ss, inside the namespace if any)."""
     while True:
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            await asyncio.sleep(0.05)
-            continue
-        writer.close()
-        return
+        assert proc.returncode is None, "nginx exited"
+        ss = await asyncio.create_subprocess_exec(
+            *prefix, "ss", "-Hltn", f"( sport = :{https} or sport = :{http} )",
+            stdout=subprocess.PIPE,
+        )  # fmt: skip
+        out, _ = await ss.communicate()
+        if len(out.decode().splitlines()) >= 2:
+            return
+        await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def nginx(
+    directory: Path, relay_port: int, address: str = "127.0.0.1", netns: str | None = None
+) -> AsyncIterator[tuple[int, int]]:
+    """nginx from deploy/nginx in front of the relay; yields its https and http ports."""
+    if NGINX_MISSING:
+        pytest.skip("nginx is missing: run `make nginx-deps` (apt-get install nginx)")
+    https, http = free_port(), free_port()
+    (directory / "www").mkdir(exist_ok=True)
+    (directory / "site.conf").write_text(
+        nginx_site(directory, relay_port, address, https, http), encoding="utf-8"
+    )
+    (directory / "nginx.conf").write_text(nginx_main(directory), encoding="utf-8")
+    prefix = Netns(netns).command() if netns else []
+    argv = [*prefix, NGINX, "-p", str(directory), "-c", str(directory / "nginx.conf")]
+    check = await asyncio.create_subprocess_exec(
+        *argv, "-t", stdin=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    _, stderr = await within(check.communicate())
+    assert check.returncode == 0, stderr.decode()
+    proc = await asyncio.create_subprocess_exec(*argv, stdin=subprocess.DEVNULL)
+    try:
+        # Ready when both ports listen (its pid file comes before the sockets).
+        await within(listening(prefix, https, http, proc))
+        yield https, http
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGQUIT)  # nginx's graceful stop
+            try:
+                await within(proc.wait())
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
 
 
 @pytest_asyncio.fixture
 async def proxy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Proxy]:
     """The relay from deploy/config.yaml behind nginx from deploy/nginx, on 127.0.0.1."""
-    if NGINX_MISSING:
-        pytest.skip("nginx is missing: run `make nginx-deps` (apt-get install nginx)")
     files = make_tls_files(tmp_path, "127.0.0.1")
-    (tmp_path / "www").mkdir()
     monkeypatch.setenv(relay.AUTH_SECRET_ENV, AUTH_SECRET)
     monkeypatch.setenv(relay.TURN_SECRET_ENV, TURN_SECRET)
-    async with relay_process(DEPLOY / "config.yaml") as running:
-        https, http = free_port(), free_port()
-        (tmp_path / "site.conf").write_text(
-            nginx_site(tmp_path, running.port, https, http), encoding="utf-8"
-        )
-        (tmp_path / "nginx.conf").write_text(nginx_main(tmp_path), encoding="utf-8")
-        argv = [NGINX, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")]
-        check = await asyncio.create_subprocess_exec(
-            *argv, "-t", stdin=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
-        _, stderr = await within(check.communicate())
-        assert check.returncode == 0, stderr.decode()
-        proc = await asyncio.create_subprocess_exec(
-            *argv, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
-        try:
-            await within(asyncio.gather(listening(https), listening(http)))
-            tls = ssl.create_default_context(cafile=files.ca)
-            yield Proxy(running, https, http, tls, tmp_path)
-        finally:
-            if proc.returncode is None:
-                proc.send_signal(signal.SIGQUIT)  # nginx's graceful stop
-                try:
-                    await within(proc.wait())
-                except TimeoutError:
-                    proc.kill()
-                    await proc.wait()
+    async with (
+        relay_process(DEPLOY / "config.yaml") as running,
+        nginx(tmp_path, running.port) as (https, http),
+    ):
+        tls = ssl.create_default_context(cafile=files.ca)
+        yield Proxy(running, https, http, tls, tmp_path)
 
 
 def get(url: str, context: ssl.SSLContext | None = None) -> tuple[int, dict[str, str], bytes]:
@@ -310,3 +331,46 @@ async def test_websocket_call_signaling_through_nginx(proxy: Proxy) -> None:
         for client in (patient, practitioner):
             with contextlib.suppress(Exception):
                 await client.close()
+
+
+@pytest.mark.netns
+@pytest.mark.asyncio
+async def test_chromium_call_through_nginx(
+    browsers: Browsers, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two pages over https through nginx: the check passes, both join with tokens, connect."""
+    if reason := netns_missing():
+        pytest.skip(reason)
+    address = "198.18.0.2"
+    files = make_tls_files(tmp_path, address)
+    cert = x509.load_pem_x509_certificate(files.cert.read_bytes())
+    spki = cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    # Chromium trusts this one certificate as if a public CA had signed it.
+    digest = base64.b64encode(hashlib.sha256(spki).digest()).decode()
+    trust = f"--ignore-certificate-errors-spki-list={digest}"
+    monkeypatch.setenv(relay.AUTH_SECRET_ENV, AUTH_SECRET)  # no TURN secret: a LAN call
+    async with Network("epc-nginx") as network:
+        ns = (await network.lan(f"{address}/24")).name
+        async with (
+            relay_process(DEPLOY / "config.yaml", netns=ns) as running,
+            nginx(tmp_path, running.port, address, netns=ns) as (https, _),
+        ):
+            browser = await browsers.launch(netns=ns, extra_args=(trust,))
+            expiry = int(time.time()) + 600
+            pages = []
+            for role in ("practitioner", "patient"):
+                token = relay.mint_token(AUTH_SECRET, "clinic-2", role, expiry)
+                url = f"https://{address}:{https}/?session=clinic-2&role={role}&token={token}"
+                page = await browsers.open(role, url, browser=browser, locale="en-US")
+                await page.wait_for_selector('#precheck[data-verdict="ok"]')  # /health and wss
+                await join(page, "clinic-2", role)
+                pages.append(page)
+            for page in pages:
+                await wait_state(page, "connected", units=3)
+                assert await page.inner_text("#status .status-call") == "Direct connection"
+                assert await page.evaluate("location.protocol") == "https:"
+            for role in ("practitioner", "patient"):
+                assert browsers.problems(role) == []
+    assert "token" not in (tmp_path / "epedicare.access.log").read_text(encoding="utf-8")
