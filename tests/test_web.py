@@ -97,6 +97,19 @@ def test_no_inline_script_or_style_and_nothing_remote() -> None:
             assert not re.search(r"(?:https?|wss?)://(?!www\.w3\.org/2000/svg)", text), path
 
 
+def test_english_is_complete() -> None:
+    """Every French string of web/js/i18n.js has its English one, with the same placeholders."""
+    text = (WEB / "js" / "i18n.js").read_text(encoding="utf-8")
+    fr_part, en_part = text.split("\n  en: {\n")
+    pair = r'^ {4}"([a-z0-9.-]+)": "((?:[^"\\]|\\.)*)",$'
+    fr = dict(re.findall(pair, fr_part.split("\n  fr: {\n")[1], re.M))
+    en = dict(re.findall(pair, en_part.split("\n  },\n")[0], re.M))
+    assert len(fr) > 100
+    assert sorted(fr) == sorted(en)
+    for key, french in fr.items():
+        assert re.findall(r"\{\w+\}", french) == re.findall(r"\{\w+\}", en[key]), key
+
+
 @pytest.mark.asyncio
 async def test_page_runs_without_console_errors_or_csp_violations(
     browsers: Browsers, relay_proc: RelayProcess
