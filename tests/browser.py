@@ -183,7 +183,7 @@ class Browsers:
         if self.playwright is not None:
             await self.playwright.stop()
 
-    async def launch(self, netns: str | None = None) -> Browser:
+    async def launch(self, netns: str | None = None, extra_args: tuple[str, ...] = ()) -> Browser:
         """A fresh Chromium (Playwright gives it a new --user-data-dir), in netns if given."""
         assert self.playwright is not None
         executable = CHROMIUM
@@ -193,7 +193,7 @@ class Browsers:
             executable.chmod(0o755)
         browser = await self.playwright.chromium.launch(
             executable_path=executable,
-            args=list(CHROMIUM_FLAGS),
+            args=[*CHROMIUM_FLAGS, *extra_args],
             headless=True,
             # Playwright's own default: a cold start of Chromium on a busy
             # 2-CPU machine once took over 10 s in CI.
