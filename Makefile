@@ -4,21 +4,39 @@
 
 PYTHON  ?= python3
 VENV    ?= .venv
-PY      := $(VENV)/bin/python
 CONFIG  ?= config.yaml
 SESSION ?=
 ARGS    ?=
-STAMP   := $(VENV)/.installed-$(shell cat requirements.txt | cksum | cut -d' ' -f1)
+STAMP   := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | cksum | cut -d' ' -f1)
 
-.PHONY: bench-browser bench-call patient practitioner bench-deps apt-nodejs setup system-deps turn-deps turn bench-turn browser-deps run-relay test lint demo bench bench-relay screenshots clean
+# Every variable a recipe passes on is quoted for the shell: q wraps one value
+# in single quotes ('\'' for a quote inside), and is given the variable's raw
+# text ($(value X)), so that neither the shell nor make evaluates what a
+# caller typed: SESSION='x;touch /tmp/pwned' is one odd session id, refused by
+# the peers with their one-line error. ARGS is split on blanks and each word
+# quoted (ARGS="-k relay" works; quotes inside ARGS are not parsed).
+# unexport: make would expand these to put them in the recipes' environment.
+q    = '$(subst ','\'',$(1))'
+qs   = $(foreach word,$(1),$(call q,$(word)))
+unexport SESSION ARGS CONFIG PYTHON VENV
+PY      := $(call q,$(value VENV)/bin/python)
+CONFIG_ := $(call q,$(value CONFIG))
+ARGS_   := $(call qs,$(value ARGS))
 
-## setup: a virtualenv with the pinned requirements (idempotent)
+.PHONY: help apt-systemd bench-browser bench-call patient practitioner bench-deps apt-nodejs setup system-deps turn-deps turn bench-turn browser-deps nginx-deps systemd-deps run-relay test lint demo bench bench-relay screenshots clean
+
+## setup: a virtualenv with the pinned requirements, runtime and development (idempotent)
 setup: $(STAMP)
 
-$(STAMP): requirements.txt
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
-	rm -f $(VENV)/.installed-* && touch $@
+$(STAMP): requirements.txt requirements-dev.txt
+	test -x $(PY) || $(call q,$(value PYTHON)) -m venv $(call q,$(value VENV))
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	rm -f $(call q,$(value VENV))/.installed-* && touch $(call q,$@)
+
+## help: this list of targets, one line each
+help:
+	@sed -n 's/^## \([^:]*\): \(.*\)/\1\t\2/p' $(MAKEFILE_LIST) | \
+	  awk -F'\t' '{ printf "  %-24s %s\n", $$1, $$2 }'
 
 # Debian packages that some targets need, installed once (apt-get update first).
 APT_STAMP := /var/lib/apt/periodic/.epedicare-apt-updated
@@ -43,51 +61,62 @@ turn-deps:
 browser-deps:
 	$(call apt_install,chromium)
 
+## nginx-deps: Debian's nginx, for the test of deploy/nginx (a real reverse proxy in front of the relay)
+nginx-deps:
+	$(call apt_install,nginx)
+
+## systemd-deps: systemd-analyze, for the test of deploy/*.service (Debian's systemd, if it is missing)
+systemd-deps:
+	@command -v systemd-analyze >/dev/null || $(MAKE) --no-print-directory apt-systemd
+
+apt-systemd:
+	$(call apt_install,systemd)
+
 ## run-relay: the signaling relay on ws://127.0.0.1:5001/ws
 run-relay: setup
-	$(PY) relay.py --config $(CONFIG) $(ARGS)
+	$(PY) relay.py --config $(CONFIG_) $(ARGS_)
 
 ## test: the whole test suite (what CI runs)
-test: setup system-deps turn-deps browser-deps
-	$(PY) -m pytest $(ARGS)
+test: setup system-deps turn-deps browser-deps nginx-deps systemd-deps
+	$(PY) -m pytest $(ARGS_)
 
 ## lint: ruff format check, ruff check, mypy --strict
 lint: setup
-	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy
+	$(call q,$(value VENV)/bin/ruff) format --check .
+	$(call q,$(value VENV)/bin/ruff) check .
+	$(call q,$(value VENV)/bin/mypy)
 
 ## demo: relay + two clients, prints what the call achieved, stops everything
 demo: setup system-deps
-	$(PY) -m bench.demo --config $(CONFIG) $(ARGS)
+	$(PY) -m bench.demo --config $(CONFIG_) $(ARGS_)
 
 ## patient, practitioner: one seat of a consultation, e.g. `make patient SESSION=test123`
 patient practitioner: setup
-	$(PY) -m peers.$@ --config $(CONFIG) $(if $(SESSION),--session $(SESSION)) $(ARGS)
+	$(PY) -m peers.$@ --config $(CONFIG_) $(if $(value SESSION),--session=$(call q,$(value SESSION))) $(ARGS_)
 
 ## bench: every benchmark
 bench: bench-relay bench-call bench-browser bench-turn
 
-## turn: a local coturn from the turn: section of $(CONFIG) (Ctrl-C stops it)
+## turn: a local coturn from the turn: section of CONFIG (Ctrl-C stops it)
 turn: setup turn-deps
-	$(PY) -m peers.turnserver --config $(CONFIG) $(ARGS)
+	$(PY) -m peers.turnserver --config $(CONFIG_) $(ARGS_)
 
 ## bench-turn: first frame and latency, direct vs TURN over UDP and TCP, coturn's CPU (as root)
 bench-turn: setup system-deps turn-deps
-	$(PY) -m bench.turn $(ARGS)
+	$(PY) -m bench.turn $(ARGS_)
 
 ## bench-call: calls through the relay and the peers' command lines vs two bare aiortc peers (as root)
 bench-call: setup system-deps
-	$(PY) -m bench.call $(ARGS)
+	$(PY) -m bench.call $(ARGS_)
 
 ## bench-browser: the browser client vs itself and the aiortc peers (as root)
 bench-browser: setup system-deps browser-deps
-	$(PY) -m bench.browser $(ARGS)
+	$(PY) -m bench.browser $(ARGS_)
 
 ## bench-relay: relay vs a bare websockets forwarder (see docs/benchmarks.md); valgrind counts instructions
 bench-relay: setup bench-deps
 	$(call apt_install,valgrind)
-	$(PY) -m bench.relay $(ARGS)
+	$(PY) -m bench.relay $(ARGS_)
 
 ## bench-deps: the Node `ws` load generator (npm ci from the committed lock file)
 bench-deps: bench/loadgen/node_modules/.installed
@@ -99,9 +128,10 @@ bench/loadgen/node_modules/.installed: bench/loadgen/package-lock.json
 apt-nodejs:
 	$(call apt_install,nodejs npm)
 
-## screenshots: docs/screenshot-*.png of the browser client (start, waiting, in call)
+## screenshots: docs/screenshot-*.png of the browser client, phone and desktop sizes
 screenshots: setup system-deps browser-deps
 	$(PY) -m tests.screenshots
 
+## clean: remove the virtualenv, caches and test artifacts
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis artifacts
+	rm -rf $(call q,$(value VENV)) .mypy_cache .ruff_cache .pytest_cache .hypothesis artifacts

@@ -8,8 +8,9 @@ inherited pipes (``--remote-debugging-pipe``), and ``ip netns exec`` keeps open
 file descriptors, so the browser's executable is a two-line wrapper script that
 execs ``ip netns exec NS chromium "$@"``: the Playwright driver stays in the
 test's own namespace while every socket of Chromium lives in the test namespace.
-The relay runs there too (``relay_process(netns=...)``), on that namespace's
-127.0.0.1, so the page is a secure context (camera allowed) without TLS.
+The relay runs there too (``tests.processes.relay_process(netns=...)``), on
+that namespace's 127.0.0.1, so the page is a secure context (camera allowed)
+without TLS.
 """
 
 from __future__ import annotations
@@ -32,10 +33,7 @@ from playwright.async_api import (
 )
 from playwright.async_api import Error as PlaywrightError
 
-from tests.processes import RelayProcess, relay_process
 from tests.support import TIMEOUT
-
-__all__ = ["RelayProcess", "relay_process"]  # re-exported: the browser tests' relay
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "artifacts"
@@ -108,7 +106,7 @@ class Browsers:
         if self.playwright is not None:
             await self.playwright.stop()
 
-    async def launch(self, netns: str | None = None) -> Browser:
+    async def launch(self, netns: str | None = None, extra_args: tuple[str, ...] = ()) -> Browser:
         """A fresh Chromium (Playwright gives it a new --user-data-dir), in netns if given."""
         assert self.playwright is not None
         executable = CHROMIUM
@@ -118,7 +116,7 @@ class Browsers:
             executable.chmod(0o755)
         browser = await self.playwright.chromium.launch(
             executable_path=executable,
-            args=list(CHROMIUM_FLAGS),
+            args=[*CHROMIUM_FLAGS, *extra_args],
             headless=True,
             # Playwright's own default: a cold start of Chromium on a busy
             # 2-CPU machine once took over 10 s in CI.

@@ -137,7 +137,7 @@ class RelayProcess:
     config: Path
     netns: str | None = None
     port: int = 0
-    host: str = "127.0.0.1"
+    host: str | None = None  # None: the configuration's relay.host
     args: tuple[str, ...] = ()  # more flags for relay.py
     url: str = ""
     process: Process | None = None
@@ -145,14 +145,16 @@ class RelayProcess:
 
     @property
     def http_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        """http://HOST:PORT of the running relay (from its ws:// URL)."""
+        return "http" + self.url.removeprefix("ws").split("/ws", 1)[0]
 
     async def start(self, wait: float = START_TIMEOUT) -> str:
         """Start it (on the same port as before, after a stop); its URL once it listens."""
         prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
+        host = () if self.host is None else ("--host", self.host)
         argv = [
             sys.executable, str(ROOT / "relay.py"), "--config", str(self.config),
-            "--host", self.host, "--port", str(self.port), *self.args,
+            *host, "--port", str(self.port), *self.args,
         ]  # fmt: skip
         self.process = await spawn("relay", argv, prefix)
         self.process.lines = self.log  # one log across restarts

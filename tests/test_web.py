@@ -27,7 +27,7 @@ from tests.browser import (
     write_config,
 )
 from tests.processes import RelayProcess, relay_process
-from tests.support import TIMEOUT, Client
+from tests.support import TIMEOUT, Client, within
 
 WEB = Path(__file__).resolve().parent.parent / "web"
 PROTOCOL = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
@@ -94,6 +94,19 @@ def test_no_inline_script_or_style_and_nothing_remote() -> None:
         if path.suffix in {".html", ".js", ".css", ".json", ".svg"}:
             text = path.read_text(encoding="utf-8")
             assert not re.search(r"(?:https?|wss?)://(?!www\.w3\.org/2000/svg)", text), path
+
+
+def test_english_is_complete() -> None:
+    """Every French string of web/js/i18n.js has its English one, with the same placeholders."""
+    text = (WEB / "js" / "i18n.js").read_text(encoding="utf-8")
+    fr_part, en_part = text.split("\n  en: {\n")
+    pair = r'^ {4}"([a-z0-9.-]+)": "((?:[^"\\]|\\.)*)",$'
+    fr = dict(re.findall(pair, fr_part.split("\n  fr: {\n")[1], re.M))
+    en = dict(re.findall(pair, en_part.split("\n  },\n")[0], re.M))
+    assert len(fr) > 100
+    assert sorted(fr) == sorted(en)
+    for key, french in fr.items():
+        assert re.findall(r"\{\w+\}", french) == re.findall(r"\{\w+\}", en[key]), key
 
 
 @pytest.mark.asyncio
@@ -167,10 +180,17 @@ async def test_keyboard_and_screen_reader_names(
     await page.get_by_label("Consultation id").fill("keyboard")
     await page.keyboard.press("Enter")
     await wait_state(page, "waiting")
-    for name in ("Mute microphone", "Turn camera off", "Hang up", "Send"):
+    for name in ("Mute microphone", "Turn camera off", "Messages", "Details", "Hang up", "Send"):
         assert await page.get_by_role("button", name=name).count() == 1, name
     assert await page.get_by_role("status").inner_text() == "Waiting for the patient"
     assert await page.get_by_label("The patient's video").count() == 1
+    assert await page.get_by_role("img", name="Call quality: not measured yet").count() == 1
+    details = page.get_by_role("button", name="Details")
+    await details.press("Enter")
+    assert await details.get_attribute("aria-expanded") == "true"
+    assert await page.get_by_role("heading", name="Technical details").is_visible()
+    await page.keyboard.press("Escape")
+    assert await details.get_attribute("aria-expanded") == "false"
     await page.get_by_role("button", name="Mute microphone").press("Enter")
     assert await page.get_attribute("#mic", "aria-pressed") == "true"
     assert await page.evaluate("epedicare.local.getAudioTracks()[0].enabled") is False
@@ -188,6 +208,97 @@ async def test_no_horizontal_scrolling(
     await join(page, "narrow", "patient")
     await wait_state(page, "waiting")
     assert await page.evaluate(overflow) <= 0
+
+
+PHONE = (390, 844)
+CONTROLS = ("#mic", "#camera", "#chat-toggle", "#details-toggle", "#hangup")
+
+
+@pytest.mark.asyncio
+async def test_phone_layout_video_fills_the_screen(
+    browsers: Browsers, relay_proc: RelayProcess
+) -> None:
+    """At 390x844 the remote video covers at least 60 % of the screen, every control in view."""
+    page = await browsers.open("phone", relay_proc.http_url, viewport=PHONE)
+    await join(page, "phone", "patient")
+    await wait_state(page, "waiting")
+    width, height = PHONE
+    video = await page.locator("#remote-video").bounding_box()
+    assert video is not None
+    visible_w = min(video["x"] + video["width"], width) - max(video["x"], 0)
+    visible_h = min(video["y"] + video["height"], height) - max(video["y"], 0)
+    assert visible_w * visible_h >= 0.6 * width * height, video
+    for selector in CONTROLS:
+        box = await page.locator(selector).bounding_box()
+        assert box is not None, selector
+        assert box["x"] >= 0 and box["x"] + box["width"] <= width, (selector, box)
+        assert box["y"] >= 0 and box["y"] + box["height"] <= height, (selector, box)
+        assert box["height"] >= 44, (selector, box)  # a thumb's target
+    assert await page.evaluate("document.documentElement.scrollWidth - window.innerWidth") <= 0
+    assert await page.evaluate("document.scrollingElement.scrollTop") == 0
+    # The statistics are behind "details", the chat opens on demand.
+    assert not await page.is_visible("#stats")
+    assert not await page.is_visible("#chat-input")
+    await page.click("#chat-toggle")
+    assert await page.is_visible("#chat-panel")
+    await page.click("#details-toggle")  # one sheet at a time on a phone
+    assert await page.is_visible("#stats")
+    assert not await page.is_visible("#chat-panel")
+
+
+async def verdict(page: Page) -> str:
+    """The pre-call check's verdict, once it has one."""
+    await page.wait_for_selector('#precheck:not([data-verdict="running"])')
+    return str(await page.get_attribute("#precheck", "data-verdict"))
+
+
+@pytest.mark.asyncio
+async def test_precheck_says_when_the_relay_is_down(browsers: Browsers, tmp_path: Path) -> None:
+    """The pre-call check: relay down gives its verdict and sentence; back up, all is ready."""
+    async with relay_process(write_config(tmp_path / "relay.yaml")) as running:
+        page = await browsers.open("page", running.http_url, locale="en-US")
+        assert await verdict(page) == "ok"
+        assert await page.get_attribute("#check-camera", "data-state") == "ok"
+        assert await page.get_attribute("#check-mic", "data-state") == "ok"
+        assert await page.inner_text("#precheck-verdict") == await text_for(
+            page, "check.verdict.ok"
+        )
+        await running.stop()
+        await page.click("#precheck-again")
+        assert await verdict(page) == "relay-down"
+        assert await page.get_attribute("#check-relay", "data-state") == "fail"
+        assert await page.inner_text("#precheck-verdict") == (
+            "The consultation server cannot be reached: check your Internet connection, "
+            "then check again. If it goes on, tell the practice."
+        )
+        await running.start()  # the same port
+        await page.click("#precheck-again")
+        assert await verdict(page) == "ok"
+
+
+@pytest.mark.asyncio
+async def test_precheck_shows_the_camera_and_the_microphone_level(
+    browsers: Browsers, relay_proc: RelayProcess
+) -> None:
+    """The check previews the camera, moves the microphone's meter, and the call reuses them."""
+    page = await browsers.open("page", relay_proc.http_url)
+    assert await verdict(page) == "ok"
+    size = "[precheck.videoWidth, precheck.videoHeight]".replace(
+        "precheck", "document.getElementById('precheck-video')"
+    )
+
+    async def moving() -> None:
+        while await page.evaluate(size) == [0, 0] or not await page.evaluate(  # noqa: ASYNC110 (polling the page)
+            "document.getElementById('mic-level').value > 0"
+        ):
+            await asyncio.sleep(0.1)
+
+    await within(moving())
+    track = await page.evaluate("document.getElementById('precheck-video').srcObject.id")
+    await join(page, "reuse", "patient")
+    await wait_state(page, "waiting")
+    assert await page.evaluate("epedicare.local.id") == track  # no second camera prompt
+    assert await page.evaluate("document.getElementById('mic-level').value") == 0
 
 
 @pytest.mark.asyncio

@@ -105,7 +105,15 @@ async def connected_pair(net: Net, session: str) -> tuple[Page, Page]:
     return patient, practitioner
 
 
+async def open_sheet(page: Page, name: str) -> None:
+    """Open the chat or the details sheet (the chat is open by default on a wide screen)."""
+    if await page.get_attribute(f"#{name}-toggle", "aria-expanded") != "true":
+        await page.click(f"#{name}-toggle")
+
+
 async def chat(sender: Page, receiver: Page, text: str) -> None:
+    for page in (sender, receiver):
+        await open_sheet(page, "chat")
     await sender.fill("#chat-input", text)
     await sender.press("#chat-input", "Enter")
     await receiver.locator("#chat-log li.theirs .text", has_text=text).wait_for()
@@ -123,7 +131,12 @@ async def test_browser_to_browser_video_audio_and_chat(net: Net) -> None:
         # its encoder finds the machine busy (seen in CI: 320x240), then
         # scales back up; a call stuck below the camera's size fails here.
         await decoded_at(page, [FAKE_WIDTH, FAKE_HEIGHT], units=4)
-        assert await page.inner_text("#status .status-call") == "Connected directly (host/udp)"
+        # Plain words in the status line, the jargon in the details.
+        assert await page.inner_text("#status .status-call") == "Direct connection"
+        await open_sheet(page, "details")
+        path = page.locator('[data-stat="path"]', has_text="direct (host/udp)")
+        await path.wait_for(timeout=TIMEOUT * 1000)
+        assert await page.get_attribute("#quality", "data-level") == "good"
         in_size = page.locator('[data-stat="in-size"]', has_text=f"{FAKE_WIDTH}\u00d7{FAKE_HEIGHT}")
         await in_size.wait_for(timeout=TIMEOUT * 1000)  # the stats line follows each second
     await chat(patient, practitioner, "Bonjour docteur, ça va ? ✓")
@@ -137,9 +150,18 @@ async def test_browser_to_browser_video_audio_and_chat(net: Net) -> None:
 async def test_hang_up_shows_left_then_the_patient_waits_for_the_next(net: Net) -> None:
     """The practitioner hangs up: the patient reads 'left'; a new practitioner gets a call."""
     patient, practitioner = await connected_pair(net, "bye")
+    await grows(patient, "inVideo.framesDecoded", 5)
+    await open_sheet(patient, "details")
     await practitioner.click("#hangup")
     await wait_state(patient, "left")
     assert await patient.inner_text("#status .status-call") == "The practitioner left"
+    # The statistics described the call that ended: they are reset, not frozen.
+    assert await patient.evaluate("epedicare.stats") is None
+    for name in ("path", "quality", "in-bitrate", "out-bitrate", "in-size", "rtt", "lost"):
+        assert await patient.inner_text(f'[data-stat="{name}"]') == "\u2013", (
+            name
+        )  # an en dash: no value
+    assert await patient.get_attribute("#quality", "data-level") == "none"
     await practitioner.click("#join")
     for page in (patient, practitioner):
         await wait_state(page, "connected", units=2)
@@ -208,6 +230,7 @@ async def test_browser_and_aiortc_peer_video_audio_and_chat(
         await grows(page, "inVideo.framesDecoded", 20, units=3)
         await grows(page, "inAudio.packetsReceived", 20)
         await decoded_at(page, [PEER_VIDEO["width"], PEER_VIDEO["height"]], units=2)
+        await open_sheet(page, "chat")
         await page.fill("#chat-input", "from the browser ✓")
         await page.press("#chat-input", "Enter")
         await printed(peer, "chat> from the browser ✓")

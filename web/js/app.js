@@ -4,6 +4,7 @@
 import { Call } from "./call.js";
 import { hasKey, initialLanguage, language, setLanguage } from "./i18n.js";
 import { MediaError, openLocalMedia, stopMedia } from "./media.js";
+import { Precheck } from "./precheck.js";
 import { Signaling, relayUrl } from "./signaling.js";
 import { summarize } from "./stats.js";
 import * as view from "./view.js";
@@ -12,6 +13,7 @@ const { els } = view;
 const SESSION_RE = /^[A-Za-z0-9_-]{1,64}$/;
 const OTHER = { patient: "practitioner", practitioner: "patient" };
 const STATS_INTERVAL_MS = 1000;
+const WIDE = "(min-width: 56rem)"; // style.css's desktop layout
 
 const app = {
   seat: null, // {session, role, token}
@@ -26,6 +28,7 @@ const app = {
   stats: null, // the latest summary of getStats()...
   statsOf: null, // ...and the call it describes
   statsTimer: null,
+  precheck: null, // the pre-call check of the start page
 };
 globalThis.epedicare = app; // for the tests and for debugging from the console
 
@@ -48,6 +51,21 @@ function init() {
   els.mic.addEventListener("click", () => toggle("audio", els.mic, "call.mic.on", "call.mic.off"));
   els.camera.addEventListener("click", () => toggle("video", els.camera, "call.camera.on", "call.camera.off"));
   els.hangup.addEventListener("click", hangUp);
+  els.chatToggle.addEventListener("click", () => {
+    if (view.toggleSheet("chat") && !els.chatInput.disabled) els.chatInput.focus();
+  });
+  els.detailsToggle.addEventListener("click", () => view.toggleSheet("details"));
+  for (const button of document.querySelectorAll("[data-close]")) {
+    button.addEventListener("click", () => {
+      view.setSheet(button.dataset.close, false);
+      els[`${button.dataset.close}Toggle`].focus();
+    });
+  }
+  addEventListener("keydown", (event) => {
+    if (event.key !== "Escape" || els.callView.hidden) return;
+    view.setSheet("chat", false);
+    view.setSheet("details", false);
+  });
   els.chatForm.addEventListener("submit", (event) => {
     event.preventDefault();
     sendChat();
@@ -58,6 +76,9 @@ function init() {
     els.join.disabled = true;
     return;
   }
+  app.precheck = new Precheck(relayUrl());
+  els.precheckAgain.addEventListener("click", () => app.precheck.run());
+  app.precheck.run();
   (els.session.value ? els.join : els.session).focus();
   document.body.dataset.ready = "true";
 }
@@ -76,7 +97,7 @@ async function join() {
   const role = els.form.elements.role.value;
   app.seat = { session, role, token: els.token.value.trim() };
   try {
-    const { stream, notice } = await openLocalMedia();
+    const { stream, notice } = await localMedia();
     app.local = stream;
     if (notice) view.notify(notice, {}, "info");
   } catch (err) {
@@ -87,6 +108,15 @@ async function join() {
   }
   app.rtcConfig = await loadRtcConfig();
   startSeat();
+}
+
+/** The pre-call check's camera and microphone if they are still live, else opened anew. */
+async function localMedia() {
+  const checked = await app.precheck.take();
+  const live = (stream) => stream === null || stream.getTracks().every((track) => track.readyState === "live");
+  if (checked && !checked.error && live(checked.stream)) return checked;
+  if (checked && checked.stream) stopMedia(checked.stream);
+  return openLocalMedia(); // MediaError when refused or busy
 }
 
 /** The relay's ICE settings for the page; none (LAN only) when it publishes none. */
@@ -118,6 +148,7 @@ function startSeat() {
   view.showInvite(app.seat.role === "practitioner" ? inviteLink() : null);
   view.setChatOpen(false);
   view.renderStats(null);
+  if (matchMedia(WIDE).matches) view.setSheet("chat", true); // room for it beside the video
 
   const signaling = new Signaling(relayUrl(), app.seat);
   app.signaling = signaling;
@@ -205,6 +236,7 @@ function onFatal({ code, message }) {
   app.local = null;
   app.signaling = null;
   view.showStart();
+  app.precheck.run();
   if (code === "replaced") view.notify("server.replaced");
   else onRefused({ code, message });
 }
@@ -244,6 +276,10 @@ function endCall() {
   }
   els.remoteVideo.srcObject = null;
   view.setChatOpen(false);
+  // The statistics described that call: none until the next one measures.
+  app.stats = null;
+  app.statsOf = null;
+  view.renderStats(null);
 }
 
 function onCallState(call, state) {
@@ -294,13 +330,9 @@ function renderStatus() {
 function callStatus(other) {
   const call = app.call;
   if (call && call.connectionState === "connected") {
+    // Plain words here; the path's jargon (host/udp, TURN/tcp) is in the details.
     const path = app.statsOf === call ? app.stats.path : null;
-    const relayed = path && path.relayed;
-    return {
-      state: "connected",
-      key: relayed ? "state.connected-relay" : "state.connected",
-      params: { path: path ? path.text : "…" },
-    };
+    return { state: "connected", key: path && path.relayed ? "state.connected-relay" : "state.connected" };
   }
   if (call) return { state: "connecting", key: "state.connecting" };
   if (app.ended === "left") return { state: "left", key: "state.left", params: { other } };
@@ -335,6 +367,7 @@ function hangUp() {
   app.local = null;
   els.localVideo.srcObject = null;
   view.showStart();
+  app.precheck.idle();
   view.notify("state.ended", {}, "info");
   els.join.focus();
 }

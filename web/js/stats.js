@@ -1,5 +1,5 @@
 // Call statistics from getStats(): bitrate, frames per second, round-trip time,
-// packets lost, and the ICE path actually chosen.
+// packets lost, the ICE path actually chosen, and a call-quality level.
 
 /** One summary of a report; previous (an earlier summary) gives the bitrates. */
 export function summarize(report, previous = null, now = performance.now()) {
@@ -10,6 +10,8 @@ export function summarize(report, previous = null, now = performance.now()) {
     outVideo: { bytes: 0, bitrate: null, fps: null, width: null, height: null },
     rtt: null,
     path: null,
+    loss: null, // fraction of the packets lost since the previous summary (audio and video)
+    quality: "none", // "good" | "fair" | "poor" | "none" (not known yet): see callQuality()
   };
   let pairId = null;
   for (const stat of report.values()) {
@@ -51,8 +53,42 @@ export function summarize(report, previous = null, now = performance.now()) {
       const bytes = summary[name].bytes - previous[name].bytes;
       if (seconds > 0 && bytes >= 0) summary[name].bitrate = (8 * bytes) / seconds;
     }
+    const lost = summary.inVideo.packetsLost + summary.inAudio.packetsLost
+      - previous.inVideo.packetsLost - previous.inAudio.packetsLost;
+    const received = summary.inVideo.packetsReceived + summary.inAudio.packetsReceived
+      - previous.inVideo.packetsReceived - previous.inAudio.packetsReceived;
+    if (received + lost > 0) summary.loss = Math.max(0, lost) / (received + Math.max(0, lost));
   }
+  summary.quality = callQuality(summary.loss, summary.rtt);
   return summary;
+}
+
+/**
+ * The call's quality from the packets lost (fraction, over the last interval)
+ * and the round-trip time (seconds): "good", "fair", "poor", or "none" when
+ * nothing was measured yet. Three levels, drawn as three bars.
+ *
+ * The references, read from their sources:
+ * - LiveKit (livekit/livekit, pkg/sfu/connectionquality/scorer.go and
+ *   connectionstats.go): score = 100 - delayEffect - lossPercent * weight,
+ *   where the one-way delay d = rtt / 2 gives delayEffect = d / 40 up to
+ *   160 ms and (d - 120) / 10 above; the weight is 10 for video (2 % loss
+ *   falls to GOOD, 6 % to POOR) and 8 for Opus; EXCELLENT above 80, GOOD
+ *   above 40, POOR below.
+ * - Jitsi (jitsi/lib-jitsi-meet, modules/connectivity/ConnectionQuality.ts,
+ *   the packet-loss branch): at most 2 % loss is full bars, 4 % four of five,
+ *   6 % three, 8 % two, 12 % one; 10 % loss or more caps the quality at 30 %.
+ * We take LiveKit's score and levels with the video weight (10), and Jitsi's
+ * cap: 10 % loss or more is "poor" whatever the score.
+ */
+export function callQuality(loss, rtt) {
+  if (loss === null && rtt === null) return "none";
+  const oneWayMs = ((rtt ?? 0) * 1000) / 2;
+  const delayEffect = oneWayMs <= 160 ? oneWayMs / 40 : (oneWayMs - 120) / 10;
+  const lossPercent = (loss ?? 0) * 100;
+  const score = 100 - delayEffect - lossPercent * 10;
+  if (lossPercent >= 10 || score <= 40) return "poor";
+  return score > 80 ? "good" : "fair";
 }
 
 function findNominated(report) {
@@ -83,6 +119,10 @@ export function formatRtt(seconds) {
 
 export function formatSize(width, height) {
   return width && height ? `${width}×${height}` : "–";
+}
+
+export function formatLoss(loss) {
+  return loss === null ? "–" : `${(loss * 100).toFixed(1)} %`;
 }
 
 export function formatFps(fps) {

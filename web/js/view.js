@@ -1,8 +1,8 @@
 // What the page shows: views, the notice, the status line, statistics, chat.
 // No call logic here; app.js decides, this module draws.
 
-import { setLabel, setText } from "./i18n.js";
-import { formatBitrate, formatFps, formatRtt, formatSize } from "./stats.js";
+import { setLabel, setText, t } from "./i18n.js";
+import { formatBitrate, formatFps, formatLoss, formatRtt, formatSize } from "./stats.js";
 
 const $ = (id) => document.getElementById(id);
 
@@ -30,17 +30,36 @@ export const els = {
   chatInput: $("chat-input"),
   chatSend: $("chat-send"),
   langSwitch: $("lang-switch"),
+  quality: $("quality"),
+  chatToggle: $("chat-toggle"),
+  chatUnread: $("chat-unread"),
+  chatPanel: $("chat-panel"),
+  detailsToggle: $("details-toggle"),
+  detailsPanel: $("details-panel"),
+  precheck: $("precheck"),
+  precheckVideo: $("precheck-video"),
+  precheckVerdict: $("precheck-verdict"),
+  precheckAgain: $("precheck-again"),
+  micLevel: $("mic-level"),
 };
+
+// The sheets opened from the controls: name -> [toggle button, panel].
+const SHEETS = { chat: [els.chatToggle, els.chatPanel], details: [els.detailsToggle, els.detailsPanel] };
 
 export function showStart() {
   els.callView.hidden = true;
   els.startView.hidden = false;
   els.join.disabled = false;
+  document.body.classList.remove("in-call");
 }
 
 export function showCall(session, other) {
   els.startView.hidden = true;
   els.callView.hidden = false;
+  document.body.classList.add("in-call");
+  for (const name of Object.keys(SHEETS)) setSheet(name, false);
+  els.chatLog.replaceChildren();
+  els.chatUnread.hidden = true;
   setText($("call-title"), "call.title", { session });
   setLabel(els.remoteVideo, "call.remote", { other });
   document.title = `e-PediCare Call · ${session}`;
@@ -66,6 +85,7 @@ export function clearNotice() {
  */
 export function renderStatus(call, server) {
   els.status.dataset.state = call.state;
+  els.callView.dataset.state = call.state;
   els.status.dataset.server = server ? server.state : "ok";
   els.status.replaceChildren();
   for (const part of [call, server]) {
@@ -77,8 +97,14 @@ export function renderStatus(call, server) {
   }
 }
 
+/** The statistics sheet; summary null: nothing measured (no call, or it ended). */
 export function renderStats(summary) {
+  const path = summary && summary.path;
   const cells = {
+    path: path ? t(path.relayed ? "stats.path.relay" : "stats.path.direct", { path: path.text }) : "–",
+    quality: summary
+      ? `${t(`quality.text.${summary.quality}`)} (${formatLoss(summary.loss)}, ${formatRtt(summary.rtt)})`
+      : "–",
     "in-bitrate": formatBitrate(summary ? summary.inVideo.bitrate + (summary.inAudio.bitrate || 0) : null),
     "out-bitrate": formatBitrate(summary ? summary.outVideo.bitrate : null),
     "in-fps": formatFps(summary && summary.inVideo.fps),
@@ -91,6 +117,35 @@ export function renderStats(summary) {
   for (const [name, text] of Object.entries(cells)) {
     els.stats.querySelector(`[data-stat="${name}"]`).textContent = text;
   }
+  renderQuality(summary ? summary.quality : "none");
+}
+
+/** The bars: "good" (three), "fair" (two), "poor" (one), "none" (none lit). */
+export function renderQuality(level) {
+  els.quality.dataset.level = level;
+  setLabel(els.quality, `quality.${level}`);
+  els.quality.title = els.quality.getAttribute("aria-label");
+}
+
+/** Open or close a sheet (chat or details); on a phone they cover part of the video. */
+export function setSheet(name, open) {
+  const [button, panel] = SHEETS[name];
+  button.setAttribute("aria-expanded", String(open));
+  panel.hidden = !open;
+  if (name === "chat" && open) {
+    els.chatUnread.hidden = true;
+    els.chatUnread.textContent = "";
+  }
+}
+
+export function toggleSheet(name) {
+  const open = SHEETS[name][1].hidden;
+  // One sheet at a time on a phone: they share the space above the controls.
+  if (open && matchMedia("(max-width: 55.99rem)").matches) {
+    for (const other of Object.keys(SHEETS)) if (other !== name) setSheet(other, false);
+  }
+  setSheet(name, open);
+  return open;
 }
 
 export function setChatOpen(open) {
@@ -112,12 +167,31 @@ export function addChatLine(text, mine, otherRole) {
   item.append(who, body);
   els.chatLog.append(item);
   els.chatLog.scrollTop = els.chatLog.scrollHeight;
+  if (!mine && els.chatPanel.hidden) {
+    els.chatUnread.hidden = false;
+    els.chatUnread.textContent = String(Number(els.chatUnread.textContent || 0) + 1);
+  }
 }
 
 /** A toggle button: pressed means "off" (muted, camera off). */
 export function setToggle(button, off, keyOn, keyOff) {
   button.setAttribute("aria-pressed", String(off));
-  setText(button, off ? keyOn : keyOff);
+  setText(button.querySelector(".label"), off ? keyOn : keyOff);
+}
+
+// -- the pre-call check ------------------------------------------------------------
+
+/** One line of the check: name camera|mic|relay, state running|ok|warn|fail, key its text. */
+export function renderCheck(name, state, key) {
+  const line = $(`check-${name}`);
+  line.dataset.state = state;
+  setText(line.querySelector(".check-text"), key);
+}
+
+/** The verdict: running, ok, media (joinable, a device missing), relay-down, ws-blocked. */
+export function renderVerdict(verdict) {
+  els.precheck.dataset.verdict = verdict;
+  setText(els.precheckVerdict, `check.verdict.${verdict}`);
 }
 
 export function showInvite(url) {
