@@ -15,7 +15,8 @@ STAMP   := $(VENV)/.installed-$(shell cat requirements.txt | cksum | cut -d' ' -
 ## setup: a virtualenv with the pinned requirements (idempotent)
 setup: $(STAMP)
 
-$(STAMP): requirements.txt
+# system-deps first: NetfilterQueue (test/bench only) compiles against libnetfilter-queue-dev.
+$(STAMP): requirements.txt | system-deps
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	rm -f $(VENV)/.installed-* && touch $@
@@ -31,9 +32,10 @@ define apt_install
 	fi
 endef
 
-## system-deps: Debian packages for calls in network namespaces (iproute2, iptables)
+## system-deps: Debian packages for calls in network namespaces (iproute2, iptables), and
+## libnetfilter-queue-dev, which the link emulator's NetfilterQueue (requirements.txt) builds against
 system-deps:
-	$(call apt_install,iproute2 iptables)
+	$(call apt_install,iproute2 iptables libnetfilter-queue-dev)
 
 ## turn-deps: Debian's coturn (turnserver) for `make turn` and the TURN tests
 turn-deps:
