@@ -7,6 +7,7 @@ import copy
 import hashlib
 import hmac
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -602,7 +603,7 @@ def test_every_reader_refuses_the_same_unknown_section() -> None:
     from peers.turnserver import TurnServerSettings
 
     data = {"turn": {"secret": "s"}, "limts": {"burst": 5}}
-    readers = [
+    readers: list[Callable[[], object]] = [
         lambda: relay.RelayConfig.from_mapping(data, env={}),
         lambda: PeerSettings.from_mapping(data),
         lambda: TurnServerSettings.from_mapping(data, env={}),
