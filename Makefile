@@ -10,7 +10,7 @@ SESSION ?=
 ARGS    ?=
 STAMP   := $(VENV)/.installed-$(shell cat requirements.txt | cksum | cut -d' ' -f1)
 
-.PHONY: bench-browser bench-call patient practitioner bench-deps apt-nodejs setup system-deps turn-deps turn bench-turn browser-deps run-relay test lint demo bench bench-relay screenshots clean
+.PHONY: netem-probe bench-browser bench-call patient practitioner bench-deps apt-nodejs setup system-deps turn-deps turn bench-turn browser-deps run-relay test lint demo bench bench-relay screenshots clean
 
 ## setup: a virtualenv with the pinned requirements (idempotent)
 setup: $(STAMP)
@@ -68,7 +68,7 @@ patient practitioner: setup
 	$(PY) -m peers.$@ --config $(CONFIG) $(if $(SESSION),--session $(SESSION)) $(ARGS)
 
 ## bench: every benchmark
-bench: bench-relay bench-call bench-browser bench-turn
+bench: bench-relay bench-call bench-browser bench-turn netem-probe
 
 ## turn: a local coturn from the turn: section of $(CONFIG) (Ctrl-C stops it)
 turn: setup turn-deps
@@ -77,6 +77,10 @@ turn: setup turn-deps
 ## bench-turn: first frame and latency, direct vs TURN over UDP and TCP, coturn's CPU (as root)
 bench-turn: setup system-deps turn-deps
 	$(PY) -m bench.turn $(ARGS)
+
+## netem-probe: the link emulator (tests/netem.py) measured by its probe, per setting, beside the bare link (as root)
+netem-probe: setup system-deps
+	$(PY) -m bench.netem $(ARGS)
 
 ## bench-call: calls through the relay and the peers' command lines vs two bare aiortc peers (as root)
 bench-call: setup system-deps

@@ -73,6 +73,7 @@ import asyncio
 import contextlib
 import ctypes
 import dataclasses
+import gc
 import heapq
 import itertools
 import json
@@ -401,6 +402,10 @@ def _realtime() -> bool:
     return True
 
 
+def _say(message: dict[str, Any]) -> None:
+    print(json.dumps(message), flush=True)
+
+
 def serve(dev: str, directions: list[Direction], tag: str) -> None:
     """The packet loop (inside the namespace): bind, add rules, ready, commands until stop."""
     from netfilterqueue import NetfilterQueue, Packet
@@ -490,7 +495,13 @@ def serve(dev: str, directions: list[Direction], tag: str) -> None:
             return {"ok": False, "error": str(exc)}, False
 
     try:
+        try:
+            socket.if_nametoindex(dev)
+        except OSError:
+            _say({"ready": False, "error": f"no interface {dev!r} in this namespace"})
+            return
         realtime = _realtime()
+        gc.disable()  # no collector pauses in the packet loop: it makes no reference cycles
         base = random.randrange(1, 60000)
         for direction in directions:
             nfq = NetfilterQueue()
@@ -514,8 +525,7 @@ def serve(dev: str, directions: list[Direction], tag: str) -> None:
         stdin = sys.stdin.fileno()
         os.set_blocking(stdin, False)
         epoll.register(stdin, select.EPOLLIN)
-        ready = {"ready": True, "pid": os.getpid(), "queues": numbers, "realtime": realtime}
-        print(json.dumps(ready), flush=True)
+        _say({"ready": True, "pid": os.getpid(), "queues": numbers, "realtime": realtime})
         pending = b""
         running = True
         while running:
@@ -536,7 +546,7 @@ def serve(dev: str, directions: list[Direction], tag: str) -> None:
                     while running and b"\n" in pending:
                         line, pending = pending.split(b"\n", 1)
                         reply, stop = command(line.decode())
-                        print(json.dumps(reply), flush=True)
+                        _say(reply)
                         running = not stop
             release(time.monotonic_ns())
             timer.arm(heap[0][0] if heap else None)
@@ -621,7 +631,7 @@ class Link:
         self.pid = self.proc.pid
         ready = await self._read()
         if not ready.get("ready"):
-            raise LinkError(f"link emulator on {self.ns.name}/{self.interface}: {ready}")
+            raise LinkError(f"link emulator on {self.ns.name}: {ready.get('error')}")
         self.queues = ready["queues"]
         await self._request({"op": "set", **{d: i.to_json() for d, i in self.settings.items()}})
 
@@ -869,7 +879,8 @@ def _receive(sock: socket.socket) -> tuple[bytes, tuple[str, int], int] | None:
     return data, addr, stamp
 
 
-def _echo(sock: socket.socket, result: ProbeResult, stop: threading.Event) -> None:
+def _echo(sock: socket.socket, result: ProbeResult, stop: threading.Event, reply: int) -> None:
+    padding = bytes(max(0, reply - _HEADER.size))
     while not stop.is_set():
         if (got := _receive(sock)) is None:
             continue
@@ -877,7 +888,7 @@ def _echo(sock: socket.socket, result: ProbeResult, stop: threading.Event) -> No
         seq, sent, _ = _HEADER.unpack_from(data)
         result.arrived_ns[seq] = stamp
         result.order.append(seq)
-        sock.sendto(_HEADER.pack(seq, sent, time.time_ns()), addr)  # a small reply
+        sock.sendto(_HEADER.pack(seq, sent, time.time_ns()) + padding, addr)
 
 
 def _returns(sock: socket.socket, result: ProbeResult, stop: threading.Event) -> None:
@@ -896,6 +907,7 @@ async def probe(
     count: int = 500,
     rate_pps: float = 200,
     payload: int = 200,
+    reply_payload: int = _HEADER.size,
     drain_s: float = 0.5,
     during: Callable[[ProbeResult], Awaitable[Any]] | None = None,
 ) -> ProbeResult:
@@ -905,7 +917,8 @@ async def probe(
     by two threads; arrivals are stamped by the kernel (``SO_TIMESTAMPNS``) and
     departures just before ``send``, all on CLOCK_REALTIME, which every
     namespace shares: one-way delays are exact, and no wake-up latency of this
-    process is counted. The echo answers each packet with a 20-byte reply.
+    process is counted. The echo answers each packet with ``reply_payload``
+    bytes (20 by default; as many as ``payload`` to load both ways like a call).
     ``during(result)`` runs as a task while the packets go out (to change the
     link mid-run); stamps to compare with the results are ``time.time_ns()``.
     """
@@ -916,7 +929,7 @@ async def probe(
     send_sock = _stamped_socket(a)
     stop = threading.Event()
     threads = [
-        threading.Thread(target=_echo, args=(echo_sock, result, stop), daemon=True),
+        threading.Thread(target=_echo, args=(echo_sock, result, stop, reply_payload), daemon=True),
         threading.Thread(target=_returns, args=(send_sock, result, stop), daemon=True),
     ]
     side: asyncio.Task[Any] | None = None

@@ -209,11 +209,12 @@ async def test_rate_measured_is_rate_set(link_pair: tuple[Netns, Netns, str]) ->
     async with Link(a, dev, egress=egress) as link:
         result = await within(netem.probe(a, b, count=225, rate_pps=75, payload=1000), 3)
         stats = await link.stats()
-    assert result.offered_kbit > 550
+    assert result.offered_kbit > 450, result.offered_kbit  # well over the rate, however loaded
     assert 270 <= result.throughput_kbit <= 330, result.throughput_kbit
-    assert stats["directions"]["egress"]["overflow"] > 50
+    assert stats["directions"]["egress"]["overflow"] > 30
     one_packet_ms = 1042 * 8 / 300
-    assert max(result.forward_ms) < 100 + one_packet_ms + 2
+    # Without the buffer's bound the queue would grow by 300 kbit/s, to over a second in 3 s.
+    assert max(result.forward_ms) < 100 + one_packet_ms + 10, max(result.forward_ms)
 
 
 @pytest.mark.netns
@@ -222,8 +223,8 @@ async def test_rate_measured_is_rate_set(link_pair: tuple[Netns, Netns, str]) ->
 async def test_outage_blocks_everything_then_lets_it_through_at_once(
     link_pair: tuple[Netns, Netns, str],
 ) -> None:
-    """During an outage (both ways) nothing arrives; after it, the next packet arrives within
-    a few ms of the switch and every later one arrives."""
+    """During an outage (both ways) nothing arrives; after it, the first packet sent passes
+    within a few ms and so does every later one."""
     a, b, dev = link_pair
     async with Link(a, dev, both=Impairment()) as link:
         switched: list[int] = []
@@ -242,8 +243,8 @@ async def test_outage_blocks_everything_then_lets_it_through_at_once(
     assert len(during) > 100 and len(after) > 100
     assert not [s for s in during if s in result.arrived_ns or s in result.returned_ns]
     assert all(s in result.returned_ns for s in after)
-    first = min(result.arrived_ns[s] for s in after)
-    assert first - off < 10 * MS, (first - off) / MS
+    first = min(after)  # the first packet sent once the link was back: through at once
+    assert result.arrived_ns[first] - result.sent_ns[first] < 5 * MS
     assert stats["directions"]["egress"]["blackout"] == len(during)
 
 
@@ -279,3 +280,18 @@ async def test_nothing_is_left_after_the_block(
     result = await within(netem.probe(a, b, count=20, rate_pps=100, drain_s=0.2))
     assert len(result.returned_ns) == 20
     assert netem.percentile(result.rtt_ms, 50) < 5
+
+
+@pytest.mark.netns
+@needs_root
+@pytest.mark.asyncio
+async def test_unknown_interface_is_refused_by_name(link_pair: tuple[Netns, Netns, str]) -> None:
+    """A link on an interface the namespace lacks fails at start, naming it, and leaves nothing."""
+    a, _, _ = link_pair
+    link = Link(a, "nope0", egress=Impairment(delay_ms=10))
+    with pytest.raises(LinkError, match=r"^link emulator on .*: no interface 'nope0' in this"):
+        await link.__aenter__()
+    assert link.pid is not None
+    with pytest.raises(ProcessLookupError):
+        os.kill(link.pid, 0)
+    assert await link.rules() == []
