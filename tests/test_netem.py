@@ -158,8 +158,7 @@ def binomial_bounds(n: int, p: float, tail: float) -> tuple[int, int]:
 @needs_root
 @pytest.mark.asyncio
 async def test_delay_measured_is_delay_set(link_pair: tuple[Netns, Netns, str]) -> None:
-    """50 ms set on a's egress: the probe measures 50 ms one way (never less, p95 within 2 ms),
-    and the unimpaired way back stays under a millisecond."""
+    """50 ms set on a's egress measures 50 ms one way: never less, p50 within 1 ms, p95 within 2."""
     a, b, dev = link_pair
     async with Link(a, dev, egress=Impairment(delay_ms=50)):
         result = await within(netem.probe(a, b, count=500, rate_pps=200), 3)
@@ -202,8 +201,7 @@ async def test_loss_measured_is_loss_set(link_pair: tuple[Netns, Netns, str]) ->
 @needs_root
 @pytest.mark.asyncio
 async def test_rate_measured_is_rate_set(link_pair: tuple[Netns, Netns, str]) -> None:
-    """300 kbit/s with a 100 ms buffer, offered twice that: 300 kbit/s within 10 % arrives, the
-    excess is tail-dropped and no packet waits longer than the buffer."""
+    """300 kbit/s with a 100 ms buffer, offered twice that, delivers 300 kbit/s within 10 %."""
     a, b, dev = link_pair
     egress = Impairment(rate_kbit=300, queue_ms=100)
     async with Link(a, dev, egress=egress) as link:
@@ -223,10 +221,9 @@ async def test_rate_measured_is_rate_set(link_pair: tuple[Netns, Netns, str]) ->
 async def test_outage_blocks_everything_then_lets_it_through_at_once(
     link_pair: tuple[Netns, Netns, str],
 ) -> None:
-    """During an outage (both ways) nothing arrives; after it, the first packet sent passes
-    within a few ms and so does every later one."""
+    """Nothing passes during an outage, held packets included; after it, packets pass at once."""
     a, b, dev = link_pair
-    async with Link(a, dev, both=Impairment()) as link:
+    async with Link(a, dev, both=Impairment(delay_ms=20)) as link:
         switched: list[int] = []
 
         async def flip(_: netem.ProbeResult) -> None:
@@ -241,11 +238,14 @@ async def test_outage_blocks_everything_then_lets_it_through_at_once(
     during = [s for s, t in result.sent_ns.items() if on <= t < off]
     after = [s for s, t in result.sent_ns.items() if t >= off]
     assert len(during) > 100 and len(after) > 100
-    assert not [s for s in during if s in result.arrived_ns or s in result.returned_ns]
+    # Not one packet reached b while the link was down: those held when it went down were lost.
+    assert not [t for t in result.arrived_ns.values() if on < t < off]
     assert all(s in result.returned_ns for s in after)
-    first = min(after)  # the first packet sent once the link was back: through at once
-    assert result.arrived_ns[first] - result.sent_ns[first] < 5 * MS
-    assert stats["directions"]["egress"]["blackout"] == len(during)
+    first = min(after)  # the first packet sent once the link was back: through in its 20 ms
+    assert result.arrived_ns[first] - result.sent_ns[first] < 25 * MS
+    egress = stats["directions"]["egress"]
+    assert egress["blackout"] > len(during)  # the held ones too
+    assert egress["seen"] == egress["passed"] + egress["blackout"]
 
 
 @pytest.mark.netns
@@ -255,8 +255,7 @@ async def test_outage_blocks_everything_then_lets_it_through_at_once(
 async def test_nothing_is_left_after_the_block(
     link_pair: tuple[Netns, Netns, str], how: str
 ) -> None:
-    """After the block (ended normally, by an exception, or with its child SIGKILLed) no iptables
-    rule, no bound queue and no child process remain, and the link carries packets again."""
+    """No rule, queue or child remains after the block, however it ended; the link is clean."""
     a, b, dev = link_pair
     link = Link(a, dev, both=Impairment(delay_ms=20))
     expected: contextlib.AbstractContextManager[object] = (
