@@ -627,6 +627,7 @@ class Link:
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             cwd=ROOT,
+            start_new_session=True,  # a terminal's Ctrl-C is for the parent, which stops it
         )
         self.pid = self.proc.pid
         ready = await self._read()
@@ -1001,7 +1002,14 @@ async def _hold(args: argparse.Namespace) -> None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 5)
             stats = await link.stats()
-            print(json.dumps(stats["directions"]), flush=True)
+            print(
+                "; ".join(
+                    f"{d}: {c['seen']} seen, {c['passed']} passed, {c['lost']} lost, "
+                    f"{c['overflow']} overflowed, {c['blackout']} blacked out"
+                    for d, c in stats["directions"].items()
+                ),
+                flush=True,
+            )
 
 
 async def _probe_once(args: argparse.Namespace) -> None:
