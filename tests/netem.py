@@ -50,6 +50,9 @@ compare with published ``tc qdisc ... netem`` setups:
 
 A setting change applies to packets that arrive afterwards; held packets keep
 their time to send (``tc qdisc change`` does the same), except on an outage.
+One ``Link`` per interface and direction: NFQUEUE ends the chain for a packet,
+so a second link on the same interface would see nothing (use ``update``).
+Only IPv4 passes through iptables; the namespaces here have IPv6 off.
 
 The child (``python -m tests.netem serve``, run through ``ip netns exec``
 because NFQUEUE belongs to one network namespace) binds the queues, installs
