@@ -175,23 +175,26 @@ async def test_delay_measured_is_delay_set(link_pair: tuple[Netns, Netns, str]) 
 @needs_root
 @pytest.mark.asyncio
 async def test_loss_measured_is_loss_set(link_pair: tuple[Netns, Netns, str]) -> None:
-    """5 % loss on a's egress: of 2000 packets, as many are lost as a B(2000, 0.05) allows.
+    """5 % loss on a's egress: of 4000 packets, as many are lost as B(4000, 0.05) allows.
 
     Each packet is lost independently with p = 0.05 (netem's ``loss random``),
-    so the count lost is binomial, B(n = 2000, p = 0.05): mean 100, standard
-    deviation 9.7. The accepted range [lo, hi] is computed exactly from the
-    binomial distribution so that each tail outside it has probability at most
-    1e-6 (about 67 to 138 lost, 3.4 % to 6.9 %): a correct emulator fails this
-    once in 500 000 runs; one that loses 2.5 % or 8 %, or nothing, fails it
-    almost surely. The way back is not impaired and loses nothing.
+    so the count lost is binomial, B(n = 4000, p = 0.05): mean 200, standard
+    deviation 13.8. The accepted range [lo, hi] is computed exactly from that
+    distribution (``binomial_bounds``) so that each tail outside it has
+    probability at most 1e-6: 138 to 269 lost (3.45 % to 6.73 %). A correct
+    emulator fails this about once in 500,000 runs. One that loses 2.5 % passes
+    with probability 0.0002, 3 % with 0.055, 7.5 % with 0.032, 10 % or nothing
+    never. The way back is not impaired and loses nothing; the emulator's own
+    count of losses equals the probe's (nothing else drops).
     """
     a, b, dev = link_pair
-    n, p = 2000, 0.05
+    n, p = 4000, 0.05
     async with Link(a, dev, egress=Impairment(loss=p)) as link:
-        result = await within(netem.probe(a, b, count=n, rate_pps=500), 3)
+        result = await within(netem.probe(a, b, count=n, rate_pps=1000), 3)
         stats = await link.stats()
     lost = n - len(result.arrived_ns)
     lo, hi = binomial_bounds(n, p, 1e-6)
+    assert (lo, hi) == (138, 269)  # the docstring's figures
     assert lo <= lost <= hi, (lost, lo, hi)
     assert stats["directions"]["egress"]["lost"] == lost
     assert result.backward_loss == 0
