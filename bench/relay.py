@@ -58,6 +58,9 @@ limits:
   max_connections: 100000
   max_sessions: 100000
   join_timeout_s: 60
+  max_connections_per_address: 100000   # every client of the load is 127.0.0.1
+  max_sessions_per_address: 100000
+  handshakes_per_second_per_address: 1000000
 """
 
 
