@@ -7,6 +7,7 @@ import copy
 import hashlib
 import hmac
 import json
+import resource
 from pathlib import Path
 from typing import Any
 
@@ -727,3 +728,30 @@ def test_ice_section_errors_name_their_key(ice: dict[str, Any], key: str) -> Non
     with pytest.raises(relay.ConfigError) as caught:
         relay_config(ice=ice)
     assert caught.value.key == key
+
+
+def test_turn_ttl_is_capped_at_a_day() -> None:
+    """turn.ttl over 86400 s is refused, naming the key."""
+    with pytest.raises(relay.ConfigError) as refused:
+        relay_config(turn={"ttl": 86_401})
+    assert refused.value.key == "turn.ttl"
+
+
+@pytest.mark.parametrize("key", ["frames_per_second", "join_timeout_s", "resume_grace_s"])
+def test_infinite_limits_are_refused(key: str) -> None:
+    """.inf (or nan) for a limit is refused with the key's name."""
+    for value in (float("inf"), float("nan")):
+        with pytest.raises(relay.ConfigError) as refused:
+            relay_config(limits={key: value})
+        assert refused.value.key == f"limits.{key}"
+
+
+def test_the_soft_descriptor_limit_is_raised_to_the_hard_one() -> None:
+    """raise_fd_limit lifts the soft RLIMIT_NOFILE to the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 512), hard))
+        relay.raise_fd_limit(100)
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
