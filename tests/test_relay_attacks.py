@@ -297,7 +297,7 @@ async def test_turn_credentials_are_minted_once_per_connection_and_seat() -> Non
     "expiry",
     [
         pytest.param("²", id="superscript-two"),
-        pytest.param("\uff14\uff10\uff10\uff10", id="full-width"),
+        pytest.param("{full_width}", id="full-width-of-the-right-expiry"),
         pytest.param("0{exp}", id="leading-zero"),
         pytest.param("9" * 13, id="thirteen-digits"),
         pytest.param("", id="empty"),
@@ -311,7 +311,8 @@ async def test_an_oddly_written_expiry_is_bad_token(expiry: str) -> None:
     signature = good.rsplit(".", 1)[1]
     async with running_relay(relay_config(auth={"secret": secret})) as running:
         client = await Client.open(running.url)
-        token = f"v1.{expiry.format(exp=exp)}.{signature}"
+        full_width = "".join(chr(ord(c) + 0xFEE0) for c in str(exp))  # U+FF10 and on
+        token = f"v1.{expiry.format(exp=exp, full_width=full_width)}.{signature}"
         await client.send(type="join", session="s1", role="patient", token=token)
         await client.expect_error("bad-token")
         await client.join("s1", "patient", token=good)  # the connection lived on
@@ -496,3 +497,41 @@ async def test_too_few_file_descriptors_for_max_connections_is_a_refusal(tmp_pat
         "relay: limits.max_connections: 10000 connections need 10064 file descriptors, "
         "but the limit is 256 (ulimit -n; the hard limit is 256)\n"
     )
+
+
+# -- 10. the documented keepalive bound --------------------------------------------------------
+
+
+async def test_a_dead_connection_goes_within_ping_interval_timeout_and_close_timeout() -> None:
+    """A client that never answers pings is gone within the documented bound (45 s by default)."""
+    limits = {"ping_interval_s": 0.3, "ping_timeout_s": 0.3, "close_timeout_s": 0.3}
+    async with running_relay(relay_config(limits=limits)) as running:
+        reader, writer = await raw_websocket(running.port)  # raw: it never sends a pong
+        loop = asyncio.get_running_loop()
+        opened = loop.time()
+        await within(reader.read())  # the pings, the close frame, then the end of the stream
+        gone = loop.time() - opened
+        writer.close()
+    assert gone <= 0.9 + 0.3, f"dropped after {gone:.2f} s"
+
+
+async def test_shutdown_holds_its_bound_with_a_client_that_never_reads(tmp_path: Path) -> None:
+    """SIGTERM with a client that reads nothing: the relay exits 0 within shutdown_timeout_s."""
+    config = write_yaml(
+        tmp_path / "c.yaml", {"limits": {"shutdown_timeout_s": 2, "close_timeout_s": 10}}
+    )
+    proc = await start("--config", str(config), "--port", "0")
+    log: list[str] = []
+    port = await listening_port(proc, log)
+    _, writer = await raw_websocket(port, rcvbuf=4096)
+    flood = masked_frame(PING, b"p" * 125) * 16
+    for _ in range(20):  # a few pongs waiting in the buffers
+        writer.write(flood)
+    await writer.drain()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    proc.send_signal(signal.SIGTERM)
+    assert await within(proc.wait(), 3) == 0
+    took = loop.time() - started
+    writer.close()
+    assert took <= 2 + 0.5, f"shutdown took {took:.2f} s"
