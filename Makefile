@@ -10,7 +10,7 @@ SESSION ?=
 ARGS    ?=
 STAMP   := $(VENV)/.installed-$(shell cat requirements.txt | cksum | cut -d' ' -f1)
 
-.PHONY: bench-browser bench-call patient practitioner bench-deps apt-nodejs setup system-deps turn-deps turn bench-turn browser-deps run-relay test lint demo bench bench-relay screenshots clean
+.PHONY: bench-storm bench-browser bench-call patient practitioner bench-deps apt-nodejs setup system-deps turn-deps turn bench-turn browser-deps run-relay test lint demo bench bench-relay screenshots clean
 
 ## setup: a virtualenv with the pinned requirements (idempotent)
 setup: $(STAMP)
@@ -66,7 +66,7 @@ patient practitioner: setup
 	$(PY) -m peers.$@ --config $(CONFIG) $(if $(SESSION),--session $(SESSION)) $(ARGS)
 
 ## bench: every benchmark
-bench: bench-relay bench-call bench-browser bench-turn
+bench: bench-relay bench-storm bench-call bench-browser bench-turn
 
 ## turn: a local coturn from the turn: section of $(CONFIG) (Ctrl-C stops it)
 turn: setup turn-deps
@@ -88,6 +88,10 @@ bench-browser: setup system-deps browser-deps
 bench-relay: setup bench-deps
 	$(call apt_install,valgrind)
 	$(PY) -m bench.relay $(ARGS)
+
+## bench-storm: 10,000 clients resume their seats at once after a relay restart (docs/benchmarks.md)
+bench-storm: setup
+	$(PY) -m bench.relay_storm $(ARGS)
 
 ## bench-deps: the Node `ws` load generator (npm ci from the committed lock file)
 bench-deps: bench/loadgen/node_modules/.installed

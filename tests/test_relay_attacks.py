@@ -17,6 +17,7 @@ import os
 import resource
 import signal
 import socket
+import ssl
 import stat
 import sys
 from pathlib import Path
@@ -28,7 +29,7 @@ from websockets.exceptions import ConnectionClosedError, InvalidStatus
 
 import relay
 from tests.support import Client, pair, relay_config, running_relay, within
-from tests.test_relay_integration import http_get, listening_port, start, write_yaml
+from tests.test_relay_integration import http_get, listening_port, self_signed, start, write_yaml
 
 pytestmark = pytest.mark.asyncio
 
@@ -535,3 +536,20 @@ async def test_shutdown_holds_its_bound_with_a_client_that_never_reads(tmp_path:
     took = loop.time() - started
     writer.close()
     assert took <= 2 + 0.5, f"shutdown took {took:.2f} s"
+
+
+async def test_https_answers_carry_hsts(tmp_path: Path) -> None:
+    """With TLS every HTTP answer has Strict-Transport-Security; without, none."""
+    cert, key = self_signed(tmp_path)
+    config = relay_config(tls={"cert": str(cert), "key": str(key)})
+    async with running_relay(config) as running:
+        trust = ssl.create_default_context(cafile=str(cert))
+        reader, writer = await within(asyncio.open_connection("localhost", running.port, ssl=trust))
+        writer.write(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        raw = await within(reader.read())
+        writer.close()
+    assert raw.startswith(b"HTTP/1.1 200")
+    assert b"\r\nStrict-Transport-Security: max-age=31536000\r\n" in raw
+    async with running_relay() as running:
+        _, headers, _ = await http_get(running.port, "/health")
+    assert "strict-transport-security" not in headers
