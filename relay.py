@@ -1307,6 +1307,7 @@ class Relay:
             "BoundRelayConnection", (RelayConnection,), {"relay": self}
         )
         self.tls = config.tls.cert is not None
+        self.stopping = False
         # Browsers from any origin may connect on loopback when nothing is exposed.
         self.any_origin = (
             not config.origins and config.exposure() is None and not config.auth.secret
@@ -1348,7 +1349,9 @@ class Relay:
             timer.cancel()
             del self.connections[conn_id]
             clean = ws.protocol.close_rcvd is not None
-            await self.perform(disconnect(self.state, conn_id, clean=clean))
+            actions = disconnect(self.state, conn_id, clean=clean)
+            if not self.stopping:  # at shutdown the other seat is going too: tell nobody
+                await self.perform(actions)
             logger.debug("conn=%d closed (%s %r)", conn_id, ws.close_code, ws.close_reason or "")
 
     async def perform(self, actions: list[Action]) -> None:
@@ -1598,6 +1601,7 @@ async def serve_relay(config: RelayConfig) -> AsyncIterator[RunningRelay]:
         logger.info("resume keys signed with a key %s", origin)
         yield running
     finally:
+        relay.stopping = True
         server.close(code=CLOSE_GOING_AWAY, reason="relay shutting down")
         # The bound holds: what has not closed by then (a client that never
         # reads its close frame) is aborted, leaving a second for the handlers.
@@ -1605,7 +1609,8 @@ async def serve_relay(config: RelayConfig) -> AsyncIterator[RunningRelay]:
         try:
             await asyncio.wait_for(asyncio.shield(server.wait_closed()), grace)
         except TimeoutError:
-            left = [ws for ws in relay.connections.values() if ws.transport is not None]
+            # Every connection, those still in their opening handshake included.
+            left = list(server.all_connections)  # aborting a closed one is a no-op
             logger.warning("shutdown: aborting %d connections after %gs", len(left), grace)
             for ws in left:
                 ws.transport.abort()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import resource
 import signal
 import socket
@@ -32,7 +33,7 @@ from typing import Any
 
 import uvloop
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -86,8 +87,9 @@ async def start_relay(config: Path) -> asyncio.subprocess.Process:
 
 async def drain(proc: asyncio.subprocess.Process) -> None:
     assert proc.stderr is not None
-    while await proc.stderr.readline():
-        pass
+    while line := (await proc.stderr.readline()).decode():
+        if " WARNING " in line or " ERROR " in line or "stopped" in line:
+            print("  relay:", line.strip())
 
 
 class Seat:
@@ -122,31 +124,46 @@ async def open_all(seats: list[Seat], url: str, concurrency: int) -> None:
     await asyncio.gather(*(one(seat) for seat in seats))
 
 
-async def storm(seats: list[Seat], url: str, listening: float) -> None:
+async def storm(seats: list[Seat], url: str, listening: float, tries: int) -> None:
+    """Every seat rejoins at once; a failed try is retried as the peers do (jittered backoff)."""
     times: list[float] = []
+    first_failures: dict[str, int] = {}
     failures: dict[str, int] = {}
-    resumed = 0
+    retried = resumed = 0
 
     async def one(seat: Seat) -> None:
-        nonlocal resumed
-        try:
-            reply = await seat.join(url)
-        except InvalidStatus as exc:
-            reason = f"HTTP {exc.response.status_code}"
-        except (OSError, TimeoutError, ConnectionClosed) as exc:
-            reason = type(exc).__name__
-        else:
-            if reply["type"] == "joined":
-                times.append(time.monotonic() - listening)
-                resumed += reply["resumed"] is True
-                return
-            reason = str(reply["code"])
+        nonlocal resumed, retried
+        for attempt in range(tries):
+            try:
+                reply = await seat.join(url)
+            except InvalidStatus as exc:
+                reason = f"HTTP {exc.response.status_code}"
+            except InvalidHandshake as exc:
+                reason = f"handshake: {exc}"
+            except ConnectionClosed as exc:
+                reason = f"closed ({exc})"
+            except (OSError, TimeoutError) as exc:
+                reason = type(exc).__name__
+            else:
+                if reply["type"] == "joined":
+                    times.append(time.monotonic() - listening)
+                    resumed += reply["resumed"] is True
+                    return
+                reason = str(reply["code"])
+            if attempt == 0:
+                first_failures[reason] = first_failures.get(reason, 0) + 1
+                retried += 1
+            if seat.ws is not None:
+                await seat.ws.close()
+            # peers/signaling.py's backoff: 0.25 s doubling, capped at 5 s, jittered.
+            await asyncio.sleep(min(5.0, 0.25 * 2 ** min(attempt + 1, 6)) * random.uniform(0.5, 1))
         failures[reason] = failures.get(reason, 0) + 1
 
     await asyncio.gather(*(one(seat) for seat in seats))
     times.sort()
     print(f"  rejoined {len(times):,} of {len(seats):,}; resumed (verified key) {resumed:,}")
-    print(f"  refused or failed: {sum(failures.values())} {failures or ''}")
+    print(f"  failed at the first try: {retried:,} {first_failures or ''}")
+    print(f"  failed after {tries} tries: {sum(failures.values())} {failures or ''}")
     if times:
         p50 = statistics.median(times)
         p99 = times[min(len(times) - 1, int(len(times) * 0.99))]
@@ -197,7 +214,7 @@ async def main(args: argparse.Namespace) -> int:
             overflows = listen_overflows()
             relay = await start_relay(config)
             listening = time.monotonic()
-            await storm(seats, url, listening)
+            await storm(seats, url, listening, args.tries)
             print(f"  listen-queue overflows during the storm: {listen_overflows() - overflows}")
         finally:
             if relay.returncode is None:
@@ -210,6 +227,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Reconnect storm after a relay restart.")
     parser.add_argument("--clients", type=int, default=10_000, help="clients (two per session)")
     parser.add_argument("--backlog", type=int, default=4096, help="relay.backlog")
+    parser.add_argument("--tries", type=int, default=10, help="tries per client to rejoin")
     return parser.parse_args()
 
 
