@@ -4,11 +4,13 @@
 process, uvloop), then the relay is stopped with SIGTERM (every client gets
 1001) and started again on the same port with the same configuration (the
 resume secret comes from ``auth.resume_secret``). As soon as the new relay
-listens, every client reconnects and joins with its resume key, all at once.
+listens, every client reconnects and joins with its resume key, all at once;
+a failed try is retried with the peers' jittered backoff.
 
 Printed: how many clients resumed their seat (``resumed: true``), how many
-were refused and why, the time from "listening" to each client's ``joined``
-(p50, p99, max), and the kernel's listen-queue overflows during the storm
+failed at the first try and in the end, and why, the time from "listening"
+to each client's ``joined`` (p50, p99, max), and the kernel's listen-queue
+overflows during the storm
 (``TcpExt: ListenOverflows`` from /proc/net/netstat: each one is a SYN
 dropped and retransmitted a second later). The clients run in this process
 (uvloop); on 2 shared cores they, not the relay, may be the bottleneck.
