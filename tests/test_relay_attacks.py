@@ -553,3 +553,18 @@ async def test_https_answers_carry_hsts(tmp_path: Path) -> None:
     async with running_relay() as running:
         _, headers, _ = await http_get(running.port, "/health")
     assert "strict-transport-security" not in headers
+
+
+# -- 11. the listen backlog ---------------------------------------------------------------------
+
+
+async def test_a_backlog_above_somaxconn_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    """relay.backlog above net.core.somaxconn: a warning naming both at start."""
+    somaxconn = relay._somaxconn()
+    if somaxconn is None or somaxconn >= 65_535:
+        pytest.skip("net.core.somaxconn is unreadable or already at its maximum")
+    caplog.set_level(logging.WARNING, logger="relay")
+    config = relay_config(relay={"host": "127.0.0.1", "port": 0, "backlog": 65_535})
+    async with running_relay(config):
+        pass
+    assert f"relay.backlog is 65535 but the kernel caps it at {somaxconn}" in caplog.text
