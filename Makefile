@@ -23,7 +23,7 @@ PY      := $(call q,$(value VENV)/bin/python)
 CONFIG_ := $(call q,$(value CONFIG))
 ARGS_   := $(call qs,$(value ARGS))
 
-.PHONY: help netem-probe apt-systemd bench-browser bench-call patient practitioner bench-deps apt-nodejs setup system-deps turn-deps turn bench-turn browser-deps nginx-deps systemd-deps run-relay test lint demo bench bench-relay screenshots clean
+.PHONY: help netem-probe bench-storm apt-systemd bench-browser bench-call patient practitioner bench-deps apt-nodejs setup system-deps turn-deps turn bench-turn browser-deps nginx-deps systemd-deps run-relay test lint demo bench bench-relay screenshots clean
 
 ## setup: a virtualenv with the pinned requirements, runtime and development (idempotent)
 setup: $(STAMP)
@@ -97,7 +97,7 @@ patient practitioner: setup
 	$(PY) -m peers.$@ --config $(CONFIG_) $(if $(value SESSION),--session=$(call q,$(value SESSION))) $(ARGS_)
 
 ## bench: every benchmark
-bench: bench-relay bench-call bench-browser bench-turn netem-probe
+bench: bench-relay bench-storm bench-call bench-browser bench-turn netem-probe
 
 ## turn: a local coturn from the turn: section of CONFIG (Ctrl-C stops it)
 turn: setup turn-deps
@@ -123,6 +123,10 @@ bench-browser: setup system-deps browser-deps
 bench-relay: setup bench-deps
 	$(call apt_install,valgrind)
 	$(PY) -m bench.relay $(ARGS_)
+
+## bench-storm: 10,000 clients resume their seats at once after a relay restart (docs/benchmarks.md)
+bench-storm: setup
+	$(PY) -m bench.relay_storm $(ARGS)
 
 ## bench-deps: the Node `ws` load generator (npm ci from the committed lock file)
 bench-deps: bench/loadgen/node_modules/.installed
