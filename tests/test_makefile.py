@@ -7,6 +7,7 @@ keeps make from reinstalling the virtualenv (the stamp is not what is tested).
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -19,9 +20,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def make(*args: str) -> subprocess.CompletedProcess[str]:
+    # A fresh make: not the variables of a make that runs this suite (`make test
+    # ARGS=...` hands its command-line variables down through MAKEFLAGS).
+    env = {k: v for k, v in os.environ.items() if k not in {"MAKEFLAGS", "MFLAGS", "MAKELEVEL"}}
     return subprocess.run(
         ["make", "--no-print-directory", "-o", "setup", *args],
         cwd=ROOT,
+        env=env,
         capture_output=True,
         text=True,
         timeout=TIMEOUT * 6,
