@@ -28,6 +28,11 @@ The patches:
 - ``bytes_received``: ``RTCDtlsTransport._get_stats()`` (aiortc rtcdtlstransport.py:583),
   the transport's RTCTransportStats.bytesReceived (RTP, RTCP and SCTP), read
   without a whole ``getStats()`` report several times a second.
+- ``forget_gap``: ``RTCRtpReceiver.__jitter_buffer`` and ``__nack_generator``
+  (rtcrtpreceiver.py:299-300): after a gap the video jitter buffer waits for the
+  lost packets until 512 newer ones have come (about 15 s at 300 kbit/s); emptied
+  while the stream is silent, it starts afresh with the first packet after it.
+- ``request_keyframe``: ``RTCRtpReceiver._send_rtcp_pli`` (rtcrtpreceiver.py:630).
 - ``watch_handshake``: hooks ``RTCDtlsTransport.__log_debug`` (rtcdtlstransport.py:755),
   the only place that says why a DTLS handshake failed (rtcdtlstransport.py:423,
   429, 449, 466); upstream, the W3C ``RTCDtlsTransport.onerror`` with the cause.
@@ -48,7 +53,7 @@ import aioice.stun
 from aioice import Connection, stun
 from aioice.ice import CandidatePair, StunProtocol
 from aioice.turn import TurnClientMixin, TurnTransport
-from aiortc import RTCDtlsTransport, RTCIceTransport
+from aiortc import RTCDtlsTransport, RTCIceTransport, RTCRtpReceiver
 
 from peers.errors import PeerError
 
@@ -58,10 +63,12 @@ __all__ = [
     "bytes_received",
     "check_retries",
     "check_versions",
+    "forget_gap",
     "ice_connection",
     "instrument",
     "nominated_pair",
     "relay_protocols",
+    "request_keyframe",
     "set_check_retries",
     "turn_client",
     "use_tls_context",
@@ -187,6 +194,45 @@ def bytes_received(transport: RTCDtlsTransport) -> int:
         if isinstance(received, int):
             return received
     return 0
+
+
+def forget_gap(receiver: RTCRtpReceiver) -> bool:
+    """While a video stream is silent: forget the packets that wait for the lost ones.
+
+    aiortc's video ``JitterBuffer`` (jitterbuffer.py:63) assembles frames from its
+    oldest packet on and stops at the first hole; the packets lost in an outage
+    stall it until 512 newer ones push the hole out (jitterbuffer.py:50), and only
+    then is a keyframe asked for (rtcrtpreceiver.py:559): many seconds of frozen
+    video after the network is back. And ``NackGenerator`` (rtcrtpreceiver.py:97)
+    would ask for every packet of the gap, whose retransmissions, older than the
+    buffer's origin, make it start again from them (jitterbuffer.py:41). Emptying
+    both while nothing arrives lets the first packet after the gap start afresh
+    (then ``request_keyframe``). Upstream: the jitter buffer giving up on a hole
+    older than its latency. Returns False for an audio receiver (nothing done).
+    """
+    if receiver.track is None or receiver.track.kind != "video":
+        return False
+    jitter = getattr(receiver, "_RTCRtpReceiver__jitter_buffer")  # noqa: B009
+    jitter._packets = [None] * jitter.capacity
+    jitter._origin = None  # the next packet starts the buffer again
+    nacks = getattr(receiver, "_RTCRtpReceiver__nack_generator")  # noqa: B009
+    if nacks is not None:
+        nacks.max_seq = None
+        nacks.missing.clear()
+    return True
+
+
+def request_keyframe(receiver: RTCRtpReceiver) -> bool:
+    """Send a PLI for each stream of a video receiver (RFC 4585 6.3.1); False for audio.
+
+    Upstream: ``RTCRtpReceiver._send_rtcp_pli`` (rtcrtpreceiver.py:630) made public,
+    with the SSRCs of ``RTCRtpReceiver.__remote_streams`` (rtcrtpreceiver.py:315).
+    """
+    if receiver.track is None or receiver.track.kind != "video":
+        return False
+    for ssrc in list(getattr(receiver, "_RTCRtpReceiver__remote_streams")):  # noqa: B009
+        _spawn(receiver._send_rtcp_pli(ssrc))
+    return True
 
 
 def watch_handshake(transport: RTCDtlsTransport, on_failure: Callable[[str], None]) -> None:

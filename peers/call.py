@@ -62,6 +62,7 @@ __all__ = ["CHAT_LABEL", "Call", "CallOptions"]
 logger = logging.getLogger(__name__)
 
 CHAT_LABEL = "chat"
+GAP_S = 0.5  # nothing received this long: a gap, after which the video needs a keyframe
 
 Send = Callable[[dict[str, Any]], Awaitable[object]]
 
@@ -130,6 +131,7 @@ class Call:
         self._path: IcePath | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._path_watch: asyncio.Task[None] | None = None
+        self._pli_again: asyncio.Task[None] | None = None
         self._closing: asyncio.Task[None] | None = None
         self.pc.on("track", self.receiver.add)
         self.pc.on("datachannel", self._on_datachannel)
@@ -337,20 +339,46 @@ class Call:
         timeout = self.options.media_timeout_s
         every = min(0.1, timeout / 5)
         dtls = self._dtls_transports()
-        seen = -1
+        seen, gap = -1, False
         self.heard_at = time.monotonic()
         while True:
             now = time.monotonic()
             total = sum(aiortc_patches.bytes_received(t) for t in dtls)
             if total != seen:
+                if gap:
+                    gap = False
+                    self._ask_keyframe(now - self.heard_at)
                 seen, self.heard_at = total, now
                 if self.path_dead:
                     self.path_dead = False
                     self._tell_path(alive=True)
-            elif not self.path_dead and now - self.heard_at >= timeout:
+            elif not gap and now - self.heard_at >= GAP_S:
+                gap = True
+                for transceiver in self.pc.getTransceivers():
+                    aiortc_patches.forget_gap(transceiver.receiver)
+            if not self.path_dead and total == seen and now - self.heard_at >= timeout:
                 self.path_dead = True
                 self._tell_path(alive=False)
             await asyncio.sleep(every)
+
+    def _ask_keyframe(self, gap_s: float) -> None:
+        """After a gap, ask for a keyframe now rather than when aiortc's jitter buffer overflows.
+
+        Asked again a few times: the first request may leave while the way back
+        is still closed (a network returns one direction at a time).
+        """
+        logger.debug("%s: %.1f s without media: keyframe requested", self.name, gap_s)
+        for transceiver in self.pc.getTransceivers():
+            aiortc_patches.request_keyframe(transceiver.receiver)
+        if self._pli_again is not None:
+            self._pli_again.cancel()
+        self._pli_again = asyncio.create_task(self._ask_keyframe_again())
+
+    async def _ask_keyframe_again(self) -> None:
+        for delay in (0.2, 0.3, 0.5):
+            await asyncio.sleep(delay)
+            for transceiver in self.pc.getTransceivers():
+                aiortc_patches.request_keyframe(transceiver.receiver)
 
     def _tell_path(self, *, alive: bool) -> None:
         if self.on_path is not None and self._closing is None:
@@ -368,7 +396,7 @@ class Call:
         await asyncio.shield(self._closing)
 
     async def _close(self) -> None:
-        for task in (self._watchdog, self._path_watch):
+        for task in (self._watchdog, self._path_watch, self._pli_again):
             if task is not None:
                 task.cancel()
         await self.receiver.stop()

@@ -53,6 +53,7 @@ class RecoveryNetwork:
     practitioner: Netns
     links: dict[str, tuple[str, str]] = field(default_factory=dict)  # side: (its dev, hub's dev)
     addresses: dict[str, str] = field(default_factory=dict)  # side: its current address
+    restored_at = 0.0  # time.time() when the last outage() ended
     _subnets: itertools.count[int] = field(default_factory=lambda: itertools.count(10))
 
     def side(self, name: str) -> Netns:
@@ -84,6 +85,7 @@ class RecoveryNetwork:
         try:
             yield
         finally:
+            self.restored_at = time.time()  # the first rule removed lets packets through
             for rule in rules:
                 await self.net.run(self.hub, "iptables", "-w", "-D", *rule, "-j", "DROP")
 

