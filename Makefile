@@ -23,12 +23,13 @@ PY      := $(call q,$(value VENV)/bin/python)
 CONFIG_ := $(call q,$(value CONFIG))
 ARGS_   := $(call qs,$(value ARGS))
 
-.PHONY: help apt-systemd bench-browser bench-call patient practitioner bench-deps apt-nodejs setup system-deps turn-deps turn bench-turn browser-deps nginx-deps systemd-deps run-relay test lint demo bench bench-relay screenshots clean
+.PHONY: help netem-probe bench-storm apt-systemd bench-browser bench-call patient practitioner bench-deps apt-nodejs setup system-deps turn-deps turn bench-turn browser-deps nginx-deps systemd-deps run-relay test lint demo bench bench-relay screenshots clean
 
 ## setup: a virtualenv with the pinned requirements, runtime and development (idempotent)
 setup: $(STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt
+# system-deps first: NetfilterQueue (test/bench only) compiles against libnetfilter-queue-dev.
+$(STAMP): requirements.txt requirements-dev.txt | system-deps
 	test -x $(PY) || $(call q,$(value PYTHON)) -m venv $(call q,$(value VENV))
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	rm -f $(call q,$(value VENV))/.installed-* && touch $(call q,$@)
@@ -49,9 +50,10 @@ define apt_install
 	fi
 endef
 
-## system-deps: Debian packages for calls in network namespaces (iproute2, iptables)
+## system-deps: Debian packages for calls in network namespaces (iproute2, iptables), and
+## libnetfilter-queue-dev, which the link emulator's NetfilterQueue (requirements.txt) builds against
 system-deps:
-	$(call apt_install,iproute2 iptables)
+	$(call apt_install,iproute2 iptables libnetfilter-queue-dev)
 
 ## turn-deps: Debian's coturn (turnserver) for `make turn` and the TURN tests
 turn-deps:
@@ -95,7 +97,7 @@ patient practitioner: setup
 	$(PY) -m peers.$@ --config $(CONFIG_) $(if $(value SESSION),--session=$(call q,$(value SESSION))) $(ARGS_)
 
 ## bench: every benchmark
-bench: bench-relay bench-call bench-browser bench-turn
+bench: bench-relay bench-storm bench-call bench-browser bench-turn netem-probe
 
 ## turn: a local coturn from the turn: section of CONFIG (Ctrl-C stops it)
 turn: setup turn-deps
@@ -104,6 +106,10 @@ turn: setup turn-deps
 ## bench-turn: first frame and latency, direct vs TURN over UDP and TCP, coturn's CPU (as root)
 bench-turn: setup system-deps turn-deps
 	$(PY) -m bench.turn $(ARGS_)
+
+## netem-probe: the link emulator (tests/netem.py) measured by its probe, per setting, beside the bare link (as root)
+netem-probe: setup system-deps
+	$(PY) -m bench.netem $(ARGS)
 
 ## bench-call: calls through the relay and the peers' command lines vs two bare aiortc peers (as root)
 bench-call: setup system-deps
@@ -117,6 +123,10 @@ bench-browser: setup system-deps browser-deps
 bench-relay: setup bench-deps
 	$(call apt_install,valgrind)
 	$(PY) -m bench.relay $(ARGS_)
+
+## bench-storm: 10,000 clients resume their seats at once after a relay restart (docs/benchmarks.md)
+bench-storm: setup
+	$(PY) -m bench.relay_storm $(ARGS)
 
 ## bench-deps: the Node `ws` load generator (npm ci from the committed lock file)
 bench-deps: bench/loadgen/node_modules/.installed

@@ -41,6 +41,7 @@ import logging
 import math
 import os
 import re
+import resource
 import secrets
 import signal
 import ssl
@@ -49,7 +50,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeAlias
 from urllib.parse import urlsplit
 
 import orjson
@@ -61,9 +62,13 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
+from websockets.protocol import Event
 
 __version__: Final = "0.1.0"
+
+IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # The file runs as a script, where __name__ is "__main__": name the logger.
 logger = logging.getLogger("relay")
@@ -78,6 +83,10 @@ RELAYED_TYPES: Final = FORWARDED_TYPES | {"bye"}  # what reaches the other seat 
 CLIENT_TYPES: Final = frozenset({"join", "offer", "answer", "candidate", "bye", "ping"})
 TEXT_OR_NULL: Final = (str, type(None))
 INT_OR_NULL: Final = (int, type(None))  # exact types: true is not an integer
+EXPIRY_RE: Final = re.compile(r"[1-9][0-9]{0,11}")  # [0-9] is ASCII only, unlike \d
+RESUME_MAC_BYTES: Final = 18
+RESUME_KEY_LEN: Final = 2 + 16 + 24  # "r1", the nonce, the MAC (unpadded base64url)
+REFUSAL_SUMMARY_S: Final = 60.0  # refusals are logged at DEBUG, and counted at INFO this often
 
 CLOSE_GOING_AWAY: Final = 1001
 CLOSE_POLICY: Final = 1008
@@ -87,6 +96,11 @@ CLOSE_REPLACED: Final = 4001
 
 AUTH_SECRET_ENV: Final = "EPEDICARE_AUTH_SECRET"  # noqa: S105 (a variable name)
 TURN_SECRET_ENV: Final = "EPEDICARE_TURN_SECRET"  # noqa: S105 (a variable name)
+RESUME_SECRET_ENV: Final = "EPEDICARE_RESUME_SECRET"  # noqa: S105 (a variable name)
+RESUME_SECRET_FILE: Final = ".relay-resume-secret"  # noqa: S105 (a file name, next to the YAML)
+TURN_TTL_MAX_S: Final = 86_400  # the longest TURN credential the relay mints (24 h)
+FD_MARGIN: Final = 64  # descriptors beyond max_connections: listener, logs, DNS, metrics
+LOOPBACK_NETS: Final = ("127.0.0.0/8", "::1/128")
 
 
 # ---------------------------------------------------------------------------
@@ -134,12 +148,26 @@ class Limits:
     ping_timeout_s: float = 20.0
     close_timeout_s: float = 5.0
     shutdown_timeout_s: float = 10.0
+    # Bytes waiting to be written to one client; beyond it the client is not
+    # reading (a slow reader, or a ping flood whose pongs pile up): it is cut.
+    write_buffer_bytes: int = 262_144
+    # Per client address (the socket's, or X-Forwarded-For from a trusted proxy).
+    max_connections_per_address: int = 50
+    max_sessions_per_address: int = 50
+    handshakes_per_second_per_address: float = 20.0
+    # After an unclean drop, only the seat's previous resume key may take it back.
+    resume_grace_s: float = 30.0
 
 
 @dataclass(frozen=True)
 class AuthConfig:
     secret: str | None = None
     open: bool = False
+    # Signs resume keys: this value (or EPEDICARE_RESUME_SECRET), else derived
+    # from ``secret``, else read from (or generated into) ``resume_secret_file``,
+    # else random for this process only.
+    resume_secret: str | None = None
+    resume_secret_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -164,12 +192,10 @@ def read_yaml(path: Path) -> object:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        # Only the position and the parser's words: the snippet PyYAML quotes could
-        # be a secret's line.
+        # Only where: the message quotes the offending line, which may hold a secret.
         mark = getattr(exc, "problem_mark", None)
         where = "" if mark is None else f" at line {mark.line + 1}, column {mark.column + 1}"
-        problem = getattr(exc, "problem", None) or type(exc).__name__
-        raise ConfigError(str(path), f"not valid YAML{where} ({problem})") from None
+        raise ConfigError(str(path), f"not valid YAML{where}") from None
     return {} if data is None else data
 
 
@@ -183,6 +209,14 @@ class RelayConfig:
     tls: TlsConfig = TlsConfig()
     limits: Limits = Limits()
     turn: TurnConfig = TurnConfig()
+    # Proxies whose X-Forwarded-For names the client (addresses or networks).
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    # Origins allowed to open /ws from a browser; () is the same origin only
+    # (and any origin on loopback without auth.secret).
+    origins: tuple[str, ...] = ()
+    backlog: int = 4096
+    # Who may read /metrics and the full /health.
+    metrics_allow: tuple[IPNetwork, ...] = tuple(ipaddress.ip_network(n) for n in LOOPBACK_NETS)
     web_root: Path = ROOT / "web"
     # GET /rtc-config.json: the browsers' RTCConfiguration, from the same `ice`
     # section as the peers', so one YAML value switches both.
@@ -194,7 +228,13 @@ class RelayConfig:
     def load(cls, path: Path | None, env: Mapping[str, str] | None = None) -> RelayConfig:
         """Read the relay's sections of a YAML file (``None``: the defaults)."""
         data = {} if path is None else read_yaml(path)
-        return cls.from_mapping(data, os.environ if env is None else env)
+        config = cls.from_mapping(data, os.environ if env is None else env)
+        if path is not None and config.auth.resume_secret_file is None:
+            auth = dataclasses.replace(
+                config.auth, resume_secret_file=path.resolve().parent / RESUME_SECRET_FILE
+            )
+            config = dataclasses.replace(config, auth=auth)
+        return config
 
     @classmethod
     def from_mapping(cls, data: object, env: Mapping[str, str] | None = None) -> RelayConfig:
@@ -206,6 +246,7 @@ class RelayConfig:
         turn = top.section("turn")
         limits = top.section("limits")
         ice = top.section("ice")
+        metrics = top.section("metrics")
 
         d = Limits()
         lim = Limits(
@@ -220,10 +261,25 @@ class RelayConfig:
             ping_timeout_s=limits.number("ping_timeout_s", d.ping_timeout_s),
             close_timeout_s=limits.number("close_timeout_s", d.close_timeout_s),
             shutdown_timeout_s=limits.number("shutdown_timeout_s", d.shutdown_timeout_s),
+            write_buffer_bytes=limits.integer("write_buffer_bytes", d.write_buffer_bytes),
+            max_connections_per_address=limits.integer(
+                "max_connections_per_address", d.max_connections_per_address
+            ),
+            max_sessions_per_address=limits.integer(
+                "max_sessions_per_address", d.max_sessions_per_address
+            ),
+            handshakes_per_second_per_address=limits.number(
+                "handshakes_per_second_per_address", d.handshakes_per_second_per_address
+            ),
+            resume_grace_s=limits.number("resume_grace_s", d.resume_grace_s),
         )
         if lim.hard_max_bytes <= lim.max_frame_bytes:
             raise ConfigError(
                 "limits.hard_max_bytes", "expected a value above limits.max_frame_bytes"
+            )
+        if lim.write_buffer_bytes <= lim.max_frame_bytes:
+            raise ConfigError(
+                "limits.write_buffer_bytes", "expected a value above limits.max_frame_bytes"
             )
         cert, key = tls.optional_text("cert"), tls.optional_text("key")
         if (cert is None) != (key is None):
@@ -232,13 +288,27 @@ class RelayConfig:
         for i, url in enumerate(urls):
             if not url.startswith(("turn:", "turns:")):
                 raise ConfigError(f"turn.urls[{i}]", "expected a turn: or turns: URL")
+        origins = relay.texts("origins")
+        for i, origin in enumerate(origins):
+            parts = urlsplit(origin)
+            if parts.scheme not in ("http", "https") or not parts.netloc or parts.path:
+                raise ConfigError(
+                    f"relay.origins[{i}]", "expected an origin like https://call.example.org"
+                )
+        resume_file = auth.optional_text("resume_secret_file")
         return cls(
             host=relay.text("host", cls.host),
             port=relay.port("port", cls.port),
             auth=AuthConfig(
                 secret=env.get(AUTH_SECRET_ENV) or auth.optional_text("secret"),
                 open=auth.flag("open", False),
+                resume_secret=env.get(RESUME_SECRET_ENV) or auth.optional_text("resume_secret"),
+                resume_secret_file=None if resume_file is None else Path(resume_file),
             ),
+            trusted_proxies=_networks(relay, "trusted_proxies", ()),
+            origins=tuple(o.rstrip("/").lower() for o in origins),
+            backlog=relay.integer("backlog", cls.backlog, maximum=65_535),
+            metrics_allow=_networks(metrics, "allow", LOOPBACK_NETS),
             tls=TlsConfig(
                 cert=None if cert is None else Path(cert),
                 key=None if key is None else Path(key),
@@ -247,7 +317,7 @@ class RelayConfig:
             turn=TurnConfig(
                 secret=env.get(TURN_SECRET_ENV) or turn.optional_text("secret"),
                 urls=tuple(urls),
-                ttl=turn.integer("ttl", 3600),
+                ttl=turn.integer("ttl", 3600, maximum=TURN_TTL_MAX_S),
             ),
             browser_ice={
                 "iceServers": ice.ice_servers("servers"),
@@ -265,30 +335,69 @@ class RelayConfig:
             raise ConfigError("tls.cert", f"cannot load the certificate and key ({exc})") from exc
         return context
 
+    def exposure(self) -> str | None:
+        """Why this relay must not run without join tokens (None: it may)."""
+        if not is_loopback(self.host):
+            return f"listening on {self.host!r} (not loopback)"
+        if self.trusted_proxies:
+            return "behind a proxy (relay.trusted_proxies)"
+        if self.turn.secret:
+            return "handing out TURN credentials (turn.secret)"
+        return None
+
     def check_exposure(self) -> None:
-        """Refuse to listen beyond loopback without a join-token secret (unless open)."""
-        if self.auth.secret or is_loopback(self.host):
+        """Refuse to run exposed without a join-token secret (unless auth.open says so)."""
+        why = self.exposure()
+        if self.auth.secret or why is None:
             return
         if not self.auth.open:
             raise ConfigError(
                 "auth.secret",
-                f"required to listen on {self.host!r} (not loopback): set auth.secret or "
-                f"{AUTH_SECRET_ENV}, or auth.open: true to run without join tokens",
+                f"required when {why}: set auth.secret or {AUTH_SECRET_ENV}, "
+                "or auth.open: true to run without join tokens",
             )
         logger.warning(
-            "relay runs OPEN on %s: anyone who reaches it can join any session "
+            "relay runs OPEN %s: anyone who reaches it can join any session "
             "(auth.open is true and no auth.secret is set)",
-            self.host,
+            why,
         )
+
+    def resume_secret_bytes(self) -> tuple[bytes, str]:
+        """The key that signs resume keys, and where it came from (for the start log)."""
+        auth = self.auth
+        if auth.resume_secret:
+            return auth.resume_secret.encode(), "auth.resume_secret"
+        if auth.secret:
+            derived = hmac.new(auth.secret.encode(), b"epedicare resume v1", hashlib.sha256)
+            return derived.digest(), "derived from auth.secret"
+        path = auth.resume_secret_file
+        if path is None:
+            return secrets.token_bytes(32), "random, this process only"
+        try:
+            if not path.exists():
+                # O_EXCL: two relays starting at once never overwrite each other's key.
+                with contextlib.suppress(FileExistsError):
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                    with os.fdopen(fd, "w", encoding="ascii") as out:
+                        out.write(secrets.token_urlsafe(32) + "\n")
+            text = path.read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(
+                "auth.resume_secret_file", f"cannot read or create {str(path)!r} ({exc})"
+            ) from exc
+        if len(text) < 16:
+            raise ConfigError("auth.resume_secret_file", f"{str(path)!r} holds under 16 characters")
+        return text.encode(), f"file {path}"
 
 
 # Every key the YAML file may hold, by section: the relay, the peers and the local
 # coturn read the same file through ``Section`` and refuse the same unknown keys.
 CONFIG_KEYS: Final[Mapping[str, frozenset[str]]] = {
-    # url and the *_s timeouts: the peers' relay client; host, port: where relay.py listens.
-    "relay": frozenset({"url", "host", "port", "open_timeout_s", "join_timeout_s"})
-    | frozenset({"reconnect_max_s"}),
-    "auth": frozenset({"secret", "open"}),
+    # url and the *_s timeouts: the peers' relay client; the rest: relay.py.
+    "relay": frozenset({"url", "host", "port", "trusted_proxies", "origins", "backlog"})
+    | frozenset({"open_timeout_s", "join_timeout_s", "reconnect_max_s"}),
+    "auth": frozenset({"secret", "open", "resume_secret", "resume_secret_file"}),
+    "metrics": frozenset({"allow"}),
     "tls": frozenset({"cert", "key"}),
     "limits": frozenset(f.name for f in dataclasses.fields(Limits)),
     # secret, urls, ttl: the relay's short-lived credentials; ca_file: the peers' trust;
@@ -400,8 +509,10 @@ class Section:
             raise ConfigError(self.key(name), f"expected a number {low}{high}, got {value!r}")
         return value
 
-    def integer(self, name: str, default: int, *, minimum: int | None = None) -> int:
-        return int(self.number(name, default, integer=True, minimum=minimum))
+    def integer(
+        self, name: str, default: int, *, minimum: int | None = None, maximum: float = math.inf
+    ) -> int:
+        return int(self.number(name, default, integer=True, minimum=minimum, maximum=maximum))
 
     def port(self, name: str, default: int, *, minimum: int = 0) -> int:
         return int(self.number(name, default, integer=True, minimum=minimum, maximum=65_535))
@@ -430,17 +541,17 @@ class Section:
                 raise ConfigError(self.key(name), "expected an IP address") from None
         return value
 
-    def networks(self, name: str) -> tuple[str, ...]:
-        """A list of networks in CIDR notation, normalised."""
+    def networks(self, name: str, default: Iterable[str] = ()) -> tuple[str, ...]:
+        """A list of networks in CIDR notation (an address is a /32 or /128), normalised."""
         value = self.data.get(name)
         if value is None:
-            return ()
+            value = list(default)
         if not isinstance(value, list):
             raise ConfigError(self.key(name), "expected a list of networks (CIDR)")
         networks = []
         for i, item in enumerate(value):
             try:
-                networks.append(str(ipaddress.ip_network(str(item))))
+                networks.append(str(ipaddress.ip_network(str(item), strict=False)))
             except ValueError:
                 raise ConfigError(f"{self.key(name)}[{i}]", "expected a network (CIDR)") from None
         return tuple(networks)
@@ -496,6 +607,10 @@ def check_session(value: object, key: str) -> str:
     if not isinstance(value, str) or not SESSION_RE.fullmatch(value):
         raise ConfigError(key, f"expected 1-64 characters of A-Z a-z 0-9 _ -, got {value!r}")
     return value
+
+
+def _networks(section: Section, name: str, default: Iterable[str]) -> tuple[IPNetwork, ...]:
+    return tuple(ipaddress.ip_network(net) for net in section.networks(name, default))
 
 
 def is_loopback(host: str) -> bool:
@@ -632,7 +747,8 @@ def check_token(secret: str, token: str | None, session: str, role: str, now: fl
         raise ProtocolError("bad-token", "This relay needs a join token.")
     version, _, rest = token.partition(".")
     expiry_text, _, signature = rest.partition(".")
-    if version != "v1" or not expiry_text.isdigit() or len(expiry_text) > 12:
+    # ASCII digits only, no leading zero: one expiry has one spelling.
+    if version != "v1" or not EXPIRY_RE.fullmatch(expiry_text):
         raise ProtocolError("bad-token", "The join token is malformed.")
     expiry = int(expiry_text)
     expected = _token_signature(secret, session, role, expiry)
@@ -640,6 +756,29 @@ def check_token(secret: str, token: str | None, session: str, role: str, now: fl
         raise ProtocolError("bad-token", "The join token is not valid for this session and role.")
     if expiry < now:
         raise ProtocolError("token-expired", "The join token has expired.")
+
+
+def _resume_mac(secret: bytes, session: str, role: str, nonce: str) -> str:
+    message = f"r1|{session}|{role}|{nonce}".encode()
+    return _b64url(hmac.new(secret, message, hashlib.sha256).digest()[:RESUME_MAC_BYTES])
+
+
+def mint_resume(secret: bytes, session: str, role: str, nonce: bytes | None = None) -> str:
+    """A resume key for one seat: ``r1``, a 16-character nonce, a 24-character HMAC.
+
+    Any relay holding ``secret`` can verify it (``verify_resume``) without
+    remembering it: keys survive a restart and may be checked by another relay.
+    """
+    text = _b64url(secrets.token_bytes(12) if nonce is None else nonce)
+    return f"r1{text}{_resume_mac(secret, session, role, text)}"
+
+
+def verify_resume(secret: bytes, key: str, session: str, role: str) -> bool:
+    """Whether ``key`` was minted with ``secret`` for this session and role."""
+    if len(key) != RESUME_KEY_LEN or not key.startswith("r1"):
+        return False
+    nonce, mac = key[2:18], key[18:]
+    return hmac.compare_digest(_resume_mac(secret, session, role, nonce).encode(), mac.encode())
 
 
 def turn_credentials(turn: TurnConfig, session: str, role: str, now: float) -> list[dict[str, Any]]:
@@ -671,7 +810,15 @@ class Close:
     reason: str
 
 
-Action = Send | Close
+@dataclass(slots=True)
+class JoinDeadline:
+    """Start the join timer of a connection again (it gave up its seat with ``bye``)."""
+
+    conn: int
+    generation: int
+
+
+Action = Send | Close | JoinDeadline
 
 
 @dataclass(slots=True)
@@ -686,6 +833,20 @@ class Conn:
     ever_joined: bool = False
     closing: bool = False
     debug: bool = False  # log its frames (at DEBUG, truncated)
+    address: str = ""
+    unseated: int = 0  # times it left a seat with bye: the join timer's generation
+    # The TURN credentials last minted for it: (session, role, expiry, servers).
+    ice: tuple[str, str, float, list[dict[str, Any]]] | None = None
+
+
+@dataclass(slots=True)
+class AddressUse:
+    """What one client address holds: connections, sessions, a handshake bucket."""
+
+    allowance: float
+    last: float
+    conns: int = 0
+    sessions: int = 0
 
 
 @dataclass(slots=True)
@@ -716,6 +877,7 @@ class State:
         config: RelayConfig,
         monotonic: Callable[[], float] = time.monotonic,
         wallclock: Callable[[], float] = time.time,
+        resume_secret: bytes | None = None,
     ) -> None:
         self.config = config
         self.limits = config.limits
@@ -725,19 +887,91 @@ class State:
         self.sessions: dict[str, dict[str, Seat]] = {}
         self.stats = Stats()
         self._next_id = 1
+        self.resume_secret = secrets.token_bytes(32) if resume_secret is None else resume_secret
+        # Seats whose connection dropped uncleanly: (session, role) -> (key, deadline).
+        self.held: dict[tuple[str, str], tuple[str, float]] = {}
+        self._held_order: collections.deque[tuple[float, tuple[str, str]]] = collections.deque()
+        self.addresses: dict[str, AddressUse] = {}
+        self.session_owner: dict[str, str] = {}  # session -> the address that opened it
+        self._swept = monotonic()
+        self._refusals: collections.Counter[str] = collections.Counter()
+        self._refusals_logged = monotonic()
 
     def seats_taken(self) -> int:
         return sum(len(seats) for seats in self.sessions.values())
 
+    def use(self, address: str) -> AddressUse:
+        use = self.addresses.get(address)
+        if use is None:
+            rate = self.limits.handshakes_per_second_per_address
+            use = self.addresses[address] = AddressUse(rate, self.monotonic())
+        return use
 
-def connect(state: State) -> tuple[int, list[Action]]:
-    """Register a new connection; refuse it when the relay is full."""
+    def hold(self, session: str, role: str) -> tuple[str, float] | None:
+        """The seat's hold, if any and not expired (expired holds are dropped here)."""
+        now = self.monotonic()
+        order = self._held_order
+        while order and order[0][0] <= now:
+            _, expired = order.popleft()
+            held = self.held.get(expired)
+            if held is not None and held[1] <= now:
+                del self.held[expired]
+        return self.held.get((session, role))
+
+    def sweep_addresses(self) -> None:
+        """Forget addresses that hold nothing and whose handshake bucket is full again."""
+        now = self.monotonic()
+        if len(self.addresses) < 1024 or now - self._swept < 1.0:
+            return
+        self._swept = now
+        rate = self.limits.handshakes_per_second_per_address
+        for address, use in list(self.addresses.items()):
+            if (
+                use.conns == 0
+                and use.sessions == 0
+                and use.allowance + (now - use.last) * rate >= rate
+            ):
+                del self.addresses[address]
+
+
+def admit(state: State, address: str) -> ProtocolError | None:
+    """A WebSocket handshake from ``address``: None to go on, else why it is refused."""
+    state.sweep_addresses()
+    use = state.use(address)
+    now = state.monotonic()
+    rate = state.limits.handshakes_per_second_per_address
+    allowance = min(rate, use.allowance + (now - use.last) * rate)
+    use.last = now
+    if allowance < 1.0 - 1e-9:
+        use.allowance = allowance
+        exc = ProtocolError(
+            "address-limit", f"More than {rate:g} connection attempts per second from one address."
+        )
+        state.stats.errors[exc.code] += 1
+        return exc
+    use.allowance = allowance - 1.0
+    if use.conns >= state.limits.max_connections_per_address:
+        exc = ProtocolError(
+            "address-limit",
+            f"{use.conns} connections are open from this address, the most allowed.",
+        )
+        state.stats.errors[exc.code] += 1
+        return exc
+    return None
+
+
+def connect(state: State, address: str = "") -> tuple[int, list[Action]]:
+    """Register a new connection; refuse it when the relay or its address is full."""
     # Whether frames are logged is decided once per connection, as websockets does.
     debug = logger.isEnabledFor(logging.DEBUG)
-    conn = Conn(state._next_id, float(state.limits.burst), state.monotonic(), debug=debug)
+    conn = Conn(
+        state._next_id, float(state.limits.burst), state.monotonic(), debug=debug, address=address
+    )
     state._next_id += 1
     state.conns[conn.id] = conn
     state.stats.connections_total += 1
+    use = state.use(address)
+    use.conns += 1
     if len(state.conns) > state.limits.max_connections:
         return _refuse(
             state,
@@ -745,6 +979,16 @@ def connect(state: State) -> tuple[int, list[Action]]:
             ProtocolError(
                 "server-full",
                 "The relay has reached its connection limit; try again later.",
+                close_code=CLOSE_TRY_AGAIN_LATER,
+            ),
+        )
+    if use.conns > state.limits.max_connections_per_address:
+        return _refuse(
+            state,
+            conn,
+            ProtocolError(
+                "address-limit",
+                "Too many connections from this address; try again later.",
                 close_code=CLOSE_TRY_AGAIN_LATER,
             ),
         )
@@ -758,22 +1002,55 @@ def _refuse(state: State, conn: Conn, exc: ProtocolError) -> tuple[int, list[Act
 def _error_actions(state: State, conn: Conn, exc: ProtocolError) -> list[Action]:
     """The one place where a refusal becomes frames."""
     state.stats.errors[exc.code] += 1
-    if exc.code == "rate-limited":
-        logger.debug("conn=%d refused: %s", conn.id, exc.code)
-    else:
-        logger.warning(
-            "conn=%d session=%s role=%s refused: %s (%s)",
-            conn.id,
-            conn.session,
-            conn.role,
-            exc.code,
-            exc,
-        )
+    _log_refusal(state, conn, exc.code, exc)
     actions: list[Action] = [Send(conn.id, error_frame(exc))]
     if exc.close_code is not None:
         conn.closing = True
         actions.append(Close(conn.id, exc.close_code, exc.code))
     return actions
+
+
+def _log_refusal(state: State, conn: Conn, code: str, exc: ProtocolError) -> None:
+    """Each refusal at DEBUG; their count by code at INFO, at most once a minute.
+
+    A hostile client makes thousands of refusals a second: one line each at
+    WARNING would flood the log (/metrics counts them all anyway).
+    """
+    if conn.debug:
+        logger.debug(
+            "conn=%d session=%s role=%s refused: %s (%s)",
+            conn.id,
+            conn.session,
+            conn.role,
+            code,
+            exc,
+        )
+    state._refusals[code] += 1
+    now = state.monotonic()
+    if now - state._refusals_logged >= REFUSAL_SUMMARY_S:
+        counts = ", ".join(f"{c}={n}" for c, n in sorted(state._refusals.items()))
+        logger.info("refused in the last %.0f s: %s", now - state._refusals_logged, counts)
+        state._refusals.clear()
+        state._refusals_logged = now
+
+
+def control_frame(state: State, conn_id: int) -> list[Action]:
+    """A ping or pong from the client: it takes a token from the frame budget.
+
+    A control frame cannot be refused with an ``error`` frame (websockets has
+    already queued the pong), so one over the limit closes the connection.
+    """
+    conn = state.conns.get(conn_id)
+    if conn is None or conn.closing:
+        return []
+    try:
+        _take_token(state, conn)
+    except ProtocolError as exc:
+        state.stats.errors[exc.code] += 1
+        _log_refusal(state, conn, exc.code, exc)
+        conn.closing = True
+        return [Close(conn.id, CLOSE_POLICY, exc.code)]
+    return []
 
 
 def receive(state: State, conn_id: int, message: str | bytes) -> list[Action]:
@@ -785,7 +1062,7 @@ def receive(state: State, conn_id: int, message: str | bytes) -> list[Action]:
         _take_token(state, conn)
         kind, data, text = parse_frame(message, state.limits.max_frame_bytes)
         if conn.debug:
-            logger.debug("conn=%d > %s", conn.id, _shorten(text, 120))
+            logger.debug("conn=%d > %s", conn.id, _redacted(kind, data, text))
         if kind in FORWARDED_TYPES and conn.session is not None:
             # Nearly every frame: relay it to the other seat, if taken.
             other = state.sessions[conn.session].get(OTHER_ROLE[conn.role or ""])
@@ -795,6 +1072,14 @@ def receive(state: State, conn_id: int, message: str | bytes) -> list[Action]:
         return handle(state, conn, kind, data, text)
     except ProtocolError as exc:
         return _error_actions(state, conn, exc)
+
+
+def _redacted(kind: str, data: dict[str, Any], text: str) -> str:
+    """A frame for the DEBUG log: secrets masked, quoted by repr (no forged lines)."""
+    if kind == "join":
+        shown = {k: ("***" if k in ("token", "resume") else v) for k, v in data.items()}
+        return repr(_shorten(json.dumps(shown), 120))
+    return repr(_shorten(text, 120))
 
 
 def _take_token(state: State, conn: Conn) -> None:
@@ -853,11 +1138,31 @@ def _join(state: State, conn: Conn, data: dict[str, Any]) -> list[Action]:
             "The relay has reached its session limit; try again later.",
             close_code=CLOSE_TRY_AGAIN_LATER,
         )
+    use = state.use(conn.address)
+    if seats is None and use.sessions >= state.limits.max_sessions_per_address:
+        raise ProtocolError(
+            "address-limit",
+            "Too many sessions opened from this address; try again later.",
+            close_code=CLOSE_TRY_AGAIN_LATER,
+        )
+    # Only a key this relay (or one sharing its secret) minted for this very
+    # seat counts; any other is ignored, and the join is a fresh one.
+    verified = resume is not None and verify_resume(state.resume_secret, resume, session, role)
     held = None if seats is None else seats.get(role)
-    if held is not None and (
-        resume is None or not hmac.compare_digest(resume.encode(), held.resume.encode())
+    if held is not None and not (
+        verified and hmac.compare_digest(resume.encode(), held.resume.encode())
     ):
         raise ProtocolError("role-taken", f"The {role} seat of this session is taken.")
+    hold = state.hold(session, role)
+    if held is None and hold is not None:
+        if not (verified and hmac.compare_digest(resume.encode(), hold[0].encode())):
+            left = hold[1] - state.monotonic()
+            raise ProtocolError(
+                "seat-held",
+                f"The {role} seat is kept for its previous connection for {left:.0f} s more.",
+                close_code=CLOSE_TRY_AGAIN_LATER,
+            )
+        del state.held[session, role]
 
     actions: list[Action] = []
     if held is not None:
@@ -871,11 +1176,15 @@ def _join(state: State, conn: Conn, data: dict[str, Any]) -> list[Action]:
         )
     if seats is None:
         seats = state.sessions[session] = {}
-    seat = Seat(conn.id, resume or secrets.token_urlsafe(16), resumed=resume is not None)
+        state.session_owner[session] = conn.address
+        use.sessions += 1
+    # A fresh key at every join: a key seen before (in a log, on a screen)
+    # no longer takes a seat that is taken or held.
+    seat = Seat(conn.id, mint_resume(state.resume_secret, session, role), resumed=verified)
     seats[role] = seat
     conn.session, conn.role, conn.ever_joined = session, role, True
     state.stats.joins += 1
-    state.stats.resumes += resume is not None
+    state.stats.resumes += verified
     other = seats.get(OTHER_ROLE[role])
     joined: dict[str, object] = {
         "session": session,
@@ -885,7 +1194,7 @@ def _join(state: State, conn: Conn, data: dict[str, Any]) -> list[Action]:
         "resumed": seat.resumed,
         "peer_resumed": other is not None and other.resumed,
     }
-    ice_servers = turn_credentials(state.config.turn, session, role, state.wallclock())
+    ice_servers = _ice_servers(state, conn, session, role)
     if ice_servers:
         joined["ice_servers"] = ice_servers
     actions.append(Send(conn.id, frame("joined", **joined)))
@@ -902,14 +1211,33 @@ def _join(state: State, conn: Conn, data: dict[str, Any]) -> list[Action]:
     return actions
 
 
-def _leave(state: State, conn: Conn, reason: str, forward: str | None = None) -> list[Action]:
-    """Free the connection's seat and tell the other seat."""
+def _ice_servers(state: State, conn: Conn, session: str, role: str) -> list[dict[str, Any]]:
+    """TURN credentials, minted at most once per connection and seat while they last."""
+    now = state.wallclock()
+    cached = conn.ice
+    if cached is not None and cached[:2] == (session, role) and cached[2] - now > 60:
+        return cached[3]
+    servers = turn_credentials(state.config.turn, session, role, now)
+    if servers:
+        conn.ice = (session, role, now + state.config.turn.ttl, servers)
+    return servers
+
+
+def _leave(
+    state: State, conn: Conn, reason: str, forward: str | None = None, *, hold: bool = False
+) -> list[Action]:
+    """Free the connection's seat and tell the other seat; ``hold`` it for its key."""
     session, role = conn.session, conn.role
     if session is None or role is None:
         return []
     seats = state.sessions[session]
-    del seats[role]
+    seat = seats.pop(role)
     conn.session = conn.role = None
+    if hold:
+        # An unclean drop: keep the seat for its key alone for a while.
+        deadline = state.monotonic() + state.limits.resume_grace_s
+        state.held[session, role] = (seat.resume, deadline)
+        state._held_order.append((deadline, (session, role)))
     actions: list[Action] = []
     other = seats.get(OTHER_ROLE[role])
     if other is not None:
@@ -919,14 +1247,21 @@ def _leave(state: State, conn: Conn, reason: str, forward: str | None = None) ->
         actions.append(Send(other.conn, frame("peer-left", role=role, reason=reason)))
     else:
         del state.sessions[session]
+        owner = state.session_owner.pop(session, None)
+        if owner is not None and (use := state.addresses.get(owner)) is not None:
+            use.sessions -= 1
+    if reason == "bye" and not conn.closing:
+        # Without a seat, the join deadline applies again.
+        conn.unseated += 1
+        actions.append(JoinDeadline(conn.id, conn.unseated))
     logger.info("conn=%d session=%s role=%s left (%s)", conn.id, session, role, reason)
     return actions
 
 
-def join_expired(state: State, conn_id: int) -> list[Action]:
-    """The join deadline of a connection has passed."""
+def join_expired(state: State, conn_id: int, generation: int = 0) -> list[Action]:
+    """The join deadline of a connection has passed (``generation``: which one)."""
     conn = state.conns.get(conn_id)
-    if conn is None or conn.ever_joined or conn.closing:
+    if conn is None or conn.session is not None or conn.closing or conn.unseated != generation:
         return []
     return _error_actions(
         state,
@@ -939,10 +1274,17 @@ def join_expired(state: State, conn_id: int) -> list[Action]:
     )
 
 
-def disconnect(state: State, conn_id: int) -> list[Action]:
-    """A connection has closed: free its seat (not a hang-up)."""
+def disconnect(state: State, conn_id: int, *, clean: bool = False) -> list[Action]:
+    """A connection has closed: free its seat (not a hang-up).
+
+    ``clean``: the client sent a close frame (it left on purpose, e.g. a page
+    reload); otherwise the seat is held for its resume key for a grace period.
+    """
     conn = state.conns.pop(conn_id)
-    return _leave(state, conn, "disconnected")
+    use = state.addresses.get(conn.address)
+    if use is not None:
+        use.conns -= 1
+    return _leave(state, conn, "disconnected", hold=not clean)
 
 
 # ---------------------------------------------------------------------------
@@ -965,6 +1307,8 @@ CSP: Final = (
     "media-src 'self' blob: mediastream:; connect-src 'self'; object-src 'none'; "
     "base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
 )
+HSTS: Final = "max-age=31536000"
+CONTROL_OPCODES: Final = frozenset({Opcode.PING, Opcode.PONG})
 SECURITY_HEADERS: Final = (
     ("Content-Security-Policy", CSP),
     ("X-Content-Type-Options", "nosniff"),
@@ -1011,26 +1355,60 @@ class _StateCollector:
         yield errors
 
 
+class RelayConnection(ServerConnection):
+    """A server connection with a bounded write buffer and counted control frames.
+
+    ``write_limit`` is set to ``limits.write_buffer_bytes``: when a client's
+    unsent bytes pass it (a slow reader, or the pongs of a ping flood that is
+    never read), the transport calls ``pause_writing`` and the client is cut.
+    Nobody ever waits for it to drain, so it never holds up the sender.
+    """
+
+    relay: Relay  # set on the subclass that Relay makes for itself
+    conn_id: int = 0  # set by Relay.handler
+    client_address: str = ""  # set by Relay.process_request
+
+    def pause_writing(self) -> None:
+        self.relay.slow_reader(self)
+
+    def process_event(self, event: Event) -> None:
+        if type(event) is Frame and event.opcode in CONTROL_OPCODES:
+            self.relay.control_frame(self)
+        super().process_event(event)
+
+
 class Relay:
     """The adapter: carries out the core's actions on real connections."""
 
-    def __init__(self, config: RelayConfig) -> None:
+    def __init__(self, config: RelayConfig, resume_secret: bytes | None = None) -> None:
         self.config = config
-        self.state = State(config)
+        self.state = State(config, resume_secret=resume_secret)
         self.connections: dict[int, ServerConnection] = {}
         self.started = time.monotonic()
         self.registry = CollectorRegistry()
         self.registry.register(_StateCollector(self.state))
         ProcessCollector(registry=self.registry)
         self._tasks: set[asyncio.Task[None]] = set()
+        self.connection_class: type[RelayConnection] = type(
+            "BoundRelayConnection", (RelayConnection,), {"relay": self}
+        )
+        self.tls = config.tls.cert is not None
+        self.stopping = False
+        # Browsers from any origin may connect on loopback when nothing is exposed.
+        self.any_origin = (
+            not config.origins and config.exposure() is None and not config.auth.secret
+        )
 
     async def handler(self, ws: ServerConnection) -> None:
-        conn_id, actions = connect(self.state)
+        address = getattr(ws, "client_address", "") or _socket_address(ws)
+        conn_id, actions = connect(self.state, address)
+        if isinstance(ws, RelayConnection):
+            ws.conn_id = conn_id
         self.connections[conn_id] = ws
         timer = asyncio.get_running_loop().call_later(
-            self.config.limits.join_timeout_s, self._join_expired, conn_id
+            self.config.limits.join_timeout_s, self._join_expired, conn_id, 0
         )
-        logger.debug("conn=%d open from %s", conn_id, ws.remote_address)
+        logger.debug("conn=%d open from %s", conn_id, address)
         try:
             await self.perform(actions)
             async for message in ws:
@@ -1056,8 +1434,11 @@ class Relay:
         finally:
             timer.cancel()
             del self.connections[conn_id]
-            await self.perform(disconnect(self.state, conn_id))
-            logger.debug("conn=%d closed (%s %s)", conn_id, ws.close_code, ws.close_reason or "")
+            clean = ws.protocol.close_rcvd is not None
+            actions = disconnect(self.state, conn_id, clean=clean)
+            if not self.stopping:  # at shutdown the other seat is going too: tell nobody
+                await self.perform(actions)
+            logger.debug("conn=%d closed (%s %r)", conn_id, ws.close_code, ws.close_reason or "")
 
     async def perform(self, actions: list[Action]) -> None:
         for action in actions:
@@ -1067,42 +1448,116 @@ class Relay:
             if isinstance(action, Send):
                 with contextlib.suppress(ConnectionClosed):
                     await ws.send(action.text)
-            else:
+            elif isinstance(action, Close):
                 # Closing waits for the peer's answer: never block the caller on it.
                 self._spawn(ws.close(action.code, action.reason))
+            else:
+                asyncio.get_running_loop().call_later(
+                    self.config.limits.join_timeout_s,
+                    self._join_expired,
+                    action.conn,
+                    action.generation,
+                )
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _join_expired(self, conn_id: int) -> None:
-        actions = join_expired(self.state, conn_id)
+    def _join_expired(self, conn_id: int, generation: int) -> None:
+        actions = join_expired(self.state, conn_id, generation)
+        if actions:
+            self._spawn(self.perform(actions))
+
+    def slow_reader(self, ws: RelayConnection) -> None:
+        """A client's write buffer passed its bound: cut it (its seat is held for it)."""
+        self.state.stats.errors["slow-reader"] += 1
+        logger.info(
+            "conn=%d cut: over %d bytes unsent (not reading)",
+            ws.conn_id,
+            self.config.limits.write_buffer_bytes,
+        )
+        ws.transport.abort()
+
+    def control_frame(self, ws: RelayConnection) -> None:
+        actions = control_frame(self.state, ws.conn_id)
         if actions:
             self._spawn(self.perform(actions))
 
     # -- plain HTTP on the same port --
 
+    def client_address(self, ws: ServerConnection, request: Request) -> str:
+        """The socket's peer, or X-Forwarded-For's last hop before a trusted proxy."""
+        address = _socket_address(ws)
+        proxies = self.config.trusted_proxies
+        if not proxies or not _in_networks(address, proxies):
+            return address
+        hops = [h.strip() for v in request.headers.get_all("X-Forwarded-For") for h in v.split(",")]
+        for hop in reversed(hops):
+            try:
+                ipaddress.ip_address(hop)
+            except ValueError:
+                break  # garbled: trust nothing further left
+            address = hop
+            if not _in_networks(hop, proxies):
+                break
+        return address
+
+    def origin_allowed(self, request: Request) -> bool:
+        origin = request.headers.get("Origin")
+        if origin is None or self.any_origin:
+            return True  # not a browser (browsers always send Origin on a WebSocket)
+        origin = origin.rstrip("/").lower()
+        if self.config.origins:
+            return origin in self.config.origins
+        parts = urlsplit(origin)
+        host = request.headers.get("Host", "").lower()
+        return parts.scheme in ("http", "https") and bool(host) and parts.netloc == host
+
     def process_request(self, ws: ServerConnection, request: Request) -> Response | None:
+        if request.method != "GET":
+            response = self.http_response(405, b"Only GET.\n", "text/plain; charset=utf-8")
+            response.headers["Allow"] = "GET"
+            return response
+        address = self.client_address(ws, request)
+        if isinstance(ws, RelayConnection):
+            ws.client_address = address
         path = urlsplit(request.path).path
         if path == "/ws":
+            if not self.origin_allowed(request):
+                self.state.stats.errors["bad-origin"] += 1
+                logger.debug("refused a WebSocket from origin %r", request.headers.get("Origin"))
+                return self.http_response(
+                    403, b"Origin not allowed.\n", "text/plain; charset=utf-8"
+                )
+            refused = admit(self.state, address)
+            if refused is not None:
+                response = self.http_response(
+                    429, f"{refused}\n".encode(), "text/plain; charset=utf-8"
+                )
+                response.headers["Retry-After"] = "1"
+                return response
             return None
+        trusted = _in_networks(address, self.config.metrics_allow)
         if path == "/health":
-            body = json.dumps(
-                {
-                    "status": "ok",
+            status: dict[str, object] = {"status": "ok"}
+            if trusted:
+                status |= {
                     "sessions": len(self.state.sessions),
                     "connections": len(self.state.conns),
                     "uptime_s": round(time.monotonic() - self.started, 3),
                     "version": __version__,
                 }
-            ).encode()
-            return http_response(200, body, "application/json")
+            return self.http_response(200, json.dumps(status).encode(), "application/json")
         if path == "/metrics":
-            return http_response(200, generate_latest(self.registry), CONTENT_TYPE_LATEST)
+            if not trusted:
+                return self.http_response(
+                    403, b"Not in metrics.allow.\n", "text/plain; charset=utf-8"
+                )
+            return self.http_response(200, generate_latest(self.registry), CONTENT_TYPE_LATEST)
         if path == "/rtc-config.json":
-            body = json.dumps(self.config.browser_ice).encode()
-            return http_response(200, body, "application/json")
+            body = json.dumps(public_ice(self.config.browser_ice)).encode()
+            return self.http_response(200, body, "application/json")
         return self.static_file(path)
 
     def static_file(self, path: str) -> Response:
@@ -1111,8 +1566,41 @@ class Relay:
         candidate = (root / name).resolve()
         content_type = CONTENT_TYPES.get(candidate.suffix)
         if content_type is None or not candidate.is_relative_to(root) or not candidate.is_file():
-            return http_response(404, b"Not found.\n", "text/plain; charset=utf-8")
-        return http_response(200, candidate.read_bytes(), content_type)
+            return self.http_response(404, b"Not found.\n", "text/plain; charset=utf-8")
+        return self.http_response(200, candidate.read_bytes(), content_type)
+
+    def http_response(self, status: int, body: bytes, content_type: str) -> Response:
+        response = http_response(status, body, content_type)
+        if self.tls:
+            response.headers["Strict-Transport-Security"] = HSTS
+        return response
+
+
+def _socket_address(ws: ServerConnection) -> str:
+    peer = ws.remote_address
+    return str(peer[0]) if peer else ""
+
+
+def _in_networks(address: str, networks: tuple[IPNetwork, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in networks)
+
+
+def public_ice(browser_ice: Mapping[str, Any]) -> dict[str, Any]:
+    """The browsers' RTCConfiguration without long-term credentials (never published).
+
+    Servers that need ``username``/``credential`` are left out: with a TURN
+    secret, browsers get TURN through ``joined.ice_servers`` instead.
+    """
+    servers = [
+        s for s in browser_ice["iceServers"] if "username" not in s and "credential" not in s
+    ]
+    return {**browser_ice, "iceServers": servers}
 
 
 def http_response(status: int, body: bytes, content_type: str) -> Response:
@@ -1147,13 +1635,24 @@ class RunningRelay:
 async def serve_relay(config: RelayConfig) -> AsyncIterator[RunningRelay]:
     """Listen until the block exits, then close every connection with 1001."""
     config.check_exposure()
-    relay = Relay(config)
+    secret, origin = config.resume_secret_bytes()
+    relay = Relay(config, secret)
     limits = config.limits
     ssl_context = config.ssl_context()
+    somaxconn = _somaxconn()
+    if somaxconn is not None and somaxconn < config.backlog:
+        logger.warning(
+            "relay.backlog is %d but the kernel caps it at %d (net.core.somaxconn): "
+            "a reconnect storm may overflow the listen queue",
+            config.backlog,
+            somaxconn,
+        )
     server = await serve(
         relay.handler,
         config.host,
         config.port,
+        create_connection=relay.connection_class,
+        backlog=config.backlog,
         process_request=relay.process_request,
         server_header=f"e-pedicare-relay/{__version__}",
         # Compression off: it costs ~40 % more CPU per frame and 3x the memory
@@ -1163,6 +1662,8 @@ async def serve_relay(config: RelayConfig) -> AsyncIterator[RunningRelay]:
         # error frame; max_size is the hard ceiling (close 1009).
         max_size=limits.hard_max_bytes,
         max_queue=16,
+        # Past it a client is cut (RelayConnection.pause_writing), never waited for.
+        write_limit=limits.write_buffer_bytes,
         # Timeouts.
         open_timeout=10,
         ping_interval=limits.ping_interval_s,
@@ -1183,14 +1684,32 @@ async def serve_relay(config: RelayConfig) -> AsyncIterator[RunningRelay]:
         )
         loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
         logger.info("relay listening on %s (event loop: %s)", running.url, loop)
+        logger.info("resume keys signed with a key %s", origin)
         yield running
     finally:
+        relay.stopping = True
         server.close(code=CLOSE_GOING_AWAY, reason="relay shutting down")
+        # The bound holds: what has not closed by then (a client that never
+        # reads its close frame) is aborted, leaving a second for the handlers.
+        grace = max(limits.shutdown_timeout_s - 1.0, limits.shutdown_timeout_s / 2)
         try:
-            await asyncio.wait_for(server.wait_closed(), limits.shutdown_timeout_s)
+            await asyncio.wait_for(asyncio.shield(server.wait_closed()), grace)
         except TimeoutError:
-            logger.warning("shutdown: handlers still running after %gs", limits.shutdown_timeout_s)
+            # Every connection, those still in their opening handshake included.
+            left = list(server.all_connections)  # aborting a closed one is a no-op
+            logger.warning("shutdown: aborting %d connections after %gs", len(left), grace)
+            for ws in left:
+                ws.transport.abort()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(server.wait_closed(), limits.shutdown_timeout_s - grace)
         logger.info("relay stopped")
+
+
+def _somaxconn() -> int | None:
+    try:
+        return int(Path("/proc/sys/net/core/somaxconn").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 # ---------------------------------------------------------------------------
@@ -1233,14 +1752,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 async def run(config: RelayConfig) -> None:
-    """Serve until SIGINT or SIGTERM, then close every connection with 1001."""
+    """Serve until SIGINT or SIGTERM, then close every connection with 1001.
+
+    SIGHUP (logrotate's) and SIGUSR1 are logged and ignored: the relay logs to
+    stderr, which it never reopens, and neither signal may kill it.
+    """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    for signum in (signal.SIGHUP, signal.SIGUSR1):
+        loop.add_signal_handler(signum, _ignored, signum)
     async with serve_relay(config):
         await stop.wait()
         logger.info("signal received: closing every connection")
+
+
+def _ignored(signum: int) -> None:
+    logger.info("%s received: ignored (logs go to stderr)", signal.Signals(signum).name)
+
+
+def raise_fd_limit(max_connections: int) -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard one; refuse when it cannot hold the limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    need = max_connections + FD_MARGIN
+    if soft != resource.RLIM_INFINITY and soft < need:
+        raise ConfigError(
+            "limits.max_connections",
+            f"{max_connections} connections need {need} file descriptors, "
+            f"but the limit is {soft} (ulimit -n; the hard limit is {hard})",
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1257,9 +1802,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError("auth.secret", f"needed to sign tokens (or {AUTH_SECRET_ENV})")
             if args.ttl <= 0:
                 raise ConfigError("--ttl", "expected a positive number of seconds")
-            print(
-                mint_token(config.auth.secret, args.session, args.role, int(time.time()) + args.ttl)
-            )
+            expiry = int(time.time()) + args.ttl
+            if not EXPIRY_RE.fullmatch(str(expiry)):
+                raise ConfigError("--ttl", "too long: the expiry must fit in 12 digits")
+            print(mint_token(config.auth.secret, args.session, args.role, expiry))
             return 0
         if args.host is not None:
             config = dataclasses.replace(config, host=args.host)
@@ -1267,6 +1813,7 @@ def main(argv: list[str] | None = None) -> int:
             if not 0 <= args.port <= 65_535:
                 raise ConfigError("--port", "expected 0 to 65535")
             config = dataclasses.replace(config, port=args.port)
+        raise_fd_limit(config.limits.max_connections)
         # uvloop reads each socket into one reused buffer; the standard
         # loop's recv() allocates 256 KiB per read, which glibc may serve
         # with mmap, mremap and munmap for every frame (CPython issue 85451).

@@ -57,9 +57,12 @@ relay: {host: 127.0.0.1, port: 0}
 limits:
   frames_per_second: 1000000
   burst: 1000000
-  max_connections: 100000
+  max_connections: 15000   # within the machine's descriptors (the relay checks at start)
   max_sessions: 100000
   join_timeout_s: 60
+  max_connections_per_address: 100000   # every client of the load is 127.0.0.1
+  max_sessions_per_address: 100000
+  handshakes_per_second_per_address: 1000000
 """
 
 

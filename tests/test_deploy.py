@@ -120,6 +120,8 @@ def test_production_config_takes_its_secrets_from_the_environment() -> None:
     config.check_exposure()
     bare = relay.RelayConfig.load(DEPLOY / "config.yaml", env={})
     assert bare.auth.secret is None and bare.turn.secret is None  # nothing secret in the file
+    with pytest.raises(relay.ConfigError, match=r"^auth\.secret: required when behind a proxy"):
+        bare.check_exposure()  # forgetting relay.env stops the relay instead of running open
 
 
 # -- nginx in front of the relay ------------------------------------------------------------

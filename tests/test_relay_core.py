@@ -7,10 +7,12 @@ import copy
 import hashlib
 import hmac
 import json
+import resource
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -155,6 +157,17 @@ JSON_VALUES = st.one_of(
     st.lists(st.integers(), max_size=2),
     st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
 )
+
+
+@pytest.mark.parametrize("number", [-(2**63) - 1, 2**64], ids=["below-int64", "above-uint64"])
+def test_integer_beyond_64_bits_is_not_an_integer(number: int) -> None:
+    """orjson reads an integer beyond 64 bits as a float: sdpMLineIndex is then bad-field."""
+    frame = {"type": "candidate", "candidate": {"candidate": "c", "sdpMLineIndex": number}}
+    with pytest.raises(ProtocolError) as caught:
+        relay.parse_frame(json.dumps(frame), 65_536)
+    assert caught.value.code == "bad-field"
+
+
 WELL_FORMED: dict[str, dict[str, Any]] = {
     "candidate": {
         "type": "candidate",
@@ -201,13 +214,16 @@ def relayed_frames(draw: st.DrawFn) -> dict[str, Any]:
 def test_fast_accept_agrees_with_the_field_checks(data: dict[str, Any]) -> None:
     """parse_frame's shortcut for well-formed relayed frames accepts exactly
     what the field-by-field checks accept, which name what is wrong otherwise."""
+    text = json.dumps(data)
     try:
-        relay._check_fields(data["type"], data)
+        # The checks see what the relay's parser reads (orjson turns an integer
+        # beyond 64 bits into a float), as parse_frame does.
+        relay._check_fields(data["type"], orjson.loads(text))
         expected = None
     except ProtocolError as exc:
         expected = exc.code
     try:
-        relay.parse_frame(json.dumps(data), 65_536)
+        relay.parse_frame(text, 65_536)
         got = None
     except ProtocolError as exc:
         got = exc.code
@@ -279,7 +295,10 @@ def test_resume_replaces_stale_connection_of_its_own_seat() -> None:
     actions = send(state, fresh, type="join", session="s1", role="patient", resume=key)
     assert Close(stale, relay.CLOSE_REPLACED, "replaced") in actions
     (joined,) = frames_to(actions, fresh)
-    assert joined["resumed"] is True and joined["resume"] == key and joined["peer"] is True
+    assert joined["resumed"] is True and joined["peer"] is True
+    # A fresh key at every join: the one just used no longer takes the seat.
+    assert joined["resume"] != key
+    assert relay.verify_resume(state.resume_secret, joined["resume"], "s1", "patient")
     assert frames_to(actions, practitioner) == [
         {"type": "peer-joined", "role": "patient", "resumed": True}
     ]
@@ -309,17 +328,117 @@ def test_resume_key_opens_no_other_seat(session: str, role: str) -> None:
     assert state.sessions[session][role].conn == holder
 
 
-def test_unknown_resume_key_adopted_when_seat_free() -> None:
-    """After a relay restart, a client keeps its key: the free seat adopts it."""
+def test_verified_resume_key_takes_a_free_seat_after_a_restart() -> None:
+    """A key signed with the relay's secret takes the free seat, resumed, in a new relay."""
+    secret = b"r" * 32
+    before, _ = make_state()
+    before.resume_secret = secret
+    conn = joined_conn(before, "s1", "patient")
+    key = before.sessions["s1"]["patient"].resume
+    assert conn in before.conns
+    after, _ = make_state()  # the restarted relay: no seats, the same secret
+    after.resume_secret = secret
+    practitioner = joined_conn(after, "s1", "practitioner")
+    fresh, _ = relay.connect(after)
+    actions = send(after, fresh, type="join", session="s1", role="patient", resume=key)
+    (joined,) = frames_to(actions, fresh)
+    assert joined["resumed"] is True and joined["peer"] is True
+    assert frames_to(actions, practitioner) == [
+        {"type": "peer-joined", "role": "patient", "resumed": True}
+    ]
+    assert after.stats.resumes == 1
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        pytest.param("anything", id="made-up"),
+        pytest.param("r1" + "A" * 40, id="right-shape-wrong-mac"),
+        pytest.param("k" * 22, id="old-random-key"),
+    ],
+)
+def test_made_up_resume_key_is_no_resume(key: str) -> None:
+    """A key the relay did not sign joins a free seat as a fresh client: resumed false."""
     state, _ = make_state()
-    practitioner = joined_conn(state, "s1", "practitioner", resume="k" * 22)
+    practitioner = joined_conn(state, "s1", "practitioner")
+    conn, _ = relay.connect(state)
+    actions = send(state, conn, type="join", session="s1", role="patient", resume=key)
+    (joined,) = frames_to(actions, conn)
+    assert joined["resumed"] is False and joined["resume"] != key
+    assert frames_to(actions, practitioner) == [
+        {"type": "peer-joined", "role": "patient", "resumed": False}
+    ]
+    assert state.stats.resumes == 0
+
+
+def test_resume_key_from_another_secret_is_no_resume() -> None:
+    """A key signed with another relay's secret is not verified."""
+    state, _ = make_state()
+    key = relay.mint_resume(b"another secret", "s1", "patient")
     conn, _ = relay.connect(state)
     (joined,) = frames_to(
-        send(state, conn, type="join", session="s1", role="patient", resume="abc"), conn
+        send(state, conn, type="join", session="s1", role="patient", resume=key), conn
     )
-    assert joined["resume"] == "abc" and joined["resumed"] is True
-    assert joined["peer_resumed"] is True
-    assert state.stats.resumes == 2 and practitioner in state.conns
+    assert joined["resumed"] is False
+
+
+def test_unclean_drop_holds_the_seat_for_its_key_alone() -> None:
+    """After an unclean drop, only the previous key takes the seat during the grace period."""
+    state, _ = make_state(limits={"resume_grace_s": 30})
+    patient = joined_conn(state, "s1", "patient")
+    key = state.sessions["s1"]["patient"].resume
+    practitioner = joined_conn(state, "s1", "practitioner")
+    actions = relay.disconnect(state, patient)
+    assert frames_to(actions, practitioner) == [
+        {"type": "peer-left", "role": "patient", "reason": "disconnected"}
+    ]
+    squatter, _ = relay.connect(state)
+    forged = relay.mint_resume(b"guess", "s1", "patient")
+    for fields in ({}, {"resume": "anything"}, {"resume": forged}):
+        actions = send(state, squatter, type="join", session="s1", role="patient", **fields)
+        assert error_code(actions, squatter) == "seat-held"
+        assert Close(squatter, relay.CLOSE_TRY_AGAIN_LATER, "seat-held") in actions
+        state.conns[squatter].closing = False  # the same client tries again
+    back, _ = relay.connect(state)
+    actions = send(state, back, type="join", session="s1", role="patient", resume=key)
+    assert frames_to(actions, back)[0]["resumed"] is True
+    assert frames_to(actions, practitioner) == [
+        {"type": "peer-joined", "role": "patient", "resumed": True}
+    ]
+
+
+def test_held_seat_is_free_after_the_grace_period() -> None:
+    """Once the grace period has passed, anyone with the link takes the seat (not resumed)."""
+    state, clock = make_state(limits={"resume_grace_s": 30})
+    patient = joined_conn(state, "s1", "patient")
+    relay.disconnect(state, patient)
+    clock.now += 30.5
+    conn, _ = relay.connect(state)
+    (joined,) = frames_to(send(state, conn, type="join", session="s1", role="patient"), conn)
+    assert joined["type"] == "joined" and joined["resumed"] is False
+    assert state.held == {}
+
+
+def test_clean_close_and_bye_hold_no_seat() -> None:
+    """A close frame (a page reload) or bye frees the seat for anyone at once."""
+    state, _ = make_state()
+    patient = joined_conn(state, "s1", "patient")
+    relay.disconnect(state, patient, clean=True)
+    other = joined_conn(state, "s1", "patient")
+    send(state, other, type="bye")
+    joined_conn(state, "s1", "patient")
+
+
+def test_resume_key_is_stateless_hmac_of_session_role_and_nonce() -> None:
+    """The key is r1 + nonce + HMAC: minted from the same nonce, it is the same anywhere."""
+    nonce = bytes(range(12))
+    key = relay.mint_resume(b"s" * 32, "s1", "patient", nonce)
+    assert key == relay.mint_resume(b"s" * 32, "s1", "patient", nonce)
+    assert len(key) == relay.RESUME_KEY_LEN and relay.RESUME_RE.fullmatch(key)
+    assert relay.verify_resume(b"s" * 32, key, "s1", "patient")
+    assert not relay.verify_resume(b"s" * 32, key, "s1", "practitioner")
+    assert not relay.verify_resume(b"s" * 32, key, "s2", "patient")
+    assert not relay.verify_resume(b"x" * 32, key, "s1", "patient")
 
 
 def test_bye_forwarded_then_peer_left_and_seat_freed() -> None:
@@ -334,6 +453,7 @@ def test_bye_forwarded_then_peer_left_and_seat_freed() -> None:
     assert actions == [
         Send(patient, bye),
         Send(patient, relay.frame("peer-left", role="practitioner", reason="bye")),
+        relay.JoinDeadline(practitioner, 1),  # seatless again: the join deadline restarts
     ]
     assert "practitioner" not in state.sessions["s1"]
     relay.disconnect(state, patient)
@@ -664,3 +784,30 @@ def test_ice_section_errors_name_their_key(ice: dict[str, Any], key: str) -> Non
     with pytest.raises(relay.ConfigError) as caught:
         relay_config(ice=ice)
     assert caught.value.key == key
+
+
+def test_turn_ttl_is_capped_at_a_day() -> None:
+    """turn.ttl over 86400 s is refused, naming the key."""
+    with pytest.raises(relay.ConfigError) as refused:
+        relay_config(turn={"ttl": 86_401})
+    assert refused.value.key == "turn.ttl"
+
+
+@pytest.mark.parametrize("key", ["frames_per_second", "join_timeout_s", "resume_grace_s"])
+def test_infinite_limits_are_refused(key: str) -> None:
+    """.inf (or nan) for a limit is refused with the key's name."""
+    for value in (float("inf"), float("nan")):
+        with pytest.raises(relay.ConfigError) as refused:
+            relay_config(limits={key: value})
+        assert refused.value.key == f"limits.{key}"
+
+
+def test_the_soft_descriptor_limit_is_raised_to_the_hard_one() -> None:
+    """raise_fd_limit lifts the soft RLIMIT_NOFILE to the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 512), hard))
+        relay.raise_fd_limit(100)
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -187,3 +187,75 @@ def test_random_and_mutated_frames_never_disturb_the_relay_or_valid_sessions(
 @pytest.mark.parametrize("payload", [b"\xff", b"\xc3\x28", b"\xed\xa0\x80"])
 def test_invalid_utf8_closes_1007_only_that_connection(payload: bytes) -> None:
     asyncio.run(scenario([[InvalidUtf8(payload)], ['{"type":"ping"}']]))
+
+
+# -- join tokens and resume keys (pure core: no socket needed) --------------------------
+
+SECRET = "fuzz-secret"
+EXPIRY = 4_000_000_000
+GOOD_TOKEN = relay.mint_token(SECRET, "s1", "patient", EXPIRY)
+RESUME_SECRET = b"fuzz-resume-secret"
+GOOD_KEY = relay.mint_resume(RESUME_SECRET, "s1", "patient")
+# Digits of other scripts, signs and spaces: what int() and str.isdigit() accept and ASCII does not.
+ODD_DIGITS = "".join(c for c in map(chr, range(0x20000)) if c.isdigit()) + " +-_."
+
+
+def mutations(valid: str) -> st.SearchStrategy[str]:
+    """A valid string with one character replaced, inserted or deleted."""
+    alphabet = st.sampled_from(ODD_DIGITS) | st.characters()
+    index = st.integers(0, len(valid) - 1)
+    return st.one_of(
+        st.tuples(index, alphabet).map(lambda t: valid[: t[0]] + t[1] + valid[t[0] + 1 :]),
+        st.tuples(index, alphabet).map(lambda t: valid[: t[0]] + t[1] + valid[t[0] :]),
+        index.map(lambda i: valid[:i] + valid[i + 1 :]),
+    )
+
+
+tokens = st.one_of(
+    st.text(),
+    st.text(alphabet=ODD_DIGITS).map(lambda e: f"v1.{e}.{GOOD_TOKEN.rsplit('.', 1)[1]}"),
+    mutations(GOOD_TOKEN),
+)
+
+
+@settings(max_examples=500)
+@given(token=tokens)
+def test_a_join_token_is_accepted_only_in_its_one_spelling(token: str) -> None:
+    """Any token but the minted one is bad-token (never a crash, never a second spelling)."""
+    if token == GOOD_TOKEN:
+        relay.check_token(SECRET, token, "s1", "patient", now=1_000_000_000)
+        return
+    with pytest.raises(relay.ProtocolError) as refused:
+        relay.check_token(SECRET, token, "s1", "patient", now=1_000_000_000)
+    assert refused.value.code == "bad-token", token
+
+
+@settings(max_examples=500)
+@given(
+    key=st.one_of(st.text(), st.from_regex(relay.RESUME_RE, fullmatch=True), mutations(GOOD_KEY)),
+    session=st.sampled_from(["s1", "s2"]),
+    role=st.sampled_from(relay.ROLES),
+)
+def test_a_resume_key_verifies_only_as_minted_for_its_seat(
+    key: str, session: str, role: str
+) -> None:
+    """verify_resume is true only for the relay's own key of that very session and role."""
+    verified = relay.verify_resume(RESUME_SECRET, key, session, role)
+    assert verified == (key == GOOD_KEY and (session, role) == ("s1", "patient"))
+
+
+@settings(max_examples=200)
+@given(key=st.one_of(st.from_regex(relay.RESUME_RE, fullmatch=True), mutations(GOOD_KEY)))
+def test_a_join_with_any_other_key_is_not_resumed_and_gets_a_fresh_signed_key(key: str) -> None:
+    """Through the core: a key that is not the seat's own never gives resumed: true."""
+    state = relay.State(relay_config(), resume_secret=RESUME_SECRET)
+    conn, _ = relay.connect(state)
+    actions = relay.receive(
+        state, conn, json.dumps({"type": "join", "session": "s2", "role": "patient", "resume": key})
+    )
+    (reply,) = [json.loads(a.text) for a in actions if isinstance(a, relay.Send)]
+    if reply["type"] == "error":
+        assert reply["code"] == "bad-field" and not relay.RESUME_RE.fullmatch(key)
+        return
+    assert reply["resumed"] is False
+    assert relay.verify_resume(RESUME_SECRET, reply["resume"], "s2", "patient")

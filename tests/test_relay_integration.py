@@ -8,13 +8,11 @@ isolation: a bad, crashed or silent client never disturbs another session.
 from __future__ import annotations
 
 import asyncio
-import datetime
 import json
 import logging
 import re
 import signal
 import ssl
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,17 +20,23 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-import yaml
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from websockets.asyncio.client import connect
 
 import relay
 from peers.netns import Network, netns_missing
 from tests.processes import RelayProcess
-from tests.support import TIMEOUT, Client, pair, relay_config, running_relay, within
+from tests.support import (
+    TIMEOUT,
+    Client,
+    http_get,
+    pair,
+    relay_command,
+    relay_config,
+    running_relay,
+    self_signed,
+    within,
+    write_yaml,
+)
 
 pytestmark = pytest.mark.asyncio
 
@@ -166,14 +170,12 @@ async def test_a_resume_key_never_opens_another_seat(
     await holder.expect("pong")
 
 
-async def test_unknown_resume_key_is_adopted_when_the_seat_is_free(
-    relay_server: relay.RunningRelay,
-) -> None:
-    # After a relay restart the relay knows no keys: a client keeps its own.
+async def test_a_made_up_resume_key_is_no_resume(relay_server: relay.RunningRelay) -> None:
+    """A key the relay did not sign takes a free seat as a fresh join: resumed false, a new key."""
     client = await Client.open(relay_server.url)
     joined = await client.join("s1", "patient", resume="from-before-restart")
-    assert joined["resume"] == "from-before-restart"
-    assert joined["resumed"] is True
+    assert joined["resume"] != "from-before-restart"
+    assert joined["resumed"] is False
 
 
 # -- every error code ------------------------------------------------------------------
@@ -387,10 +389,22 @@ async def test_crashed_and_silent_clients_never_disturb_another_session(
         assert got["candidate"]["sdpMLineIndex"] == n
 
 
-async def test_two_hundred_sessions_receive_their_own_frames_complete_and_in_order(
-    relay_server: relay.RunningRelay,
-) -> None:
+async def test_two_hundred_sessions_receive_their_own_frames_complete_and_in_order() -> None:
+    """Frames of 200 concurrent sessions arrive complete, in order, in their own session."""
     sessions, frames = 200, 10
+    # Every client comes from 127.0.0.1 here: lift the per-address limits.
+    per_address = {
+        "max_connections_per_address": 1000,
+        "max_sessions_per_address": 1000,
+        "handshakes_per_second_per_address": 10_000,
+    }
+    async with running_relay(relay_config(limits=per_address)) as relay_server:
+        await _two_hundred_sessions(relay_server, sessions, frames)
+
+
+async def _two_hundred_sessions(
+    relay_server: relay.RunningRelay, sessions: int, frames: int
+) -> None:
     pairs = await asyncio.gather(*(pair(relay_server.url, f"load-{n}") for n in range(sessions)))
 
     async def exchange(n: int, patient: Client, practitioner: Client) -> None:
@@ -431,33 +445,6 @@ async def test_a_client_that_stops_answering_pings_is_dropped() -> None:
         await patient.expect("pong")
 
 
-def self_signed(directory: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
-
-
 async def test_wss_with_a_configured_certificate(tmp_path: Path) -> None:
     cert, key = self_signed(tmp_path)
     config = relay_config(tls={"cert": str(cert), "key": str(key)})
@@ -476,19 +463,6 @@ async def test_wss_with_a_configured_certificate(tmp_path: Path) -> None:
 
 
 # -- HTTP on the same port -------------------------------------------------------------------
-
-
-async def http_get(port: int, target: str) -> tuple[int, dict[str, str], bytes]:
-    """A raw HTTP/1.1 GET (no client-side path normalisation)."""
-    reader, writer = await within(asyncio.open_connection("127.0.0.1", port))
-    writer.write(f"GET {target} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
-    await writer.drain()
-    raw = await within(reader.read())
-    writer.close()
-    head, _, body = raw.partition(b"\r\n\r\n")
-    status_line, *lines = head.decode("latin-1").split("\r\n")
-    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
-    return int(status_line.split()[1]), headers, body
 
 
 async def test_health(relay_server: relay.RunningRelay) -> None:
@@ -563,24 +537,6 @@ async def test_other_paths_and_traversal_are_404(
 # -- the process: signals, exit codes, logs -------------------------------------------------
 
 
-def write_yaml(path: Path, data: dict[str, Any]) -> Path:
-    path.write_text(yaml.safe_dump(data), encoding="utf-8")
-    return path
-
-
-async def start(*args: str, prefix: tuple[str, ...] = ()) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        *prefix,
-        sys.executable,
-        str(ROOT / "relay.py"),
-        *args,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        cwd=ROOT,
-    )
-
-
 @pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 async def test_signal_closes_every_connection_with_1001_and_exits_0(
@@ -619,7 +575,9 @@ async def test_signal_closes_every_connection_with_1001_and_exits_0(
 async def test_config_errors_exit_2_naming_the_key(
     tmp_path: Path, data: dict[str, Any], key: str
 ) -> None:
-    proc = await start("--config", str(write_yaml(tmp_path / "c.yaml", data)), "--port", "0")
+    proc = await relay_command(
+        "--config", str(write_yaml(tmp_path / "c.yaml", data)), "--port", "0"
+    )
     _, err = await within(proc.communicate(), 2)
     assert proc.returncode == 2
     lines = err.decode().strip().splitlines()
@@ -629,7 +587,7 @@ async def test_config_errors_exit_2_naming_the_key(
 
 async def test_refuses_a_public_address_without_a_secret(tmp_path: Path) -> None:
     config = write_yaml(tmp_path / "c.yaml", {})
-    proc = await start("--config", str(config), "--host", "0.0.0.0", "--port", "0")
+    proc = await relay_command("--config", str(config), "--host", "0.0.0.0", "--port", "0")
     _, err = await within(proc.communicate(), 2)
     assert proc.returncode == 2
     assert "auth.secret" in err.decode()
@@ -654,7 +612,7 @@ async def test_open_on_a_public_address_warns_at_start(tmp_path: Path) -> None:
 
 async def test_token_command_prints_a_token_the_relay_accepts(tmp_path: Path) -> None:
     config = write_yaml(tmp_path / "c.yaml", {"auth": {"secret": "from-the-file"}})
-    proc = await start(
+    proc = await relay_command(
         "token", "--config", str(config), "--session", "s1", "--role", "patient", "--ttl", "60"
     )
     out, _ = await within(proc.communicate(), 2)
@@ -670,7 +628,9 @@ async def test_token_command_prints_a_token_the_relay_accepts(tmp_path: Path) ->
 
 async def test_token_command_without_a_secret_exits_2(tmp_path: Path) -> None:
     config = write_yaml(tmp_path / "c.yaml", {})
-    proc = await start("token", "--config", str(config), "--session", "s1", "--role", "patient")
+    proc = await relay_command(
+        "token", "--config", str(config), "--session", "s1", "--role", "patient"
+    )
     _, err = await within(proc.communicate(), 2)
     assert proc.returncode == 2
     assert "auth.secret" in err.decode()
@@ -714,7 +674,10 @@ async def test_rtc_config_for_browsers_comes_from_the_ice_section() -> None:
     """One YAML value switches the peers and the browsers: ice.servers and ice.policy."""
     config = relay_config(
         ice={
-            "servers": [{"urls": "turn:198.18.0.9:3478", "username": "u", "credential": "p"}],
+            "servers": [
+                {"urls": "stun:198.18.0.9:3478"},
+                {"urls": "turn:198.18.0.9:3478", "username": "u", "credential": "p"},
+            ],
             "policy": "relay",
             "timeout_s": 20,
         }
@@ -723,8 +686,9 @@ async def test_rtc_config_for_browsers_comes_from_the_ice_section() -> None:
         status, headers, body = await http_get(running.port, "/rtc-config.json")
     assert status == 200
     assert headers["content-type"] == "application/json"
+    # Long-term TURN credentials are never published (browsers get TURN from joined).
     assert json.loads(body) == {
-        "iceServers": [{"urls": ["turn:198.18.0.9:3478"], "username": "u", "credential": "p"}],
+        "iceServers": [{"urls": ["stun:198.18.0.9:3478"]}],
         "iceTransportPolicy": "relay",
     }
     async with running_relay() as running:

@@ -115,6 +115,8 @@ const STRINGS = {
     "error.rate-limited": "Trop de messages envoyés trop vite : le serveur en a ignoré un.",
     "error.server-full": "Le serveur est complet ; nouvelle tentative automatique.",
     "error.join-timeout": "La page a tardé à rejoindre la consultation ; nouvelle tentative.",
+    "error.seat-held": "La place du {role} est gardée un moment pour la connexion qui vient de tomber ; nouvelle tentative automatique.",
+    "error.address-limit": "Trop de connexions depuis ce réseau ; nouvelle tentative automatique.",
     "error.unknown": "Le serveur a refusé un message : {message}",
   },
   en: {
@@ -230,6 +232,8 @@ const STRINGS = {
     "error.rate-limited": "Too many messages too fast: the server ignored one.",
     "error.server-full": "The server is full; trying again automatically.",
     "error.join-timeout": "The page took too long to join the consultation; trying again.",
+    "error.seat-held": "The {role}'s seat is kept a moment for the connection that just dropped; trying again automatically.",
+    "error.address-limit": "Too many connections from this network; trying again automatically.",
     "error.unknown": "The server refused a message: {message}",
   },
 };
