@@ -409,6 +409,7 @@ CONFIG_KEYS: Final[Mapping[str, frozenset[str]]] = {
     ),
     "ice": frozenset({"servers", "policy", "timeout_s"}),
     "media": frozenset({"video", "audio"}),
+    "call": frozenset({"recovery_timeout_s", "media_timeout_s", "heartbeat_s"}),
 }
 # Top-level scalars (the peers' defaults) besides the sections.
 CONFIG_SCALARS: Final = frozenset({"session", "token"})

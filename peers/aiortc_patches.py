@@ -25,6 +25,17 @@ The patches:
   bookkeeping of ``TurnClientMixin.send_data``, turn.py:320, without sending),
   and ``StunProtocol.error_received`` / ``connection_lost`` (ice.py:305 and
   ice.py:274) of each relayed candidate to report a lost allocation.
+- ``bytes_received``: ``RTCDtlsTransport._get_stats()`` (aiortc rtcdtlstransport.py:583),
+  the transport's RTCTransportStats.bytesReceived (RTP, RTCP and SCTP), read
+  without a whole ``getStats()`` report several times a second.
+- ``forget_gap``: ``RTCRtpReceiver.__jitter_buffer`` and ``__nack_generator``
+  (rtcrtpreceiver.py:299-300): after a gap the video jitter buffer waits for the
+  lost packets until 512 newer ones have come (about 15 s at 300 kbit/s); emptied
+  while the stream is silent, it starts afresh with the first packet after it.
+- ``request_keyframe``: ``RTCRtpReceiver._send_rtcp_pli`` (rtcrtpreceiver.py:630).
+- ``watch_handshake``: hooks ``RTCDtlsTransport.__log_debug`` (rtcdtlstransport.py:755),
+  the only place that says why a DTLS handshake failed (rtcdtlstransport.py:423,
+  429, 449, 466); upstream, the W3C ``RTCDtlsTransport.onerror`` with the cause.
 """
 
 from __future__ import annotations
@@ -42,22 +53,26 @@ import aioice.stun
 from aioice import Connection, stun
 from aioice.ice import CandidatePair, StunProtocol
 from aioice.turn import TurnClientMixin, TurnTransport
-from aiortc import RTCIceTransport
+from aiortc import RTCDtlsTransport, RTCIceTransport, RTCRtpReceiver
 
 from peers.errors import PeerError
 
 __all__ = [
     "PINNED",
     "UnsupportedVersion",
+    "bytes_received",
     "check_retries",
     "check_versions",
+    "forget_gap",
     "ice_connection",
     "instrument",
     "nominated_pair",
     "relay_protocols",
+    "request_keyframe",
     "set_check_retries",
     "turn_client",
     "use_tls_context",
+    "watch_handshake",
 ]
 
 logger = logging.getLogger(__name__)
@@ -165,6 +180,82 @@ def use_tls_context(transport: RTCIceTransport, context: ssl.SSLContext) -> None
     connection = ice_connection(transport)
     if connection.turn_ssl:
         connection.turn_ssl = cast(bool, context)
+
+
+def bytes_received(transport: RTCDtlsTransport) -> int:
+    """Bytes received so far on a DTLS transport (RTP, RTCP and SCTP; not STUN).
+
+    Upstream: the W3C ``RTCDtlsTransport``'s RTCTransportStats, which aiortc
+    builds in ``RTCDtlsTransport._get_stats()`` (rtcdtlstransport.py:583) only
+    for a whole ``RTCPeerConnection.getStats()``.
+    """
+    for stats in transport._get_stats().values():
+        received = getattr(stats, "bytesReceived", None)
+        if isinstance(received, int):
+            return received
+    return 0
+
+
+def forget_gap(receiver: RTCRtpReceiver) -> bool:
+    """While a video stream is silent: forget the packets that wait for the lost ones.
+
+    aiortc's video ``JitterBuffer`` (jitterbuffer.py:63) assembles frames from its
+    oldest packet on and stops at the first hole; the packets lost in an outage
+    stall it until 512 newer ones push the hole out (jitterbuffer.py:50), and only
+    then is a keyframe asked for (rtcrtpreceiver.py:559): many seconds of frozen
+    video after the network is back. And ``NackGenerator`` (rtcrtpreceiver.py:97)
+    would ask for every packet of the gap, whose retransmissions, older than the
+    buffer's origin, make it start again from them (jitterbuffer.py:41). Emptying
+    both while nothing arrives lets the first packet after the gap start afresh
+    (then ``request_keyframe``). Upstream: the jitter buffer giving up on a hole
+    older than its latency. Returns False for an audio receiver (nothing done).
+    """
+    if receiver.track is None or receiver.track.kind != "video":
+        return False
+    jitter = getattr(receiver, "_RTCRtpReceiver__jitter_buffer")  # noqa: B009
+    jitter._packets = [None] * jitter.capacity
+    jitter._origin = None  # the next packet starts the buffer again
+    nacks = getattr(receiver, "_RTCRtpReceiver__nack_generator")  # noqa: B009
+    if nacks is not None:
+        nacks.max_seq = None
+        nacks.missing.clear()
+    return True
+
+
+def request_keyframe(receiver: RTCRtpReceiver) -> bool:
+    """Send a PLI for each stream of a video receiver (RFC 4585 6.3.1); False for audio.
+
+    Upstream: ``RTCRtpReceiver._send_rtcp_pli`` (rtcrtpreceiver.py:630) made public,
+    with the SSRCs of ``RTCRtpReceiver.__remote_streams`` (rtcrtpreceiver.py:315).
+    """
+    if receiver.track is None or receiver.track.kind != "video":
+        return False
+    for ssrc in list(getattr(receiver, "_RTCRtpReceiver__remote_streams")):  # noqa: B009
+        _spawn(receiver._send_rtcp_pli(ssrc))
+    return True
+
+
+def watch_handshake(transport: RTCDtlsTransport, on_failure: Callable[[str], None]) -> None:
+    """Call ``on_failure(cause)`` when the transport's DTLS handshake fails.
+
+    aiortc says why only in a debug line (rtcdtlstransport.py:423 "error ...",
+    429 "connection error", 449 "fingerprint mismatch", 466 "no SRTP profile
+    negotiated") written by the name-mangled ``__log_debug`` (rtcdtlstransport.py:755)
+    just before ``_set_state(State.FAILED)``; this wraps that method on the one
+    instance. Upstream: the W3C ``RTCDtlsTransport.onerror`` (an RTCError with
+    errorDetail "dtls-failure") carrying the cause.
+    """
+    name = "_RTCDtlsTransport__log_debug"
+    original: Callable[..., None] = getattr(transport, name)
+    prefix = "x DTLS handshake failed ("
+
+    def log_debug(msg: str, *args: object) -> None:
+        original(msg, *args)
+        if msg.startswith(prefix):
+            text = (msg % args) if args else msg
+            on_failure(text.removeprefix(prefix).removesuffix(")"))
+
+    setattr(transport, name, log_debug)
 
 
 # -- hooks ---------------------------------------------------------------------------------------
