@@ -717,7 +717,8 @@ async def test_rtc_config_for_browsers_comes_from_the_ice_section() -> None:
             "servers": [{"urls": "turn:198.18.0.9:3478", "username": "u", "credential": "p"}],
             "policy": "relay",
             "timeout_s": 20,
-        }
+        },
+        call={"recovery_timeout_s": 30, "media_timeout_s": 2.5},
     )
     async with running_relay(config) as running:
         status, headers, body = await http_get(running.port, "/rtc-config.json")
@@ -726,7 +727,12 @@ async def test_rtc_config_for_browsers_comes_from_the_ice_section() -> None:
     assert json.loads(body) == {
         "iceServers": [{"urls": ["turn:198.18.0.9:3478"], "username": "u", "credential": "p"}],
         "iceTransportPolicy": "relay",
+        "call": {"recovery_timeout_s": 30, "media_timeout_s": 2.5, "heartbeat_s": 1},
     }
     async with running_relay() as running:
         _, _, body = await http_get(running.port, "/rtc-config.json")
-    assert json.loads(body) == {"iceServers": [], "iceTransportPolicy": "all"}  # no public STUN
+    assert json.loads(body) == {  # no public STUN; the call: defaults
+        "iceServers": [],
+        "iceTransportPolicy": "all",
+        "call": {"recovery_timeout_s": 60, "media_timeout_s": 3, "heartbeat_s": 1},
+    }
