@@ -468,7 +468,7 @@ function giveUp(elapsed) {
   console.info(`call: gave up after ${elapsed} ms without media`);
   endCall();
   app.ended = "gave-up";
-  view.notify("call.gave-up", { other, seconds: Math.round(elapsed / 1000) });
+  view.notify("call.gave-up", { other, seconds: Math.round(app.callSettings.recoveryTimeoutMs / 1000) });
   renderStatus();
 }
 
