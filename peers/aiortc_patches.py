@@ -25,6 +25,12 @@ The patches:
   bookkeeping of ``TurnClientMixin.send_data``, turn.py:320, without sending),
   and ``StunProtocol.error_received`` / ``connection_lost`` (ice.py:305 and
   ice.py:274) of each relayed candidate to report a lost allocation.
+- ``bytes_received``: ``RTCDtlsTransport._get_stats()`` (aiortc rtcdtlstransport.py:583),
+  the transport's RTCTransportStats.bytesReceived (RTP, RTCP and SCTP), read
+  without a whole ``getStats()`` report several times a second.
+- ``watch_handshake``: hooks ``RTCDtlsTransport.__log_debug`` (rtcdtlstransport.py:755),
+  the only place that says why a DTLS handshake failed (rtcdtlstransport.py:423,
+  429, 449, 466); upstream, the W3C ``RTCDtlsTransport.onerror`` with the cause.
 """
 
 from __future__ import annotations
@@ -42,13 +48,14 @@ import aioice.stun
 from aioice import Connection, stun
 from aioice.ice import CandidatePair, StunProtocol
 from aioice.turn import TurnClientMixin, TurnTransport
-from aiortc import RTCIceTransport
+from aiortc import RTCDtlsTransport, RTCIceTransport
 
 from peers.errors import PeerError
 
 __all__ = [
     "PINNED",
     "UnsupportedVersion",
+    "bytes_received",
     "check_retries",
     "check_versions",
     "ice_connection",
@@ -58,6 +65,7 @@ __all__ = [
     "set_check_retries",
     "turn_client",
     "use_tls_context",
+    "watch_handshake",
 ]
 
 logger = logging.getLogger(__name__)
@@ -165,6 +173,43 @@ def use_tls_context(transport: RTCIceTransport, context: ssl.SSLContext) -> None
     connection = ice_connection(transport)
     if connection.turn_ssl:
         connection.turn_ssl = cast(bool, context)
+
+
+def bytes_received(transport: RTCDtlsTransport) -> int:
+    """Bytes received so far on a DTLS transport (RTP, RTCP and SCTP; not STUN).
+
+    Upstream: the W3C ``RTCDtlsTransport``'s RTCTransportStats, which aiortc
+    builds in ``RTCDtlsTransport._get_stats()`` (rtcdtlstransport.py:583) only
+    for a whole ``RTCPeerConnection.getStats()``.
+    """
+    for stats in transport._get_stats().values():
+        received = getattr(stats, "bytesReceived", None)
+        if isinstance(received, int):
+            return received
+    return 0
+
+
+def watch_handshake(transport: RTCDtlsTransport, on_failure: Callable[[str], None]) -> None:
+    """Call ``on_failure(cause)`` when the transport's DTLS handshake fails.
+
+    aiortc says why only in a debug line (rtcdtlstransport.py:423 "error ...",
+    429 "connection error", 449 "fingerprint mismatch", 466 "no SRTP profile
+    negotiated") written by the name-mangled ``__log_debug`` (rtcdtlstransport.py:755)
+    just before ``_set_state(State.FAILED)``; this wraps that method on the one
+    instance. Upstream: the W3C ``RTCDtlsTransport.onerror`` (an RTCError with
+    errorDetail "dtls-failure") carrying the cause.
+    """
+    name = "_RTCDtlsTransport__log_debug"
+    original: Callable[..., None] = getattr(transport, name)
+    prefix = "x DTLS handshake failed ("
+
+    def log_debug(msg: str, *args: object) -> None:
+        original(msg, *args)
+        if msg.startswith(prefix):
+            text = (msg % args) if args else msg
+            on_failure(text.removeprefix(prefix).removesuffix(")"))
+
+    setattr(transport, name, log_debug)
 
 
 # -- hooks ---------------------------------------------------------------------------------------

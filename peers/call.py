@@ -14,7 +14,15 @@ It tells its owner through callbacks:
   ``timeout_s`` or ICE failing before it connected (``IceFailed``), a configured
   TURN server giving no relay candidate (``TurnUnavailable``), its name not
   resolving, or its allocation lost (``IceFailed``);
-- ``on_chat(text)``: a chat message from the other side.
+- ``on_chat(text)``: a chat message from the other side;
+- ``on_path(alive)``: once connected, ``False`` when nothing at all (RTP, RTCP,
+  SCTP: the DTLS transport's bytes received) arrived for ``media_timeout_s``
+  (a muted side still sends RTCP every 0.5 to 1.5 s, so it is not a dead
+  path), ``True`` when bytes arrive again on the same path.
+
+When ICE connects and the DTLS handshake then fails, ``on_failed`` gets a
+``DtlsFailed`` naming aiortc's cause ("DTLS handshake failed: <cause>"), not
+an ICE timeout: that is not the network, and retrying will not fix it.
 
 ``close()`` may be called any number of times, from anywhere: the first call
 does the work (shielded from cancellation, so that aiortc's decoder threads
@@ -45,7 +53,7 @@ from aiortc.sdp import candidate_from_sdp
 
 from peers import aiortc_patches, ice
 from peers.config import PeerSettings
-from peers.errors import CallFailed, IceFailed
+from peers.errors import CallFailed, DtlsFailed, IceFailed
 from peers.media import Receiver
 from peers.turnclient import IcePath, check_relay_gathered, first_turn_server, tls_context
 
@@ -68,6 +76,7 @@ class CallOptions:
     ca_file: Path | None = None  # trusted for turns:, besides the system's CAs
     codec: str = "vp8"
     early_channels: bool = True  # bind TURN channels before the checks start
+    media_timeout_s: float = 3.0  # nothing received this long: the path is dead
 
     @classmethod
     def from_settings(
@@ -80,6 +89,7 @@ class CallOptions:
             timeout_s=settings.ice_timeout_s,
             ca_file=settings.turn_ca_file,
             codec=settings.video.codec,
+            media_timeout_s=settings.call_media_timeout_s,
         )
 
 
@@ -110,10 +120,16 @@ class Call:
         self.on_state: Callable[[str], Awaitable[None] | None] | None = None
         self.on_failed: Callable[[CallFailed], None] | None = None
         self.on_chat: Callable[[str], None] | None = None
+        self.on_path: Callable[[bool], None] | None = None
+        self.answered = asyncio.Event()  # the remote description is set
+        self.failed = asyncio.Event()  # on_failed was called
+        self.heard_at = time.monotonic()  # when bytes last arrived (watched once connected)
+        self.path_dead = False
         self._send = send
         self._pending: list[dict[str, Any] | None] = []
         self._path: IcePath | None = None
         self._watchdog: asyncio.Task[None] | None = None
+        self._path_watch: asyncio.Task[None] | None = None
         self._closing: asyncio.Task[None] | None = None
         self.pc.on("track", self.receiver.add)
         self.pc.on("datachannel", self._on_datachannel)
@@ -156,6 +172,7 @@ class Call:
         """Take the other side's offer, gather, and send the answer."""
         await self._before_gathering()
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp, "offer"))
+        self.answered.set()
         for transceiver in self.pc.getTransceivers():
             track = self.audio if transceiver.kind == "audio" else self.video
             if track is not None:
@@ -171,6 +188,7 @@ class Call:
     async def accept(self, sdp: str) -> None:
         """Take the other side's answer to our offer."""
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp, "answer"))
+        self.answered.set()
         await self._flush_candidates()
 
     async def add_candidate(self, init: dict[str, Any] | None) -> None:
@@ -240,12 +258,28 @@ class Call:
     def _instrument(self) -> None:
         """Before gathering: trust ca_file, bind TURN channels early, watch allocations."""
         ca_file = self.options.ca_file
+        for dtls in self._dtls_transports():
+            aiortc_patches.watch_handshake(dtls, self._dtls_failed)
         for transport in ice.ice_transports(self.pc):
             if ca_file is not None:
                 aiortc_patches.use_tls_context(transport, tls_context(ca_file))
             aiortc_patches.instrument(
                 transport, on_lost=self._turn_lost, early_channels=self.options.early_channels
             )
+
+    def _dtls_transports(self) -> list[Any]:
+        found: list[Any] = []
+        for transceiver in self.pc.getTransceivers():
+            dtls = transceiver.sender.transport
+            if dtls is not None and dtls not in found:
+                found.append(dtls)
+        if self.pc.sctp is not None and self.pc.sctp.transport not in found:
+            found.append(self.pc.sctp.transport)
+        return found
+
+    def _dtls_failed(self, cause: str) -> None:
+        logger.error("%s: DTLS handshake failed: %s", self.name, cause)
+        self._fail(DtlsFailed(cause))
 
     def _turn_lost(self, why: str) -> None:
         logger.error("%s: TURN: %s", self.name, why)
@@ -278,6 +312,7 @@ class Call:
         """Report ``error`` once (the first failure is the one that counts); return it."""
         if self.failure is None and self._closing is None:
             self.failure = error
+            self.failed.set()
             if self.on_failed is not None:
                 self.on_failed(error)
         return error
@@ -289,12 +324,37 @@ class Call:
             self.connected_at = time.monotonic()
             self._path = ice.path_of(self.pc)
             logger.info("ICE path: %s", self._path or "unknown")
+            self._path_watch = asyncio.create_task(self._watch_path())
         elif state == "failed" and self.connected_at is None:
             self._fail(self._timed_out())
         if self.on_state is not None:
             result = self.on_state(state)
             if inspect.isawaitable(result):
                 await result
+
+    async def _watch_path(self) -> None:
+        """Tell ``on_path`` when bytes stop coming for ``media_timeout_s``, and when they resume."""
+        timeout = self.options.media_timeout_s
+        every = min(0.1, timeout / 5)
+        dtls = self._dtls_transports()
+        seen = -1
+        self.heard_at = time.monotonic()
+        while True:
+            now = time.monotonic()
+            total = sum(aiortc_patches.bytes_received(t) for t in dtls)
+            if total != seen:
+                seen, self.heard_at = total, now
+                if self.path_dead:
+                    self.path_dead = False
+                    self._tell_path(alive=True)
+            elif not self.path_dead and now - self.heard_at >= timeout:
+                self.path_dead = True
+                self._tell_path(alive=False)
+            await asyncio.sleep(every)
+
+    def _tell_path(self, *, alive: bool) -> None:
+        if self.on_path is not None and self._closing is None:
+            self.on_path(alive)
 
     # -- the end --
 
@@ -308,7 +368,8 @@ class Call:
         await asyncio.shield(self._closing)
 
     async def _close(self) -> None:
-        if self._watchdog is not None:
-            self._watchdog.cancel()
+        for task in (self._watchdog, self._path_watch):
+            if task is not None:
+                task.cancel()
         await self.receiver.stop()
         await self.pc.close()

@@ -3,7 +3,8 @@
     settings = PeerSettings.load(Path("config.yaml"))   # raises ConfigError
 
 The relay's own sections (auth, tls, limits, turn) are the relay's business;
-this reads ``relay.url``, ``session``, ``token``, ``ice`` and ``media``.
+this reads ``relay.url``, ``session``, ``token``, ``ice``, ``media`` and ``call``
+(recovery: ``recovery_timeout_s``, ``media_timeout_s``, ``heartbeat_s``).
 Settings that aiortc would silently ignore are refused or warned about here,
 naming the key: a second STUN or TURN URL (aiortc uses only the first of
 each), a credential that is not a password, ``turns:`` over UDP (DTLS).
@@ -53,7 +54,7 @@ class PeerSettings:
     relay_url: str = "ws://127.0.0.1:5001/ws"
     relay_open_timeout_s: float = 5.0
     relay_join_timeout_s: float = 10.0
-    relay_reconnect_max_s: float = 5.0
+    relay_reconnect_max_s: float = 2.0
     session: str = "test123"
     token: str | None = None
     ice_servers: tuple[IceServer, ...] = ()
@@ -62,6 +63,9 @@ class PeerSettings:
     turn_ca_file: Path | None = None
     video: VideoSettings = VideoSettings()
     audio: bool = True
+    call_recovery_timeout_s: float = 60.0
+    call_media_timeout_s: float = 3.0
+    call_heartbeat_s: float = 1.0
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     @classmethod
@@ -75,6 +79,7 @@ class PeerSettings:
         ice = top.section("ice")
         media = top.section("media")
         turn = top.section("turn")
+        call = top.section("call")
         video = media.section("video", known={"width", "height", "fps", "codec"})
         audio: object = media.get("audio")
         if isinstance(audio, dict):
@@ -104,6 +109,13 @@ class PeerSettings:
                 codec=video.choice("codec", ("vp8", "h264"), d.codec),
             ),
             audio=bool(audio),
+            call_recovery_timeout_s=call.number(
+                "recovery_timeout_s", cls.call_recovery_timeout_s, minimum=1.0
+            ),
+            call_media_timeout_s=call.number(
+                "media_timeout_s", cls.call_media_timeout_s, minimum=0.5
+            ),
+            call_heartbeat_s=call.number("heartbeat_s", cls.call_heartbeat_s, minimum=0.1),
             warnings=tuple(warnings),
         )
         for warning in warnings:

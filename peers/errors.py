@@ -9,6 +9,8 @@
     │   └── Replaced                replaced: another connection took the seat (close 4001)
     ├── CallFailed                  one call could not be made
     │   ├── IceFailed               ice-failed: no connection within ice.timeout_s
+    │   ├── DtlsFailed              dtls-failed: ICE connected, the DTLS handshake failed
+    │   │                           (not the network: never retried, ``bye`` says why)
     │   └── TurnUnavailable         turn-unavailable: a configured TURN server gave no
     │                               relay candidate (``url``, ``cause``)
     ├── MediaError                  media-error: a --video/--audio source cannot be opened
@@ -32,6 +34,7 @@ __all__ = [
     "FATAL_CODES",
     "Backoff",
     "CallFailed",
+    "DtlsFailed",
     "IceFailed",
     "JoinRefused",
     "MediaError",
@@ -101,6 +104,16 @@ class IceFailed(CallFailed):
     """No connection could be made within the ICE timeout; the message says why."""
 
     code = "ice-failed"
+
+
+class DtlsFailed(CallFailed):
+    """ICE connected but the DTLS handshake failed: "DTLS handshake failed: <cause>"."""
+
+    code = "dtls-failed"
+
+    def __init__(self, cause: str) -> None:
+        super().__init__(f"DTLS handshake failed: {cause}")
+        self.cause = cause
 
 
 class TurnUnavailable(CallFailed):

@@ -5,11 +5,25 @@ answers. Candidates trickled by a browser (and its end-of-candidates ``null``)
 go to the current call, which keeps them until its description is set.
 
 A signaling drop is not a hang-up: the call keeps its media while the relay
-client reconnects and rejoins with its resume key. ``bye``, or ICE failing
-after the call was up, ends that call and the seat waits for the next peer.
-A call that cannot be made (``CallFailed``: no connection within
-``ice.timeout_s``, TURN unavailable or lost) ends ``run()`` with that error, as
-does a refused join (``JoinRefused``) or the seat taken over (``Replaced``).
+client reconnects and rejoins with its resume key. ``bye`` ends that call and
+the seat waits for the next peer. A call that cannot be made (``CallFailed``:
+no connection within ``ice.timeout_s``, TURN unavailable or lost) ends
+``run()`` with that error, as does a refused join (``JoinRefused``) or the seat
+taken over (``Replaced``). A failed DTLS handshake is not the network: the
+seat says so in a ``bye`` (its reason "DTLS handshake failed: <cause>") and
+``run()`` ends with ``DtlsFailed``.
+
+Recovery (issue 12, docs/recovery.md of the notes): a call whose media path
+goes dead (nothing received for ``call.media_timeout_s``, or ICE failed) is
+not the end. Both sides say ``path lost``. Media coming back on the same path
+first (a short outage) ends it: nothing is renegotiated. Otherwise the patient,
+once the signaling is back (heard from after the path went dead) and the
+practitioner is there, builds a new Call and offers (``path lost;
+renegotiating (attempt N)``), with backoff between attempts; the practitioner
+answers any new offer with a new Call. After ``call.recovery_timeout_s`` the
+side gives up with one line; the call is closed and the seat stays joined, so
+that a new offer or a new peer still makes a call. ``recoveries`` lists each
+recovery (``at_s``, ``outage_ms``, ``method``: "same-path" or "new-connection").
 
 Replacing the call (a new offer, a new peer) closes the old one for sure:
 ``calls`` counts the calls started, ``closed_calls`` those fully closed, and
@@ -22,26 +36,27 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 from peers import ice
 from peers.call import Call, CallOptions
 from peers.config import PeerSettings
-from peers.errors import CallFailed
+from peers.errors import Backoff, CallFailed, DtlsFailed
 from peers.media import Receiver, Sources
 from peers.signaling import RelayClient
 
 logger = logging.getLogger(__name__)
 
 OTHER = {"patient": "practitioner", "practitioner": "patient"}
+ANSWER_WAIT_S = 3.0  # a renegotiation whose answer does not come by then is tried again
 
 __all__ = ["OTHER", "Seat"]
 
 
 class Seat:
-    """A patient or practitioner: joins, calls, answers, hangs up."""
+    """A patient or practitioner: joins, calls, answers, hangs up, recovers a lost path."""
 
     def __init__(
         self,
@@ -66,15 +81,26 @@ class Seat:
             backoff_max_s=settings.relay_reconnect_max_s,
             open_timeout_s=settings.relay_open_timeout_s,
             join_timeout_s=settings.relay_join_timeout_s,
+            heartbeat_s=settings.call_heartbeat_s,
         )
+        self.started = time.monotonic()
         self.call: Call | None = None
         self.last_call: Call | None = None  # the one the summary speaks of
+        self.all_calls: list[Call] = []
         self.relay_ice: list[dict[str, Any]] | None = None
         self.seats_taken_at: float | None = None
         self.calls = 0  # calls started
         self.closed_calls = 0  # calls whose peer connection is closed
+        self.peer_online = False  # the other seat's signaling is connected to the relay
+        self.lost_at: float | None = None  # when the current path went silent
+        self.dead_at: float | None = None  # when it was found dead
+        self.recoveries: list[dict[str, Any]] = []  # {"at_s", "outage_ms", "method"}
+        self.gave_up = False
+        self.ever_connected = False  # a call of this seat has connected once
+        self._recovery: asyncio.Task[None] | None = None
         self._fatal: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._closing: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # -- the main loop --
 
@@ -110,16 +136,23 @@ class Seat:
             self.relay_ice = frame.get("ice_servers")
             resumed = " (resumed)" if frame.get("resumed") else ""
             logger.info("joined session %s as %s%s", self.settings.session, self.role, resumed)
+            self.peer_online = bool(frame.get("peer"))
             if frame.get("peer"):
-                await self._peer_present(resumed=bool(frame.get("peer_resumed")))
+                # Either seat resumed (this one after its own drop, or the other's):
+                # a live call goes on.
+                await self._peer_present(
+                    resumed=bool(frame.get("resumed") or frame.get("peer_resumed"))
+                )
             else:
                 logger.info("waiting for the %s", self.other)
         elif kind == "peer-joined":
             logger.info(
                 "the %s joined%s", self.other, " again (resumed)" if frame.get("resumed") else ""
             )
+            self.peer_online = True
             await self._peer_present(resumed=bool(frame.get("resumed")))
         elif kind == "peer-left":
+            self.peer_online = False
             reason = frame.get("reason")
             if reason == "bye":
                 logger.info("the %s hung up", self.other)
@@ -130,6 +163,8 @@ class Seat:
             logger.info("the %s said bye (%s)", self.other, frame.get("reason", ""))
             await self.hang_up(send_bye=False)
         elif kind == "offer" and self.role == "practitioner":
+            if self.lost_at is not None:
+                logger.info("a new offer from the %s: answering with a new call", self.other)
             await self.new_call().answer(str(frame.get("sdp", "")))
             logger.info("answer sent to the %s", self.other)
         elif kind == "answer" and self.role == "patient" and call is not None:
@@ -140,6 +175,8 @@ class Seat:
             logger.warning("relay: %s (%s)", frame.get("code"), frame.get("message"))
 
     async def _peer_present(self, *, resumed: bool) -> None:
+        if self._recovery is not None:
+            return  # the recovery offers as soon as it can
         if resumed and self.call is not None and self.call.alive:
             return  # a signaling reconnect: the call goes on
         self.seats_taken_at = time.monotonic()
@@ -164,23 +201,165 @@ class Seat:
         )
         call.on_failed = lambda error: self._call_failed(call, error)
         call.on_state = lambda state: self._call_state(call, state)
+        call.on_path = lambda alive: self._path_changed(call, alive=alive)
         call.on_chat = self.on_chat
         self.call = self.last_call = call
+        self.all_calls.append(call)
+        if self.lost_at is not None:
+            self._spawn(self._first_frame_of(call, self.lost_at))
+        else:
+            self._spawn(self._media_flowing(call))
         return call
+
+    async def _media_flowing(self, call: Call) -> None:
+        await call.receiver.first_frame.wait()
+        logger.info(
+            "%s: media flowing (first frame after %.0f ms)",
+            call.name,
+            (time.monotonic() - call.started) * 1000,
+        )
 
     async def _send(self, frame: dict[str, Any]) -> None:
         await self.relay.send(**frame)
 
     def _call_failed(self, call: Call, error: CallFailed) -> None:
-        if call is self.call:
+        if call is not self.call:
+            return
+        if isinstance(error, DtlsFailed):
+            self._spawn(self._bye_and_give_up(error))
+        elif self.lost_at is not None:
+            pass  # a renegotiation that failed: the recovery tries again or gives up
+        elif self.ever_connected:
+            # Not the first call (a late offer after giving up, say): recover, within the limit.
+            logger.warning("%s: %s", call.name, error)
+            self._path_changed(call, alive=False)
+        else:
             self._give_up(error)
 
+    async def _bye_and_give_up(self, error: DtlsFailed) -> None:
+        await self.hang_up(send_bye=True, reason=str(error))
+        self._give_up(error)
+
     async def _call_state(self, call: Call, state: str) -> None:
+        if state == "connected":
+            self.ever_connected = True
         if state == "failed" and call is self.call and call.connected_at is not None:
+            self._path_changed(call, alive=False)
+
+    # -- recovery --
+
+    def _path_changed(self, call: Call, *, alive: bool) -> None:
+        if call is not self.call:
+            return
+        if not alive and self.lost_at is None:
+            self.lost_at = call.heard_at
+            self.dead_at = time.monotonic()
+            silent = self.dead_at - self.lost_at
             logger.warning(
-                "%s: ICE failed: the %s is gone; waiting for the next", call.name, self.other
+                "%s: path lost (nothing received for %.1f s, ICE %s)",
+                call.name,
+                silent,
+                call.pc.iceConnectionState,
             )
-            await self.hang_up(send_bye=False)
+            self._recovery = asyncio.get_running_loop().create_task(self._recover(self.lost_at))
+        elif alive and self.lost_at is not None and call.connected_at is not None:
+            lost_at, self.lost_at = self.lost_at, None
+            self._stop_recovery()
+            self._spawn(self._first_frame_of(call, lost_at, same_path=True))
+
+    async def _first_frame_of(self, call: Call, lost_at: float, *, same_path: bool = False) -> None:
+        """Once ``call`` shows a new video frame: log and record the recovery."""
+        got = call.receiver.received
+        await call.receiver.frames(video=got.video_frames + 1)
+        if same_path:
+            method = "same-path"
+        else:
+            if call is not self.call:
+                return
+            self.lost_at = None
+            self._stop_recovery()
+            method = "new-connection"
+        now = time.monotonic()
+        outage_ms = round((now - lost_at) * 1000)
+        self.recoveries.append(
+            {"at_s": round(lost_at - self.started, 1), "outage_ms": outage_ms, "method": method}
+        )
+        logger.info(
+            "%s: media back after %d ms (%s; ICE path: %s)",
+            call.name,
+            outage_ms,
+            method,
+            call.path or "unknown",
+        )
+
+    def _stop_recovery(self) -> None:
+        task, self._recovery = self._recovery, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+
+    async def _recover(self, lost_at: float) -> None:
+        """Renegotiate (patient) or wait for the new offer (practitioner), within the limit."""
+        limit = self.settings.call_recovery_timeout_s
+        try:
+            async with asyncio.timeout(limit - (time.monotonic() - lost_at)):
+                if self.role == "patient":
+                    await self._renegotiate()
+                else:
+                    logger.info("waiting for the %s's new offer", self.other)
+                    await asyncio.Event().wait()  # until cancelled: a new call's first frame
+        except TimeoutError:
+            self._recovery = None
+            self.lost_at = None
+            self.gave_up = True
+            call, self.call = self.call, None
+            logger.error(
+                "gave up reconnecting after %.0f s (call.recovery_timeout_s); "
+                "the seat stays joined: a new offer or a rejoin starts a new call",
+                limit,
+            )
+            if call is not None:
+                self._close_soon(call)
+
+    async def _renegotiate(self) -> None:
+        backoff = Backoff(0.5, 5.0)
+        attempt = 0
+        while True:
+            await self._signaling_back()
+            attempt += 1
+            logger.warning("path lost; renegotiating (attempt %d)", attempt)
+            call = self.new_call()
+            with contextlib.suppress(CallFailed):  # reported through on_failed
+                await call.offer()
+                if await _first(call.answered.wait(), call.failed.wait(), ANSWER_WAIT_S):
+                    await _first(
+                        call.receiver.first_frame.wait(),
+                        call.failed.wait(),
+                        self.settings.ice_timeout_s,
+                    )
+            if call.receiver.first_frame.is_set():
+                await asyncio.Event().wait()  # _first_frame_of ends the recovery
+            delay = next(backoff)
+            why = call.failure or ("no answer" if not call.answered.is_set() else "no media")
+            logger.info("renegotiation %d: %s; again in %.1f s", attempt, why, delay)
+            await asyncio.sleep(delay)
+
+    async def _signaling_back(self) -> None:
+        """Until the relay was heard from after the path was found dead, and the peer is there."""
+        while not (
+            self.relay.connected.is_set()
+            and self.dead_at is not None
+            and self.relay.heard_at > self.dead_at
+            and self.peer_online
+        ):
+            self.relay.heard.clear()  # every change comes with a frame from the relay
+            await self.relay.heard.wait()
+
+    # -- the end --
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _close_soon(self, call: Call) -> None:
         task = asyncio.get_running_loop().create_task(self._close_call(call))
@@ -192,6 +371,8 @@ class Seat:
         self.closed_calls += 1
 
     async def hang_up(self, *, send_bye: bool, reason: str = "hang up") -> None:
+        self.lost_at = None
+        self._stop_recovery()
         call, self.call = self.call, None
         if send_bye:
             await self.relay.send(type="bye", reason=reason)
@@ -206,6 +387,20 @@ class Seat:
     async def close(self) -> None:
         """Hang up without a bye, wait until every call is closed, stop the sources."""
         await self.hang_up(send_bye=False)
+        for task in list(self._tasks):
+            task.cancel()
         while self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
         self.sources.stop()
+
+
+async def _first(done: Awaitable[object], failed: Awaitable[object], timeout_s: float) -> bool:
+    """True when ``done`` comes before ``failed`` and within ``timeout_s``."""
+    wins = asyncio.ensure_future(done)
+    loses = asyncio.ensure_future(failed)
+    try:
+        await asyncio.wait([wins, loses], timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (wins, loses):
+            task.cancel()
+    return wins.done() and not wins.cancelled()

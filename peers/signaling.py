@@ -7,13 +7,22 @@ ends it with ``JoinRefused``; the relay taking the seat over (close 4001) ends i
 with ``Replaced``. Each reconnection waits for the next delay of a
 ``peers.errors.Backoff`` (reset after every successful join) and is logged at
 INFO with its delay and reason.
+
+The heartbeat: a ``ping`` frame every ``heartbeat_s`` (the relay answers
+``pong``); when nothing at all came from the relay for 2.5 heartbeats, the
+connection is dead (a network gone under it sends no FIN): it is dropped and
+the client reconnects at once, without waiting for TCP or websockets'
+keepalive (about 40 s). ``heard_at`` is when the relay was last heard from, so
+that a seat can tell that the signaling is back after a silence.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -42,6 +51,7 @@ class RelayClient:
         backoff_max_s: float = 5.0,
         open_timeout_s: float = 5.0,
         join_timeout_s: float = 10.0,
+        heartbeat_s: float = 1.0,
     ) -> None:
         self.url, self.session, self.role, self.token = url, session, role, token
         self.resume: str | None = None
@@ -51,6 +61,10 @@ class RelayClient:
         self.ws: ClientConnection | None = None
         self.connected = asyncio.Event()
         self.reconnects = 0
+        self.heartbeat_s = heartbeat_s
+        self.heard_at = time.monotonic()  # the last frame from the relay (a pong included)
+        self.heard = asyncio.Event()  # set at every frame from the relay; readers clear it
+        self._dead: str | None = None  # why the heartbeat dropped the connection
 
     async def send(self, **fields: Any) -> bool:
         """Send a frame; False when the relay is away right now (the frame is dropped)."""
@@ -73,12 +87,19 @@ class RelayClient:
                     joined = await self._join(ws)
                     self.backoff.reset()
                     self.ws = ws
+                    self._heard()
                     self.connected.set()
-                    yield joined
-                    async for message in ws:
-                        data = json.loads(message)
-                        if isinstance(data, dict):
-                            yield data
+                    self._dead = None
+                    beat = asyncio.create_task(self._heartbeat(ws))
+                    try:
+                        yield joined
+                        async for message in ws:
+                            self._heard()
+                            data = json.loads(message)
+                            if isinstance(data, dict) and data.get("type") != "pong":
+                                yield data
+                    finally:
+                        beat.cancel()
             except (OSError, TimeoutError, InvalidHandshake, ConnectionClosed) as exc:
                 if (
                     isinstance(exc, ConnectionClosed)
@@ -86,16 +107,40 @@ class RelayClient:
                     and exc.rcvd.code == CLOSE_REPLACED
                 ):
                     raise Replaced("another connection took this seat over (resume)") from exc
-                reason = _why(exc)
+                reason = self._dead or _why(exc)
             else:
                 reason = "closed"
             finally:
                 self.ws = None
                 self.connected.clear()
             self.reconnects += 1
-            delay = next(self.backoff)
+            # A dead connection found by the heartbeat: the first attempt goes at once.
+            delay = 0.0 if self._dead else next(self.backoff)
+            self._dead = None
             logger.info("relay %s: %s; reconnecting in %.1f s", self.url, reason, delay)
             await asyncio.sleep(delay)
+
+    def _heard(self) -> None:
+        self.heard_at = time.monotonic()
+        self.heard.set()
+
+    async def _heartbeat(self, ws: ClientConnection) -> None:
+        """Ping every ``heartbeat_s``; drop the connection after 2.5 of them unanswered."""
+        ping = json.dumps({"type": "ping"})
+        sent_at = 0.0
+        while True:
+            now = time.monotonic()
+            silent = now - self.heard_at
+            if silent > self.heartbeat_s * 2.5:
+                self._dead = f"no answer for {silent:.1f} s (heartbeat)"
+                ws.transport.abort()  # recv() ends with ConnectionClosed: reconnect
+                return
+            if now - sent_at >= self.heartbeat_s:
+                sent_at = now
+                # A full socket buffer (a dead network) must not stall the check.
+                with contextlib.suppress(ConnectionClosed, TimeoutError):
+                    await asyncio.wait_for(ws.send(ping), self.heartbeat_s)
+            await asyncio.sleep(self.heartbeat_s / 4)
 
     async def _join(self, ws: ClientConnection) -> dict[str, Any]:
         frame: dict[str, Any] = {"type": "join", "session": self.session, "role": self.role}

@@ -7,7 +7,11 @@ The line, logged every few seconds while a call is up::
 
 The summary (JSON, written by the command line at exit) speaks of the last
 call: its ICE path, time to first frame, frames, resolution, latency from the
-stamps; and of the seat: calls started, relay reconnections, why it exited.
+stamps; and of the seat: calls started, relay reconnections, why it exited,
+each recovery of a lost path (``recoveries``: ``at_s`` since the start,
+``outage_ms`` from the last byte received to the first frame again, ``method``
+"same-path" or "new-connection") and the video frames of each call in turn
+(``video_per_call``: ``frames``, ``stamped``, ``in_order``).
 """
 
 from __future__ import annotations
@@ -96,6 +100,15 @@ def summary(seat: Seat, exit_reason: str) -> dict[str, Any]:
         "video": {"frames": 0, "fps": 0.0, "width": 0, "height": 0, "stamped": 0},
         "audio": {"frames": 0},
         "latency_ms": None,
+        "recoveries": list(seat.recoveries),
+        "video_per_call": [
+            {
+                "frames": c.receiver.received.video_frames,
+                "stamped": c.receiver.received.stamped,
+                "in_order": c.receiver.received.counters == sorted(c.receiver.received.counters),
+            }
+            for c in seat.all_calls
+        ],
     }
     if call is None:
         return out

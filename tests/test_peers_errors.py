@@ -36,7 +36,7 @@ def test_every_peer_error_has_a_stable_kebab_case_code() -> None:
     """Each class of the tree is a PeerError with its own kebab-case code."""
     classes = [getattr(errors, name) for name in errors.__all__]
     tree = [c for c in classes if isinstance(c, type) and issubclass(c, PeerError)]
-    assert len(tree) == 9
+    assert len(tree) == 10
     codes = [c.code for c in tree]
     assert len(set(codes)) == len(codes)
     assert all(re.fullmatch(r"[a-z]+(-[a-z]+)*", code) for code in codes)
