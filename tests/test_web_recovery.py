@@ -1,14 +1,16 @@
-"""Calls that come back (issue 12), Chromium on both sides: a network change and an outage.
+"""Calls that come back (issue 12) with Chromium: a network change and a 3 s outage.
 
-Each page runs in its own namespace behind a hub where the relay listens
-(tests/recovery_net.py); the patient's network changes or goes silent under
-the call. Frames decoded are counted across calls (a new RTCPeerConnection
+Each side runs in its own namespace behind a hub where the relay listens
+(tests/recovery.py); the patient's network changes or goes silent under the
+call. Chromium on both sides, then Chromium with an aiortc command line, each
+role both ways. Frames decoded are counted across calls (a new RTCPeerConnection
 counts from 0 again), and an init script counts the page's RTCPeerConnections.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 from collections.abc import AsyncIterator
@@ -18,16 +20,18 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+import yaml
 from playwright.async_api import Page
 
-from peers.netns import Network, command_missing, netns_missing
-from tests.browser import Browsers, join, notice, wait_state, write_config
-from tests.processes import RelayProcess, relay_process
-from tests.recovery_net import RELAY_ADDRESS, RecoveryNet, chromium_flags
+from peers.netns import command_missing, netns_missing
+from tests.browser import Browsers, join, notice, routed_flags, wait_state
+from tests.processes import Process, RelayProcess, peer_argv, spawn
+from tests.recovery import RELAY_ADDRESS, RecoveryNetwork, media_back, recovery_network
 from tests.support import within
 
 pytestmark = pytest.mark.netns
 
+PEER_VIDEO = {"width": 320, "height": 240, "fps": 15}  # the aiortc peers' pattern
 MEDIA_TIMEOUT_S = 2  # below the 3 s outage, so that the outage is noticed (and rides it out)
 
 # Counts the page's RTCPeerConnections: every one made, and those not closed.
@@ -52,14 +56,15 @@ COUNT_PEER_CONNECTIONS = """
 
 @dataclass
 class Rec:
-    net: RecoveryNet
+    net: RecoveryNetwork
     relay: RelayProcess
     browsers: Browsers
+    config: Path
+    tmp: Path
 
     async def page(self, role: str, session: str, query: str = "") -> Page:
-        host = self.net.hosts[role]
         browser = await self.browsers.launch(
-            netns=host.ns.name, extra_args=chromium_flags(self.relay.http_url)
+            netns=self.net.side(role).name, extra_args=routed_flags(self.relay.http_url)
         )
         page = await self.browsers.open(
             role,
@@ -81,16 +86,21 @@ async def rec(
     call.update(getattr(request, "param", {}))
     if reason := netns_missing() or command_missing("iptables", "iptables"):
         pytest.skip(reason)
-    async with Network("epc-rec") as network:
-        net = await RecoveryNet.build(network)
-        config = write_config(
-            tmp_path / "relay.yaml",
-            relay={"host": RELAY_ADDRESS, "port": 0},
-            auth={"open": True},
-            call=call,
-        )
-        async with relay_process(config, netns=net.hub.name) as relay:
-            yield Rec(net, relay, browsers)
+    config = tmp_path / "config.yaml"
+    settings = {
+        "auth": {"open": True},
+        "relay": {"open_timeout_s": 2, "join_timeout_s": 3, "reconnect_max_s": 1},
+        "media": {"video": PEER_VIDEO},
+        "call": call,
+    }
+    config.write_text(yaml.safe_dump(settings), encoding="utf-8")
+    async with recovery_network() as net:
+        relay = RelayProcess(config, net.hub.name, host=RELAY_ADDRESS)
+        await relay.start()
+        try:
+            yield Rec(net, relay, browsers, config, tmp_path)
+        finally:
+            await relay.stop()
 
 
 async def connected_pair(rec: Rec, session: str, query: str = "") -> tuple[Page, Page]:
@@ -183,11 +193,10 @@ async def test_muted_side_is_not_lost_and_a_3s_outage_comes_back_on_the_old_path
     await patient.click("#camera")
     await patient.click("#mic")
 
-    await rec.net.outage("patient")
-    began = time.monotonic()
-    await wait_state(practitioner, "recovering", units=2)
-    await asyncio.sleep(max(0.0, 3 - (time.monotonic() - began)))  # the outage itself
-    await rec.net.restore("patient")
+    async with rec.net.outage("patient"):
+        began = time.monotonic()
+        await wait_state(practitioner, "recovering", units=2)
+        await asyncio.sleep(max(0.0, 3 - (time.monotonic() - began)))  # the outage itself
     restored = time.monotonic()
     back = await asyncio.gather(
         *(more_frames(page, 10, units=3) for page in (patient, practitioner))
@@ -210,20 +219,73 @@ async def test_gives_up_with_a_message_keeps_the_seat_and_comes_back_with_the_ne
 ) -> None:
     """recovery_timeout_s without media: a clear message, seats kept; the network returns: video."""
     patient, practitioner = await connected_pair(rec, "give-up")
-    await rec.net.outage("patient")
-    await wait_state(practitioner, "gave-up", units=3)
-    assert await practitioner.inner_text("#status .status-call") == (
-        "Connection lost with the patient"
-    )
-    assert await notice(practitioner) == (
-        "The connection with the patient could not be restored in 4 s. You are still in the"
-        " consultation: the call resumes if the patient comes back, or reload the page."
-    )
-    assert await practitioner.evaluate("epedicare.call") is None  # closed, for sure
-    assert (await peer_connections(practitioner))["open"] == 0
-    await rec.net.restore("patient")
+    async with rec.net.outage("patient"):
+        await wait_state(practitioner, "gave-up", units=3)
+        assert await practitioner.inner_text("#status .status-call") == (
+            "Connection lost with the patient"
+        )
+        assert await notice(practitioner) == (
+            "The connection with the patient could not be restored in 4 s. You are still in"
+            " the consultation: the call resumes if the patient comes back, or reload the page."
+        )
+        assert await practitioner.evaluate("epedicare.call") is None  # closed, for sure
+        assert (await peer_connections(practitioner))["open"] == 0
     # The seats stayed: the patient's relay connection rejoins and it offers again.
     await asyncio.gather(*(more_frames(page, 10, units=4) for page in (patient, practitioner)))
     for page in (patient, practitioner):
         await wait_state(page, "connected")
         assert (await peer_connections(page))["open"] == 1
+
+
+# -- Chromium and an aiortc command line ---------------------------------------------------
+
+
+async def aiortc_peer(rec: Rec, role: str, session: str) -> Process:
+    argv = peer_argv(
+        role, rec.config, "--relay", rec.relay.url, "--session", session, "--video", "pattern",
+        "--audio", "tone", "--stats-json", str(rec.tmp / f"{role}.json"),
+    )  # fmt: skip
+    return await spawn(role, argv, rec.net.side(role).command())
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("browser_role", ["patient", "practitioner"])
+async def test_browser_and_aiortc_come_back_after_a_network_change_and_a_3s_outage(
+    rec: Rec, browser_role: str
+) -> None:
+    """Chromium and aiortc: the patient's network changes, then a 3 s outage; video both ways."""
+    peer_role = "practitioner" if browser_role == "patient" else "patient"
+    session = f"mixed-{browser_role}"
+    peer = await aiortc_peer(rec, peer_role, session)
+    try:
+        page = await rec.page(browser_role, session)
+        await wait_state(page, "connected", units=4)
+        await peer.expect("call 1: media flowing", 20)
+        await more_frames(page, 10, units=2)
+
+        mark = len(peer.lines)
+        changed = time.monotonic()
+        await rec.net.change("patient")
+        page_back = await more_frames(page, 10, units=4)
+        _, _, method = await media_back(peer, mark, 20)
+        assert method == "new-connection"
+        assert page_back - changed < 10, round(page_back - changed, 1)  # 5 s budget, loaded CI
+        await wait_state(page, "connected", units=2)
+
+        mark = len(peer.lines)
+        async with rec.net.outage("patient"):
+            await asyncio.sleep(3)
+        restored = time.monotonic()
+        page_back = await more_frames(page, 10, units=3)
+        _, _, method = await media_back(peer, mark, 20)
+        assert method == "same-path"
+        assert page_back - restored < 3, round(page_back - restored, 1)  # 1 s budget, loaded
+        assert [r["method"] for r in await recoveries(page)] == ["new-connection", "same-path"]
+        assert await peer_connections(page) == {"made": 2, "open": 1}
+        await more_frames(page, 10, units=2)
+    finally:
+        assert await peer.stop() == 0, peer.log()
+    got = json.loads((rec.tmp / f"{peer_role}.json").read_text(encoding="utf-8"))
+    assert [r["method"] for r in got["recoveries"]] == ["new-connection", "same-path"], got
+    assert got["video_per_call"][-1]["frames"] > 10, got
+    assert quiet(rec.browsers.problems(browser_role)) == []

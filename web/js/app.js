@@ -456,6 +456,8 @@ function recovered(call, now) {
   const recovery = { at_s: (lost.since - app.seatStarted) / 1000, outage_ms: now - lost.since, method };
   app.recoveries.push(recovery);
   console.info(`call: media back after ${recovery.outage_ms} ms (${method})`);
+  // The other side's decoder waits for a key frame after the gap: send one at once.
+  if (method !== "new-connection") call.refreshVideo().catch((err) => console.info("call: no key frame:", err.message));
   if (app.pendingRemote) showRemote(app.pendingRemote);
   app.pendingRemote = null;
   view.renderRecoveries(app.recoveries.length);
