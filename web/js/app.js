@@ -12,10 +12,13 @@ import * as view from "./view.js";
 const { els } = view;
 const SESSION_RE = /^[A-Za-z0-9_-]{1,64}$/;
 const OTHER = { patient: "practitioner", practitioner: "patient" };
-const STATS_INTERVAL_MS = 500; // getStats(): the details, and the media path's watchdog
+const STATS_INTERVAL_MS = 250; // getStats(): the media path's watchdog...
+const STATS_WINDOW_MS = 1000; // ...and the details' rates, over about a second
 // A lost path whose signaling is back waits this long before the patient renegotiates:
-// a short outage comes back on the old connection meanwhile (that cancels it).
-const SAME_PATH_GRACE_MS = 750;
+// a short outage comes back on the old connection meanwhile (that cancels it): its
+// media arrives within a round trip of the network's return, seen at the next sample.
+const SAME_PATH_GRACE_MS = 500;
+const GAP_MS = 1000; // media back after a silence this long: send a key frame at once
 const ATTEMPT_MS = 4000; // a renegotiation with no media after this: the next one (doubling, capped)
 const ATTEMPT_CAP_MS = 16000;
 const WIDE = "(min-width: 56rem)"; // style.css's desktop layout
@@ -42,6 +45,7 @@ const app = {
   pendingRemote: null, // a new call's remote stream, shown once its media flows
   stats: null, // the latest summary of getStats()...
   statsOf: null, // ...and the call it describes
+  statsBase: null, // the summary the rates are measured from (about a second old)
   statsTimer: null,
   precheck: null, // the pre-call check of the start page
 };
@@ -367,8 +371,10 @@ async function updateStats() {
   } catch {
     return; // closed meanwhile
   }
-  const summary = summarize(report, app.statsOf === call ? app.stats : null);
+  const base = app.statsOf === call ? app.statsBase : null;
+  const summary = summarize(report, base);
   if (call !== app.call) return;
+  if (!base || summary.time - base.time >= STATS_WINDOW_MS) app.statsBase = summary;
   app.stats = summary;
   app.statsOf = call;
   watchPath(call, summary.transportBytes);
@@ -387,6 +393,9 @@ function watchPath(call, bytes) {
   if (now - (media.sampledAt ?? now) > 3 * STATS_INTERVAL_MS) media.at = Math.max(media.at, now - STATS_INTERVAL_MS);
   media.sampledAt = now;
   if (bytes > media.bytes) {
+    // After a gap the other side's decoder waits for a key frame (Chromium asks only
+    // seconds later): send one now, on the same connection.
+    if (media.bytes > 0 && now - media.at >= GAP_MS) refreshVideo(call);
     media.bytes = bytes;
     media.at = now;
     if (app.lost && call.connectionState === "connected") recovered(call, now);
@@ -415,10 +424,11 @@ function recover(now) {
     return;
   }
   if (app.seat.role !== "patient" || now < lost.nextAt) return;
-  // No offer while the network is gone: the relay must have answered since the path went quiet,
-  // and the other seat's signaling must be there to take it.
+  // No offer while the network is gone: the relay must have answered since the path went
+  // quiet (a rejoin, or a pong well after it), and the other seat's signaling must be there.
   const signaling = app.signaling;
-  if (signaling.state !== "joined" || signaling.lastHeard < lost.detectedAt) return;
+  const heard = signaling.joinedAt > lost.since || signaling.lastHeard > lost.since + 1000;
+  if (signaling.state !== "joined" || !heard) return;
   if (!app.peerPresent || app.peerAway) return;
   const call = app.call;
   const failed = !call || call.closed || call.connectionState === "failed";
@@ -456,12 +466,14 @@ function recovered(call, now) {
   const recovery = { at_s: (lost.since - app.seatStarted) / 1000, outage_ms: now - lost.since, method };
   app.recoveries.push(recovery);
   console.info(`call: media back after ${recovery.outage_ms} ms (${method})`);
-  // The other side's decoder waits for a key frame after the gap: send one at once.
-  if (method !== "new-connection") call.refreshVideo().catch((err) => console.info("call: no key frame:", err.message));
   if (app.pendingRemote) showRemote(app.pendingRemote);
   app.pendingRemote = null;
   view.renderRecoveries(app.recoveries.length);
   if (els.notice.dataset.key === "call.gave-up") view.clearNotice();
+}
+
+function refreshVideo(call) {
+  call.refreshVideo().catch((err) => console.info("call: no key frame:", err.message));
 }
 
 /** recovery_timeout_s without media: say so; the seat stays (a reload or a new offer still works). */
