@@ -23,7 +23,7 @@ PY      := $(call q,$(value VENV)/bin/python)
 CONFIG_ := $(call q,$(value CONFIG))
 ARGS_   := $(call qs,$(value ARGS))
 
-.PHONY: help netem-probe bench-storm apt-systemd bench-browser bench-call patient practitioner bench-deps apt-nodejs setup system-deps turn-deps turn bench-turn browser-deps nginx-deps systemd-deps run-relay test lint demo bench bench-relay screenshots clean
+.PHONY: help netem-probe bench-storm bench-recovery apt-systemd bench-browser bench-call patient practitioner bench-deps apt-nodejs setup system-deps turn-deps turn bench-turn browser-deps nginx-deps systemd-deps run-relay test lint demo bench bench-relay screenshots clean
 
 ## setup: a virtualenv with the pinned requirements, runtime and development (idempotent)
 setup: $(STAMP)
@@ -97,7 +97,7 @@ patient practitioner: setup
 	$(PY) -m peers.$@ --config $(CONFIG_) $(if $(value SESSION),--session=$(call q,$(value SESSION))) $(ARGS_)
 
 ## bench: every benchmark
-bench: bench-relay bench-storm bench-call bench-browser bench-turn netem-probe
+bench: bench-relay bench-storm bench-call bench-browser bench-turn bench-recovery netem-probe
 
 ## turn: a local coturn from the turn: section of CONFIG (Ctrl-C stops it)
 turn: setup turn-deps
@@ -114,6 +114,10 @@ netem-probe: setup system-deps
 ## bench-call: calls through the relay and the peers' command lines vs two bare aiortc peers (as root)
 bench-call: setup system-deps
 	$(PY) -m bench.call $(ARGS_)
+
+## bench-recovery: time to the first frame again after a network change and a 3 s outage, every pairing (as root)
+bench-recovery: setup system-deps browser-deps
+	$(PY) -m bench.recovery $(ARGS_)
 
 ## bench-browser: the browser client vs itself and the aiortc peers (as root)
 bench-browser: setup system-deps browser-deps

@@ -199,6 +199,21 @@ def read_yaml(path: Path) -> object:
     return {} if data is None else data
 
 
+# `call:`: how a call comes back after a network change (issue 12), for the peers and
+# the page (served in /rtc-config.json): give up after recovery_timeout_s, a media path
+# silent for media_timeout_s is dead, a signaling heartbeat every heartbeat_s.
+CALL_DEFAULTS: Final[Mapping[str, float]] = {
+    "recovery_timeout_s": 60.0,
+    "media_timeout_s": 3.0,
+    "heartbeat_s": 1.0,
+}
+
+
+def call_settings(call: Section) -> dict[str, float]:
+    """The `call:` section's values, defaults filled in."""
+    return {name: call.number(name, default) for name, default in CALL_DEFAULTS.items()}
+
+
 @dataclass(frozen=True)
 class RelayConfig:
     """Every setting of the relay, loaded once from YAML by ``load``."""
@@ -221,7 +236,11 @@ class RelayConfig:
     # GET /rtc-config.json: the browsers' RTCConfiguration, from the same `ice`
     # section as the peers', so one YAML value switches both.
     browser_ice: Mapping[str, Any] = field(
-        default_factory=lambda: {"iceServers": [], "iceTransportPolicy": "all"}
+        default_factory=lambda: {
+            "iceServers": [],
+            "iceTransportPolicy": "all",
+            "call": dict(CALL_DEFAULTS),
+        }
     )
 
     @classmethod
@@ -322,6 +341,7 @@ class RelayConfig:
             browser_ice={
                 "iceServers": ice.ice_servers("servers"),
                 "iceTransportPolicy": ice.choice("policy", ("all", "relay"), "all"),
+                "call": call_settings(top.section("call")),
             },
         )
 

@@ -56,6 +56,17 @@ CHROMIUM_FLAGS = (
     "--disable-renderer-backgrounding",
 )
 
+
+def routed_flags(http_url: str) -> tuple[str, ...]:
+    """A Chromium reaching the relay at ``http_url`` across routed namespaces: the page's
+    origin treated as secure (camera allowed without TLS) and real host addresses in its
+    candidates (no mDNS names: nothing resolves them between namespaces)."""
+    return (
+        f"--unsafely-treat-insecure-origin-as-secure={http_url}",
+        "--disable-features=WebRtcHideLocalIpsWithMdns",
+    )
+
+
 # Reports CSP violations in the console, where the tests collect them.
 CSP_WATCH = """
 document.addEventListener("securitypolicyviolation", (e) => {

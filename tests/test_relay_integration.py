@@ -680,7 +680,8 @@ async def test_rtc_config_for_browsers_comes_from_the_ice_section() -> None:
             ],
             "policy": "relay",
             "timeout_s": 20,
-        }
+        },
+        call={"recovery_timeout_s": 30, "media_timeout_s": 2.5},
     )
     async with running_relay(config) as running:
         status, headers, body = await http_get(running.port, "/rtc-config.json")
@@ -690,7 +691,12 @@ async def test_rtc_config_for_browsers_comes_from_the_ice_section() -> None:
     assert json.loads(body) == {
         "iceServers": [{"urls": ["stun:198.18.0.9:3478"]}],
         "iceTransportPolicy": "relay",
+        "call": {"recovery_timeout_s": 30, "media_timeout_s": 2.5, "heartbeat_s": 1},
     }
     async with running_relay() as running:
         _, _, body = await http_get(running.port, "/rtc-config.json")
-    assert json.loads(body) == {"iceServers": [], "iceTransportPolicy": "all"}  # no public STUN
+    assert json.loads(body) == {  # no public STUN; the call: defaults
+        "iceServers": [],
+        "iceTransportPolicy": "all",
+        "call": {"recovery_timeout_s": 60, "media_timeout_s": 3, "heartbeat_s": 1},
+    }

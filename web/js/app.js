@@ -1,32 +1,51 @@
 // The page's flow: the start form, then one seat of a session, its calls and chat.
 // The patient is the offerer: it offers when it learns the practitioner is there.
 
-import { Call } from "./call.js";
+import { Call, fingerprint } from "./call.js";
 import { hasKey, initialLanguage, language, setLanguage } from "./i18n.js";
 import { MediaError, openLocalMedia, stopMedia } from "./media.js";
 import { Precheck } from "./precheck.js";
-import { Signaling, relayUrl } from "./signaling.js";
+import { Signaling, heartbeatOptions, relayUrl } from "./signaling.js";
 import { summarize } from "./stats.js";
 import * as view from "./view.js";
 
 const { els } = view;
 const SESSION_RE = /^[A-Za-z0-9_-]{1,64}$/;
 const OTHER = { patient: "practitioner", practitioner: "patient" };
-const STATS_INTERVAL_MS = 1000;
+const STATS_INTERVAL_MS = 250; // getStats(): the media path's watchdog...
+const STATS_WINDOW_MS = 1000; // ...and the details' rates, over about a second
+// A lost path whose signaling is back waits this long before the patient renegotiates:
+// a short outage comes back on the old connection meanwhile (that cancels it): its
+// media arrives within a round trip of the network's return, seen at the next sample.
+const SAME_PATH_GRACE_MS = 500;
+const GAP_MS = 1000; // media back after a silence this long: send a key frame at once
+const ATTEMPT_MS = 4000; // a renegotiation with no media after this: the next one (doubling, capped)
+const ATTEMPT_CAP_MS = 16000;
 const WIDE = "(min-width: 56rem)"; // style.css's desktop layout
 
 const app = {
   seat: null, // {session, role, token}
   local: null, // the local MediaStream, or null (receive only)
   rtcConfig: { iceServers: [] },
+  // The relay's `call:` values (GET /rtc-config.json), in milliseconds.
+  callSettings: { recoveryTimeoutMs: 60_000, mediaTimeoutMs: 3_000, heartbeatS: 1 },
+  // ?recovery=ice-restart: between two browsers, recover with restartIce() on the same
+  // connection instead of a new one (bench/recovery.py measures both).
+  iceRestart: new URLSearchParams(location.search).get("recovery") === "ice-restart",
   signaling: null,
   call: null,
   joinedOnce: false,
   peerPresent: false,
   peerAway: false, // the other seat's signaling dropped; the call may go on
-  ended: null, // why the last call ended: "left" | "failed" | null
+  ended: null, // why the last call ended: "left" | "gave-up" | null
+  media: null, // {call, bytes, at}: when the call's transport last received anything
+  lost: null, // the media path is lost: {call, since, detectedAt, attempts, nextAt, backAt, method}
+  recoveries: [], // [{at_s, outage_ms, method}], like the peers' --stats-json
+  seatStarted: 0, // Date.now() at the join
+  pendingRemote: null, // a new call's remote stream, shown once its media flows
   stats: null, // the latest summary of getStats()...
   statsOf: null, // ...and the call it describes
+  statsBase: null, // the summary the rates are measured from (about a second old)
   statsTimer: null,
   precheck: null, // the pre-call check of the start page
 };
@@ -71,6 +90,11 @@ function init() {
     sendChat();
   });
   addEventListener("pagehide", () => app.signaling && app.signaling.hangUp("page closed"));
+  // The network changed: the relay connection may be dead without knowing it yet.
+  const networkChanged = (event) => app.signaling && app.signaling.reconnectNow(event.type);
+  addEventListener("online", networkChanged);
+  addEventListener("offline", networkChanged);
+  if (navigator.connection) navigator.connection.addEventListener("change", networkChanged);
   if (typeof RTCPeerConnection === "undefined") {
     view.notify("rtc.unsupported");
     els.join.disabled = true;
@@ -125,6 +149,13 @@ async function loadRtcConfig() {
     const response = await fetch("rtc-config.json", { cache: "no-store" });
     if (response.ok) {
       const data = await response.json();
+      const call = data.call || {};
+      const seconds = (name, fallback) => (Number.isFinite(call[name]) && call[name] > 0 ? call[name] : fallback);
+      app.callSettings = {
+        recoveryTimeoutMs: 1000 * seconds("recovery_timeout_s", 60),
+        mediaTimeoutMs: 1000 * seconds("media_timeout_s", 3),
+        heartbeatS: seconds("heartbeat_s", 1),
+      };
       return {
         iceServers: Array.isArray(data.iceServers) ? data.iceServers : [],
         iceTransportPolicy: data.iceTransportPolicy === "relay" ? "relay" : "all",
@@ -137,7 +168,11 @@ async function loadRtcConfig() {
 }
 
 function startSeat() {
-  Object.assign(app, { joinedOnce: false, peerPresent: false, peerAway: false, ended: null });
+  Object.assign(app, {
+    joinedOnce: false, peerPresent: false, peerAway: false, ended: null,
+    lost: null, recoveries: [], seatStarted: Date.now(),
+  });
+  view.renderRecoveries(0);
   view.showCall(app.seat.session, OTHER[app.seat.role]);
   els.localVideo.srcObject = app.local;
   els.localVideo.hidden = !(app.local && app.local.getVideoTracks().length);
@@ -150,7 +185,7 @@ function startSeat() {
   view.renderStats(null);
   if (matchMedia(WIDE).matches) view.setSheet("chat", true); // room for it beside the video
 
-  const signaling = new Signaling(relayUrl(), app.seat);
+  const signaling = new Signaling(relayUrl(), app.seat, heartbeatOptions(app.callSettings.heartbeatS));
   app.signaling = signaling;
   signaling.addEventListener("joined", ({ detail }) => onJoined(detail));
   signaling.addEventListener("frame", ({ detail }) => onFrame(detail));
@@ -185,7 +220,9 @@ function onJoined(frame) {
   app.peerPresent = frame.peer;
   app.peerAway = false;
   // A rejoin keeps a call that is still alive; otherwise the patient offers.
-  if (frame.peer && app.seat.role === "patient" && !(app.call && app.call.alive)) startCall();
+  if (frame.peer && app.seat.role === "patient" && !(app.call && app.call.alive)) {
+    if (!app.lost) startCall(); // a lost path: recover() renegotiates now that the signaling is back
+  }
   renderStatus();
 }
 
@@ -195,15 +232,18 @@ function onFrame(frame) {
       app.peerPresent = true;
       app.peerAway = false;
       app.ended = null;
-      // resumed: the same client came back (signaling reconnect): the call goes on.
-      if (!(frame.resumed && app.call && app.call.alive)) {
+      // resumed: the same client came back (signaling reconnect): the call goes on,
+      // or its recovery does (the patient renegotiates as soon as it may: see recover()).
+      if (frame.resumed && app.lost) {
+        app.lost.nextAt = Math.min(app.lost.nextAt, Date.now());
+      } else if (!(frame.resumed && app.call && app.call.alive)) {
         if (app.seat.role === "patient") startCall();
         else endCall(); // a new patient client will offer
       }
       break;
     case "peer-left":
       app.peerPresent = false;
-      if (frame.reason === "disconnected" && app.call && app.call.alive) {
+      if (frame.reason === "disconnected" && app.call && (app.call.alive || app.lost)) {
         app.peerAway = true; // not a hang-up: media may still flow
       } else {
         endCall();
@@ -243,14 +283,15 @@ function onFatal({ code, message }) {
 
 // -- calls -------------------------------------------------------------------
 
-function newCall() {
-  endCall();
+function newCall({ recovering = false } = {}) {
+  endCall({ recovering });
   app.signaling.clearOutbox();
   app.ended = null;
   const call = new Call(app.rtcConfig, app.local);
   app.call = call;
+  app.media = { call, bytes: 0, at: Date.now() };
   call.addEventListener("signal", ({ detail }) => call === app.call && app.signaling.send(detail));
-  call.addEventListener("remote", ({ detail }) => showRemote(detail));
+  call.addEventListener("remote", ({ detail }) => call === app.call && showRemote(detail));
   call.addEventListener("state", ({ detail }) => onCallState(call, detail));
   call.addEventListener("chat", ({ detail }) => view.addChatLine(detail.text, false, OTHER[app.seat.role]));
   call.addEventListener("chatstate", ({ detail }) => call === app.call && view.setChatOpen(detail));
@@ -262,11 +303,22 @@ function startCall() {
   newCall().offer().catch(callFailed);
 }
 
+/** An offer: the first, a recovery's new connection, or an ICE restart of this one. */
 function answerCall(sdp) {
-  newCall().answer(sdp).catch(callFailed);
+  const call = app.call;
+  if (call && !call.closed && call.remoteFingerprint && fingerprint(sdp) === call.remoteFingerprint) {
+    if (!app.lost && call.everConnected) pathLost(app.media.at, "ice-restart");
+    if (app.lost) app.lost.method = "ice-restart";
+    call.reanswer(sdp).catch(callFailed);
+    return;
+  }
+  // An offer during a call: the patient lost the path (maybe before this side saw it).
+  if (call && call.everConnected && !app.lost) pathLost(app.media.at);
+  newCall({ recovering: Boolean(app.lost) }).answer(sdp).catch(callFailed);
 }
 
-function endCall() {
+/** Close the call; recovering: a new one follows at once (keep the last frame and the watch). */
+function endCall({ recovering = false } = {}) {
   clearInterval(app.statsTimer);
   app.statsTimer = null;
   if (app.call) {
@@ -274,6 +326,9 @@ function endCall() {
     app.call = null;
     call.close();
   }
+  app.pendingRemote = null;
+  if (recovering) return;
+  app.lost = null;
   els.remoteVideo.srcObject = null;
   view.setChatOpen(false);
   // The statistics described that call: none until the next one measures.
@@ -285,10 +340,10 @@ function endCall() {
 function onCallState(call, state) {
   if (call !== app.call) return;
   if (state === "connected") updateStats();
-  if (state === "failed") {
-    // ICE failing ends the call; the patient waits for the next practitioner.
-    endCall();
-    app.ended = "failed";
+  if (state === "failed" && (app.peerPresent || app.peerAway)) {
+    // Not the end of the call while the other seat is there: the path is lost.
+    if (!app.lost) pathLost(call.everConnected ? app.media.at : Date.now());
+    else if (app.lost.attempts > 0) app.lost.nextAt = Date.now(); // this attempt failed: the next
   }
   renderStatus();
 }
@@ -299,6 +354,10 @@ function callFailed(err) {
 }
 
 function showRemote(stream) {
+  if (app.lost && els.remoteVideo.srcObject) {
+    app.pendingRemote = stream; // keep the last frame until the new call's media flows
+    return;
+  }
   if (els.remoteVideo.srcObject !== stream) els.remoteVideo.srcObject = stream;
   els.remoteVideo.play().catch(() => {}); // autoplay may wait for a gesture; the join was one
 }
@@ -306,11 +365,124 @@ function showRemote(stream) {
 async function updateStats() {
   const call = app.call;
   if (!call) return;
-  const summary = summarize(await call.pc.getStats(), app.statsOf === call ? app.stats : null);
+  let report;
+  try {
+    report = await call.pc.getStats();
+  } catch {
+    return; // closed meanwhile
+  }
+  const base = app.statsOf === call ? app.statsBase : null;
+  const summary = summarize(report, base);
   if (call !== app.call) return;
+  if (!base || summary.time - base.time >= STATS_WINDOW_MS) app.statsBase = summary;
   app.stats = summary;
   app.statsOf = call;
+  watchPath(call, summary.transportBytes);
   view.renderStats(summary);
+  renderStatus();
+}
+
+// -- recovery: a lost media path while the other seat is there (issue 12) ----------
+
+/** Each getStats(): did anything arrive on the call's transport? */
+function watchPath(call, bytes) {
+  const now = Date.now();
+  const media = app.media;
+  // This page was not sampled for a while (a stalled tab, a machine under load): the silence
+  // is ours, not the path's; count from now.
+  if (now - (media.sampledAt ?? now) > 3 * STATS_INTERVAL_MS) media.at = Math.max(media.at, now - STATS_INTERVAL_MS);
+  media.sampledAt = now;
+  if (bytes > media.bytes) {
+    // After a gap the other side's decoder waits for a key frame (Chromium asks only
+    // seconds later): send one now, on the same connection.
+    if (media.bytes > 0 && now - media.at >= GAP_MS) refreshVideo(call);
+    media.bytes = bytes;
+    media.at = now;
+    if (app.lost && call.connectionState === "connected") recovered(call, now);
+    return;
+  }
+  const present = app.peerPresent || app.peerAway;
+  if (!app.lost && call.everConnected && present && now - media.at >= app.callSettings.mediaTimeoutMs) {
+    pathLost(media.at);
+  }
+  if (app.lost) recover(now);
+}
+
+/** Nothing arrived since ``since`` (or ICE failed): recovering until media flows again. */
+function pathLost(since, method = null) {
+  const now = Date.now();
+  app.lost = { call: app.call, since, detectedAt: now, attempts: 0, nextAt: 0, backAt: null, method };
+  console.info(`call: path lost (nothing received for ${now - since} ms)`);
+  renderStatus();
+}
+
+/** The patient renegotiates once the signaling is back, with bounded, spaced attempts. */
+function recover(now) {
+  const lost = app.lost;
+  if (now - lost.since >= app.callSettings.recoveryTimeoutMs) {
+    giveUp(now - lost.since);
+    return;
+  }
+  if (app.seat.role !== "patient" || now < lost.nextAt) return;
+  // No offer while the network is gone: the relay must have answered since the path went
+  // quiet (a rejoin, or a pong well after it), and the other seat's signaling must be there.
+  const signaling = app.signaling;
+  const heard = signaling.joinedAt > lost.since || signaling.lastHeard > lost.since + 1000;
+  if (signaling.state !== "joined" || !heard) return;
+  if (!app.peerPresent || app.peerAway) return;
+  const call = app.call;
+  const failed = !call || call.closed || call.connectionState === "failed";
+  if (lost.attempts === 0 && !failed) {
+    lost.backAt ??= now;
+    if (now - lost.backAt < SAME_PATH_GRACE_MS) return; // the old path may come back first
+  }
+  renegotiate(lost);
+}
+
+function renegotiate(lost) {
+  lost.attempts += 1;
+  lost.nextAt = Date.now() + Math.min(ATTEMPT_MS * 2 ** (lost.attempts - 1), ATTEMPT_CAP_MS);
+  console.info(`call: path lost; renegotiating (attempt ${lost.attempts})`);
+  const call = app.call;
+  if (app.iceRestart && call && !call.closed && call.remoteFingerprint && remoteIsBrowser(call)) {
+    lost.method = "ice-restart";
+    call.restartIce().catch(callFailed);
+  } else {
+    lost.method = "new-connection";
+    newCall({ recovering: true }).offer().catch(callFailed);
+  }
+}
+
+/** aiortc has no ICE restart (aiortc issue 211); browsers announce extmap-allow-mixed. */
+function remoteIsBrowser(call) {
+  const sdp = call.pc.remoteDescription ? call.pc.remoteDescription.sdp : "";
+  return /^a=extmap-allow-mixed/m.test(sdp);
+}
+
+function recovered(call, now) {
+  const lost = app.lost;
+  app.lost = null;
+  const method = call !== lost.call ? "new-connection" : lost.method === "ice-restart" ? "ice-restart" : "same-path";
+  const recovery = { at_s: (lost.since - app.seatStarted) / 1000, outage_ms: now - lost.since, method };
+  app.recoveries.push(recovery);
+  console.info(`call: media back after ${recovery.outage_ms} ms (${method})`);
+  if (app.pendingRemote) showRemote(app.pendingRemote);
+  app.pendingRemote = null;
+  view.renderRecoveries(app.recoveries.length);
+  if (els.notice.dataset.key === "call.gave-up") view.clearNotice();
+}
+
+function refreshVideo(call) {
+  call.refreshVideo().catch((err) => console.info("call: no key frame:", err.message));
+}
+
+/** recovery_timeout_s without media: say so; the seat stays (a reload or a new offer still works). */
+function giveUp(elapsed) {
+  const other = OTHER[app.seat.role];
+  console.info(`call: gave up after ${elapsed} ms without media`);
+  endCall();
+  app.ended = "gave-up";
+  view.notify("call.gave-up", { other, seconds: Math.round(app.callSettings.recoveryTimeoutMs / 1000) });
   renderStatus();
 }
 
@@ -329,6 +501,10 @@ function renderStatus() {
 
 function callStatus(other) {
   const call = app.call;
+  if (app.lost) {
+    const seconds = Math.floor((Date.now() - app.lost.since) / 1000);
+    return { state: "recovering", key: "state.recovering", params: { seconds } };
+  }
   if (call && call.connectionState === "connected") {
     // Plain words here; the path's jargon (host/udp, TURN/tcp) is in the details.
     const path = app.statsOf === call ? app.stats.path : null;
@@ -336,7 +512,7 @@ function callStatus(other) {
   }
   if (call) return { state: "connecting", key: "state.connecting" };
   if (app.ended === "left") return { state: "left", key: "state.left", params: { other } };
-  if (app.ended === "failed") return { state: "failed", key: "state.failed", params: { other } };
+  if (app.ended === "gave-up") return { state: "gave-up", key: "state.gave-up", params: { other } };
   if (app.peerPresent) return { state: "connecting", key: "state.connecting" };
   return { state: "waiting", key: "state.waiting", params: { other } };
 }

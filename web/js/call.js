@@ -10,6 +10,13 @@
 
 export const CHAT_LABEL = "chat"; // one UTF-8 text message per chat line
 
+/** The DTLS fingerprint of an SDP ("sha-256 AB:CD..."), or null: tells a new connection's
+ * offer (new certificate) from an ICE restart of the same connection. */
+export function fingerprint(sdp) {
+  const match = /^a=fingerprint:(.+)$/m.exec(sdp || "");
+  return match ? match[1].trim().toLowerCase() : null;
+}
+
 export class Call extends EventTarget {
   /**
    * @param {RTCConfiguration} rtcConfig
@@ -23,13 +30,18 @@ export class Call extends EventTarget {
     this.pendingCandidates = []; // remote candidates that came before the remote description
     this.channel = null;
     this.closed = false;
+    this.remoteFingerprint = null;
+    this.everConnected = false; // reached "connected" once: its path can be lost
 
     this.pc.onicecandidate = ({ candidate }) => this.onLocalCandidate(candidate);
     this.pc.ontrack = ({ track }) => {
       this.remoteStream.addTrack(track);
       this.emit("remote", this.remoteStream);
     };
-    this.pc.onconnectionstatechange = () => this.emit("state", this.pc.connectionState);
+    this.pc.onconnectionstatechange = () => {
+      if (this.pc.connectionState === "connected") this.everConnected = true;
+      this.emit("state", this.pc.connectionState);
+    };
     this.pc.ondatachannel = ({ channel }) => {
       if (channel.label === CHAT_LABEL) this.useChannel(channel);
     };
@@ -55,6 +67,7 @@ export class Call extends EventTarget {
 
   /** The answerer's side: take the offer (complete or trickled), add media, answer. */
   async answer(sdp) {
+    this.remoteFingerprint = fingerprint(sdp);
     await this.pc.setRemoteDescription({ type: "offer", sdp });
     this.addLocalMedia([]);
     await this.addPendingCandidates();
@@ -63,8 +76,22 @@ export class Call extends EventTarget {
   }
 
   async accept(sdp) {
+    this.remoteFingerprint = fingerprint(sdp);
     await this.pc.setRemoteDescription({ type: "answer", sdp });
     await this.addPendingCandidates();
+  }
+
+  /** Recovery between two browsers: the same connection, new ICE credentials, a new offer. */
+  async restartIce() {
+    await this.pc.setLocalDescription(await this.pc.createOffer({ iceRestart: true }));
+    this.emit("signal", { type: "offer", sdp: this.pc.localDescription.sdp });
+  }
+
+  /** The answerer's side of an ICE restart (the offer keeps this connection's fingerprint). */
+  async reanswer(sdp) {
+    await this.pc.setRemoteDescription({ type: "offer", sdp });
+    await this.pc.setLocalDescription(await this.pc.createAnswer());
+    this.emit("signal", { type: "answer", sdp: this.pc.localDescription.sdp });
   }
 
   /** A remote candidate (RTCIceCandidateInit), or null for end-of-candidates. */
@@ -77,6 +104,24 @@ export class Call extends EventTarget {
       await (init === null ? this.pc.addIceCandidate() : this.pc.addIceCandidate(init));
     } catch (err) {
       console.warn("call: remote candidate refused:", err.message);
+    }
+  }
+
+  /**
+   * A key frame now from each video sender: after an outage the other side's decoder
+   * waits for one, and Chromium asks for it only seconds later. Pausing and resuming
+   * the encoding restarts the encoder, which starts with a key frame.
+   */
+  async refreshVideo() {
+    for (const sender of this.pc.getSenders()) {
+      if (!sender.track || sender.track.kind !== "video") continue;
+      const params = sender.getParameters();
+      if (!params.encodings || !params.encodings.length) continue;
+      for (const encoding of params.encodings) encoding.active = false;
+      await sender.setParameters(params);
+      const again = sender.getParameters();
+      for (const encoding of again.encodings) encoding.active = true;
+      await sender.setParameters(again);
     }
   }
 

@@ -19,12 +19,22 @@ const FATAL_JOIN_CODES = new Set([
 const FORWARDED = new Set(["offer", "answer", "candidate"]);
 
 export const DEFAULTS = {
-  pingIntervalMs: 10_000, // application heartbeat (browsers send no WebSocket pings)
-  deadAfterMs: 25_000, // nothing heard for this long: the connection is dead
+  // Application heartbeat (browsers send no WebSocket pings): a ping each second,
+  // dead after 2.5 s without hearing anything, so a dead network is noticed in
+  // about 3 s (the relay's call.heartbeat_s sets the interval; see heartbeatOptions).
+  pingIntervalMs: 1_000,
+  deadAfterMs: 2_500, // nothing heard for this long: the connection is dead
+  openTimeoutMs: 2_500, // a connection still not open after this: try again
   joinTimeoutMs: 10_000, // no answer to join: reconnect
   backoffBaseMs: 500,
   backoffCapMs: 10_000,
 };
+
+/** The heartbeat's options for call.heartbeat_s seconds. */
+export function heartbeatOptions(heartbeatS) {
+  const ms = Math.max(100, heartbeatS * 1000);
+  return { pingIntervalMs: ms, deadAfterMs: 2.5 * ms, openTimeoutMs: 2.5 * ms };
+}
 
 /** Jittered, capped exponential backoff: attempt 0, 1, 2... */
 export function backoffDelay(attempt, { backoffBaseMs, backoffCapMs } = DEFAULTS) {
@@ -69,6 +79,25 @@ export class Signaling extends EventTarget {
     this.outbox = [];
   }
 
+  /**
+   * The network changed (online, offline, navigator.connection change): the
+   * connection may be dead without knowing it. Open a new one now and rejoin
+   * with the resume key (the relay gives the seat to the resumed connection).
+   */
+  reconnectNow(reason) {
+    if (this.stopped) return;
+    if (this.timers.retry !== undefined) {
+      clearTimeout(this.timers.retry); // a retry was waiting: try at once
+      this.timers.retry = undefined;
+      this.attempt = 0;
+      this.connect();
+      return;
+    }
+    if (!this.ws || this.ws.readyState !== WebSocket.OPEN) return; // connecting already
+    this.attempt = 0;
+    this.drop(reason, 0);
+  }
+
   /** Hang up on purpose: bye, then close for good. */
   hangUp(reason = "hangup") {
     if (this.state === "joined") this.ws.send(JSON.stringify({ type: "bye", reason }));
@@ -102,9 +131,11 @@ export class Signaling extends EventTarget {
     ws.onmessage = (event) => this.onMessage(event.data);
     ws.onclose = (event) => this.onClose(event.code, event.reason);
     ws.onerror = () => {}; // onclose follows with the code
+    this.timers.open = setTimeout(() => this.drop("not open in time"), this.options.openTimeoutMs);
   }
 
   onOpen() {
+    clearTimeout(this.timers.open);
     this.heard();
     const join = { type: "join", ...this.seat };
     if (this.resume) join.resume = this.resume;
@@ -124,6 +155,7 @@ export class Signaling extends EventTarget {
     if (frame.type === "pong") return;
     if (frame.type === "joined") {
       clearTimeout(this.timers.join);
+      this.joinedAt = Date.now();
       this.resume = frame.resume;
       this.attempt = 0; // the backoff resets after a successful join
       this.setState("joined");
@@ -164,18 +196,19 @@ export class Signaling extends EventTarget {
     }
   }
 
-  /** Give up on a connection that does not answer, and reconnect. */
-  drop(reason) {
+  /** Give up on a connection that does not answer, and reconnect (first time: at once). */
+  drop(reason, delay = undefined) {
     if (!this.ws) return;
     this.detach();
     this.ws.close(4000, "dead");
     this.ws = null;
     this.clearTimers();
-    this.scheduleRetry(reason);
+    this.scheduleRetry(reason, undefined, delay ?? (this.attempt === 0 ? 0 : undefined));
   }
 
-  scheduleRetry(reason, code = undefined) {
-    const delay = backoffDelay(this.attempt++, this.options);
+  scheduleRetry(reason, code = undefined, delayMs = undefined) {
+    const delay = delayMs ?? backoffDelay(this.attempt, this.options);
+    this.attempt++;
     this.setState(this.resume ? "reconnecting" : "connecting");
     console.info(`signaling: reconnecting in ${delay} ms (${reason})`);
     this.emit("retry", { delay, reason, code });
@@ -202,6 +235,7 @@ export class Signaling extends EventTarget {
   }
 
   clearTimers() {
+    clearTimeout(this.timers.open);
     clearTimeout(this.timers.join);
     clearInterval(this.timers.ping);
     clearTimeout(this.timers.retry);

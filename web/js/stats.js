@@ -10,6 +10,8 @@ export function summarize(report, previous = null, now = performance.now()) {
     outVideo: { bytes: 0, bitrate: null, fps: null, width: null, height: null },
     rtt: null,
     path: null,
+    transportBytes: 0, // everything received on the transport (RTP, RTCP, STUN): the path is alive
+
     loss: null, // fraction of the packets lost since the previous summary (audio and video)
     quality: "none", // "good" | "fair" | "poor" | "none" (not known yet): see callQuality()
   };
@@ -36,8 +38,9 @@ export function summarize(report, previous = null, now = performance.now()) {
       summary.outVideo.fps = stat.framesPerSecond ?? summary.outVideo.fps;
       summary.outVideo.width = stat.frameWidth ?? summary.outVideo.width;
       summary.outVideo.height = stat.frameHeight ?? summary.outVideo.height;
-    } else if (stat.type === "transport" && stat.selectedCandidatePairId) {
-      pairId = stat.selectedCandidatePairId;
+    } else if (stat.type === "transport") {
+      summary.transportBytes += stat.bytesReceived || 0;
+      if (stat.selectedCandidatePairId) pairId = stat.selectedCandidatePairId;
     }
   }
   const pair = pairId ? report.get(pairId) : findNominated(report);

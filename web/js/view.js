@@ -127,6 +127,11 @@ export function renderQuality(level) {
   els.quality.title = els.quality.getAttribute("aria-label");
 }
 
+/** How many times the call came back after losing its path (this seat). */
+export function renderRecoveries(count) {
+  els.stats.querySelector('[data-stat="recoveries"]').textContent = String(count);
+}
+
 /** Open or close a sheet (chat or details); on a phone they cover part of the video. */
 export function setSheet(name, open) {
   const [button, panel] = SHEETS[name];

@@ -1,0 +1,300 @@
+"""Calls that come back (issue 12) with Chromium: a network change and a 3 s outage.
+
+Each side runs in its own namespace behind a hub where the relay listens
+(tests/recovery.py); the patient's network changes or goes silent under the
+call. Chromium on both sides, then Chromium with an aiortc command line, each
+role both ways. Frames decoded are counted across calls (a new RTCPeerConnection
+counts from 0 again), and an init script counts the page's RTCPeerConnections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+import yaml
+from playwright.async_api import Page
+
+from peers.netns import command_missing, netns_missing
+from tests.browser import Browsers, join, notice, routed_flags, wait_state
+from tests.processes import Process, RelayProcess, peer_argv, spawn
+from tests.recovery import RELAY_ADDRESS, RecoveryNetwork, media_back, recovery_network
+from tests.support import TIMEOUT, within
+
+pytestmark = pytest.mark.netns
+
+PEER_VIDEO = {"width": 320, "height": 240, "fps": 15}  # the aiortc peers' pattern
+MEDIA_TIMEOUT_S = 2  # below the 3 s outage, so that the outage is noticed (and rides it out)
+
+# Counts the page's RTCPeerConnections: every one made, and those not closed.
+COUNT_PEER_CONNECTIONS = """
+(() => {
+  const Native = globalThis.RTCPeerConnection;
+  if (!Native) return;
+  const made = [];
+  globalThis.RTCPeerConnection = class extends Native {
+    constructor(...args) {
+      super(...args);
+      made.push(this);
+    }
+  };
+  globalThis.epcPeerConnections = () => ({
+    made: made.length,
+    open: made.filter((pc) => pc.signalingState !== "closed").length,
+  });
+})();
+"""
+
+
+@dataclass
+class Rec:
+    net: RecoveryNetwork
+    relay: RelayProcess
+    browsers: Browsers
+    config: Path
+    tmp: Path
+
+    async def page(self, role: str, session: str, query: str = "") -> Page:
+        browser = await self.browsers.launch(
+            netns=self.net.side(role).name, extra_args=routed_flags(self.relay.http_url)
+        )
+        page = await self.browsers.open(
+            role,
+            self.relay.http_url + "/" + query,
+            browser=browser,
+            locale="en-US",
+            init_script=COUNT_PEER_CONNECTIONS,
+        )
+        await join(page, session, role)
+        return page
+
+
+@pytest_asyncio.fixture
+async def rec(
+    browsers: Browsers, tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[Rec]:
+    """The network and the relay; ``call:`` values overridden by an indirect parameter."""
+    call = {"media_timeout_s": MEDIA_TIMEOUT_S, "recovery_timeout_s": 60}
+    call.update(getattr(request, "param", {}))
+    if reason := netns_missing() or command_missing("iptables", "iptables"):
+        pytest.skip(reason)
+    config = tmp_path / "config.yaml"
+    settings = {
+        "auth": {"open": True},
+        "relay": {"open_timeout_s": 2, "join_timeout_s": 3, "reconnect_max_s": 1},
+        "media": {"video": PEER_VIDEO},
+        "call": call,
+    }
+    config.write_text(yaml.safe_dump(settings), encoding="utf-8")
+    async with recovery_network() as net:
+        relay = RelayProcess(config, net.hub.name, host=RELAY_ADDRESS)
+        await relay.start()
+        try:
+            yield Rec(net, relay, browsers, config, tmp_path)
+        finally:
+            await relay.stop()
+
+
+async def connected_pair(rec: Rec, session: str, query: str = "") -> tuple[Page, Page]:
+    practitioner = await rec.page("practitioner", session, query)
+    await wait_state(practitioner, "waiting")
+    patient = await rec.page("patient", session, query)
+    for page in (patient, practitioner):
+        await wait_state(page, "connected", units=3)
+    return patient, practitioner
+
+
+FRAMES = "epedicare.stats ? epedicare.stats.inVideo.framesDecoded : 0"
+
+
+async def more_frames(page: Page, count: int, units: float) -> float:
+    """Wait for ``count`` more decoded frames, across calls; the time the first one came."""
+
+    async def poll() -> float:
+        previous: int = await page.evaluate(FRAMES)
+        got, first = 0, 0.0
+        while got < count:
+            await asyncio.sleep(0.1)
+            now: int = await page.evaluate(FRAMES)
+            delta = now - previous if now >= previous else now  # a new call counts from 0
+            if delta > 0 and got == 0:
+                first = time.monotonic()
+            got, previous = got + delta, now
+        return first
+
+    return await within(poll(), units)
+
+
+async def peer_connections(page: Page) -> dict[str, int]:
+    counts: dict[str, int] = await page.evaluate("epcPeerConnections()")
+    return counts
+
+
+async def recoveries(page: Page) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = await page.evaluate("epedicare.recoveries")
+    return found
+
+
+def quiet(problems: list[str]) -> list[str]:
+    """Console problems, less the relay connection's own failures while the network is away."""
+    return [line for line in problems if "WebSocket connection to" not in line]
+
+
+RECOVERING = re.compile(r"^Connection lost, reconnecting… \(\d+ s\)$")
+
+
+@pytest.mark.asyncio
+async def test_network_change_brings_video_back_on_a_new_connection(rec: Rec) -> None:
+    """The patient's link is replaced (new address, old gone): video again both ways."""
+    patient, practitioner = await connected_pair(rec, "change")
+    for page in (patient, practitioner):
+        await more_frames(page, 10, units=2)
+    changed = time.monotonic()
+    await rec.net.change("patient")
+    status = practitioner.locator('#status[data-state="recovering"] .status-call')
+    await status.filter(has_text=RECOVERING).wait_for(timeout=TIMEOUT * 2000)
+    back = await asyncio.gather(
+        *(more_frames(page, 10, units=4) for page in (patient, practitioner))
+    )
+    for page in (patient, practitioner):
+        await wait_state(page, "connected")
+        assert await peer_connections(page) == {"made": 2, "open": 1}
+        assert [r["method"] for r in await recoveries(page)] == ["new-connection"]
+        assert await page.inner_text('[data-stat="recoveries"]') == "1"
+        assert await page.evaluate("document.getElementById('remote-video').srcObject.active")
+    # Issue 12's budget is 5 s from the change; twice that on a loaded test machine.
+    assert max(back) - changed < 10, [round(t - changed, 1) for t in back]
+    for role in ("patient", "practitioner"):
+        assert quiet(rec.browsers.problems(role)) == []
+
+
+@pytest.mark.asyncio
+async def test_muted_side_is_not_lost_and_a_3s_outage_comes_back_on_the_old_path(
+    rec: Rec,
+) -> None:
+    """Muting is not a lost path; a 3 s outage recovers on the same connection, no offer."""
+    patient, practitioner = await connected_pair(rec, "outage")
+    for page in (patient, practitioner):
+        await more_frames(page, 10, units=2)
+    # The patient mutes both: RTCP (and black frames) keep the path alive.
+    await patient.click("#camera")
+    await patient.click("#mic")
+    await asyncio.sleep(MEDIA_TIMEOUT_S + 1.5)  # longer than the media timeout
+    assert await recoveries(practitioner) == []
+    assert await practitioner.get_attribute("#status", "data-state") == "connected"
+    await patient.click("#camera")
+    await patient.click("#mic")
+
+    async with rec.net.outage("patient"):
+        began = time.monotonic()
+        await wait_state(practitioner, "recovering", units=2)
+        await asyncio.sleep(max(0.0, 3 - (time.monotonic() - began)))  # the outage itself
+    restored = time.monotonic()
+    back = await asyncio.gather(
+        *(more_frames(page, 10, units=3) for page in (patient, practitioner))
+    )
+    for page in (patient, practitioner):
+        await wait_state(page, "connected")
+        assert await peer_connections(page) == {"made": 1, "open": 1}  # no new negotiation
+        assert [r["method"] for r in await recoveries(page)] == ["same-path"]
+    # Issue 12's budget is 1 s after the network returns; Chromium's receiver needs a key
+    # frame first (bench-recovery measures it): a loose bound here, on a loaded machine.
+    assert max(back) - restored < 5, [round(t - restored, 1) for t in back]
+    for role in ("patient", "practitioner"):
+        assert quiet(rec.browsers.problems(role)) == []
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("rec", [{"recovery_timeout_s": 4}], indirect=True)
+async def test_gives_up_with_a_message_keeps_the_seat_and_comes_back_with_the_network(
+    rec: Rec,
+) -> None:
+    """recovery_timeout_s without media: a clear message, seats kept; the network returns: video."""
+    patient, practitioner = await connected_pair(rec, "give-up")
+    async with rec.net.outage("patient"):
+        await wait_state(practitioner, "gave-up", units=3)
+        assert await practitioner.inner_text("#status .status-call") == (
+            "Connection lost with the patient"
+        )
+        assert await notice(practitioner) == (
+            "The connection with the patient could not be restored in 4 s. You are still in"
+            " the consultation: the call resumes if the patient comes back, or reload the page."
+        )
+        assert await practitioner.evaluate("epedicare.call") is None  # closed, for sure
+        assert (await peer_connections(practitioner))["open"] == 0
+    # The seats stayed: the patient's relay connection rejoins and it offers again.
+    await asyncio.gather(*(more_frames(page, 10, units=4) for page in (patient, practitioner)))
+    for page in (patient, practitioner):
+        await wait_state(page, "connected")
+        assert (await peer_connections(page))["open"] == 1
+
+
+# -- Chromium and an aiortc command line ---------------------------------------------------
+
+
+async def aiortc_peer(rec: Rec, role: str, session: str) -> Process:
+    argv = peer_argv(
+        role, rec.config, "--relay", rec.relay.url, "--session", session, "--video", "pattern",
+        "--audio", "tone", "--stats-json", str(rec.tmp / f"{role}.json"),
+    )  # fmt: skip
+    return await spawn(role, argv, rec.net.side(role).command())
+
+
+async def peer_back(peer: Process, mark: int) -> str:
+    """The aiortc side's recovery method, from its `media back` line after line ``mark``."""
+    try:
+        _, _, method = await media_back(peer, mark, 20)
+    except TimeoutError:
+        raise AssertionError("no `media back` line:\n" + "\n".join(peer.lines[mark:])) from None
+    return method
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("browser_role", ["patient", "practitioner"])
+async def test_browser_and_aiortc_come_back_after_a_network_change_and_a_3s_outage(
+    rec: Rec, browser_role: str
+) -> None:
+    """Chromium and aiortc: the patient's network changes, then a 3 s outage; video both ways."""
+    peer_role = "practitioner" if browser_role == "patient" else "patient"
+    session = f"mixed-{browser_role}"
+    peer = await aiortc_peer(rec, peer_role, session)
+    try:
+        page = await rec.page(browser_role, session)
+        await wait_state(page, "connected", units=4)
+        await peer.expect("call 1: media flowing", 20)
+        await more_frames(page, 10, units=2)
+
+        mark = len(peer.lines)
+        changed = time.monotonic()
+        await rec.net.change("patient")
+        page_back = await more_frames(page, 10, units=4)
+        method = await peer_back(peer, mark)
+        assert method == "new-connection"
+        assert page_back - changed < 10, round(page_back - changed, 1)  # 5 s budget, loaded CI
+        await wait_state(page, "connected", units=2)
+
+        mark = len(peer.lines)
+        async with rec.net.outage("patient"):
+            await asyncio.sleep(3)
+        restored = time.monotonic()
+        page_back = await more_frames(page, 10, units=3)
+        method = await peer_back(peer, mark)
+        assert method == "same-path"
+        assert page_back - restored < 5, round(page_back - restored, 1)  # see the Chromium test
+        assert [r["method"] for r in await recoveries(page)] == ["new-connection", "same-path"]
+        assert await peer_connections(page) == {"made": 2, "open": 1}
+        await more_frames(page, 10, units=2)
+    finally:
+        assert await peer.stop() == 0, peer.log()
+    got = json.loads((rec.tmp / f"{peer_role}.json").read_text(encoding="utf-8"))
+    assert [r["method"] for r in got["recoveries"]] == ["new-connection", "same-path"], got
+    assert got["video_per_call"][-1]["frames"] > 10, got
+    assert quiet(rec.browsers.problems(browser_role)) == []
