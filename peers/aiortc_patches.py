@@ -25,6 +25,10 @@ The patches:
   bookkeeping of ``TurnClientMixin.send_data``, turn.py:320, without sending),
   and ``StunProtocol.error_received`` / ``connection_lost`` (ice.py:305 and
   ice.py:274) of each relayed candidate to report a lost allocation.
+- ``steady_media``: the media path that holds on lossy links, from the sibling
+  ``peers/aiortc_receive.py`` (whole replacements of aiortc's ``NackGenerator``,
+  its video ``JitterBuffer`` and ``RemoteStreamTrack.recv``; the lines it
+  replaces are named there).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from aioice.ice import CandidatePair, StunProtocol
 from aioice.turn import TurnClientMixin, TurnTransport
 from aiortc import RTCIceTransport
 
+from peers import aiortc_receive
 from peers.errors import PeerError
 
 __all__ = [
@@ -56,6 +61,7 @@ __all__ = [
     "nominated_pair",
     "relay_protocols",
     "set_check_retries",
+    "steady_media",
     "turn_client",
     "use_tls_context",
 ]
@@ -90,6 +96,14 @@ def check_versions(installed: Callable[[str], str] | None = None) -> None:
             + ", ".join(wrong)
             + " (run `make setup`)"
         )
+
+
+def steady_media() -> None:
+    """Install the receive path of ``peers/aiortc_receive.py`` (once per process).
+
+    Call after ``check_versions()``: the replacements are proven against aiortc 1.16.0 only.
+    """
+    aiortc_receive.install()
 
 
 # -- accessors ----------------------------------------------------------------------------------

@@ -97,6 +97,7 @@ class Call:
         name: str = "call",
     ) -> None:
         aiortc_patches.check_versions()
+        aiortc_patches.steady_media()
         self.options = options
         self.name = name
         self.audio, self.video = audio, video

@@ -19,6 +19,7 @@ import logging
 import math
 import statistics
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,9 @@ STAMP_COLUMNS, STAMP_ROWS = 16, 4
 STAMP_BITS = STAMP_COLUMNS * STAMP_ROWS
 COUNTER_BITS, TIME_BITS, CHECK_BITS = 20, 36, 8
 TIME_MASK = (1 << TIME_BITS) - 1
+
+FREEZE_MEAN_OF = 30
+WARMUP_S = 2.0  # the first keyframe's own delay is not "behind"
 
 CAMERA = Path("/dev/video0")
 MICROPHONE = Path("/dev/snd/pcmC0D0c")
@@ -238,6 +242,42 @@ class Received:
     counters: list[int] = field(default_factory=list)
     latencies_ms: list[float] = field(default_factory=list)
     window: list[float] = field(default_factory=list)  # monotonic times of recent video frames
+    # What a viewer feels, by the W3C webrtc-stats definition of a freeze: a gap between
+    # two frames of at least max(3 x the mean gap, the mean gap + 150 ms), the mean over
+    # the last FREEZE_MEAN_OF gaps.
+    freezes: int = 0
+    frozen_s: float = 0.0
+    longest_gap_s: float = 0.0
+    gaps: list[float] = field(default_factory=list)
+    # Time behind real time: a frame's stamped latency above the best seen in this call.
+    best_latency_ms: float | None = None
+    behind_ms: float = 0.0  # of the last stamped frame
+    max_behind_ms: float = 0.0  # over the frames after the first WARMUP_S of video
+    # (monotonic arrival, latency ms, counter) of the recent stamped frames
+    history: deque[tuple[float, float, int]] = field(default_factory=lambda: deque(maxlen=5000))
+    last_video: float | None = None
+
+    def _video_gap(self, now: float) -> None:
+        last, self.last_video = self.last_video, now
+        if last is None:
+            return
+        gap = now - last
+        self.longest_gap_s = max(self.longest_gap_s, gap)
+        if self.gaps:
+            mean = sum(self.gaps) / len(self.gaps)
+            if gap >= max(3 * mean, mean + 0.150):
+                self.freezes += 1
+                self.frozen_s += gap
+        self.gaps.append(gap)
+        del self.gaps[:-FREEZE_MEAN_OF]
+
+    def _stamped(self, now: float, latency: float, counter: int) -> None:
+        if self.best_latency_ms is None or latency < self.best_latency_ms:
+            self.best_latency_ms = latency
+        self.behind_ms = latency - self.best_latency_ms
+        if self.first_video is not None and now - self.first_video >= WARMUP_S:
+            self.max_behind_ms = max(self.max_behind_ms, self.behind_ms)
+        self.history.append((now, latency, counter))
 
     def fps(self, now: float, seconds: float = 2.0) -> float:
         recent = [t for t in self.window if t > now - seconds]
@@ -301,11 +341,13 @@ class Receiver:
             if got.first_video is None:
                 got.first_video = now
                 self.first_frame.set()
+            got._video_gap(now)
             stamp = read_stamp(frame)
             if stamp is not None:
+                got._stamped(now, latency_ms(stamp[1]), stamp[0])
                 got.stamped += 1
                 got.counters.append(stamp[0])
-                got.latencies_ms.append(latency_ms(stamp[1]))
+                got.latencies_ms.append(got.history[-1][1])
                 del got.counters[:-1000]
                 del got.latencies_ms[:-5000]
         else:
