@@ -25,6 +25,8 @@ The patches:
   bookkeeping of ``TurnClientMixin.send_data``, turn.py:320, without sending),
   and ``StunProtocol.error_received`` / ``connection_lost`` (ice.py:305 and
   ice.py:274) of each relayed candidate to report a lost allocation.
+- ``opus_settings``: Opus at 32 kbit/s with in-band FEC instead of aiortc's fixed
+  96 kbit/s without (codecs/opus.py:34, :37).
 - ``steady_media``: the media path that holds on lossy links, from the sibling
   ``peers/aiortc_receive.py`` (whole replacements of aiortc's ``NackGenerator``,
   its video ``JitterBuffer`` and ``RemoteStreamTrack.recv``; the lines it
@@ -47,6 +49,7 @@ from aioice import Connection, stun
 from aioice.ice import CandidatePair, StunProtocol
 from aioice.turn import TurnClientMixin, TurnTransport
 from aiortc import RTCIceTransport
+from aiortc.codecs import opus
 
 from peers import aiortc_receive
 from peers.errors import PeerError
@@ -59,6 +62,7 @@ __all__ = [
     "ice_connection",
     "instrument",
     "nominated_pair",
+    "opus_settings",
     "relay_protocols",
     "set_check_retries",
     "steady_media",
@@ -99,11 +103,44 @@ def check_versions(installed: Callable[[str], str] | None = None) -> None:
 
 
 def steady_media() -> None:
-    """Install the receive path of ``peers/aiortc_receive.py`` (once per process).
+    """Install the receive path of ``peers/aiortc_receive.py`` and the Opus settings (once).
 
     Call after ``check_versions()``: the replacements are proven against aiortc 1.16.0 only.
     """
     aiortc_receive.install()
+    opus_settings()
+
+
+OPUS_BITRATE = 32_000  # bit/s: speech in wideband with room for FEC (aiortc: 96 000)
+OPUS_EXPECTED_LOSS = 10  # percent: how much in-band FEC the encoder plans for
+
+
+def opus_settings(bitrate: int = OPUS_BITRATE, expected_loss: int = OPUS_EXPECTED_LOSS) -> None:
+    """Opus at ``bitrate`` with in-band FEC (libopus ``fec``/``packet_loss`` through av).
+
+    Upstream: ``OpusEncoder(bitrate=..., fec=True)`` instead of the fixed
+    ``bit_rate = 96000`` and ``options = {"application": "voip"}`` (aiortc
+    codecs/opus.py:34 and :37). 96 kbit/s of a 300 kbit/s link starves video;
+    FEC lets a receiver that can use it (Chromium's NetEq) rebuild a lost
+    packet from the next one. The aiortc receiver cannot: FFmpeg's libopus
+    decoder has no FEC decoding and av 18.1 exposes none, so it conceals instead.
+    """
+    if getattr(opus.OpusEncoder.__init__, "_epc_opus", None) == (bitrate, expected_loss):
+        return
+    original = getattr(opus.OpusEncoder.__init__, "_epc_original", opus.OpusEncoder.__init__)
+
+    def __init__(self: opus.OpusEncoder) -> None:
+        original(self)
+        self.codec.bit_rate = bitrate
+        self.codec.options = {
+            "application": "voip",
+            "fec": "1",
+            "packet_loss": str(expected_loss),
+        }
+
+    __init__._epc_opus = (bitrate, expected_loss)  # type: ignore[attr-defined]
+    __init__._epc_original = original  # type: ignore[attr-defined]
+    opus.OpusEncoder.__init__ = __init__  # type: ignore[method-assign]
 
 
 # -- accessors ----------------------------------------------------------------------------------

@@ -47,9 +47,11 @@ from aiortc.rtp import RTP_HISTORY_SIZE, RtpPacket
 from av import VideoFrame
 
 __all__ = [
+    "AudioBuffer",
     "FrameBuffer",
     "NackList",
     "ReceiveCounters",
+    "concealed",
     "counters",
     "install",
     "is_keyframe_start",
@@ -63,6 +65,8 @@ TICK_S = 0.01
 KEYFRAME_RETRY_S = 0.3
 HOLE_WAIT_MIN_S, HOLE_WAIT_MAX_S = 0.15, 0.35
 MAX_SPAN_S = 0.45  # a hole spanning more media time than this is given up at once
+AUDIO_WAIT_S = 0.03  # a missing audio packet waited for this long (reordering), then concealed
+MAX_CONCEAL = 10  # at most this many audio packets in a row (200 ms) made up
 MAX_HELD = 2000  # packets held while waiting for a keyframe, at most
 LATE_S = 0.15  # a frame this much later than the best recent delay is skipped if a newer one waits
 BASELINE_S = 10.0
@@ -78,6 +82,7 @@ class ReceiveCounters:
     keyframe_requests: int = 0
     holes_skipped: int = 0
     late_dropped: int = 0
+    audio_concealed: int = 0
 
 
 counters = ReceiveCounters()
@@ -364,6 +369,74 @@ class FrameBuffer:
         return frame
 
 
+class AudioBuffer:
+    """Audio packets to the decoder in order, none that arrived thrown away; a loss concealed.
+
+    A packet is passed on as soon as the one before it was; behind a hole,
+    packets wait ``AUDIO_WAIT_S`` for a reordered one, then each missing packet
+    (up to ``MAX_CONCEAL`` in a row; beyond, an outage, nothing is made up) is
+    handed to ``conceal(previous, timestamp)``: the receiver decodes the last
+    packet again at the missing time, a repetition the ear forgives better than
+    a gap. Only a packet that comes after its slot was concealed is dropped.
+    """
+
+    def __init__(
+        self,
+        deliver: Callable[[JitterFrame, RtpPacket], None],
+        conceal: Callable[[RtpPacket, int], None],
+    ) -> None:
+        self.deliver = deliver
+        self.conceal = conceal
+        self.packets: dict[int, RtpPacket] = {}
+        self.next_seq: int | None = None
+        self.previous: RtpPacket | None = None
+        self.hole_since: float | None = None
+        self.late = 0  # packets that came after their slot was filled
+        self._unwrap = _Unwrapper()
+
+    # aiortc's call site: ``pli_flag, encoded_frame = self.__jitter_buffer.add(packet)``
+    def add(self, packet: RtpPacket, now: float | None = None) -> tuple[bool, None]:
+        now = time.monotonic() if now is None else now
+        ext = self._unwrap(packet.sequence_number)
+        if self.next_seq is None:
+            self.next_seq = ext
+        if ext < self.next_seq:
+            self.late += 1
+            return False, None
+        self.packets[ext] = packet
+        self._release(now)
+        return False, None
+
+    def tick(self, now: float) -> None:
+        """Conceal a hole waited for ``AUDIO_WAIT_S``."""
+        if self.hole_since is None or now - self.hole_since < AUDIO_WAIT_S:
+            return
+        assert self.next_seq is not None
+        resume = min(self.packets)
+        missing = resume - self.next_seq
+        previous = self.previous
+        if previous is not None and missing <= MAX_CONCEAL:
+            following = self.packets[resume]
+            step = ((following.timestamp - previous.timestamp) & 0xFFFFFFFF) // (missing + 1)
+            for k in range(1, missing + 1):
+                self.conceal(previous, (previous.timestamp + k * step) & 0xFFFFFFFF)
+            counters.audio_concealed += missing
+        self.next_seq = resume
+        self.hole_since = None
+        self._release(now)
+
+    def _release(self, now: float) -> None:
+        assert self.next_seq is not None
+        while (packet := self.packets.pop(self.next_seq, None)) is not None:
+            self.deliver(
+                JitterFrame(data=packet._data, timestamp=packet.timestamp),  # type: ignore[attr-defined]
+                packet,
+            )
+            self.previous = packet
+            self.next_seq += 1
+        self.hole_since = (self.hole_since or now) if self.packets else None
+
+
 # -- late frames ----------------------------------------------------------------------------------
 
 
@@ -411,11 +484,13 @@ def install() -> None:
         original_init(self, kind, transport)
         if kind == "video":
             _VideoPath(self)
+        elif kind == "audio":
+            _AudioPath(self)
 
     async def _handle_rtp_packet(
         self: RTCRtpReceiver, packet: RtpPacket, arrival_time_ms: int
     ) -> None:
-        path: _VideoPath | None = getattr(self, "_epc_path", None)
+        path: _VideoPath | _AudioPath | None = getattr(self, "_epc_path", None)
         if path is not None:
             path.seen(packet)
         await original_handle(self, packet, arrival_time_ms)
@@ -507,6 +582,45 @@ class _VideoPath:
                 if self._pending_pli:
                     self._pending_pli = False
                     await receiver._send_rtcp_pli(self.ssrc)
+
+
+def concealed(track: Any) -> int:
+    """Audio frames made up for lost packets so far on a remote track (0 for any other)."""
+    return int(getattr(track, "_epc_concealed", 0))
+
+
+class _AudioPath:
+    """One audio receiver's AudioBuffer and its timer."""
+
+    def __init__(self, receiver: RTCRtpReceiver) -> None:
+        self.receiver = receiver
+        self.task: asyncio.Task[None] | None = None
+        self.buffer = AudioBuffer(self._deliver, self._conceal)
+        receiver._epc_path = self  # type: ignore[attr-defined]
+        # rtcrtpreceiver.py:295: JitterBuffer(capacity=16, prefetch=4), which drops packets
+        # it received once 16 pile up behind a hole (smart_remove, jitterbuffer.py:53).
+        receiver._RTCRtpReceiver__jitter_buffer = self.buffer  # type: ignore[attr-defined]
+
+    def seen(self, packet: RtpPacket) -> None:
+        if self.task is None:
+            self.task = asyncio.ensure_future(self._run())
+
+    def _deliver(self, frame: JitterFrame, packet: RtpPacket) -> None:
+        _decode(self.receiver, frame, packet)
+
+    def _conceal(self, previous: RtpPacket, timestamp: int) -> None:
+        data = previous._data  # type: ignore[attr-defined]
+        if _decode(self.receiver, JitterFrame(data=data, timestamp=timestamp), previous):
+            track = self.receiver._track
+            if track is not None:
+                track._epc_concealed = concealed(track) + 1  # type: ignore[attr-defined]
+
+    async def _run(self) -> None:
+        receiver = self.receiver
+        with contextlib.suppress(asyncio.CancelledError):
+            while receiver._RTCRtpReceiver__decoder_thread is not None:  # type: ignore[attr-defined]
+                await asyncio.sleep(TICK_S)
+                self.buffer.tick(time.monotonic())
 
 
 def _decode(receiver: RTCRtpReceiver, frame: JitterFrame, packet: RtpPacket) -> bool:

@@ -29,6 +29,7 @@ from aiortc.contrib.media import MediaPlayer, MediaRecorder
 from aiortc.mediastreams import AUDIO_PTIME, AudioStreamTrack, MediaStreamError, VideoStreamTrack
 from av import AudioFrame, VideoFrame
 
+from peers import aiortc_receive
 from peers.errors import MediaError
 
 logger = logging.getLogger(__name__)
@@ -256,6 +257,23 @@ class Received:
     # (monotonic arrival, latency ms, counter) of the recent stamped frames
     history: deque[tuple[float, float, int]] = field(default_factory=lambda: deque(maxlen=5000))
     last_video: float | None = None
+    # Audio: frames never played (gaps in the decoded timestamps) and frames made up for
+    # lost packets (peers/aiortc_receive.py conceals up to 200 ms in a row).
+    audio_missing: int = 0
+    audio_concealed: int = 0
+    audio_pts: int | None = None  # where the next audio frame should start
+
+    def _audio(self, frame: AudioFrame, concealed: int) -> None:
+        self.audio_concealed = concealed
+        if frame.pts is None:
+            return
+        if self.audio_pts is not None and frame.pts > self.audio_pts and frame.samples:
+            self.audio_missing += round((frame.pts - self.audio_pts) / frame.samples)
+        self.audio_pts = max(self.audio_pts or 0, frame.pts + frame.samples)
+
+    def audio_expected(self) -> int:
+        """Frames due so far: received, plus missing, less those concealed (not due twice)."""
+        return self.audio_frames + self.audio_missing
 
     def _video_gap(self, now: float) -> None:
         last, self.last_video = self.last_video, now
@@ -320,7 +338,7 @@ class Receiver:
     async def _consume(self, track: MediaStreamTrack) -> None:
         with contextlib.suppress(MediaStreamError):
             while True:
-                self.count(await track.recv())
+                self.count(await track.recv(), track)
 
     async def frames(self, video: int = 1, audio: int = 0) -> Received:
         """Wait until at least ``video`` video and ``audio`` audio frames have arrived."""
@@ -330,7 +348,7 @@ class Receiver:
             await self._counted.wait()
         return got
 
-    def count(self, frame: Any) -> None:
+    def count(self, frame: Any, track: MediaStreamTrack | None = None) -> None:
         now = time.monotonic()
         got = self.received
         self._counted.set()
@@ -354,6 +372,8 @@ class Receiver:
             got.audio_frames += 1
             if got.first_audio is None:
                 got.first_audio = now
+            if isinstance(frame, AudioFrame):
+                got._audio(frame, aiortc_receive.concealed(track))
 
     async def stop(self) -> None:
         for task in self.tasks:
@@ -378,5 +398,5 @@ class _Tee(MediaStreamTrack):
 
     async def recv(self) -> Any:
         frame = await self.track.recv()
-        self.receiver.count(frame)
+        self.receiver.count(frame, self.track)
         return frame

@@ -16,12 +16,20 @@ from collections.abc import AsyncIterator
 
 import pytest
 import pytest_asyncio
+from aiortc.codecs.opus import OpusEncoder
 from aiortc.jitterbuffer import JitterFrame
 from aiortc.rtp import RtpPacket
 
-from peers import aiortc_receive
-from peers.aiortc_receive import FrameBuffer, LateFrames, NackList, is_keyframe_start
-from peers.media import Received
+from peers import aiortc_patches, aiortc_receive
+from peers.aiortc_receive import (
+    AUDIO_WAIT_S,
+    AudioBuffer,
+    FrameBuffer,
+    LateFrames,
+    NackList,
+    is_keyframe_start,
+)
+from peers.media import Received, ToneTrack
 from peers.netns import Netns, Network, netns_missing
 from tests import netem
 from tests.inprocess import LocalPair
@@ -171,6 +179,72 @@ def test_a_hole_spanning_an_outage_is_given_up_at_once_and_its_late_fill_never_s
     assert frames.out == [0, 273_000, 276_000]
 
 
+def opus(seq: int) -> RtpPacket:
+    packet = RtpPacket(payload_type=111, sequence_number=seq & 0xFFFF, timestamp=seq * 960)
+    packet._data = bytes([seq & 0xFF])  # type: ignore[attr-defined]
+    return packet
+
+
+class Audio:
+    """An AudioBuffer with its outputs recorded: (timestamp, data, concealed)."""
+
+    def __init__(self) -> None:
+        self.out: list[tuple[int, bytes, bool]] = []
+        self.buffer = AudioBuffer(self.deliver, self.conceal)
+
+    def deliver(self, frame: JitterFrame, packet: RtpPacket) -> None:
+        self.out.append((frame.timestamp, frame.data, False))
+
+    def conceal(self, previous: RtpPacket, timestamp: int) -> None:
+        self.out.append((timestamp, previous._data, True))  # type: ignore[attr-defined]
+
+
+def test_audio_behind_a_hole_is_all_kept_and_the_hole_concealed() -> None:
+    """Twenty packets behind a lost one all reach the decoder (aiortc's buffer of 16 drops
+    some); the lost one is concealed after AUDIO_WAIT_S by the packet before it, in its slot."""
+    audio = Audio()
+    audio.buffer.add(opus(1), now=0.0)
+    for seq in range(3, 23):
+        audio.buffer.add(opus(seq), now=0.02 * seq)
+    assert [t for t, _, _ in audio.out] == [960]
+    audio.buffer.tick(0.06 + AUDIO_WAIT_S)
+    assert [t // 960 for t, _, _ in audio.out] == list(range(1, 23))
+    assert audio.out[1] == (2 * 960, bytes([1]), True)
+    assert sum(concealed for _, _, concealed in audio.out) == 1
+
+
+def test_audio_that_comes_after_its_slot_or_after_an_outage_is_not_made_up() -> None:
+    """A packet later than its concealment is dropped; a gap over MAX_CONCEAL is not filled."""
+    audio = Audio()
+    audio.buffer.add(opus(1), now=0.0)
+    audio.buffer.add(opus(3), now=0.04)
+    audio.buffer.tick(0.1)
+    audio.buffer.add(opus(2), now=0.11)  # too late: its slot was concealed
+    assert (len(audio.out), audio.buffer.late) == (3, 1)
+    audio.buffer.add(opus(100), now=2.0)  # after 2 s of nothing
+    audio.buffer.tick(2.1)
+    assert [t // 960 for t, _, _ in audio.out] == [1, 2, 3, 100]
+
+
+def test_opus_is_sent_at_32_kbits_with_in_band_fec() -> None:
+    """aiortc's Opus encoder, once patched, spends about 32 kbit/s on the tone (96+ before)."""
+    aiortc_patches.opus_settings()
+    encoder = OpusEncoder()
+    assert encoder.codec.bit_rate == aiortc_patches.OPUS_BITRATE
+    assert encoder.codec.options["fec"] == "1"
+    tone = ToneTrack()
+    sizes = []
+    loop = asyncio.new_event_loop()
+    try:
+        for _ in range(100):  # 2 s
+            frame = loop.run_until_complete(tone.recv())
+            sizes += [len(p) for p in encoder.encode(frame)[0]]
+    finally:
+        loop.close()
+    kbits = sum(sizes) * 8 / 2 / 1000
+    assert 16 < kbits < 48, kbits
+
+
 # -- calls through the link emulator (root) -------------------------------------------------------
 
 needs_root = pytest.mark.skipif(
@@ -228,6 +302,11 @@ class LoopLag:
         )
 
 
+def audio_counts(got: Received) -> tuple[int, int, int]:
+    """Audio frames played, missing and concealed so far."""
+    return got.audio_frames, got.audio_missing, got.audio_concealed
+
+
 def after(got: Received, since: float) -> list[tuple[float, float, int]]:
     return [entry for entry in got.history if entry[0] >= since]
 
@@ -254,7 +333,8 @@ def most_behind(got: Received, entries: list[tuple[float, float, int]], lag: Loo
 async def test_at_2_percent_loss_video_never_freezes_for_a_second_nor_plays_late(
     link_pair: tuple[Netns, Netns, str],
 ) -> None:
-    """At 2 % loss both ways for 15 s: no gap over 1 s between frames, none shown 500 ms late."""
+    """At 2 % loss both ways for 15 s: no gap over 1 s between frames, none shown 500 ms late,
+    at most 3 % of audio frames missing or concealed."""
     a, b, dev = link_pair
     before = aiortc_receive.counters.recovered
     async with contextlib.aclosing(LocalPair(namespaces=(a, b), fps=FPS)) as pair:
@@ -262,9 +342,16 @@ async def test_at_2_percent_loss_video_never_freezes_for_a_second_nor_plays_late
         await within(pair.flowing(video=FPS), 4)
         async with LoopLag() as lag, Link(a, dev, both=Impairment(loss=0.02)):
             start = time.monotonic()
+            audio = {call.name: audio_counts(call.receiver.received) for call in pair.calls}
             await asyncio.sleep(15)
         for call in pair.calls:
             got = call.receiver.received
+            played, missing, concealed = (
+                now - then for now, then in zip(audio_counts(got), audio[call.name], strict=True)
+            )
+            assert played >= 50 * 15 * 0.8, (call.name, played)
+            assert missing + concealed <= 0.03 * (played + missing), (call.name, missing, concealed)
+            assert concealed > 0  # 2 % of packets lost: the concealment fired
             frames = after(got, start)
             assert len(frames) >= FPS * 15 * 0.6, (call.name, len(frames))
             assert longest_gap(frames, lag) <= 1.0, (call.name, longest_gap(frames, lag))
