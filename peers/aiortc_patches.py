@@ -27,8 +27,9 @@ The patches:
   ice.py:274) of each relayed candidate to report a lost allocation.
 - ``opus_settings``: Opus at 32 kbit/s with in-band FEC instead of aiortc's fixed
   96 kbit/s without (codecs/opus.py:34, :37).
-- ``steady_media``: the media path that holds on lossy links, from the sibling
-  ``peers/aiortc_receive.py`` (whole replacements of aiortc's ``NackGenerator``,
+- ``steady_media``: the media path that holds on lossy links and narrow ones, from
+  the siblings ``peers/aiortc_receive.py`` and ``peers/aiortc_send.py`` (the VP8
+  floor and the resolution / frame-rate ladder) (whole replacements of aiortc's ``NackGenerator``,
   its video ``JitterBuffer`` and ``RemoteStreamTrack.recv``; the lines it
   replaces are named there).
 """
@@ -51,7 +52,7 @@ from aioice.turn import TurnClientMixin, TurnTransport
 from aiortc import RTCIceTransport
 from aiortc.codecs import opus
 
-from peers import aiortc_receive
+from peers import aiortc_receive, aiortc_send
 from peers.errors import PeerError
 
 __all__ = [
@@ -108,6 +109,7 @@ def steady_media() -> None:
     Call after ``check_versions()``: the replacements are proven against aiortc 1.16.0 only.
     """
     aiortc_receive.install()
+    aiortc_send.install()
     opus_settings()
 
 
