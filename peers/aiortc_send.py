@@ -26,7 +26,16 @@ from typing import Any
 from aiortc.codecs import vpx
 from av import VideoFrame
 
-__all__ = ["BITS_PER_PIXEL", "FLOOR_BPS", "RUNGS", "Ladder", "install", "sending"]
+__all__ = [
+    "BITS_PER_PIXEL",
+    "FLOOR_BPS",
+    "RUNGS",
+    "Ladder",
+    "Sent",
+    "install",
+    "last_sent",
+    "sent_video",
+]
 
 FLOOR_BPS = 30_000
 BITS_PER_PIXEL = 0.03  # per frame: 640x480 at 30 fps needs 276 kbit/s, 320x240 69 kbit/s
@@ -80,17 +89,19 @@ class Ladder:
         return self.frames % RUNGS[self.rung][1] == 0
 
 
-@dataclass
-class Sending:
-    """What the VP8 encoders of this process send now (read by the stats)."""
+@dataclass(frozen=True)
+class Sent:
+    """What a video encoder sends now."""
 
-    width: int = 0
-    height: int = 0
-    target_bps: int = 0
-    divisor: int = 1
+    width: int
+    height: int
+    target_bps: int
+    frame_divisor: int
 
 
-sending = Sending()
+# The last frame this process encoded (a peer's command line has one call at a time; the
+# stats read it when the call is already closed and its encoder gone).
+last_sent: list[Sent] = []
 _installed: list[bool] = []
 
 
@@ -119,10 +130,30 @@ def install() -> None:
                 scaled = frame.reformat(width=width, height=height, format="yuv420p")
                 scaled.pts, scaled.time_base = frame.pts, frame.time_base
                 frame = scaled
-            sending.width, sending.height = width, height
-            sending.target_bps = self.target_bitrate
-            sending.divisor = RUNGS[ladder.rung][1]
+            last_sent[:] = [Sent(width, height, self.target_bitrate, RUNGS[ladder.rung][1])]
         payloads, timestamp = original(self, frame, force_keyframe)
         return payloads, timestamp
 
     vpx.Vp8Encoder.encode = encode  # type: ignore[method-assign]
+
+
+def sent_video(pc: Any) -> Sent | None:
+    """The video encoder's size and target of an RTCPeerConnection.
+
+    None before it encodes; once the connection is closed, the last frame this
+    process encoded (``last_sent``), if any.
+
+    Upstream: the W3C ``outbound-rtp`` stats ``frameWidth``, ``frameHeight`` and
+    ``targetBitrate``; aiortc keeps its encoder in ``RTCRtpSender.__encoder``
+    (rtcrtpsender.py:105) and reports none of them.
+    """
+    for sender in pc.getSenders():
+        if sender.kind != "video":
+            continue
+        encoder = getattr(sender, "_RTCRtpSender__encoder", None)
+        ladder = getattr(encoder, "_epc_ladder", None)
+        if encoder is None or ladder is None or not ladder.width:
+            continue
+        width, height = ladder.size()
+        return Sent(width, height, int(encoder.target_bitrate), RUNGS[ladder.rung][1])
+    return last_sent[-1] if last_sent and pc.connectionState == "closed" else None

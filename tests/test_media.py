@@ -21,7 +21,7 @@ from aiortc.codecs.vpx import Vp8Encoder
 from aiortc.jitterbuffer import JitterFrame
 from aiortc.rtp import RtpPacket
 
-from peers import aiortc_patches, aiortc_receive, aiortc_send
+from peers import aiortc_patches, aiortc_receive, aiortc_send, stats
 from peers.aiortc_receive import (
     AUDIO_WAIT_S,
     AudioBuffer,
@@ -373,7 +373,8 @@ async def test_at_2_percent_loss_video_never_freezes_for_a_second_nor_plays_late
 async def test_after_a_3_s_outage_video_is_back_within_1_5_s_in_real_time(
     link_pair: tuple[Netns, Netns, str],
 ) -> None:
-    """After 3 s with nothing passing, video is back within 1.5 s of the link, in real time."""
+    """After 3 s with nothing passing, video is back within 1.5 s of the link, in real time,
+    and the stats line and summary report the freeze."""
     a, b, dev = link_pair
     async with contextlib.aclosing(LocalPair(namespaces=(a, b), fps=FPS)) as pair:
         await within(pair.connect(), 2)
@@ -392,6 +393,17 @@ async def test_after_a_3_s_outage_video_is_back_within_1_5_s_in_real_time(
             first = frames[0][0] - back - lag.between(back, frames[0][0])
             assert first <= 1.5, (call.name, first)
             assert most_behind(got, frames, lag) <= 500, (call.name, most_behind(got, frames, lag))
+            # What the user felt is what the stats say: the outage was a freeze of about 3 s.
+            felt = stats.media_summary(call)
+            assert felt["video"]["freezes"] >= 1
+            assert felt["video"]["frozen_s"] == round(got.frozen_s, 2) >= 2.5
+            sending = felt["sending"]
+            assert (sending["width"], sending["height"]) in {(320, 240), (240, 180), (160, 120)}
+            assert sending["target_kbps"] >= aiortc_send.FLOOR_BPS / 1000
+            line = await stats.StatsLine().line(call)
+            assert f"freezes {got.freezes} ({got.frozen_s:.1f} s)" in line
+            assert f"sending {sending['width']}x{sending['height']} at " in line
+            assert f"audio missing {got.audio_missing} concealed {got.audio_concealed}" in line
 
 
 # -- the sender on a narrow link ------------------------------------------------------------------
@@ -429,4 +441,4 @@ def test_the_vp8_encoder_sends_320x240_at_100_kbits() -> None:
     assert encoder.codec is not None
     assert (encoder.codec.width, encoder.codec.height) == (320, 240)
     assert payloads
-    assert (aiortc_send.sending.width, aiortc_send.sending.height) == (320, 240)
+    assert (aiortc_send.last_sent[-1].width, aiortc_send.last_sent[-1].height) == (320, 240)
