@@ -28,14 +28,17 @@ The patches:
 - ``bytes_received``: ``RTCDtlsTransport._get_stats()`` (aiortc rtcdtlstransport.py:583),
   the transport's RTCTransportStats.bytesReceived (RTP, RTCP and SCTP), read
   without a whole ``getStats()`` report several times a second.
-- ``forget_gap``: ``RTCRtpReceiver.__jitter_buffer`` and ``__nack_generator``
-  (rtcrtpreceiver.py:299-300): after a gap the video jitter buffer waits for the
-  lost packets until 512 newer ones have come (about 15 s at 300 kbit/s); emptied
-  while the stream is silent, it starts afresh with the first packet after it.
 - ``request_keyframe``: ``RTCRtpReceiver._send_rtcp_pli`` (rtcrtpreceiver.py:630).
 - ``watch_handshake``: hooks ``RTCDtlsTransport.__log_debug`` (rtcdtlstransport.py:755),
   the only place that says why a DTLS handshake failed (rtcdtlstransport.py:423,
   429, 449, 466); upstream, the W3C ``RTCDtlsTransport.onerror`` with the cause.
+- ``opus_settings``: Opus at 32 kbit/s with in-band FEC instead of aiortc's fixed
+  96 kbit/s without (codecs/opus.py:34, :37).
+- ``steady_media``: the media path that holds on lossy links and narrow ones, from
+  the siblings ``peers/aiortc_receive.py`` and ``peers/aiortc_send.py`` (the VP8
+  floor and the resolution / frame-rate ladder) (whole replacements of aiortc's ``NackGenerator``,
+  its video ``JitterBuffer`` and ``RemoteStreamTrack.recv``; the lines it
+  replaces are named there).
 """
 
 from __future__ import annotations
@@ -54,7 +57,9 @@ from aioice import Connection, stun
 from aioice.ice import CandidatePair, StunProtocol
 from aioice.turn import TurnClientMixin, TurnTransport
 from aiortc import RTCDtlsTransport, RTCIceTransport, RTCRtpReceiver
+from aiortc.codecs import opus
 
+from peers import aiortc_receive, aiortc_send
 from peers.errors import PeerError
 
 __all__ = [
@@ -63,13 +68,14 @@ __all__ = [
     "bytes_received",
     "check_retries",
     "check_versions",
-    "forget_gap",
     "ice_connection",
     "instrument",
     "nominated_pair",
+    "opus_settings",
     "relay_protocols",
     "request_keyframe",
     "set_check_retries",
+    "steady_media",
     "turn_client",
     "use_tls_context",
     "watch_handshake",
@@ -105,6 +111,48 @@ def check_versions(installed: Callable[[str], str] | None = None) -> None:
             + ", ".join(wrong)
             + " (run `make setup`)"
         )
+
+
+def steady_media() -> None:
+    """Install the receive path of ``peers/aiortc_receive.py`` and the Opus settings (once).
+
+    Call after ``check_versions()``: the replacements are proven against aiortc 1.16.0 only.
+    """
+    aiortc_receive.install()
+    aiortc_send.install()
+    opus_settings()
+
+
+OPUS_BITRATE = 32_000  # bit/s: speech in wideband with room for FEC (aiortc: 96 000)
+OPUS_EXPECTED_LOSS = 10  # percent: how much in-band FEC the encoder plans for
+
+
+def opus_settings(bitrate: int = OPUS_BITRATE, expected_loss: int = OPUS_EXPECTED_LOSS) -> None:
+    """Opus at ``bitrate`` with in-band FEC (libopus ``fec``/``packet_loss`` through av).
+
+    Upstream: ``OpusEncoder(bitrate=..., fec=True)`` instead of the fixed
+    ``bit_rate = 96000`` and ``options = {"application": "voip"}`` (aiortc
+    codecs/opus.py:34 and :37). 96 kbit/s of a 300 kbit/s link starves video;
+    FEC lets a receiver that can use it (Chromium's NetEq) rebuild a lost
+    packet from the next one. The aiortc receiver cannot: FFmpeg's libopus
+    decoder has no FEC decoding and av 18.1 exposes none, so it conceals instead.
+    """
+    if getattr(opus.OpusEncoder.__init__, "_epc_opus", None) == (bitrate, expected_loss):
+        return
+    original = getattr(opus.OpusEncoder.__init__, "_epc_original", opus.OpusEncoder.__init__)
+
+    def __init__(self: opus.OpusEncoder) -> None:
+        original(self)
+        self.codec.bit_rate = bitrate
+        self.codec.options = {
+            "application": "voip",
+            "fec": "1",
+            "packet_loss": str(expected_loss),
+        }
+
+    __init__._epc_opus = (bitrate, expected_loss)  # type: ignore[attr-defined]
+    __init__._epc_original = original  # type: ignore[attr-defined]
+    opus.OpusEncoder.__init__ = __init__  # type: ignore[method-assign]
 
 
 # -- accessors ----------------------------------------------------------------------------------
@@ -194,32 +242,6 @@ def bytes_received(transport: RTCDtlsTransport) -> int:
         if isinstance(received, int):
             return received
     return 0
-
-
-def forget_gap(receiver: RTCRtpReceiver) -> bool:
-    """While a video stream is silent: forget the packets that wait for the lost ones.
-
-    aiortc's video ``JitterBuffer`` (jitterbuffer.py:63) assembles frames from its
-    oldest packet on and stops at the first hole; the packets lost in an outage
-    stall it until 512 newer ones push the hole out (jitterbuffer.py:50), and only
-    then is a keyframe asked for (rtcrtpreceiver.py:559): many seconds of frozen
-    video after the network is back. And ``NackGenerator`` (rtcrtpreceiver.py:97)
-    would ask for every packet of the gap, whose retransmissions, older than the
-    buffer's origin, make it start again from them (jitterbuffer.py:41). Emptying
-    both while nothing arrives lets the first packet after the gap start afresh
-    (then ``request_keyframe``). Upstream: the jitter buffer giving up on a hole
-    older than its latency. Returns False for an audio receiver (nothing done).
-    """
-    if receiver.track is None or receiver.track.kind != "video":
-        return False
-    jitter = getattr(receiver, "_RTCRtpReceiver__jitter_buffer")  # noqa: B009
-    jitter._packets = [None] * jitter.capacity
-    jitter._origin = None  # the next packet starts the buffer again
-    nacks = getattr(receiver, "_RTCRtpReceiver__nack_generator")  # noqa: B009
-    if nacks is not None:
-        nacks.max_seq = None
-        nacks.missing.clear()
-    return True
 
 
 def request_keyframe(receiver: RTCRtpReceiver) -> bool:

@@ -108,6 +108,7 @@ class Call:
         name: str = "call",
     ) -> None:
         aiortc_patches.check_versions()
+        aiortc_patches.steady_media()
         self.options = options
         self.name = name
         self.audio, self.video = audio, video
@@ -353,16 +354,16 @@ class Call:
                     self.path_dead = False
                     self._tell_path(alive=True)
             elif not gap and now - self.heard_at >= GAP_S:
+                # The video frame buffer (peers/aiortc_receive.py) gives up the
+                # gap's hole itself; a keyframe is asked for when bytes come back.
                 gap = True
-                for transceiver in self.pc.getTransceivers():
-                    aiortc_patches.forget_gap(transceiver.receiver)
             if not self.path_dead and total == seen and now - self.heard_at >= timeout:
                 self.path_dead = True
                 self._tell_path(alive=False)
             await asyncio.sleep(every)
 
     def _ask_keyframe(self, gap_s: float) -> None:
-        """After a gap, ask for a keyframe now rather than when aiortc's jitter buffer overflows.
+        """After a gap, ask for a keyframe now rather than after the frame buffer's hole wait.
 
         Asked again a few times: the first request may leave while the way back
         is still closed (a network returns one direction at a time).

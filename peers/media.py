@@ -19,6 +19,7 @@ import logging
 import math
 import statistics
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from aiortc.contrib.media import MediaPlayer, MediaRecorder
 from aiortc.mediastreams import AUDIO_PTIME, AudioStreamTrack, MediaStreamError, VideoStreamTrack
 from av import AudioFrame, VideoFrame
 
+from peers import aiortc_receive
 from peers.errors import MediaError
 
 logger = logging.getLogger(__name__)
@@ -37,6 +39,9 @@ STAMP_COLUMNS, STAMP_ROWS = 16, 4
 STAMP_BITS = STAMP_COLUMNS * STAMP_ROWS
 COUNTER_BITS, TIME_BITS, CHECK_BITS = 20, 36, 8
 TIME_MASK = (1 << TIME_BITS) - 1
+
+FREEZE_MEAN_OF = 30
+WARMUP_S = 2.0  # the first keyframe's own delay is not "behind"
 
 CAMERA = Path("/dev/video0")
 MICROPHONE = Path("/dev/snd/pcmC0D0c")
@@ -238,6 +243,59 @@ class Received:
     counters: list[int] = field(default_factory=list)
     latencies_ms: list[float] = field(default_factory=list)
     window: list[float] = field(default_factory=list)  # monotonic times of recent video frames
+    # What a viewer feels, by the W3C webrtc-stats definition of a freeze: a gap between
+    # two frames of at least max(3 x the mean gap, the mean gap + 150 ms), the mean over
+    # the last FREEZE_MEAN_OF gaps.
+    freezes: int = 0
+    frozen_s: float = 0.0
+    longest_gap_s: float = 0.0
+    gaps: list[float] = field(default_factory=list)
+    # Time behind real time: a frame's stamped latency above the best seen in this call.
+    best_latency_ms: float | None = None
+    behind_ms: float = 0.0  # of the last stamped frame
+    max_behind_ms: float = 0.0  # over the frames after the first WARMUP_S of video
+    # (monotonic arrival, latency ms, counter) of the recent stamped frames
+    history: deque[tuple[float, float, int]] = field(default_factory=lambda: deque(maxlen=5000))
+    last_video: float | None = None
+    # Audio: frames never played (gaps in the decoded timestamps) and frames made up for
+    # lost packets (peers/aiortc_receive.py conceals up to 200 ms in a row).
+    audio_missing: int = 0
+    audio_concealed: int = 0
+    audio_pts: int | None = None  # where the next audio frame should start
+
+    def _audio(self, frame: AudioFrame, concealed: int) -> None:
+        self.audio_concealed = concealed
+        if frame.pts is None:
+            return
+        if self.audio_pts is not None and frame.pts > self.audio_pts and frame.samples:
+            self.audio_missing += round((frame.pts - self.audio_pts) / frame.samples)
+        self.audio_pts = max(self.audio_pts or 0, frame.pts + frame.samples)
+
+    def audio_expected(self) -> int:
+        """Frames due so far: received, plus missing, less those concealed (not due twice)."""
+        return self.audio_frames + self.audio_missing
+
+    def _video_gap(self, now: float) -> None:
+        last, self.last_video = self.last_video, now
+        if last is None:
+            return
+        gap = now - last
+        self.longest_gap_s = max(self.longest_gap_s, gap)
+        if self.gaps:
+            mean = sum(self.gaps) / len(self.gaps)
+            if gap >= max(3 * mean, mean + 0.150):
+                self.freezes += 1
+                self.frozen_s += gap
+        self.gaps.append(gap)
+        del self.gaps[:-FREEZE_MEAN_OF]
+
+    def _stamped(self, now: float, latency: float, counter: int) -> None:
+        if self.best_latency_ms is None or latency < self.best_latency_ms:
+            self.best_latency_ms = latency
+        self.behind_ms = latency - self.best_latency_ms
+        if self.first_video is not None and now - self.first_video >= WARMUP_S:
+            self.max_behind_ms = max(self.max_behind_ms, self.behind_ms)
+        self.history.append((now, latency, counter))
 
     def fps(self, now: float, seconds: float = 2.0) -> float:
         recent = [t for t in self.window if t > now - seconds]
@@ -280,7 +338,7 @@ class Receiver:
     async def _consume(self, track: MediaStreamTrack) -> None:
         with contextlib.suppress(MediaStreamError):
             while True:
-                self.count(await track.recv())
+                self.count(await track.recv(), track)
 
     async def frames(self, video: int = 1, audio: int = 0) -> Received:
         """Wait until at least ``video`` video and ``audio`` audio frames have arrived."""
@@ -290,7 +348,7 @@ class Receiver:
             await self._counted.wait()
         return got
 
-    def count(self, frame: Any) -> None:
+    def count(self, frame: Any, track: MediaStreamTrack | None = None) -> None:
         now = time.monotonic()
         got = self.received
         self._counted.set()
@@ -301,17 +359,21 @@ class Receiver:
             if got.first_video is None:
                 got.first_video = now
                 self.first_frame.set()
+            got._video_gap(now)
             stamp = read_stamp(frame)
             if stamp is not None:
+                got._stamped(now, latency_ms(stamp[1]), stamp[0])
                 got.stamped += 1
                 got.counters.append(stamp[0])
-                got.latencies_ms.append(latency_ms(stamp[1]))
+                got.latencies_ms.append(got.history[-1][1])
                 del got.counters[:-1000]
                 del got.latencies_ms[:-5000]
         else:
             got.audio_frames += 1
             if got.first_audio is None:
                 got.first_audio = now
+            if isinstance(frame, AudioFrame):
+                got._audio(frame, aiortc_receive.concealed(track))
 
     async def stop(self) -> None:
         for task in self.tasks:
@@ -336,5 +398,5 @@ class _Tee(MediaStreamTrack):
 
     async def recv(self) -> Any:
         frame = await self.track.recv()
-        self.receiver.count(frame)
+        self.receiver.count(frame, self.track)
         return frame

@@ -3,15 +3,20 @@
 The line, logged every few seconds while a call is up::
 
     stats: path host -> host over udp; video in 640x480 29.9 fps; bitrate in 1203 kbit/s
-    out 1187 kbit/s; rtt 2 ms; packets lost 0
+    out 1187 kbit/s; rtt 2 ms; packets lost 0; freezes 1 (0.4 s); behind 12 ms;
+    audio missing 0 concealed 3; sending 640x480 at 500 kbit/s
 
 The summary (JSON, written by the command line at exit) speaks of the last
 call: its ICE path, time to first frame, frames, resolution, latency from the
-stamps; and of the seat: calls started, relay reconnections, why it exited,
-each recovery of a lost path (``recoveries``: ``at_s`` since the start,
-``outage_ms`` from the last byte received to the first frame again, ``method``
-"same-path" or "new-connection") and the video frames of each call in turn
-(``video_per_call``: ``frames``, ``stamped``, ``in_order``).
+stamps, what a user felt (``media_summary``: freezes by the W3C definition,
+their total, the longest gap, time behind the call's best delay from the
+stamps, audio frames missing and concealed) and what this side sends (size
+and target bitrate of its VP8 encoder); and of the seat: calls started, relay
+reconnections, why it exited, each recovery of a lost path (``recoveries``:
+``at_s`` since the start, ``outage_ms`` from the last byte received to the
+first frame again, ``method`` "same-path" or "new-connection") and the video
+frames of each call in turn (``video_per_call``: ``frames``, ``stamped``,
+``in_order``).
 """
 
 from __future__ import annotations
@@ -28,10 +33,11 @@ from aiortc.stats import (
     RTCRemoteOutboundRtpStreamStats,
 )
 
+from peers import aiortc_send
 from peers.call import Call
 from peers.seat import Seat
 
-__all__ = ["STATS_EVERY_S", "StatsLine", "log_stats", "summary"]
+__all__ = ["STATS_EVERY_S", "StatsLine", "log_stats", "media_summary", "summary"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,10 +75,18 @@ class StatsLine:
         got = call.receiver.received
         path = call.path
         rtt_text = f"{rtt * 1000:.0f} ms" if rtt is not None else "-"
+        encoder = aiortc_send.sent_video(call.pc)
+        sending = (
+            f"sending {encoder.width}x{encoder.height} at {encoder.target_bps / 1000:.0f} kbit/s"
+            if encoder is not None
+            else "sending -"
+        )
         return (
             f"stats: path {path or '-'}; video in {got.width}x{got.height} "
             f"{got.fps(now):.1f} fps; {bitrate}; "
-            f"rtt {rtt_text}; packets lost {lost}"
+            f"rtt {rtt_text}; packets lost {lost}; "
+            f"freezes {got.freezes} ({got.frozen_s:.1f} s); behind {got.behind_ms:.0f} ms; "
+            f"audio missing {got.audio_missing} concealed {got.audio_concealed}; {sending}"
         )
 
 
@@ -121,19 +135,50 @@ def summary(seat: Seat, exit_reason: str) -> dict[str, Any]:
             "relay_protocol": path.relay,
             "type": path.type,
         }
+    out.update(media_summary(call))
     got = call.receiver.received
     start = min(seat.seats_taken_at or call.started, call.started)
     if got.first_video is not None:
         out["first_frame_ms"] = round((got.first_video - start) * 1000, 1)
     span = (time.monotonic() - got.first_video) if got.first_video else 0.0
-    out["video"] = {
-        "frames": got.video_frames,
-        "fps": round(got.video_frames / span, 1) if span > 0 else 0.0,
-        "width": got.width,
-        "height": got.height,
-        "stamped": got.stamped,
-        "in_order": got.counters == sorted(got.counters),
-    }
-    out["audio"] = {"frames": got.audio_frames}
+    out["video"].update(
+        {
+            "frames": got.video_frames,
+            "fps": round(got.video_frames / span, 1) if span > 0 else 0.0,
+            "stamped": got.stamped,
+            "in_order": got.counters == sorted(got.counters),
+        }
+    )
+    out["audio"]["frames"] = got.audio_frames
     out["latency_ms"] = got.latency_summary()
     return out
+
+
+def media_summary(call: Call) -> dict[str, Any]:
+    """What a user of the call felt: freezes, time behind, audio made up, what is sent."""
+    got = call.receiver.received
+    sent = aiortc_send.sent_video(call.pc)
+    return {
+        "video": {
+            "width": got.width,
+            "height": got.height,
+            "freezes": got.freezes,
+            "frozen_s": round(got.frozen_s, 2),
+            "longest_gap_s": round(got.longest_gap_s, 2),
+            "behind_ms": round(got.behind_ms, 1),
+            "max_behind_ms": round(got.max_behind_ms, 1),
+        },
+        "audio": {
+            "frames": got.audio_frames,
+            "missing": got.audio_missing,
+            "concealed": got.audio_concealed,
+        },
+        "sending": None
+        if sent is None
+        else {
+            "width": sent.width,
+            "height": sent.height,
+            "target_kbps": round(sent.target_bps / 1000, 1),
+            "frame_divisor": sent.frame_divisor,
+        },
+    }

@@ -30,6 +30,7 @@ class LocalPair:
         width: int = 320,
         height: int = 240,
         fps: int = 30,
+        video: tuple[bool, bool] = (True, True),
     ) -> None:
         self.namespaces = namespaces
         self.inbox: tuple[asyncio.Queue[dict[str, Any]], asyncio.Queue[dict[str, Any]]] = (
@@ -41,11 +42,11 @@ class LocalPair:
                 opts,
                 self.inbox[1 - side].put,
                 audio=ToneTrack(),
-                video=PatternTrack(width, height, fps),
+                video=PatternTrack(width, height, fps) if sends else None,
                 name=name,
             )
-            for side, (opts, name) in enumerate(
-                zip(options, ("patient", "practitioner"), strict=True)
+            for side, (opts, name, sends) in enumerate(
+                zip(options, ("patient", "practitioner"), video, strict=True)
             )
         )
         self.answered_at: float | None = None  # time.monotonic() once the answer was made

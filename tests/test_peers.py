@@ -180,6 +180,9 @@ def assert_media_arrived(got: dict[str, Any], seconds: float) -> None:
     assert got["audio"]["frames"] >= 50 * seconds * 0.6, got["audio"]
     assert got["ice"]["local_type"] == "host"
     assert got["latency_ms"]["p50"] > 0
+    # What the user felt and what this side sends (issue 13): on a clean link, the full size.
+    assert got["video"]["freezes"] >= 0 and got["audio"]["concealed"] >= 0
+    assert (got["sending"]["width"], got["sending"]["height"]) == (VIDEO["width"], VIDEO["height"])
 
 
 class Peer(Protocol):

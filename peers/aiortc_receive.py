@@ -1,0 +1,637 @@
+"""aiortc's video receive path made to hold on lossy links (imported by peers/aiortc_patches.py).
+
+A sibling of ``aiortc_patches`` because it is a replacement of whole parts
+(two classes and a timer), not accessors and hooks; only ``aiortc_patches``
+installs it, and ``check_versions()`` still guards it. Against aiortc 1.16.0:
+
+- ``NackList`` replaces ``NackGenerator`` (rtcrtpreceiver.py:97-138), which
+  NACKs a lost packet once, when the hole is first seen, and never again: here
+  each missing packet is NACKed again every round trip until it arrives, is
+  older than the sender's history (``RTP_HISTORY_SIZE``, rtp.py:13), or was
+  asked for ``NACK_RETRIES`` times. The round trip is measured from each NACK
+  to the retransmission it brings.
+- ``FrameBuffer`` replaces the video ``JitterBuffer(capacity=512,
+  is_video=True)`` (rtcrtpreceiver.py:299; jitterbuffer.py), which holds every
+  frame behind a hole until 512 packets pile up (seconds), then releases one
+  frame per arriving packet. Here a frame is released as soon as it is
+  complete (its marker bit) and in order; a hole is waited for at most
+  ``hole_wait_s()`` (a few round trips, 150-350 ms), then skipped, and
+  nothing is decoded until the next keyframe, which is asked for at once
+  (PLI) and again every ``KEYFRAME_RETRY_S`` until it comes.
+- ``RemoteStreamTrack.recv`` (rtcrtpreceiver.py:217) passes on every decoded
+  frame, however late. Here a video frame more than ``LATE_S`` behind the best
+  delay seen in the last ``BASELINE_S`` is dropped when a newer frame already
+  waits behind it (it was decoded, so the frames after it still decode): a
+  backlog released at once is skipped to real time instead of played fast.
+
+Upstream, ``NackList`` and ``FrameBuffer`` would take the place of the two
+classes, with ``RTCRtpReceiver`` running their timer; the late-frame rule would
+be an option of ``RemoteStreamTrack``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiortc.codecs.vpx import VpxPayloadDescriptor
+from aiortc.jitterbuffer import JitterFrame
+from aiortc.rtcrtpreceiver import RemoteStreamTrack, RTCRtpReceiver
+from aiortc.rtp import RTP_HISTORY_SIZE, RtpPacket
+from av import VideoFrame
+
+__all__ = [
+    "AudioBuffer",
+    "FrameBuffer",
+    "NackList",
+    "ReceiveCounters",
+    "concealed",
+    "counters",
+    "install",
+    "is_keyframe_start",
+]
+
+logger = logging.getLogger(__name__)
+
+NACK_RETRIES = 10  # as libwebrtc's NackRequester (kMaxNackRetries)
+NACK_MIN_INTERVAL_S = 0.02
+TICK_S = 0.01
+KEYFRAME_RETRY_S = 0.3
+HOLE_WAIT_MIN_S, HOLE_WAIT_MAX_S = 0.15, 0.35
+MAX_SPAN_S = 0.45  # a hole spanning more media time than this is given up at once
+AUDIO_WAIT_S = 0.03  # a missing audio packet waited for this long (reordering), then concealed
+MAX_CONCEAL = 10  # at most this many audio packets in a row (200 ms) made up
+MAX_HELD = 2000  # packets held while waiting for a keyframe, at most
+LATE_S = 0.15  # a frame this much later than the best recent delay is skipped if a newer one waits
+BASELINE_S = 10.0
+
+
+@dataclass
+class ReceiveCounters:
+    """What the patched receive path did in this process (read by the stats)."""
+
+    nacks: int = 0  # sequence numbers asked for, retries included
+    nack_retries: int = 0
+    recovered: int = 0  # NACKed packets that arrived
+    keyframe_requests: int = 0
+    holes_skipped: int = 0
+    late_dropped: int = 0
+    audio_concealed: int = 0
+
+
+counters = ReceiveCounters()
+
+
+class _Unwrapper:
+    """16-bit sequence numbers to a monotonic extended count."""
+
+    def __init__(self) -> None:
+        self.last: int | None = None
+
+    def __call__(self, seq: int) -> int:
+        if self.last is None:
+            self.last = seq + (1 << 16)  # room below the first one for reordering
+            return self.last
+        delta = (seq - self.last) & 0xFFFF
+        if delta >= 0x8000:
+            delta -= 0x10000
+        ext = self.last + delta
+        self.last = max(self.last, ext)
+        return ext
+
+
+# -- NACKs ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Missing:
+    seen: float
+    sent: float | None = None
+    tries: int = 0
+
+
+class NackList:
+    """Missing packets, each NACKed every round trip until it arrives or is given up."""
+
+    def __init__(self, history: int = RTP_HISTORY_SIZE, retries: int = NACK_RETRIES) -> None:
+        self.history = history
+        self.retries = retries
+        self.rtt_s = 0.1
+        self.max_seq: int | None = None
+        self.missing: dict[int, _Missing] = {}
+        self._unwrap = _Unwrapper()
+        self._now: Callable[[], float] = time.monotonic
+
+    def add(self, packet: RtpPacket) -> bool:
+        """Mark a packet received and note the holes before it.
+
+        Returns False: NACKs go out from ``due()`` (aiortc's call site then sends nothing).
+        """
+        now = self._now()
+        ext = self._unwrap(packet.sequence_number)
+        if self.max_seq is None:
+            self.max_seq = ext
+            return False
+        if ext > self.max_seq:
+            for seq in range(max(self.max_seq + 1, ext - self.history), ext):
+                self.missing[seq] = _Missing(now)
+            self.max_seq = ext
+        else:
+            entry = self.missing.pop(ext, None)
+            if entry is not None and entry.sent is not None:
+                counters.recovered += 1
+                if entry.tries == 1:  # an unambiguous round trip
+                    sample = min(max(now - entry.sent, 0.005), 1.0)
+                    self.rtt_s += (sample - self.rtt_s) / 8
+        return False
+
+    def forget_below(self, ext: int) -> None:
+        """Stop asking for packets before ``ext`` (the frame buffer gave up on them)."""
+        for seq in [s for s in self.missing if s < ext]:
+            del self.missing[seq]
+
+    def due(self, now: float) -> list[int]:
+        """The 16-bit sequence numbers to NACK now (each marked sent)."""
+        if self.max_seq is None:
+            return []
+        interval = max(self.rtt_s * 1.2, NACK_MIN_INTERVAL_S)
+        out = []
+        for seq, entry in list(self.missing.items()):
+            if self.max_seq - seq > self.history or entry.tries >= self.retries:
+                del self.missing[seq]
+            elif entry.sent is None or now - entry.sent >= interval:
+                if entry.sent is not None:
+                    counters.nack_retries += 1
+                entry.sent = now
+                entry.tries += 1
+                out.append(seq)
+        counters.nacks += len(out)
+        return [seq & 0xFFFF for seq in sorted(out)]
+
+
+# -- frames ---------------------------------------------------------------------------------------
+
+
+def is_keyframe_start(mime_type: str, payload: bytes) -> bool:
+    """Whether an RTP payload begins a keyframe (VP8, H.264; any other codec: yes)."""
+    if not payload:
+        return False
+    name = mime_type.lower()
+    if name == "video/vp8":
+        try:
+            descriptor, rest = VpxPayloadDescriptor.parse(payload)
+        except ValueError:
+            return False
+        first = descriptor.partition_start and descriptor.partition_id == 0
+        return bool(first and rest and not rest[0] & 0x01)  # P bit 0: a keyframe (RFC 7741)
+    if name == "video/h264":
+        kind = payload[0] & 0x1F
+        if kind in (5, 7):  # IDR slice, SPS
+            return True
+        if kind == 24:  # STAP-A: any IDR or SPS inside
+            offset = 1
+            while offset + 2 < len(payload):
+                size = int.from_bytes(payload[offset : offset + 2], "big")
+                if payload[offset + 2] & 0x1F in (5, 7):
+                    return True
+                offset += 2 + size
+            return False
+        if kind == 28 and len(payload) > 1:  # FU-A: the start of an IDR slice
+            return bool(payload[1] & 0x80) and payload[1] & 0x1F == 5
+        return False
+    return True
+
+
+class FrameBuffer:
+    """Encoded video frames out as soon as complete and in order; a hole waited for a bounded time.
+
+    ``deliver(frame, packet)`` gets each frame (with its first packet, for the
+    codec); ``request_keyframe()`` is called when a hole is given up (and again
+    while no keyframe comes); ``forget(ext)`` when packets before ``ext`` are no
+    longer wanted; ``keyframe(packet)`` says whether a packet starts a keyframe.
+    """
+
+    def __init__(
+        self,
+        deliver: Callable[[JitterFrame, RtpPacket], None],
+        request_keyframe: Callable[[], None],
+        keyframe: Callable[[RtpPacket], bool],
+        *,
+        hole_wait_s: Callable[[], float] = lambda: HOLE_WAIT_MAX_S,
+        forget: Callable[[int], None] = lambda ext: None,
+        clock_rate: int = 90_000,
+    ) -> None:
+        self.deliver = deliver
+        self.request_keyframe = request_keyframe
+        self.keyframe = keyframe
+        self.hole_wait_s = hole_wait_s
+        self.forget = forget
+        self.packets: dict[int, RtpPacket] = {}
+        self.next_seq: int | None = None
+        self.need_keyframe = True  # nothing decodes before a keyframe
+        self.hole_since: float | None = None
+        self.last_request: float | None = None
+        self.newest: tuple[int, int] | None = None  # (sequence, timestamp) of the newest packet
+        self.last_timestamp: int | None = None  # of the last frame released
+        self.clock_rate = clock_rate
+        self._unwrap = _Unwrapper()
+
+    # aiortc's call site: ``pli_flag, encoded_frame = self.__jitter_buffer.add(packet)``
+    def add(self, packet: RtpPacket, now: float | None = None) -> tuple[bool, None]:
+        now = time.monotonic() if now is None else now
+        ext = self._unwrap(packet.sequence_number)
+        if self.next_seq is None:
+            self.next_seq = ext
+        if ext < self.next_seq:
+            return False, None  # too late, or a duplicate
+        if ext - self.next_seq > MAX_HELD:  # a jump (the sender restarted): start over
+            self.packets.clear()
+            self.next_seq = ext
+            self._give_up(now)
+        if self.newest is None or ext > self.newest[0]:
+            self.newest = (ext, packet.timestamp)
+        if self._stale(packet.timestamp):
+            return False, None  # from before an outage (a retransmission): never shown
+        self.packets[ext] = packet
+        self._release(now)
+        return False, None
+
+    def _stale(self, timestamp: int | None) -> bool:
+        """Whether media time ``timestamp`` is more than MAX_SPAN_S older than the newest packet."""
+        if timestamp is None or self.newest is None:
+            return False
+        behind = (self.newest[1] - timestamp) & 0xFFFFFFFF
+        return self.clock_rate * MAX_SPAN_S < behind < 0x80000000
+
+    def _skip(self, now: float) -> None:
+        """Give up the awaited frame and anything stale; decode again from a keyframe."""
+        assert self.next_seq is not None
+        counters.holes_skipped += 1
+        self.next_seq += 1  # a frame with a hole is no use: find the next keyframe
+        for seq in [s for s, p in self.packets.items() if self._stale(p.timestamp)]:
+            del self.packets[seq]
+        self.next_seq = max(self.next_seq, min(self.packets, default=self.next_seq))
+        self.forget(self.next_seq)
+        self.last_timestamp = (
+            None  # no reference left: the age of a hole counts from the next frame
+        )
+        self._give_up(now)
+
+    def tick(self, now: float) -> None:
+        """Give up a hole waited for too long; ask again for a keyframe that does not come."""
+        if self.hole_since is not None and now - self.hole_since >= self.hole_wait_s():
+            logger.debug("hole at %s given up after %.3f s", self.next_seq, now - self.hole_since)
+            self._skip(now)
+            self._release(now)
+        elif (
+            self.need_keyframe
+            and self.last_request is not None
+            and now - self.last_request >= KEYFRAME_RETRY_S
+        ):
+            self._ask(now)
+
+    def _give_up(self, now: float) -> None:
+        self.need_keyframe = True
+        self.hole_since = None
+        self._ask(now)
+
+    def _ask(self, now: float) -> None:
+        self.last_request = now
+        counters.keyframe_requests += 1
+        self.request_keyframe()
+
+    def _release(self, now: float) -> None:
+        assert self.next_seq is not None
+        while True:
+            if self.need_keyframe:
+                starts = [
+                    s for s, p in self.packets.items() if s >= self.next_seq and self.keyframe(p)
+                ]
+                if not starts:
+                    for seq in sorted(self.packets)[:-MAX_HELD]:
+                        del self.packets[seq]
+                    # No keyframe asked for yet (its first packets were lost): ask after the wait.
+                    if self.last_request is None and self.packets:
+                        self.hole_since = self.hole_since or now
+                    return
+                start = min(starts)
+                for seq in [s for s in self.packets if s < start]:
+                    del self.packets[seq]
+                self.forget(start)
+                logger.debug("keyframe at %d (last asked %s)", start, self.last_request)
+                self.next_seq = start
+                self.need_keyframe = False
+            frame = self._complete()
+            if frame is None:
+                # A packet after the one awaited (or after the frame's missing one): a hole.
+                if max(self.packets, default=self.next_seq) <= self.next_seq:
+                    self.hole_since = None
+                    return
+                if not self._stale(self.last_timestamp):
+                    self.hole_since = self.hole_since or now
+                    return
+                # The hole spans more media time than is worth waiting for (an outage): at once.
+                logger.debug("hole at %s spans over %.1f s: given up", self.next_seq, MAX_SPAN_S)
+                self._skip(now)
+                continue
+            self.hole_since = None
+            self.last_request = None
+            self.last_timestamp = frame[0].timestamp
+            # ``_data``: the depayloaded bytes aiortc sets at rtcrtpreceiver.py:543.
+            data = b"".join(p._data for p in frame)  # type: ignore[attr-defined]
+            self.deliver(JitterFrame(data=data, timestamp=frame[0].timestamp), frame[0])
+
+    def _complete(self) -> list[RtpPacket] | None:
+        """The frame at ``next_seq`` if all its packets are here (removed from the buffer)."""
+        assert self.next_seq is not None
+        first = self.packets.get(self.next_seq)
+        if first is None:
+            return None
+        seq = self.next_seq
+        frame = [first]
+        while not frame[-1].marker:
+            following = self.packets.get(seq + 1)
+            if following is None:
+                return None
+            if following.timestamp != first.timestamp:  # the marker was lost with... nothing
+                break
+            frame.append(following)
+            seq += 1
+        for s in range(self.next_seq, self.next_seq + len(frame)):
+            del self.packets[s]
+        self.next_seq += len(frame)
+        return frame
+
+
+class AudioBuffer:
+    """Audio packets to the decoder in order, none that arrived thrown away; a loss concealed.
+
+    A packet is passed on as soon as the one before it was; behind a hole,
+    packets wait ``AUDIO_WAIT_S`` for a reordered one, then each missing packet
+    (up to ``MAX_CONCEAL`` in a row; beyond, an outage, nothing is made up) is
+    handed to ``conceal(previous, timestamp)``: the receiver decodes the last
+    packet again at the missing time, a repetition the ear forgives better than
+    a gap. Only a packet that comes after its slot was concealed is dropped.
+    """
+
+    def __init__(
+        self,
+        deliver: Callable[[JitterFrame, RtpPacket], None],
+        conceal: Callable[[RtpPacket, int], None],
+    ) -> None:
+        self.deliver = deliver
+        self.conceal = conceal
+        self.packets: dict[int, RtpPacket] = {}
+        self.next_seq: int | None = None
+        self.previous: RtpPacket | None = None
+        self.hole_since: float | None = None
+        self.late = 0  # packets that came after their slot was filled
+        self._unwrap = _Unwrapper()
+
+    # aiortc's call site: ``pli_flag, encoded_frame = self.__jitter_buffer.add(packet)``
+    def add(self, packet: RtpPacket, now: float | None = None) -> tuple[bool, None]:
+        now = time.monotonic() if now is None else now
+        ext = self._unwrap(packet.sequence_number)
+        if self.next_seq is None:
+            self.next_seq = ext
+        if ext < self.next_seq:
+            self.late += 1
+            return False, None
+        self.packets[ext] = packet
+        self._release(now)
+        return False, None
+
+    def tick(self, now: float) -> None:
+        """Conceal a hole waited for ``AUDIO_WAIT_S``."""
+        if self.hole_since is None or now - self.hole_since < AUDIO_WAIT_S:
+            return
+        assert self.next_seq is not None
+        resume = min(self.packets)
+        missing = resume - self.next_seq
+        previous = self.previous
+        if previous is not None and missing <= MAX_CONCEAL:
+            following = self.packets[resume]
+            step = ((following.timestamp - previous.timestamp) & 0xFFFFFFFF) // (missing + 1)
+            for k in range(1, missing + 1):
+                self.conceal(previous, (previous.timestamp + k * step) & 0xFFFFFFFF)
+            counters.audio_concealed += missing
+        self.next_seq = resume
+        self.hole_since = None
+        self._release(now)
+
+    def _release(self, now: float) -> None:
+        assert self.next_seq is not None
+        while (packet := self.packets.pop(self.next_seq, None)) is not None:
+            self.deliver(
+                JitterFrame(data=packet._data, timestamp=packet.timestamp),  # type: ignore[attr-defined]
+                packet,
+            )
+            self.previous = packet
+            self.next_seq += 1
+        self.hole_since = (self.hole_since or now) if self.packets else None
+
+
+# -- late frames ----------------------------------------------------------------------------------
+
+
+@dataclass
+class LateFrames:
+    """Drops a video frame that is late and already has a newer one waiting behind it.
+
+    Late: shown more than ``late_s`` after the best delay (arrival against media
+    time) seen in the last ``BASELINE_S``. The newest frame is always shown, so
+    dropping never freezes the picture; it only skips a backlog, as a player
+    catching up does, instead of playing it fast.
+    """
+
+    late_s: float = LATE_S
+    recent: collections.deque[tuple[float, float]] = field(default_factory=collections.deque)
+
+    def keep(self, media_s: float, now: float, newer_waiting: bool) -> bool:
+        offset = now - media_s  # the sender's clock against ours, plus the path's delay
+        while self.recent and self.recent[-1][1] >= offset:
+            self.recent.pop()
+        self.recent.append((now, offset))
+        while self.recent[0][0] < now - BASELINE_S:
+            self.recent.popleft()
+        if not newer_waiting or offset - self.recent[0][1] <= self.late_s:
+            return True
+        counters.late_dropped += 1
+        return False
+
+
+# -- installation ---------------------------------------------------------------------------------
+
+_installed: list[bool] = []
+
+
+def install() -> None:
+    """Patch aiortc's RTCRtpReceiver (video) and RemoteStreamTrack once per process."""
+    if _installed:
+        return
+    _installed.append(True)
+    original_init = RTCRtpReceiver.__init__
+    original_handle = RTCRtpReceiver._handle_rtp_packet
+    original_recv = RemoteStreamTrack.recv
+
+    def __init__(self: RTCRtpReceiver, kind: str, transport: Any) -> None:
+        original_init(self, kind, transport)
+        if kind == "video":
+            _VideoPath(self)
+        elif kind == "audio":
+            _AudioPath(self)
+
+    async def _handle_rtp_packet(
+        self: RTCRtpReceiver, packet: RtpPacket, arrival_time_ms: int
+    ) -> None:
+        path: _VideoPath | _AudioPath | None = getattr(self, "_epc_path", None)
+        if path is not None:
+            path.seen(packet)
+        await original_handle(self, packet, arrival_time_ms)
+
+    async def recv(self: RemoteStreamTrack) -> Any:
+        while True:
+            frame = await original_recv(self)
+            if not isinstance(frame, VideoFrame) or frame.pts is None or frame.time_base is None:
+                return frame
+            late: LateFrames = self.__dict__.setdefault("_epc_late", LateFrames())
+            newer = any(f is not None for f in self._queue._queue)  # type: ignore[attr-defined]
+            if late.keep(float(frame.pts * frame.time_base), time.monotonic(), newer):
+                return frame
+
+    RTCRtpReceiver.__init__ = __init__  # type: ignore[method-assign]
+    RTCRtpReceiver._handle_rtp_packet = _handle_rtp_packet  # type: ignore[method-assign]
+    RemoteStreamTrack.recv = recv  # type: ignore[method-assign]
+
+
+class _VideoPath:
+    """One video receiver's NackList, FrameBuffer and their timer."""
+
+    def __init__(self, receiver: RTCRtpReceiver) -> None:
+        self.receiver = receiver
+        self.nack = NackList()
+        self.ssrc: int | None = None
+        self.task: asyncio.Task[None] | None = None
+        self._pending_pli = False
+        self.buffer = FrameBuffer(
+            self._deliver,
+            self._request_keyframe,
+            self._keyframe,
+            hole_wait_s=self._hole_wait_s,
+            forget=self._forget,
+        )
+        receiver._epc_path = self  # type: ignore[attr-defined]
+        # rtcrtpreceiver.py:299-300: the two parts replaced (used at :535 and :551).
+        receiver._RTCRtpReceiver__jitter_buffer = self.buffer  # type: ignore[attr-defined]
+        receiver._RTCRtpReceiver__nack_generator = self.nack  # type: ignore[attr-defined]
+
+    def _hole_wait_s(self) -> float:
+        return min(max(3 * self.nack.rtt_s + 0.05, HOLE_WAIT_MIN_S), HOLE_WAIT_MAX_S)
+
+    def _codec(self, packet: RtpPacket) -> Any:
+        codecs: dict[int, Any] = self.receiver._RTCRtpReceiver__codecs  # type: ignore[attr-defined]
+        return codecs.get(packet.payload_type)
+
+    def _keyframe(self, packet: RtpPacket) -> bool:
+        codec = self._codec(packet)
+        return codec is not None and is_keyframe_start(codec.mimeType, packet.payload)
+
+    def _forget(self, ext: int) -> None:
+        # The buffer's and the NACK list's extended numbers differ by a constant: compare mod 2**16.
+        if self.nack.max_seq is None:
+            return
+        lowest = ext & 0xFFFF
+        for seq in list(self.nack.missing):
+            if (lowest - (seq & 0xFFFF)) & 0xFFFF < 0x8000 and seq & 0xFFFF != lowest:
+                del self.nack.missing[seq]
+
+    def seen(self, packet: RtpPacket) -> None:
+        if self.task is None:
+            self.task = asyncio.ensure_future(self._run())
+        codec = self._codec(packet)
+        if codec is not None and not codec.mimeType.lower().endswith("/rtx"):
+            self.ssrc = packet.ssrc
+
+    def _deliver(self, frame: JitterFrame, first: RtpPacket) -> None:
+        _decode(self.receiver, frame, first)
+
+    def _request_keyframe(self) -> None:
+        if self.ssrc is not None:
+            self._pending_pli = True
+
+    async def _run(self) -> None:
+        receiver = self.receiver
+        with contextlib.suppress(asyncio.CancelledError):
+            while receiver._RTCRtpReceiver__decoder_thread is not None:  # type: ignore[attr-defined]
+                await asyncio.sleep(TICK_S)
+                now = time.monotonic()
+                self.buffer.tick(now)
+                if self.ssrc is None:
+                    continue
+                lost = self.nack.due(now)
+                while lost:  # one NACK per run that does not wrap (rtp.py:485 packs deltas)
+                    run = next((i for i in range(1, len(lost)) if lost[i] < lost[i - 1]), len(lost))
+                    await receiver._send_rtcp_nack(self.ssrc, lost[:run])
+                    lost = lost[run:]
+                if self._pending_pli:
+                    self._pending_pli = False
+                    await receiver._send_rtcp_pli(self.ssrc)
+
+
+def concealed(track: Any) -> int:
+    """Audio frames made up for lost packets so far on a remote track (0 for any other)."""
+    return int(getattr(track, "_epc_concealed", 0))
+
+
+class _AudioPath:
+    """One audio receiver's AudioBuffer and its timer."""
+
+    def __init__(self, receiver: RTCRtpReceiver) -> None:
+        self.receiver = receiver
+        self.task: asyncio.Task[None] | None = None
+        self.buffer = AudioBuffer(self._deliver, self._conceal)
+        receiver._epc_path = self  # type: ignore[attr-defined]
+        # rtcrtpreceiver.py:295: JitterBuffer(capacity=16, prefetch=4), which drops packets
+        # it received once 16 pile up behind a hole (smart_remove, jitterbuffer.py:53).
+        receiver._RTCRtpReceiver__jitter_buffer = self.buffer  # type: ignore[attr-defined]
+
+    def seen(self, packet: RtpPacket) -> None:
+        if self.task is None:
+            self.task = asyncio.ensure_future(self._run())
+
+    def _deliver(self, frame: JitterFrame, packet: RtpPacket) -> None:
+        _decode(self.receiver, frame, packet)
+
+    def _conceal(self, previous: RtpPacket, timestamp: int) -> None:
+        data = previous._data  # type: ignore[attr-defined]
+        if _decode(self.receiver, JitterFrame(data=data, timestamp=timestamp), previous):
+            track = self.receiver._track
+            if track is not None:
+                track._epc_concealed = concealed(track) + 1  # type: ignore[attr-defined]
+
+    async def _run(self) -> None:
+        receiver = self.receiver
+        with contextlib.suppress(asyncio.CancelledError):
+            while receiver._RTCRtpReceiver__decoder_thread is not None:  # type: ignore[attr-defined]
+                await asyncio.sleep(TICK_S)
+                self.buffer.tick(time.monotonic())
+
+
+def _decode(receiver: RTCRtpReceiver, frame: JitterFrame, packet: RtpPacket) -> bool:
+    """Queue one encoded frame for the receiver's decoder, as rtcrtpreceiver.py:562-567 does."""
+    if receiver._RTCRtpReceiver__decoder_thread is None:  # type: ignore[attr-defined]
+        return False
+    codecs: dict[int, Any] = receiver._RTCRtpReceiver__codecs  # type: ignore[attr-defined]
+    codec = codecs.get(packet.payload_type)
+    if codec is None:
+        return False
+    mapper = receiver._RTCRtpReceiver__timestamp_mapper  # type: ignore[attr-defined]
+    frame.timestamp = mapper.map(frame.timestamp)
+    receiver._RTCRtpReceiver__decoder_queue.put((codec, frame))  # type: ignore[attr-defined]
+    return True
