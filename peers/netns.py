@@ -30,7 +30,15 @@ from dataclasses import dataclass
 
 from peers.errors import NetworkError
 
-__all__ = ["Netns", "Network", "NetworkError", "command_missing", "inside", "netns_missing"]
+__all__ = [
+    "Netns",
+    "Network",
+    "NetworkError",
+    "command_missing",
+    "inside",
+    "netns_missing",
+    "run_command",
+]
 
 _networks = itertools.count(1)
 
@@ -81,16 +89,16 @@ class Network:
         while self.namespaces:
             ns = self.namespaces.pop()
             with contextlib.suppress(NetworkError):
-                await _run("ip", "netns", "del", ns.name)
+                await run_command("ip", "netns", "del", ns.name)
 
     async def namespace(self, label: str) -> Netns:
         """A new namespace: loopback up, IPv6 off (no link-local candidates)."""
         ns = Netns(f"{self.prefix}-{len(self.namespaces)}{label}")
-        await _run("ip", "netns", "add", ns.name)
+        await run_command("ip", "netns", "add", ns.name)
         self.namespaces.append(ns)
         await self.run(ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1")
         await self.run(ns, "sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1")
-        await _run("ip", "-n", ns.name, "link", "set", "lo", "up")
+        await run_command("ip", "-n", ns.name, "link", "set", "lo", "up")
         return ns
 
     async def link(self, a: Netns, a_address: str, b: Netns, b_address: str) -> tuple[str, str]:
@@ -101,14 +109,14 @@ class Network:
         """
         n = next(self._links)
         a_dev, b_dev = f"v{n}a", f"v{n}b"
-        await _run(
+        await run_command(
             "ip", "link", "add", a_dev, "netns", a.name, "type", "veth",
             "peer", b_dev, "netns", b.name,
         )  # fmt: skip
         for ns, dev, address in ((a, a_dev, a_address), (b, b_dev, b_address)):
             if address:
-                await _run("ip", "-n", ns.name, "addr", "add", address, "dev", dev)
-            await _run("ip", "-n", ns.name, "link", "set", dev, "up")
+                await run_command("ip", "-n", ns.name, "addr", "add", address, "dev", dev)
+            await run_command("ip", "-n", ns.name, "link", "set", dev, "up")
         return a_dev, b_dev
 
     async def lan(self, address: str = "198.18.0.2/24") -> Netns:
@@ -124,7 +132,7 @@ class Network:
 
     async def run(self, ns: Netns, *argv: str) -> str:
         """Run a command inside ``ns``; its standard output, or NetworkError naming it."""
-        return await _run(*ns.command(*argv))
+        return await run_command(*ns.command(*argv))
 
 
 _CLONE_NEWNET = 0x40000000
@@ -153,7 +161,8 @@ def inside(ns: Netns) -> Iterator[None]:
         os.close(target)
 
 
-async def _run(*argv: str) -> str:
+async def run_command(*argv: str) -> str:
+    """Run a command; its standard output, or NetworkError naming it and its error."""
     proc = await asyncio.create_subprocess_exec(
         *argv,
         stdin=asyncio.subprocess.DEVNULL,

@@ -97,7 +97,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal
 
-from peers.netns import Netns, Network, inside
+from peers.netns import Netns, Network, NetworkError, inside, run_command
 
 __all__ = [
     "GilbertElliott",
@@ -718,34 +718,21 @@ class Link:
     async def _remove_leftover_rules(self) -> None:
         for line in await self.rules():
             argv = ["iptables", "-w", "-t", "mangle", "-D", *shlex.split(line)[1:]]
-            with contextlib.suppress(OSError):
-                await _run(self.ns.command(*argv))
+            with contextlib.suppress(NetworkError):
+                await run_command(*self.ns.command(*argv))
 
     async def rules(self) -> list[str]:
         """This link's iptables rules still present in the namespace (``-S`` lines)."""
         try:
-            out = await _run(self.ns.command("iptables", "-w", "-t", "mangle", "-S"))
-        except OSError:
+            out = await run_command(*self.ns.command("iptables", "-w", "-t", "mangle", "-S"))
+        except NetworkError:
             return []  # the namespace is gone, and its rules with it
         return [line for line in out.splitlines() if self.tag in line]
 
 
 async def run_in(ns: Netns, *argv: str) -> str:
-    """Run a command inside ``ns``; its standard output, or OSError naming it."""
-    return await _run(ns.command(*argv))
-
-
-async def _run(argv: list[str]) -> str:
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await proc.communicate()
-    if proc.returncode != 0:
-        raise OSError(f"`{' '.join(argv)}` failed: {err.decode(errors='replace').strip()}")
-    return out.decode(errors="replace")
+    """Run a command inside ``ns``; its standard output, or NetworkError naming it."""
+    return await run_command(*ns.command(*argv))
 
 
 # -- the probe: a UDP echo between two namespaces --------------------------------------------------
