@@ -1840,7 +1840,7 @@ class Relay:
         body = b"" if reader is None or reader.body is None else reader.body
         try:
             fields = consultation_request(body, api.ttl_s)
-            base_url = api.base_url or self.base_url(request)
+            base_url = api.base_url or self.base_url(ws, request)
             assert self.config.auth.secret  # the loader requires it with api.keys
             made = new_consultation(
                 self.config.auth.secret, base_url, time.time(), fields[1], fields[0]
@@ -1850,12 +1850,20 @@ class Relay:
         logger.info("api: consultation session=%s created for %s", made["session"], address)
         return self.http_response(200, json.dumps(made).encode(), "application/json")
 
-    def base_url(self, request: Request) -> str:
-        """The links' origin when api.base_url is unset: this request's Host."""
+    def base_url(self, ws: ServerConnection, request: Request) -> str:
+        """The links' origin when api.base_url is unset: this request's scheme and Host.
+
+        The scheme is X-Forwarded-Proto's when a trusted proxy sent it.
+        """
         host = request.headers.get("Host", "")
         if not re.fullmatch(r"[A-Za-z0-9.:\[\]-]{1,255}", host):
             raise ProtocolError("bad-host", "No usable Host header: set api.base_url.")
-        return f"{'https' if self.tls else 'http'}://{host}"
+        scheme = "https" if self.tls else "http"
+        proto = request.headers.get("X-Forwarded-Proto", "").strip().lower()
+        proxies = self.config.trusted_proxies
+        if proto in ("http", "https") and _in_networks(_socket_address(ws), proxies):
+            scheme = proto
+        return f"{scheme}://{host}"
 
     def api_error(self, status: int, code: str, message: str) -> Response:
         body = json.dumps({"code": code, "message": message}).encode()
