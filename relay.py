@@ -2149,8 +2149,10 @@ def command(args: argparse.Namespace, config: RelayConfig) -> int:
         return 0
     if not config.auth.secret:
         raise ConfigError("auth.secret", f"needed to sign tokens (or {AUTH_SECRET_ENV})")
-    if not 0 < args.ttl <= LINK_TTL_MAX_S:
-        raise ConfigError("--ttl", f"expected 1 to {LINK_TTL_MAX_S} seconds")
+    if args.ttl <= 0:
+        raise ConfigError("--ttl", "expected a positive number of seconds")
+    if args.command == "invite" and args.ttl > LINK_TTL_MAX_S:
+        raise ConfigError("--ttl", f"expected at most {LINK_TTL_MAX_S} seconds (30 days)")
     now = int(time.time())
     start = args.valid_from
     expiry = (now if start is None else start) + args.ttl
