@@ -181,6 +181,17 @@ class TurnServerSettings:
     def tls(self) -> bool:
         return self.cert is not None
 
+    def peers_policy(self) -> str:
+        """Where coturn relays to, for the start banner (the exceptions listed)."""
+        policy = (
+            "private peers ALLOWED (LAN-only development profile)"
+            if self.allow_private_peers
+            else "private and loopback peers denied"
+        )
+        if self.allowed_peers:
+            policy += f", except {', '.join(self.allowed_peers)} (turn.allowed_peers)"
+        return policy
+
     def denied_peers(self) -> tuple[str, ...]:
         # coturn matches 127.0.0.1 against "::/128" too: none of these when loopback is allowed.
         loopback = () if self.allow_loopback_peers else LOOPBACK_PEERS
@@ -319,9 +330,7 @@ class TurnServer:
             self.settings.min_port,
             self.settings.max_port,
             "shared secret (use-auth-secret)" if self.settings.secret else "one static user",
-            "private peers ALLOWED (LAN-only development profile)"
-            if self.settings.allow_private_peers
-            else "private and loopback peers denied",
+            self.settings.peers_policy(),
         )
         if self.settings.allow_private_peers:
             logger.warning(
