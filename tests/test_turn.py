@@ -8,6 +8,7 @@ touches the machine's own interfaces).
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import time
 from collections.abc import AsyncIterator
@@ -29,7 +30,8 @@ from peers.turnserver import (
     stun_binding,
 )
 from tests.nat import TlsFiles, make_tls_files
-from tests.support import TIMEOUT, within
+from tests.processes import peer_argv, relay_process, spawn
+from tests.support import TIMEOUT, within, write_yaml
 
 SECRET = "test-turn-secret"
 
@@ -318,3 +320,42 @@ def test_first_turn_server_follows_aiortc() -> None:
     assert (found.url, found.transport, found.tls, found.label) == (
         "turn:198.19.0.1:3478", "udp", False, "udp",
     )  # fmt: skip
+
+
+# -- the peers check their TURN server at join ----------------------------------------------
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("secret", "status", "said"),
+    [
+        pytest.param(SECRET, None, "allocation granted", id="granted"),
+        pytest.param("not-" + SECRET, 1, "refused the credentials (401", id="refused"),
+    ],
+)
+async def test_a_peer_checks_its_turn_server_as_soon_as_it_joins(
+    coturn: TurnServer, tmp_path: Path, secret: str, status: int | None, said: str
+) -> None:
+    """Alone in its session, a peer checks its TURN server and says so (exit 1 if refused)."""
+    url = f"turn:127.0.0.1:{coturn.port}?transport=udp"
+    config = write_yaml(
+        tmp_path / "relay.yaml",
+        {
+            "relay": {"host": "127.0.0.1", "port": 0},
+            "auth": {"open": True},
+            "turn": {"secret": secret, "urls": [url]},
+        },
+    )
+    async with relay_process(config) as running:
+        peer = await spawn(
+            "practitioner",
+            peer_argv("practitioner", config, "--relay", running.url, "--session", "alone"),
+        )
+        try:
+            await peer.expect(re.escape(f"TURN server {url}") + ".*" + re.escape(said), TIMEOUT * 6)
+            if status is not None:
+                assert await peer.wait(TIMEOUT) == status, peer.log()
+            else:
+                assert peer.proc.returncode is None  # granted: it waits for the patient
+        finally:
+            await peer.stop()
