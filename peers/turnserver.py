@@ -192,6 +192,16 @@ class TurnServerSettings:
             policy += f", except {', '.join(self.allowed_peers)} (turn.allowed_peers)"
         return policy
 
+    def allows_loopback(self) -> bool:
+        """Whether turn.allowed_peers lets a loopback range through (127.0.0.0/8, ::1)."""
+        return any(
+            ipaddress.ip_network(cidr, strict=False).overlaps(ipaddress.ip_network(loopback))
+            for cidr in self.allowed_peers
+            for loopback in ("127.0.0.0/8", "::1/128")
+            if ipaddress.ip_network(cidr, strict=False).version
+            == ipaddress.ip_network(loopback).version
+        )
+
     def denied_peers(self) -> tuple[str, ...]:
         # coturn matches 127.0.0.1 against "::/128" too: none of these when loopback is allowed.
         loopback = () if self.allow_loopback_peers else LOOPBACK_PEERS
@@ -235,7 +245,8 @@ class TurnServerSettings:
             lines += ["no-tls", "no-dtls"]
         lines += [f"denied-peer-ip={_ip_range(cidr)}" for cidr in self.denied_peers()]
         lines += [f"allowed-peer-ip={_ip_range(cidr)}" for cidr in self.allowed_peers]
-        if self.allow_loopback_peers:
+        if self.allow_loopback_peers or self.allows_loopback():
+            # coturn refuses loopback peers before it reads allowed-peer-ip.
             lines.append("allow-loopback-peers")
         if self.verbose:
             lines.append("verbose")

@@ -22,6 +22,7 @@ from aioice.turn import create_turn_endpoint
 from aiortc import RTCIceServer
 
 import relay
+from peers import aiortc_patches
 from peers.turnclient import TurnServerUrl, diagnose, first_turn_server
 from peers.turnserver import (
     TurnServer,
@@ -359,3 +360,38 @@ async def test_a_peer_checks_its_turn_server_as_soon_as_it_joins(
                 assert peer.proc.returncode is None  # granted: it waits for the patient
         finally:
             await peer.stop()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("allowed", "granted"),
+    [
+        pytest.param([], False, id="denied-by-default"),
+        pytest.param(["127.0.0.7/32"], True, id="allowed-address"),
+        pytest.param(["127.0.0.0/8"], True, id="allowed-range"),
+        pytest.param(["127.0.0.5/32"], False, id="other-address-allowed"),
+    ],
+)
+async def test_allowed_peers_really_let_a_range_through(allowed: list[str], granted: bool) -> None:
+    """turn.allowed_peers opens exactly its ranges, loopback included; others get coturn's 403."""
+    async with TurnServer(settings(allowed_peers=allowed)) as server:
+        entry = minted(server)
+        transport, _ = await within(
+            create_turn_endpoint(
+                _Sink,
+                server_addr=("127.0.0.1", server.port),
+                username=entry["username"],
+                password=entry["credential"],
+            )
+        )
+        try:
+            bind = aiortc_patches.bind_channel(
+                aiortc_patches.turn_transport_client(transport), ("127.0.0.7", 40000)
+            )
+            if granted:
+                await within(bind)
+            else:
+                with pytest.raises(stun.TransactionFailed, match="403"):
+                    await within(bind)
+        finally:
+            transport.close()
