@@ -95,6 +95,17 @@ async def test_api_refusals(kwargs: dict[str, Any], body: bytes, status: int, co
 
 
 @pytest.mark.asyncio
+async def test_api_shares_the_per_address_handshake_limit() -> None:
+    """Past limits.handshakes_per_second_per_address, the API answers 429 address-limit."""
+    limits = {"handshakes_per_second_per_address": 1}
+    async with running_relay(relay_config(auth=AUTH, api=API, limits=limits)) as running:
+        first, _ = await post(running.port, b"{}")
+        second, answer = await post(running.port, b"{}")
+    assert first == 200
+    assert (second, answer["code"]) == (429, "address-limit")
+
+
+@pytest.mark.asyncio
 async def test_api_is_off_without_keys() -> None:
     """Without api.keys, POST /api/consultations is 404 api-off."""
     async with running_relay(relay_config(auth=AUTH)) as running:
