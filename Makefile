@@ -23,7 +23,7 @@ PY      := $(call q,$(value VENV)/bin/python)
 CONFIG_ := $(call q,$(value CONFIG))
 ARGS_   := $(call qs,$(value ARGS))
 
-.PHONY: help netem-probe bench-storm bench-recovery bench-network apt-systemd bench-browser bench-call patient practitioner bench-deps apt-nodejs setup system-deps turn-deps turn bench-turn browser-deps nginx-deps systemd-deps run-relay test lint demo bench bench-relay screenshots clean
+.PHONY: demo-turn help netem-probe bench-storm bench-recovery bench-network apt-systemd bench-browser bench-call patient practitioner bench-deps apt-nodejs setup system-deps turn-deps turn bench-turn browser-deps nginx-deps systemd-deps run-relay test lint demo bench bench-relay screenshots clean
 
 ## setup: a virtualenv with the pinned requirements, runtime and development (idempotent)
 setup: $(STAMP)
@@ -91,6 +91,10 @@ lint: setup
 ## demo: relay + two clients, prints what the call achieved, stops everything
 demo: setup system-deps
 	$(PY) -m bench.demo --config $(CONFIG_) $(ARGS_)
+
+## demo-turn: the demo through a local coturn, TURN only, in a private namespace (as root)
+demo-turn: setup system-deps turn-deps
+	$(PY) -m bench.demo --turn --config $(CONFIG_) $(ARGS_)
 
 ## patient, practitioner: one seat of a consultation, e.g. `make patient SESSION=test123`
 patient practitioner: setup

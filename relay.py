@@ -31,6 +31,7 @@ import base64
 import collections
 import contextlib
 import dataclasses
+import datetime
 import email.utils
 import hashlib
 import hmac
@@ -47,11 +48,11 @@ import signal
 import ssl
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Generator, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TypeAlias
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 import orjson
 import uvloop
@@ -65,6 +66,8 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import Event
+from websockets.server import ServerProtocol
+from websockets.streams import StreamReader
 
 __version__: Final = "0.1.0"
 
@@ -77,10 +80,12 @@ ROOT: Final = Path(__file__).resolve().parent
 ROLES: Final = ("patient", "practitioner")
 OTHER_ROLE: Final = {"patient": "practitioner", "practitioner": "patient"}
 SESSION_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# Minted session ids: letters and digits only (one never starts with "-", an option).
+SESSION_ALPHABET: Final = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 RESUME_RE: Final = SESSION_RE
 FORWARDED_TYPES: Final = frozenset({"offer", "answer", "candidate"})
 RELAYED_TYPES: Final = FORWARDED_TYPES | {"bye"}  # what reaches the other seat as sent
-CLIENT_TYPES: Final = frozenset({"join", "offer", "answer", "candidate", "bye", "ping"})
+CLIENT_TYPES: Final = frozenset({"join", "offer", "answer", "candidate", "bye", "ping", "invite"})
 TEXT_OR_NULL: Final = (str, type(None))
 INT_OR_NULL: Final = (int, type(None))  # exact types: true is not an integer
 EXPIRY_RE: Final = re.compile(r"[1-9][0-9]{0,11}")  # [0-9] is ASCII only, unlike \d
@@ -98,6 +103,11 @@ AUTH_SECRET_ENV: Final = "EPEDICARE_AUTH_SECRET"  # noqa: S105 (a variable name)
 TURN_SECRET_ENV: Final = "EPEDICARE_TURN_SECRET"  # noqa: S105 (a variable name)
 RESUME_SECRET_ENV: Final = "EPEDICARE_RESUME_SECRET"  # noqa: S105 (a variable name)
 RESUME_SECRET_FILE: Final = ".relay-resume-secret"  # noqa: S105 (a file name, next to the YAML)
+API_KEYS_ENV: Final = "EPEDICARE_API_KEYS"  # comma-separated hashes, like api.keys
+API_KEY_HASH_RE: Final = re.compile(r"sha256:[0-9a-f]{64}")
+API_PATH: Final = "/api/consultations"
+API_MAX_BODY: Final = 4096  # bytes of JSON a booking system may post
+LINK_TTL_MAX_S: Final = 30 * 86_400  # the longest consultation link (invite, the API)
 TURN_TTL_MAX_S: Final = 86_400  # the longest TURN credential the relay mints (24 h)
 FD_MARGIN: Final = 64  # descriptors beyond max_connections: listener, logs, DNS, metrics
 LOOPBACK_NETS: Final = ("127.0.0.0/8", "::1/128")
@@ -171,6 +181,16 @@ class AuthConfig:
 
 
 @dataclass(frozen=True)
+class ApiConfig:
+    """POST /api/consultations: off unless ``keys`` (SHA-256 hashes of API keys) is set."""
+
+    keys: tuple[str, ...] = ()
+    # The links' origin, e.g. https://call.example.org; None: the request's Host.
+    base_url: str | None = None
+    ttl_s: int = 7200  # a consultation's links, when the request names no ttl_s
+
+
+@dataclass(frozen=True)
 class TlsConfig:
     cert: Path | None = None
     key: Path | None = None
@@ -224,6 +244,7 @@ class RelayConfig:
     tls: TlsConfig = TlsConfig()
     limits: Limits = Limits()
     turn: TurnConfig = TurnConfig()
+    api: ApiConfig = ApiConfig()
     # Proxies whose X-Forwarded-For names the client (addresses or networks).
     trusted_proxies: tuple[IPNetwork, ...] = ()
     # Origins allowed to open /ws from a browser; () is the same origin only
@@ -266,6 +287,7 @@ class RelayConfig:
         limits = top.section("limits")
         ice = top.section("ice")
         metrics = top.section("metrics")
+        api = top.section("api")
 
         d = Limits()
         lim = Limits(
@@ -315,11 +337,16 @@ class RelayConfig:
                     f"relay.origins[{i}]", "expected an origin like https://call.example.org"
                 )
         resume_file = auth.optional_text("resume_secret_file")
+        api_config = _api_config(api, env)
+        secret = env.get(AUTH_SECRET_ENV) or auth.optional_text("secret")
+        if api_config.keys and not secret:
+            raise ConfigError("api.keys", f"set auth.secret (or {AUTH_SECRET_ENV}) to sign links")
         return cls(
             host=relay.text("host", cls.host),
             port=relay.port("port", cls.port),
+            api=api_config,
             auth=AuthConfig(
-                secret=env.get(AUTH_SECRET_ENV) or auth.optional_text("secret"),
+                secret=secret,
                 open=auth.flag("open", False),
                 resume_secret=env.get(RESUME_SECRET_ENV) or auth.optional_text("resume_secret"),
                 resume_secret_file=None if resume_file is None else Path(resume_file),
@@ -418,6 +445,7 @@ CONFIG_KEYS: Final[Mapping[str, frozenset[str]]] = {
     | frozenset({"open_timeout_s", "join_timeout_s", "reconnect_max_s"}),
     "auth": frozenset({"secret", "open", "resume_secret", "resume_secret_file"}),
     "metrics": frozenset({"allow"}),
+    "api": frozenset({"keys", "base_url", "ttl_s"}),
     "tls": frozenset({"cert", "key"}),
     "limits": frozenset(f.name for f in dataclasses.fields(Limits)),
     # secret, urls, ttl: the relay's short-lived credentials; ca_file: the peers' trust;
@@ -629,6 +657,42 @@ def check_session(value: object, key: str) -> str:
     return value
 
 
+def _api_config(api: Section, env: Mapping[str, str]) -> ApiConfig:
+    from_env = env.get(API_KEYS_ENV)
+    if from_env is not None:
+        keys = [k.strip() for k in from_env.split(",") if k.strip()]
+        where = API_KEYS_ENV
+    else:
+        keys, where = api.texts("keys"), "api.keys"
+    for i, key in enumerate(keys):
+        if not API_KEY_HASH_RE.fullmatch(key):
+            raise ConfigError(
+                f"{where}[{i}]",
+                "expected a hash sha256:<64 hex digits> (python relay.py api-key prints one)",
+            )
+    base_url = api.optional_text("base_url")
+    if base_url is not None:
+        base_url = check_base_url(base_url, "api.base_url")
+    return ApiConfig(
+        keys=tuple(keys),
+        base_url=base_url,
+        ttl_s=api.integer("ttl_s", ApiConfig.ttl_s, minimum=60, maximum=LINK_TTL_MAX_S),
+    )
+
+
+def check_base_url(url: str, key: str) -> str:
+    """An http(s) origin with an optional path prefix, without a trailing slash."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+        raise ConfigError(key, f"expected a URL like https://call.example.org, got {url!r}")
+    return url.rstrip("/")
+
+
+def hash_api_key(key: str) -> str:
+    """What api.keys holds for an API key: its SHA-256 (keys are random, 256 bits)."""
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
 def _networks(section: Section, name: str, default: Iterable[str]) -> tuple[IPNetwork, ...]:
     return tuple(ipaddress.ip_network(net) for net in section.networks(name, default))
 
@@ -712,6 +776,8 @@ def _check_fields(kind: str, data: dict[str, Any]) -> None:
         _field(data, "sdp", str)
     elif kind == "bye":
         _field(data, "reason", str, optional=True)
+    elif kind == "invite":
+        _field(data, "token", str, optional=True)
 
 
 def _field(
@@ -747,35 +813,81 @@ def _b64url(raw: bytes) -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
 
 
-def _token_signature(secret: str, session: str, role: str, expiry: int) -> str:
-    message = f"v1|{session}|{role}|{expiry}".encode()
+def _token_signature(secret: str, session: str, role: str, window: str) -> str:
+    """HMAC-SHA256 over the version, session, role and the window's text.
+
+    ``window`` is ``<expiry>`` for v1, ``<not-before>|<expiry>`` for v2.
+    """
+    version = "v2" if "|" in window else "v1"
+    message = f"{version}|{session}|{role}|{window}".encode()
     return _b64url(hmac.new(secret.encode(), message, hashlib.sha256).digest())
 
 
-def mint_token(secret: str, session: str, role: str, expiry: int) -> str:
-    """A join token for one session and role, valid until ``expiry`` (Unix seconds)."""
+def mint_token(
+    secret: str, session: str, role: str, expiry: int, not_before: int | None = None
+) -> str:
+    """A join token for one session and role, valid until ``expiry`` (Unix seconds).
+
+    With ``not_before`` it is a v2 token, refused (``token-not-yet-valid``)
+    before that time; without, a v1 token, as before.
+    """
     if not SESSION_RE.fullmatch(session):
         raise ValueError(f"bad session id {session!r}: expected 1-64 of [A-Za-z0-9_-]")
     if role not in ROLES:
         raise ValueError(f"bad role {role!r}: expected patient or practitioner")
-    return f"v1.{expiry}.{_token_signature(secret, session, role, expiry)}"
+    for name, value in (("expiry", expiry), ("not-before", not_before)):
+        if value is not None and not EXPIRY_RE.fullmatch(str(value)):
+            raise ValueError(f"bad {name} {value!r}: expected 1 to 12 digits of Unix seconds")
+    if not_before is None:
+        return f"v1.{expiry}.{_token_signature(secret, session, role, str(expiry))}"
+    if not_before >= expiry:
+        raise ValueError("the not-before time must come before the expiry")
+    window = f"{not_before}|{expiry}"
+    return f"v2.{not_before}.{expiry}.{_token_signature(secret, session, role, window)}"
 
 
-def check_token(secret: str, token: str | None, session: str, role: str, now: float) -> None:
-    """Raise ``ProtocolError`` unless ``token`` signs this session and role and is current."""
+def token_window(token: str) -> tuple[int | None, int, str] | None:
+    """A token's (not-before, expiry, signed window text), or None when malformed.
+
+    Strict: ``v1.<expiry>.<sig>`` or ``v2.<not-before>.<expiry>.<sig>``, each
+    time in ASCII digits without a leading zero (one token, one spelling).
+    """
+    parts = token.split(".")
+    if parts[0] == "v1" and len(parts) == 3 and EXPIRY_RE.fullmatch(parts[1]):
+        return None, int(parts[1]), parts[1]
+    if (
+        parts[0] == "v2"
+        and len(parts) == 4
+        and EXPIRY_RE.fullmatch(parts[1])
+        and EXPIRY_RE.fullmatch(parts[2])
+    ):
+        return int(parts[1]), int(parts[2]), f"{parts[1]}|{parts[2]}"
+    return None
+
+
+def check_token(
+    secret: str, token: str | None, session: str, role: str, now: float
+) -> tuple[int | None, int]:
+    """Raise ``ProtocolError`` unless ``token`` signs this session and role and is current.
+
+    Returns its (not-before, expiry).
+    """
     if token is None:
         raise ProtocolError("bad-token", "This relay needs a join token.")
-    version, _, rest = token.partition(".")
-    expiry_text, _, signature = rest.partition(".")
-    # ASCII digits only, no leading zero: one expiry has one spelling.
-    if version != "v1" or not EXPIRY_RE.fullmatch(expiry_text):
+    window = token_window(token)
+    if window is None:
         raise ProtocolError("bad-token", "The join token is malformed.")
-    expiry = int(expiry_text)
-    expected = _token_signature(secret, session, role, expiry)
+    not_before, expiry, text = window
+    expected = _token_signature(secret, session, role, text)
+    signature = token.rpartition(".")[2]
     if not hmac.compare_digest(expected.encode(), signature.encode()):
         raise ProtocolError("bad-token", "The join token is not valid for this session and role.")
     if expiry < now:
         raise ProtocolError("token-expired", "The join token has expired.")
+    if not_before is not None and now < not_before:
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(not_before))
+        raise ProtocolError("token-not-yet-valid", f"The join token is valid from {when} only.")
+    return not_before, expiry
 
 
 def _resume_mac(secret: bytes, session: str, role: str, nonce: str) -> str:
@@ -809,6 +921,63 @@ def turn_credentials(turn: TurnConfig, session: str, role: str, now: float) -> l
     digest = hmac.new(turn.secret.encode(), username.encode(), hashlib.sha1).digest()
     credential = base64.b64encode(digest).decode("ascii")
     return [{"urls": list(turn.urls), "username": username, "credential": credential}]
+
+
+def consultation_request(body: bytes, default_ttl: int) -> tuple[int | None, int]:
+    """The (not_before, ttl_s) of an API request's JSON body, or ProtocolError naming the field."""
+    if not body.strip():
+        return None, default_ttl
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise ProtocolError("bad-body", "The body is not valid JSON.") from None
+    if type(data) is not dict:
+        raise ProtocolError("bad-body", "The body must be one JSON object.")
+    for name in data:
+        if name not in ("not_before", "ttl_s"):
+            raise ProtocolError(
+                "bad-field", f"Unknown field {_shorten(str(name))!r}: expected not_before, ttl_s."
+            )
+    not_before = data.get("not_before")
+    if not_before is not None and (
+        type(not_before) is not int or not EXPIRY_RE.fullmatch(str(not_before))
+    ):
+        raise ProtocolError(
+            "bad-field", "The field 'not_before' must be Unix seconds (an integer)."
+        )
+    ttl = data.get("ttl_s", default_ttl)
+    if type(ttl) is not int or not 60 <= ttl <= LINK_TTL_MAX_S:
+        raise ProtocolError(
+            "bad-field", f"The field 'ttl_s' must be an integer from 60 to {LINK_TTL_MAX_S}."
+        )
+    return not_before, ttl
+
+
+def link(base_url: str, session: str, role: str, token: str) -> str:
+    query = urlencode({"session": session, "role": role, "token": token})
+    return f"{base_url}/?{query}"
+
+
+def new_consultation(
+    secret: str, base_url: str, now: float, ttl_s: int, not_before: int | None = None
+) -> dict[str, Any]:
+    """A random session id and both seats' links, valid from ``not_before`` for ``ttl_s``.
+
+    The session id has 128 random bits: it cannot be guessed, and the tokens
+    bind each link to it.
+    """
+    session = "".join(secrets.choice(SESSION_ALPHABET) for _ in range(22))  # 131 bits
+    expiry = (int(now) if not_before is None else not_before) + ttl_s
+    if expiry < now:
+        raise ProtocolError("bad-field", "The links would expire before they are made.")
+    if not EXPIRY_RE.fullmatch(str(expiry)):
+        raise ProtocolError("bad-field", "The expiry must fit in 12 digits.")
+    made: dict[str, Any] = {"session": session, "not_before": not_before, "expires": expiry}
+    for role in ROLES:
+        token = mint_token(secret, session, role, expiry, not_before)
+        made[f"{role}_url"] = link(base_url, session, role, token)
+        made[f"{role}_token"] = token
+    return made
 
 
 # -- state and actions -----------------------------------------------------------
@@ -1096,7 +1265,7 @@ def receive(state: State, conn_id: int, message: str | bytes) -> list[Action]:
 
 def _redacted(kind: str, data: dict[str, Any], text: str) -> str:
     """A frame for the DEBUG log: secrets masked, quoted by repr (no forged lines)."""
-    if kind == "join":
+    if kind == "join" or kind == "invite":  # noqa: PLR1714 (as in handle)
         shown = {k: ("***" if k in ("token", "resume") else v) for k, v in data.items()}
         return repr(_shorten(json.dumps(shown), 120))
     return repr(_shorten(text, 120))
@@ -1133,6 +1302,8 @@ def handle(state: State, conn: Conn, kind: str, data: dict[str, Any], text: str)
         raise ProtocolError("not-joined", f"Send 'join' before {kind!r}.")
     if kind == "bye":
         return _leave(state, conn, "bye", forward=text)
+    if kind == "invite":
+        return [Send(conn.id, invite_frame(state, conn, data.get("token")))]
     raise ProtocolError("no-peer", f"No {OTHER_ROLE[conn.role or '']} to send {kind!r} to.")
 
 
@@ -1229,6 +1400,24 @@ def _join(state: State, conn: Conn, data: dict[str, Any]) -> list[Action]:
         seat.resumed,
     )
     return actions
+
+
+def invite_frame(state: State, conn: Conn, token: str | None) -> str:
+    """The patient's token for a joined practitioner's session (docs/protocol.md, invite).
+
+    Stateless: the practitioner sends its own token back, and the patient's
+    token gets the same window (not-before and expiry), so the patient's link
+    works exactly when the practitioner's does. Without auth.secret, no token.
+    """
+    session = conn.session
+    if conn.role != "practitioner" or session is None:
+        raise ProtocolError("not-practitioner", "Only the practitioner may ask for an invitation.")
+    secret = state.config.auth.secret
+    if not secret:
+        return frame("invite", session=session, role="patient", token=None, expires=None)
+    not_before, expiry = check_token(secret, token, session, "practitioner", state.wallclock())
+    patient = mint_token(secret, session, "patient", expiry, not_before)
+    return frame("invite", session=session, role="patient", token=patient, expires=expiry)
 
 
 def _ice_servers(state: State, conn: Conn, session: str, role: str) -> list[dict[str, Any]]:
@@ -1375,6 +1564,49 @@ class _StateCollector:
         yield errors
 
 
+class ApiBodyReader:
+    """Reads the body of ``POST /api/consultations``, the one request that has one.
+
+    websockets' HTTP parser refuses any request with a body (a WebSocket
+    handshake has none) and reads lines through ``StreamReader.read_line``.
+    This wraps that method for one connection: in an API request it hides
+    ``Content-Length`` from the parser (renamed ``X-Api-Content-Length``) and,
+    at the blank line that ends the headers, reads up to ``API_MAX_BODY`` bytes
+    of body into ``body``, before websockets hands the request to
+    ``process_request``. Every other request is parsed exactly as before.
+    """
+
+    def __init__(self, reader: StreamReader) -> None:
+        self._read_line = reader.read_line
+        self._reader = reader
+        self.lines = 0
+        self.api = False
+        self.length: int | None = None  # -1: unreadable, or several that disagree
+        self.body: bytes | None = None
+
+    def read_line(
+        self, m: int, too_long_exc_type: type[Exception] = RuntimeError
+    ) -> Generator[None, None, bytearray]:
+        line = yield from self._read_line(m, too_long_exc_type)
+        self.lines += 1
+        if self.lines == 1:
+            target = line.split(b" ")[1:2]
+            self.api = (
+                line.startswith(b"POST ")
+                and urlsplit(target[0].decode("latin-1") if target else "").path == API_PATH
+            )
+        elif not self.api:
+            pass
+        elif line[:15].lower() == b"content-length:":
+            value = line[15:].strip()
+            length = int(value) if re.fullmatch(rb"[0-9]{1,9}", value) else -1
+            self.length = length if self.length in (None, length) else -1
+            return bytearray(b"X-Api-Content-Length: " + value + b"\r\n")
+        elif line.strip() == b"" and self.length is not None and 0 < self.length <= API_MAX_BODY:
+            self.body = bytes((yield from self._reader.read_exact(self.length)))
+        return line
+
+
 class RelayConnection(ServerConnection):
     """A server connection with a bounded write buffer and counted control frames.
 
@@ -1387,6 +1619,15 @@ class RelayConnection(ServerConnection):
     relay: Relay  # set on the subclass that Relay makes for itself
     conn_id: int = 0  # set by Relay.handler
     client_address: str = ""  # set by Relay.process_request
+
+    def __init__(self, protocol: ServerProtocol, *args: Any, **kwargs: Any) -> None:
+        super().__init__(protocol, *args, **kwargs)
+        self.api_body = ApiBodyReader(protocol.reader)
+        protocol.reader.read_line = self.api_body.read_line  # type: ignore[method-assign]
+        # websockets started its HTTP parser in ServerProtocol.__init__ with the
+        # reader's own read_line bound in: start it again (no byte has come yet).
+        protocol.parser = protocol.parse()
+        next(protocol.parser)
 
     def pause_writing(self) -> None:
         self.relay.slow_reader(self)
@@ -1535,6 +1776,8 @@ class Relay:
         return parts.scheme in ("http", "https") and bool(host) and parts.netloc == host
 
     def process_request(self, ws: ServerConnection, request: Request) -> Response | None:
+        if urlsplit(request.path).path == API_PATH:
+            return self.consultations(ws, request)
         if request.method != "GET":
             response = self.http_response(405, b"Only GET.\n", "text/plain; charset=utf-8")
             response.headers["Allow"] = "GET"
@@ -1579,6 +1822,73 @@ class Relay:
             body = json.dumps(public_ice(self.config.browser_ice)).encode()
             return self.http_response(200, body, "application/json")
         return self.static_file(path)
+
+    def consultations(self, ws: ServerConnection, request: Request) -> Response:
+        """``POST /api/consultations``: a new session and its two links, for a booking system."""
+        api = self.config.api
+        if not api.keys:
+            return self.api_error(404, "api-off", "The API is off: no api.keys are set.")
+        if request.method != "POST":
+            response = self.api_error(405, "bad-method", "Only POST.")
+            response.headers["Allow"] = "POST"
+            return response
+        address = self.client_address(ws, request)
+        refused = admit(self.state, address)
+        if refused is not None:
+            response = self.api_error(429, refused.code, str(refused))
+            response.headers["Retry-After"] = "1"
+            return response
+        scheme, _, key = request.headers.get("Authorization", "").partition(" ")
+        hashed = hash_api_key(key.strip()).encode()
+        # Every hash is compared (constant time), so timing tells nothing of which.
+        matches = [hmac.compare_digest(hashed, k.encode()) for k in api.keys]
+        if scheme.lower() != "bearer" or not key.strip() or not any(matches):
+            self.state.stats.errors["bad-api-key"] += 1
+            logger.warning("api: refused a request from %s: bad API key", address)
+            response = self.api_error(
+                401, "bad-api-key", "Send a valid API key: Authorization: Bearer <key>."
+            )
+            response.headers["WWW-Authenticate"] = 'Bearer realm="consultations"'
+            return response
+        reader = ws.api_body if isinstance(ws, RelayConnection) else None
+        length = None if reader is None else reader.length
+        if length is not None and (length < 0 or length > API_MAX_BODY):
+            return self.api_error(
+                413 if length > API_MAX_BODY else 400,
+                "bad-body",
+                f"The body must be JSON with one Content-Length, at most {API_MAX_BODY} bytes.",
+            )
+        body = b"" if reader is None or reader.body is None else reader.body
+        try:
+            fields = consultation_request(body, api.ttl_s)
+            base_url = api.base_url or self.base_url(ws, request)
+            assert self.config.auth.secret  # the loader requires it with api.keys
+            made = new_consultation(
+                self.config.auth.secret, base_url, time.time(), fields[1], fields[0]
+            )
+        except ProtocolError as exc:
+            return self.api_error(400, exc.code, str(exc))
+        logger.info("api: consultation session=%s created for %s", made["session"], address)
+        return self.http_response(200, json.dumps(made).encode(), "application/json")
+
+    def base_url(self, ws: ServerConnection, request: Request) -> str:
+        """The links' origin when api.base_url is unset: this request's scheme and Host.
+
+        The scheme is X-Forwarded-Proto's when a trusted proxy sent it.
+        """
+        host = request.headers.get("Host", "")
+        if not re.fullmatch(r"[A-Za-z0-9.:\[\]-]{1,255}", host):
+            raise ProtocolError("bad-host", "No usable Host header: set api.base_url.")
+        scheme = "https" if self.tls else "http"
+        proto = request.headers.get("X-Forwarded-Proto", "").strip().lower()
+        proxies = self.config.trusted_proxies
+        if proto in ("http", "https") and _in_networks(_socket_address(ws), proxies):
+            scheme = proto
+        return f"{scheme}://{host}"
+
+    def api_error(self, status: int, code: str, message: str) -> Response:
+        body = json.dumps({"code": code, "message": message}).encode()
+        return self.http_response(status, body, "application/json")
 
     def static_file(self, path: str) -> Response:
         root = self.config.web_root.resolve()
@@ -1761,14 +2071,54 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="event loop (default uvloop; asyncio is the standard library's)",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log frames (DEBUG)")
-    commands = parser.add_subparsers(dest="command", metavar="{token}")
+    commands = parser.add_subparsers(dest="command", metavar="{token,invite,api-key}")
     token = commands.add_parser("token", help="print a join token signed with auth.secret")
     # SUPPRESS: a --config given before the subcommand is kept.
     token.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="YAML file")
     token.add_argument("--session", required=True, help="session id")
     token.add_argument("--role", required=True, choices=ROLES)
     token.add_argument("--ttl", type=int, default=3600, help="seconds of validity (default 3600)")
+    token.add_argument(
+        "--valid-from", type=valid_from, help="not before this time (ISO 8601 with offset, or Unix)"
+    )
+    invite = commands.add_parser(
+        "invite", help="print a new random session id and its patient and practitioner links"
+    )
+    invite.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="YAML file")
+    invite.add_argument(
+        "--base-url", required=True, help="the page's address, e.g. https://call.example.org"
+    )
+    invite.add_argument(
+        "--valid-from",
+        type=valid_from,
+        help="the links work from this time on (ISO 8601 with an offset, e.g. "
+        "2026-12-09T14:45+01:00, or Unix seconds); default: now",
+    )
+    invite.add_argument(
+        "--ttl", type=int, default=7200, help="seconds of validity from --valid-from (default 7200)"
+    )
+    api_key = commands.add_parser(
+        "api-key", help="print a new random API key and its hash (for api.keys)"
+    )
+    api_key.add_argument(
+        "--stdin", action="store_true", help="hash the key read from standard input instead"
+    )
     return parser.parse_args(argv)
+
+
+def valid_from(text: str) -> int:
+    """A time for --valid-from: Unix seconds, or ISO 8601 with a UTC offset (or Z)."""
+    if re.fullmatch(r"[0-9]{1,12}", text):
+        return int(text)
+    try:
+        when = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected ISO 8601 like 2026-12-09T14:45+01:00, or Unix seconds"
+        ) from None
+    if when.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r}: add a UTC offset (+01:00, Z)")
+    return int(when.timestamp())
 
 
 async def run(config: RelayConfig) -> None:
@@ -1808,6 +2158,46 @@ def raise_fd_limit(max_connections: int) -> None:
         )
 
 
+def command(args: argparse.Namespace, config: RelayConfig) -> int:
+    """The subcommands: token, invite, api-key (their output is the CLI's, on stdout)."""
+    if args.command == "api-key":
+        key = sys.stdin.readline().strip() if args.stdin else secrets.token_urlsafe(32)
+        if len(key) < 16:
+            raise ConfigError("--stdin", "expected a key of at least 16 characters")
+        if not args.stdin:
+            print(f"key:  {key}")
+        print(f"hash: {hash_api_key(key)}")
+        return 0
+    if not config.auth.secret:
+        raise ConfigError("auth.secret", f"needed to sign tokens (or {AUTH_SECRET_ENV})")
+    if args.ttl <= 0:
+        raise ConfigError("--ttl", "expected a positive number of seconds")
+    if args.command == "invite" and args.ttl > LINK_TTL_MAX_S:
+        raise ConfigError("--ttl", f"expected at most {LINK_TTL_MAX_S} seconds (30 days)")
+    now = int(time.time())
+    start = args.valid_from
+    expiry = (now if start is None else start) + args.ttl
+    if not EXPIRY_RE.fullmatch(str(expiry)):
+        raise ConfigError("--ttl", "too long: the expiry must fit in 12 digits")
+    if expiry < now:
+        raise ConfigError("--valid-from", "the links would expire before they are made")
+    if args.command == "token":
+        print(mint_token(config.auth.secret, args.session, args.role, expiry, start))
+        return 0
+    base_url = check_base_url(args.base_url, "--base-url")
+    made = new_consultation(config.auth.secret, base_url, now, args.ttl, start)
+    window = "now" if start is None else _utc(start)
+    print(f"session:      {made['session']}")
+    print(f"valid:        from {window} until {_utc(expiry)}")
+    print(f"patient:      {made['patient_url']}")
+    print(f"practitioner: {made['practitioner_url']}")
+    return 0
+
+
+def _utc(unix: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(unix))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(
@@ -1817,16 +2207,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("websockets").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     try:
         config = RelayConfig.load(args.config)
-        if args.command == "token":
-            if not config.auth.secret:
-                raise ConfigError("auth.secret", f"needed to sign tokens (or {AUTH_SECRET_ENV})")
-            if args.ttl <= 0:
-                raise ConfigError("--ttl", "expected a positive number of seconds")
-            expiry = int(time.time()) + args.ttl
-            if not EXPIRY_RE.fullmatch(str(expiry)):
-                raise ConfigError("--ttl", "too long: the expiry must fit in 12 digits")
-            print(mint_token(config.auth.secret, args.session, args.role, expiry))
-            return 0
+        if args.command is not None:
+            return command(args, config)
         if args.host is not None:
             config = dataclasses.replace(config, host=args.host)
         if args.port is not None:

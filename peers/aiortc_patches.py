@@ -65,9 +65,11 @@ from peers.errors import PeerError
 __all__ = [
     "PINNED",
     "UnsupportedVersion",
+    "bind_channel",
     "bytes_received",
     "check_retries",
     "check_versions",
+    "forbidden_peer",
     "ice_connection",
     "instrument",
     "nominated_pair",
@@ -77,6 +79,7 @@ __all__ = [
     "set_check_retries",
     "steady_media",
     "turn_client",
+    "turn_transport_client",
     "use_tls_context",
     "watch_handshake",
 ]
@@ -84,6 +87,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 PINNED = {"aioice": "0.13.0", "aiortc": "1.16.0"}
+FORBIDDEN = 403  # coturn: the peer address is in denied-peer-ip
 LOST_CODES = frozenset({400, 437})  # after these, a Refresh tells whether the allocation is gone
 EARLY_BIND_S = 1.0  # at most this long spent binding channels before the checks start
 
@@ -177,6 +181,11 @@ def turn_client(protocol: StunProtocol) -> TurnClientMixin | None:
     transport = getattr(protocol, "transport", None)
     if not isinstance(transport, TurnTransport):
         return None
+    return turn_transport_client(transport)
+
+
+def turn_transport_client(transport: TurnTransport) -> TurnClientMixin:
+    """The TURN client of a ``TurnTransport`` (aioice turn.py:426, name-mangled)."""
     inner: TurnClientMixin = getattr(transport, "_TurnTransport__inner_protocol")  # noqa: B009
     return inner
 
@@ -360,11 +369,12 @@ async def _bind_all(
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(EARLY_BIND_S):
                 await asyncio.gather(
-                    *(_bind(inner, addr) for inner, addr in binds), return_exceptions=True
+                    *(bind_channel(inner, addr) for inner, addr in binds), return_exceptions=True
                 )
 
 
-async def _bind(inner: TurnClientMixin, addr: tuple[str, int]) -> None:
+async def bind_channel(inner: TurnClientMixin, addr: tuple[str, int]) -> None:
+    """Bind a TURN channel to ``addr``; coturn's 403 (Forbidden IP) is named at WARNING."""
     # The bookkeeping of aioice's TurnClientMixin.send_data (turn.py:320-360), without sending.
     if inner.channel_number > 0x4FFF:
         return
@@ -375,6 +385,7 @@ async def _bind(inner: TurnClientMixin, addr: tuple[str, int]) -> None:
     try:
         await inner.channel_bind(channel, addr)
     except Exception as exc:
+        name_refusal(exc, addr)
         inner.peer_to_failed_channel[addr] = channel
         for waiter in inner.peer_connect_waiters.pop(addr, []):
             waiter.set_exception(exc)
@@ -414,6 +425,7 @@ def watch_allocations(connection: Connection, on_lost: Callable[[str], None]) ->
             inner: TurnClientMixin = inner,
         ) -> None:
             original(exc)
+            name_refusal(exc, None)
             if isinstance(exc, stun.TransactionFailed) and exc.response.error_code in LOST_CODES:
                 _spawn(_confirm_lost(inner, exc, report))
 
@@ -428,6 +440,31 @@ def watch_allocations(connection: Connection, on_lost: Callable[[str], None]) ->
 
         protocol.error_received = error_received  # type: ignore[method-assign]
         protocol.connection_lost = connection_lost  # type: ignore[method-assign]
+
+
+_named: set[str] = set()  # refusals already logged (once each per process)
+
+
+def forbidden_peer(exc: BaseException, addr: tuple[str, int] | None) -> str | None:
+    """coturn's 403 (Forbidden IP) as a sentence naming the address, or None for any other error.
+
+    coturn answers a CreatePermission or ChannelBind towards an address in its
+    ``denied-peer-ip`` ranges with 403; aioice logs it at DEBUG only
+    (``StunProtocol.error_received``, ice.py:305) and the call just never
+    connects.
+    """
+    if not (isinstance(exc, stun.TransactionFailed) and exc.response.error_code == FORBIDDEN):
+        return None
+    where = addr[0] if addr is not None else "a peer's address"
+    return f"coturn refuses to relay to {where} (403 Forbidden IP): add it to turn.allowed_peers"
+
+
+def name_refusal(exc: BaseException, addr: tuple[str, int] | None) -> None:
+    """Log coturn's refusal to relay to ``addr`` at WARNING, once per address."""
+    message = forbidden_peer(exc, addr)
+    if message is not None and message not in _named:
+        _named.add(message)
+        logger.warning("%s", message)
 
 
 _tasks: set[asyncio.Task[None]] = set()

@@ -54,6 +54,7 @@ FATAL_CODES = frozenset(
         "role-taken",
         "bad-token",
         "token-expired",
+        "token-not-yet-valid",
         "missing-field",
         "bad-field",
         "already-joined",

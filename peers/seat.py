@@ -43,9 +43,10 @@ from typing import Any
 from peers import ice
 from peers.call import Call, CallOptions
 from peers.config import PeerSettings
-from peers.errors import Backoff, CallFailed, DtlsFailed
+from peers.errors import Backoff, CallFailed, DtlsFailed, TurnUnavailable
 from peers.media import Receiver, Sources
 from peers.signaling import RelayClient
+from peers.turnclient import check_turn_server, first_turn_server
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ class Seat:
         self._fatal: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._closing: set[asyncio.Task[None]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._turn_check: asyncio.Task[None] | None = None
 
     # -- the main loop --
 
@@ -137,6 +139,7 @@ class Seat:
             resumed = " (resumed)" if frame.get("resumed") else ""
             logger.info("joined session %s as %s%s", self.settings.session, self.role, resumed)
             self.peer_online = bool(frame.get("peer"))
+            self._check_turn_at_join()
             if frame.get("peer"):
                 # Either seat resumed (this one after its own drop, or the other's):
                 # a live call goes on.
@@ -183,6 +186,27 @@ class Seat:
         if self.role == "patient":
             await self.new_call().offer()
             logger.info("offer sent to the %s", self.other)
+
+    def _check_turn_at_join(self) -> None:
+        """Check the TURN server once, at the first join, before the other side is there.
+
+        In the background: the join goes on. A server that refuses or does not
+        answer ends the seat with TurnUnavailable, as it would at the first call.
+        """
+        server = first_turn_server(ice.ice_servers(self.settings, self.relay_ice))
+        if self._turn_check is not None or server is None:
+            return
+        logger.info("checking the TURN server %s", server.url)
+
+        async def check() -> None:
+            try:
+                await check_turn_server(server, self.settings.turn_ca_file)
+            except TurnUnavailable as exc:
+                self._give_up(exc)
+            else:
+                logger.info("TURN server %s: allocation granted", server.url)
+
+        self._turn_check = asyncio.get_running_loop().create_task(check())
 
     # -- the one call --
 
@@ -389,6 +413,8 @@ class Seat:
         await self.hang_up(send_bye=False)
         for task in list(self._tasks):
             task.cancel()
+        if self._turn_check is not None:
+            self._turn_check.cancel()
         while self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
         self.sources.stop()

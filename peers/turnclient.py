@@ -45,6 +45,7 @@ __all__ = [
     "TurnServerUrl",
     "TurnUnavailable",
     "check_relay_gathered",
+    "check_turn_server",
     "diagnose",
     "first_turn_server",
     "relay_transport",
@@ -123,6 +124,27 @@ async def check_relay_gathered(
     if any(c.type == "relay" for c in ice_connection(transport).local_candidates):
         return
     raise TurnUnavailable(server.url, await diagnose(server, ca_file))
+
+
+async def check_turn_server(server: TurnServerUrl, ca_file: Path | None = None) -> None:
+    """Allocate once on ``server`` and release it; TurnUnavailable naming the cause if refused.
+
+    Called as soon as a seat is taken, so that a TURN server that cannot work
+    is reported before the other side is there, not once a call is tried.
+    """
+    try:
+        async with asyncio.timeout(DIAGNOSIS_TIMEOUT):
+            endpoint, _ = await create_turn_endpoint(
+                asyncio.DatagramProtocol,
+                server_addr=(server.host, server.port),
+                username=server.username,
+                password=server.credential,
+                ssl=tls_context(ca_file) if server.tls else None,
+                transport=server.transport,
+            )
+    except (stun.TransactionError, TimeoutError, OSError, ValueError):
+        raise TurnUnavailable(server.url, await diagnose(server, ca_file)) from None
+    endpoint.close()
 
 
 async def diagnose(

@@ -181,6 +181,27 @@ class TurnServerSettings:
     def tls(self) -> bool:
         return self.cert is not None
 
+    def peers_policy(self) -> str:
+        """Where coturn relays to, for the start banner (the exceptions listed)."""
+        policy = (
+            "private peers ALLOWED (LAN-only development profile)"
+            if self.allow_private_peers
+            else "private and loopback peers denied"
+        )
+        if self.allowed_peers:
+            policy += f", except {', '.join(self.allowed_peers)} (turn.allowed_peers)"
+        return policy
+
+    def allows_loopback(self) -> bool:
+        """Whether turn.allowed_peers lets a loopback range through (127.0.0.0/8, ::1)."""
+        return any(
+            ipaddress.ip_network(cidr, strict=False).overlaps(ipaddress.ip_network(loopback))
+            for cidr in self.allowed_peers
+            for loopback in ("127.0.0.0/8", "::1/128")
+            if ipaddress.ip_network(cidr, strict=False).version
+            == ipaddress.ip_network(loopback).version
+        )
+
     def denied_peers(self) -> tuple[str, ...]:
         # coturn matches 127.0.0.1 against "::/128" too: none of these when loopback is allowed.
         loopback = () if self.allow_loopback_peers else LOOPBACK_PEERS
@@ -224,7 +245,8 @@ class TurnServerSettings:
             lines += ["no-tls", "no-dtls"]
         lines += [f"denied-peer-ip={_ip_range(cidr)}" for cidr in self.denied_peers()]
         lines += [f"allowed-peer-ip={_ip_range(cidr)}" for cidr in self.allowed_peers]
-        if self.allow_loopback_peers:
+        if self.allow_loopback_peers or self.allows_loopback():
+            # coturn refuses loopback peers before it reads allowed-peer-ip.
             lines.append("allow-loopback-peers")
         if self.verbose:
             lines.append("verbose")
@@ -319,9 +341,7 @@ class TurnServer:
             self.settings.min_port,
             self.settings.max_port,
             "shared secret (use-auth-secret)" if self.settings.secret else "one static user",
-            "private peers ALLOWED (LAN-only development profile)"
-            if self.settings.allow_private_peers
-            else "private and loopback peers denied",
+            self.settings.peers_policy(),
         )
         if self.settings.allow_private_peers:
             logger.warning(

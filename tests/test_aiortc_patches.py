@@ -8,6 +8,7 @@ interfaces).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import shutil
@@ -22,6 +23,7 @@ import aioice.stun
 import pytest
 import pytest_asyncio
 from aioice import stun
+from aioice.turn import create_turn_endpoint
 
 import relay
 from peers import aiortc_patches, ice
@@ -203,3 +205,33 @@ def test_loopback_peers_are_a_test_only_setting() -> None:
     assert "allow-loopback-peers" in text
     assert "denied-peer-ip=127.0.0.0-127.255.255.255" not in text
     assert "denied-peer-ip=10.0.0.0-10.255.255.255" in text  # private peers still refused
+
+
+@needs_coturn
+@pytest.mark.asyncio
+async def test_coturns_403_is_named_with_the_address(caplog: pytest.LogCaptureFixture) -> None:
+    """coturn's 403 for a denied peer is logged once: refuses to relay to ADDRESS, add it."""
+    settings = TurnServerSettings.from_mapping(
+        {"turn": {"secret": SECRET, "port": 0, "tls_port": 0}}, env={}
+    )
+    async with TurnServer(settings) as server:  # loopback peers denied, as by default
+        [entry] = options(server).servers
+        transport, _ = await within(
+            create_turn_endpoint(
+                asyncio.DatagramProtocol,
+                server_addr=("127.0.0.1", server.port),
+                username=entry.username,
+                password=entry.credential,
+            )
+        )
+        try:
+            inner = aiortc_patches.turn_transport_client(transport)
+            for _ in range(2):
+                with pytest.raises(stun.TransactionFailed):
+                    await within(aiortc_patches.bind_channel(inner, ("127.0.0.7", 40000)))
+        finally:
+            transport.close()
+    named = [r.getMessage() for r in caplog.records if "refuses to relay" in r.getMessage()]
+    assert named == [
+        "coturn refuses to relay to 127.0.0.7 (403 Forbidden IP): add it to turn.allowed_peers"
+    ]

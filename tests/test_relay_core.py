@@ -637,6 +637,105 @@ def test_join_requires_token_when_secret_set() -> None:
     assert frames_to(actions, conn)[0]["type"] == "joined"
 
 
+def test_token_with_not_before_opens_only_inside_its_window() -> None:
+    """A v2 token is token-not-yet-valid before its not-before, valid inside, expired after."""
+    token = relay.mint_token(SECRET, "s1", "patient", 2_000, not_before=1_000)
+    assert token.startswith("v2.1000.2000.")
+    with pytest.raises(ProtocolError) as caught:
+        relay.check_token(SECRET, token, "s1", "patient", 999)
+    assert caught.value.code == "token-not-yet-valid"
+    assert relay.check_token(SECRET, token, "s1", "patient", 1_000) == (1_000, 2_000)
+    with pytest.raises(ProtocolError) as caught:
+        relay.check_token(SECRET, token, "s1", "patient", 2_001)
+    assert caught.value.code == "token-expired"
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        pytest.param("v2.1000.2000", id="no-signature-part"),
+        pytest.param("v2.01000.2000.AAAA", id="leading-zero"),
+        pytest.param("v2.1\u0661000.2000.AAAA", id="arabic-digit"),
+        pytest.param("v1.1000.2000.AAAA", id="v1-with-four-parts"),
+    ],
+)
+def test_malformed_v2_tokens(token: str) -> None:
+    """A v2 token in any other spelling is bad-token."""
+    with pytest.raises(ProtocolError) as caught:
+        relay.check_token(SECRET, token, "s1", "patient", 1_500)
+    assert caught.value.code == "bad-token"
+
+
+def test_moving_the_window_breaks_the_signature() -> None:
+    """A v2 token whose not-before is edited (or dropped: v1) is bad-token."""
+    token = relay.mint_token(SECRET, "s1", "patient", 2_000, not_before=1_500)
+    signature = token.rsplit(".", 1)[1]
+    for forged in (f"v2.1000.2000.{signature}", f"v1.2000.{signature}"):
+        with pytest.raises(ProtocolError) as caught:
+            relay.check_token(SECRET, forged, "s1", "patient", 1_600)
+        assert caught.value.code == "bad-token"
+
+
+def test_invite_gives_the_practitioner_a_patient_token_with_its_window() -> None:
+    """A joined practitioner's invite is answered with a patient token for the same window."""
+    state, clock = make_state(auth={"secret": SECRET})
+    start, end = int(clock.now) - 10, int(clock.now) + 600
+    own = relay.mint_token(SECRET, "s1", "practitioner", end, not_before=start)
+    conn = joined_conn(state, "s1", "practitioner", token=own)
+    (reply,) = frames_to(send(state, conn, type="invite", token=own), conn)
+    assert reply == {
+        "type": "invite",
+        "session": "s1",
+        "role": "patient",
+        "token": relay.mint_token(SECRET, "s1", "patient", end, not_before=start),
+        "expires": end,
+    }
+
+
+def test_invite_is_refused_to_a_patient() -> None:
+    """A patient asking for an invitation gets not-practitioner; before join, not-joined."""
+    state, _ = make_state()
+    patient = joined_conn(state, "s1", "patient")
+    assert error_code(send(state, patient, type="invite"), patient) == "not-practitioner"
+    fresh, _ = relay.connect(state)
+    assert error_code(send(state, fresh, type="invite"), fresh) == "not-joined"
+
+
+def test_invite_without_auth_has_no_token() -> None:
+    """Without auth.secret the invitation carries token null (the link needs none)."""
+    state, _ = make_state()
+    conn = joined_conn(state, "s1", "practitioner")
+    (reply,) = frames_to(send(state, conn, type="invite"), conn)
+    assert reply["token"] is None and reply["session"] == "s1"
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        pytest.param(b"[1]", "one JSON object", id="not-an-object"),
+        pytest.param(b"{", "not valid JSON", id="bad-json"),
+        pytest.param(b'{"ttl_s": "1h"}', "'ttl_s'", id="ttl-not-integer"),
+        pytest.param(b'{"ttl_s": 10}', "'ttl_s'", id="ttl-too-short"),
+        pytest.param(b'{"not_before": "2026-12-09"}', "'not_before'", id="not-before-text"),
+        pytest.param(b'{"session": "mine"}', "'session'", id="unknown-field"),
+    ],
+)
+def test_consultation_request_names_the_bad_field(body: bytes, message: str) -> None:
+    """The API's body errors name the field (or say the body is not a JSON object)."""
+    with pytest.raises(ProtocolError, match=message):
+        relay.consultation_request(body, 3600)
+
+
+def test_api_keys_are_hashes_and_need_the_token_secret() -> None:
+    """api.keys must hold sha256: hashes, and needs auth.secret to sign the links."""
+    good = relay.hash_api_key("k" * 32)
+    with pytest.raises(relay.ConfigError, match=r"api\.keys\[0\]"):
+        relay_config(auth={"secret": SECRET}, api={"keys": ["k" * 32]})
+    with pytest.raises(relay.ConfigError, match=r"api\.keys: set auth\.secret"):
+        relay_config(api={"keys": [good]})
+    assert relay_config(auth={"secret": SECRET}, api={"keys": [good]}).api.keys == (good,)
+
+
 def test_turn_rest_credentials() -> None:
     """joined carries TURN REST credentials that coturn's use-auth-secret accepts."""
     state, clock = make_state(

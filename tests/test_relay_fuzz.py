@@ -230,6 +230,25 @@ def test_a_join_token_is_accepted_only_in_its_one_spelling(token: str) -> None:
     assert refused.value.code == "bad-token", token
 
 
+GOOD_V2 = relay.mint_token(SECRET, "s1", "patient", EXPIRY, not_before=999_999_000)
+tokens_v2 = st.one_of(
+    st.text(alphabet=ODD_DIGITS).map(lambda e: f"v2.{e}.{EXPIRY}.{GOOD_V2.rsplit('.', 1)[1]}"),
+    mutations(GOOD_V2),
+)
+
+
+@settings(max_examples=500)
+@given(token=tokens_v2)
+def test_a_token_with_not_before_is_accepted_only_in_its_one_spelling(token: str) -> None:
+    """Any v2 token but the minted one is bad-token: the window cannot be edited or respelled."""
+    if token == GOOD_V2:
+        assert relay.check_token(SECRET, token, "s1", "patient", now=1_000_000_000)
+        return
+    with pytest.raises(relay.ProtocolError) as refused:
+        relay.check_token(SECRET, token, "s1", "patient", now=1_000_000_000)
+    assert refused.value.code == "bad-token", token
+
+
 @settings(max_examples=500)
 @given(
     key=st.one_of(st.text(), st.from_regex(relay.RESUME_RE, fullmatch=True), mutations(GOOD_KEY)),

@@ -8,6 +8,7 @@ touches the machine's own interfaces).
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import time
 from collections.abc import AsyncIterator
@@ -21,6 +22,7 @@ from aioice.turn import create_turn_endpoint
 from aiortc import RTCIceServer
 
 import relay
+from peers import aiortc_patches
 from peers.turnclient import TurnServerUrl, diagnose, first_turn_server
 from peers.turnserver import (
     TurnServer,
@@ -29,7 +31,8 @@ from peers.turnserver import (
     stun_binding,
 )
 from tests.nat import TlsFiles, make_tls_files
-from tests.support import TIMEOUT, within
+from tests.processes import peer_argv, relay_process, spawn
+from tests.support import TIMEOUT, within, write_yaml
 
 SECRET = "test-turn-secret"
 
@@ -318,3 +321,77 @@ def test_first_turn_server_follows_aiortc() -> None:
     assert (found.url, found.transport, found.tls, found.label) == (
         "turn:198.19.0.1:3478", "udp", False, "udp",
     )  # fmt: skip
+
+
+# -- the peers check their TURN server at join ----------------------------------------------
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("secret", "status", "said"),
+    [
+        pytest.param(SECRET, None, "allocation granted", id="granted"),
+        pytest.param("not-" + SECRET, 1, "refused the credentials (401", id="refused"),
+    ],
+)
+async def test_a_peer_checks_its_turn_server_as_soon_as_it_joins(
+    coturn: TurnServer, tmp_path: Path, secret: str, status: int | None, said: str
+) -> None:
+    """Alone in its session, a peer checks its TURN server and says so (exit 1 if refused)."""
+    url = f"turn:127.0.0.1:{coturn.port}?transport=udp"
+    config = write_yaml(
+        tmp_path / "relay.yaml",
+        {
+            "relay": {"host": "127.0.0.1", "port": 0},
+            "auth": {"open": True},
+            "turn": {"secret": secret, "urls": [url]},
+        },
+    )
+    async with relay_process(config) as running:
+        peer = await spawn(
+            "practitioner",
+            peer_argv("practitioner", config, "--relay", running.url, "--session", "alone"),
+        )
+        try:
+            await peer.expect(re.escape(f"TURN server {url}") + ".*" + re.escape(said), TIMEOUT * 6)
+            if status is not None:
+                assert await peer.wait(TIMEOUT) == status, peer.log()
+            else:
+                assert peer.proc.returncode is None  # granted: it waits for the patient
+        finally:
+            await peer.stop()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("allowed", "granted"),
+    [
+        pytest.param([], False, id="denied-by-default"),
+        pytest.param(["127.0.0.7/32"], True, id="allowed-address"),
+        pytest.param(["127.0.0.0/8"], True, id="allowed-range"),
+        pytest.param(["127.0.0.5/32"], False, id="other-address-allowed"),
+    ],
+)
+async def test_allowed_peers_really_let_a_range_through(allowed: list[str], granted: bool) -> None:
+    """turn.allowed_peers opens exactly its ranges, loopback included; others get coturn's 403."""
+    async with TurnServer(settings(allowed_peers=allowed)) as server:
+        entry = minted(server)
+        transport, _ = await within(
+            create_turn_endpoint(
+                _Sink,
+                server_addr=("127.0.0.1", server.port),
+                username=entry["username"],
+                password=entry["credential"],
+            )
+        )
+        try:
+            bind = aiortc_patches.bind_channel(
+                aiortc_patches.turn_transport_client(transport), ("127.0.0.7", 40000)
+            )
+            if granted:
+                await within(bind)
+            else:
+                with pytest.raises(stun.TransactionFailed, match="403"):
+                    await within(bind)
+        finally:
+            transport.close()

@@ -2,7 +2,7 @@
 // The patient is the offerer: it offers when it learns the practitioner is there.
 
 import { Call, fingerprint } from "./call.js";
-import { hasKey, initialLanguage, language, setLanguage } from "./i18n.js";
+import { hasKey, initialLanguage, language, setLanguage, t } from "./i18n.js";
 import { MediaError, openLocalMedia, stopMedia } from "./media.js";
 import { Precheck } from "./precheck.js";
 import { Signaling, heartbeatOptions, relayUrl } from "./signaling.js";
@@ -70,6 +70,8 @@ function init() {
   els.mic.addEventListener("click", () => toggle("audio", els.mic, "call.mic.on", "call.mic.off"));
   els.camera.addEventListener("click", () => toggle("video", els.camera, "call.camera.on", "call.camera.off"));
   els.hangup.addEventListener("click", hangUp);
+  els.inviteCopy.addEventListener("click", shareInvite);
+  view.setInviteAction(Boolean(navigator.share));
   els.chatToggle.addEventListener("click", () => {
     if (view.toggleSheet("chat") && !els.chatInput.disabled) els.chatInput.focus();
   });
@@ -180,7 +182,7 @@ function startSeat() {
   view.setToggle(els.camera, false, "call.camera.on", "call.camera.off");
   els.mic.disabled = !(app.local && app.local.getAudioTracks().length);
   els.camera.disabled = !(app.local && app.local.getVideoTracks().length);
-  view.showInvite(app.seat.role === "practitioner" ? inviteLink() : null);
+  view.showInvite(null); // the practitioner's comes with the relay's invite frame
   view.setChatOpen(false);
   view.renderStats(null);
   if (matchMedia(WIDE).matches) view.setSheet("chat", true); // room for it beside the video
@@ -203,10 +205,34 @@ function startSeat() {
   renderStatus();
 }
 
-function inviteLink() {
+/** The patient's link: this page's address, the session, and the token the relay minted. */
+function inviteLink(token) {
   const url = new URL(location.pathname, location.origin);
-  url.search = new URLSearchParams({ session: app.seat.session, role: "patient" }).toString();
+  const params = { session: app.seat.session, role: "patient" };
+  if (token) params.token = token;
+  url.search = new URLSearchParams(params).toString();
   return url.toString();
+}
+
+/** One click: the share sheet where the browser has one (phones), else the clipboard. */
+async function shareInvite() {
+  const url = els.inviteLink.value;
+  if (!url) return;
+  if (navigator.share) {
+    try {
+      await navigator.share({ title: t("call.invite.share-title"), url });
+      return;
+    } catch (err) {
+      if (err.name === "AbortError") return; // the person closed the share sheet
+    }
+  }
+  try {
+    await navigator.clipboard.writeText(url);
+  } catch {
+    els.inviteLink.select(); // no clipboard access: selected, for Ctrl-C
+    return;
+  }
+  view.inviteCopied();
 }
 
 // -- signaling -----------------------------------------------------------------
@@ -219,6 +245,8 @@ function onJoined(frame) {
   }
   app.peerPresent = frame.peer;
   app.peerAway = false;
+  // The practitioner asks the relay for the patient's link (docs/protocol.md, invite).
+  if (app.seat.role === "practitioner") app.signaling.send({ type: "invite", token: app.seat.token || undefined });
   // A rejoin keeps a call that is still alive; otherwise the patient offers.
   if (frame.peer && app.seat.role === "patient" && !(app.call && app.call.alive)) {
     if (!app.lost) startCall(); // a lost path: recover() renegotiates now that the signaling is back
@@ -258,6 +286,9 @@ function onFrame(frame) {
       break;
     case "candidate":
       if (app.call) app.call.addCandidate(frame.candidate);
+      break;
+    case "invite":
+      view.showInvite(inviteLink(frame.token));
       break;
     default:
       break; // "bye" is followed by peer-left; unknown types are ignored

@@ -13,7 +13,7 @@
 const CLOSE_REPLACED = 4001;
 // Join refusals that retrying cannot fix: the person must change something.
 const FATAL_JOIN_CODES = new Set([
-  "bad-session", "bad-role", "role-taken", "bad-token", "token-expired",
+  "bad-session", "bad-role", "role-taken", "bad-token", "token-expired", "token-not-yet-valid",
   "missing-field", "bad-field", "already-joined",
 ]);
 const FORWARDED = new Set(["offer", "answer", "candidate"]);

@@ -23,6 +23,7 @@ export const els = {
   hangup: $("hangup"),
   invite: $("invite"),
   inviteLink: $("invite-link"),
+  inviteCopy: $("invite-copy"),
   stats: $("stats"),
   chatLog: $("chat-log"),
   chatClosed: $("chat-closed"),
@@ -202,4 +203,17 @@ export function renderVerdict(verdict) {
 export function showInvite(url) {
   els.invite.hidden = !url;
   els.inviteLink.value = url || "";
+  setText(els.inviteCopy, els.inviteCopy.dataset.action);
+}
+
+/** The invitation's button: "share" where the browser has a share sheet, else "copy". */
+export function setInviteAction(share) {
+  els.inviteCopy.dataset.action = share ? "call.invite.share" : "call.invite.copy";
+  setText(els.inviteCopy, els.inviteCopy.dataset.action);
+}
+
+export function inviteCopied() {
+  setText(els.inviteCopy, "call.invite.copied");
+  clearTimeout(inviteCopied.timer);
+  inviteCopied.timer = setTimeout(() => setText(els.inviteCopy, els.inviteCopy.dataset.action), 2000);
 }
