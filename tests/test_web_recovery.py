@@ -165,7 +165,7 @@ async def test_network_change_brings_video_back_on_a_new_connection(rec: Rec) ->
         *(more_frames(page, 10, units=4) for page in (patient, practitioner))
     )
     for page in (patient, practitioner):
-        await wait_state(page, "connected")
+        await wait_state(page, "connected", units=3)
         assert await peer_connections(page) == {"made": 2, "open": 1}
         assert [r["method"] for r in await recoveries(page)] == ["new-connection"]
         assert await page.inner_text('[data-stat="recoveries"]') == "1"
@@ -202,7 +202,7 @@ async def test_muted_side_is_not_lost_and_a_3s_outage_comes_back_on_the_old_path
         *(more_frames(page, 10, units=3) for page in (patient, practitioner))
     )
     for page in (patient, practitioner):
-        await wait_state(page, "connected")
+        await wait_state(page, "connected", units=3)
         assert await peer_connections(page) == {"made": 1, "open": 1}  # no new negotiation
         assert [r["method"] for r in await recoveries(page)] == ["same-path"]
     # Issue 12's budget is 1 s after the network returns; Chromium's receiver needs a key

@@ -85,6 +85,11 @@ export function clearNotice() {
  * call: {state, key, params}; server: {state, key, params} or null.
  */
 export function renderStatus(call, server) {
+  // Called several times a second: touch the live region only when its words change
+  // (a screen reader reads each change; the elapsed seconds change once a second).
+  const signature = JSON.stringify([call, server, document.documentElement.lang]);
+  if (els.status.dataset.signature === signature) return;
+  els.status.dataset.signature = signature;
   els.status.dataset.state = call.state;
   els.callView.dataset.state = call.state;
   els.status.dataset.server = server ? server.state : "ok";
