@@ -33,6 +33,7 @@ The patches:
   lost packets until 512 newer ones have come (about 15 s at 300 kbit/s); emptied
   while the stream is silent, it starts afresh with the first packet after it.
 - ``request_keyframe``: ``RTCRtpReceiver._send_rtcp_pli`` (rtcrtpreceiver.py:630).
+- ``send_keyframe``: ``RTCRtpSender._send_keyframe`` (rtcrtpsender.py:351).
 - ``watch_handshake``: hooks ``RTCDtlsTransport.__log_debug`` (rtcdtlstransport.py:755),
   the only place that says why a DTLS handshake failed (rtcdtlstransport.py:423,
   429, 449, 466); upstream, the W3C ``RTCDtlsTransport.onerror`` with the cause.
@@ -53,7 +54,7 @@ import aioice.stun
 from aioice import Connection, stun
 from aioice.ice import CandidatePair, StunProtocol
 from aioice.turn import TurnClientMixin, TurnTransport
-from aiortc import RTCDtlsTransport, RTCIceTransport, RTCRtpReceiver
+from aiortc import RTCDtlsTransport, RTCIceTransport, RTCRtpReceiver, RTCRtpSender
 
 from peers.errors import PeerError
 
@@ -69,6 +70,7 @@ __all__ = [
     "nominated_pair",
     "relay_protocols",
     "request_keyframe",
+    "send_keyframe",
     "set_check_retries",
     "turn_client",
     "use_tls_context",
@@ -232,6 +234,19 @@ def request_keyframe(receiver: RTCRtpReceiver) -> bool:
         return False
     for ssrc in list(getattr(receiver, "_RTCRtpReceiver__remote_streams")):  # noqa: B009
         _spawn(receiver._send_rtcp_pli(ssrc))
+    return True
+
+
+def send_keyframe(sender: RTCRtpSender) -> bool:
+    """Make a video sender's next frame a keyframe, as a PLI from the other side would.
+
+    Upstream: ``RTCRtpSender._send_keyframe`` (rtcrtpsender.py:351) made public
+    (the W3C has ``RTCRtpSender.generateKeyFrame`` for encoded transforms).
+    Returns False for an audio sender or one without a track.
+    """
+    if sender.track is None or sender.track.kind != "video":
+        return False
+    sender._send_keyframe()
     return True
 
 

@@ -365,11 +365,14 @@ class Call:
         """After a gap, ask for a keyframe now rather than when aiortc's jitter buffer overflows.
 
         Asked again a few times: the first request may leave while the way back
-        is still closed (a network returns one direction at a time).
+        is still closed (a network returns one direction at a time). Our own
+        video sends a keyframe too: a receiver that asks for none (Chromium
+        after a gap, seen on the browser side) decodes again at once.
         """
         logger.debug("%s: %.1f s without media: keyframe requested", self.name, gap_s)
         for transceiver in self.pc.getTransceivers():
             aiortc_patches.request_keyframe(transceiver.receiver)
+            aiortc_patches.send_keyframe(transceiver.sender)
         if self._pli_again is not None:
             self._pli_again.cancel()
         self._pli_again = asyncio.create_task(self._ask_keyframe_again())
