@@ -280,6 +280,8 @@ class Call:
         return found
 
     def _dtls_failed(self, cause: str) -> None:
+        if cause == "connection error":
+            return  # the ICE transport failed under it: the network, reported as IceFailed
         logger.error("%s: DTLS handshake failed: %s", self.name, cause)
         self._fail(DtlsFailed(cause))
 
