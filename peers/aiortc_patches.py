@@ -29,6 +29,7 @@ The patches:
   the transport's RTCTransportStats.bytesReceived (RTP, RTCP and SCTP), read
   without a whole ``getStats()`` report several times a second.
 - ``request_keyframe``: ``RTCRtpReceiver._send_rtcp_pli`` (rtcrtpreceiver.py:630).
+- ``send_keyframe``: ``RTCRtpSender._send_keyframe`` (rtcrtpsender.py:351).
 - ``watch_handshake``: hooks ``RTCDtlsTransport.__log_debug`` (rtcdtlstransport.py:755),
   the only place that says why a DTLS handshake failed (rtcdtlstransport.py:423,
   429, 449, 466); upstream, the W3C ``RTCDtlsTransport.onerror`` with the cause.
@@ -56,7 +57,7 @@ import aioice.stun
 from aioice import Connection, stun
 from aioice.ice import CandidatePair, StunProtocol
 from aioice.turn import TurnClientMixin, TurnTransport
-from aiortc import RTCDtlsTransport, RTCIceTransport, RTCRtpReceiver
+from aiortc import RTCDtlsTransport, RTCIceTransport, RTCRtpReceiver, RTCRtpSender
 from aiortc.codecs import opus
 
 from peers import aiortc_receive, aiortc_send
@@ -76,6 +77,7 @@ __all__ = [
     "opus_settings",
     "relay_protocols",
     "request_keyframe",
+    "send_keyframe",
     "set_check_retries",
     "steady_media",
     "turn_client",
@@ -263,6 +265,19 @@ def request_keyframe(receiver: RTCRtpReceiver) -> bool:
         return False
     for ssrc in list(getattr(receiver, "_RTCRtpReceiver__remote_streams")):  # noqa: B009
         _spawn(receiver._send_rtcp_pli(ssrc))
+    return True
+
+
+def send_keyframe(sender: RTCRtpSender) -> bool:
+    """Make a video sender's next frame a keyframe, as a PLI from the other side would.
+
+    Upstream: ``RTCRtpSender._send_keyframe`` (rtcrtpsender.py:351) made public
+    (the W3C has ``RTCRtpSender.generateKeyFrame`` for encoded transforms).
+    Returns False for an audio sender or one without a track.
+    """
+    if sender.track is None or sender.track.kind != "video":
+        return False
+    sender._send_keyframe()
     return True
 
 

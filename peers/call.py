@@ -281,6 +281,8 @@ class Call:
         return found
 
     def _dtls_failed(self, cause: str) -> None:
+        if cause == "connection error":
+            return  # the ICE transport failed under it: the network, reported as IceFailed
         logger.error("%s: DTLS handshake failed: %s", self.name, cause)
         self._fail(DtlsFailed(cause))
 
@@ -366,11 +368,14 @@ class Call:
         """After a gap, ask for a keyframe now rather than after the frame buffer's hole wait.
 
         Asked again a few times: the first request may leave while the way back
-        is still closed (a network returns one direction at a time).
+        is still closed (a network returns one direction at a time). Our own
+        video sends a keyframe too: a receiver that asks for none (Chromium
+        after a gap, seen on the browser side) decodes again at once.
         """
         logger.debug("%s: %.1f s without media: keyframe requested", self.name, gap_s)
         for transceiver in self.pc.getTransceivers():
             aiortc_patches.request_keyframe(transceiver.receiver)
+            aiortc_patches.send_keyframe(transceiver.sender)
         if self._pli_again is not None:
             self._pli_again.cancel()
         self._pli_again = asyncio.create_task(self._ask_keyframe_again())
