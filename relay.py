@@ -222,16 +222,23 @@ def read_yaml(path: Path) -> object:
 # `call:`: how a call comes back after a network change (issue 12), for the peers and
 # the page (served in /rtc-config.json): give up after recovery_timeout_s, a media path
 # silent for media_timeout_s is dead, a signaling heartbeat every heartbeat_s.
-CALL_DEFAULTS: Final[Mapping[str, float]] = {
-    "recovery_timeout_s": 60.0,
-    "media_timeout_s": 3.0,
-    "heartbeat_s": 1.0,
+# The `call:` section (call recovery, issue 12): read here once for the relay,
+# which serves it to the pages in /rtc-config.json, and for the aiortc peers.
+# name: (default, minimum)
+CALL_SETTINGS: Final[Mapping[str, tuple[float, float]]] = {
+    "recovery_timeout_s": (60.0, 1.0),
+    "media_timeout_s": (3.0, 0.5),
+    "heartbeat_s": (1.0, 0.1),
 }
+CALL_DEFAULTS: Final[Mapping[str, float]] = {k: v[0] for k, v in CALL_SETTINGS.items()}
 
 
 def call_settings(call: Section) -> dict[str, float]:
-    """The `call:` section's values, defaults filled in."""
-    return {name: call.number(name, default) for name, default in CALL_DEFAULTS.items()}
+    """The `call:` section's values, defaults filled in, each at least its minimum."""
+    return {
+        name: float(call.number(name, default, minimum=minimum))
+        for name, (default, minimum) in CALL_SETTINGS.items()
+    }
 
 
 @dataclass(frozen=True)

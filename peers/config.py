@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import unquote
 
 import relay
-from relay import ICE_URL_RE, ConfigError, Section, read_yaml
+from relay import ICE_URL_RE, ConfigError, Section, call_settings, read_yaml
 
 __all__ = [
     "ConfigError",
@@ -63,9 +63,9 @@ class PeerSettings:
     turn_ca_file: Path | None = None
     video: VideoSettings = VideoSettings()
     audio: bool = True
-    call_recovery_timeout_s: float = 60.0
-    call_media_timeout_s: float = 3.0
-    call_heartbeat_s: float = 1.0
+    call_recovery_timeout_s: float = relay.CALL_DEFAULTS["recovery_timeout_s"]
+    call_media_timeout_s: float = relay.CALL_DEFAULTS["media_timeout_s"]
+    call_heartbeat_s: float = relay.CALL_DEFAULTS["heartbeat_s"]
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     @classmethod
@@ -80,6 +80,7 @@ class PeerSettings:
         media = top.section("media")
         turn = top.section("turn")
         call = top.section("call")
+        calls = call_settings(call)
         video = media.section("video", known={"width", "height", "fps", "codec"})
         audio: object = media.get("audio")
         if isinstance(audio, dict):
@@ -109,13 +110,9 @@ class PeerSettings:
                 codec=video.choice("codec", ("vp8", "h264"), d.codec),
             ),
             audio=bool(audio),
-            call_recovery_timeout_s=call.number(
-                "recovery_timeout_s", cls.call_recovery_timeout_s, minimum=1.0
-            ),
-            call_media_timeout_s=call.number(
-                "media_timeout_s", cls.call_media_timeout_s, minimum=0.5
-            ),
-            call_heartbeat_s=call.number("heartbeat_s", cls.call_heartbeat_s, minimum=0.1),
+            call_recovery_timeout_s=calls["recovery_timeout_s"],
+            call_media_timeout_s=calls["media_timeout_s"],
+            call_heartbeat_s=calls["heartbeat_s"],
             warnings=tuple(warnings),
         )
         for warning in warnings:

@@ -785,6 +785,7 @@ def test_no_ice_servers_without_turn_secret() -> None:
         pytest.param({"turn": {"urls": ["stun:x:3478"]}}, "turn.urls[0]", id="turn-url-scheme"),
         pytest.param([1], "(top level)", id="top-not-mapping"),
         pytest.param({"limts": {"burst": 5}}, "limts", id="unknown-section"),
+        pytest.param({"call": {"media_timeout_s": 0.1}}, "call.media_timeout_s", id="call-min"),
         pytest.param({"limits": {"burst": 5.5}}, "limits.burst", id="integer-expected"),
         pytest.param(
             {"limits": {"frames_per_second": float("inf")}},
@@ -822,6 +823,9 @@ def test_every_reader_refuses_the_same_unknown_section() -> None:
     from peers.turnserver import TurnServerSettings
 
     data = {"turn": {"secret": "s"}, "limts": {"burst": 5}}
+    below = {"call": {"heartbeat_s": 0.01}}
+    with pytest.raises(relay.ConfigError, match=r"^call\.heartbeat_s: "):
+        PeerSettings.from_mapping(below)  # the peers read call: as the relay does
     readers: list[Callable[[], object]] = [
         lambda: relay.RelayConfig.from_mapping(data, env={}),
         lambda: PeerSettings.from_mapping(data),
