@@ -50,7 +50,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, TypeAlias
+from typing import Any, Final, Protocol, TypeAlias
 from urllib.parse import urlsplit
 
 import orjson
@@ -78,6 +78,7 @@ ROLES: Final = ("patient", "practitioner")
 OTHER_ROLE: Final = {"patient": "practitioner", "practitioner": "patient"}
 SESSION_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 RESUME_RE: Final = SESSION_RE
+NODE_ID_RE: Final = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # a host:port fits
 FORWARDED_TYPES: Final = frozenset({"offer", "answer", "candidate"})
 RELAYED_TYPES: Final = FORWARDED_TYPES | {"bye"}  # what reaches the other seat as sent
 CLIENT_TYPES: Final = frozenset({"join", "offer", "answer", "candidate", "bye", "ping"})
@@ -98,6 +99,8 @@ AUTH_SECRET_ENV: Final = "EPEDICARE_AUTH_SECRET"  # noqa: S105 (a variable name)
 TURN_SECRET_ENV: Final = "EPEDICARE_TURN_SECRET"  # noqa: S105 (a variable name)
 RESUME_SECRET_ENV: Final = "EPEDICARE_RESUME_SECRET"  # noqa: S105 (a variable name)
 RESUME_SECRET_FILE: Final = ".relay-resume-secret"  # noqa: S105 (a file name, next to the YAML)
+REDIS_URL_ENV: Final = "EPEDICARE_REDIS_URL"
+REDIS_SCHEMES: Final = ("redis", "rediss", "unix")
 TURN_TTL_MAX_S: Final = 86_400  # the longest TURN credential the relay mints (24 h)
 FD_MARGIN: Final = 64  # descriptors beyond max_connections: listener, logs, DNS, metrics
 LOOPBACK_NETS: Final = ("127.0.0.0/8", "::1/128")
@@ -177,6 +180,16 @@ class TlsConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """Several relays as one: the Redis they share, and this relay's name among them."""
+
+    redis_url: str | None = None  # None: seats in this process's memory (a relay alone)
+    node_id: str | None = None  # None: host:port, as bound
+    # A live relay refreshes its seats' time to live; a dead one's expire after it.
+    seat_ttl_s: float = 15.0
+
+
+@dataclass(frozen=True)
 class TurnConfig:
     secret: str | None = None
     urls: tuple[str, ...] = ()
@@ -209,6 +222,7 @@ class RelayConfig:
     tls: TlsConfig = TlsConfig()
     limits: Limits = Limits()
     turn: TurnConfig = TurnConfig()
+    cluster: ClusterConfig = ClusterConfig()
     # Proxies whose X-Forwarded-For names the client (addresses or networks).
     trusted_proxies: tuple[IPNetwork, ...] = ()
     # Origins allowed to open /ws from a browser; () is the same origin only
@@ -247,6 +261,7 @@ class RelayConfig:
         limits = top.section("limits")
         ice = top.section("ice")
         metrics = top.section("metrics")
+        cluster = top.section("cluster")
 
         d = Limits()
         lim = Limits(
@@ -296,6 +311,12 @@ class RelayConfig:
                     f"relay.origins[{i}]", "expected an origin like https://call.example.org"
                 )
         resume_file = auth.optional_text("resume_secret_file")
+        redis_url = env.get(REDIS_URL_ENV) or cluster.optional_text("redis_url")
+        if redis_url is not None and urlsplit(redis_url).scheme not in REDIS_SCHEMES:
+            raise ConfigError("cluster.redis_url", "expected a redis://, rediss:// or unix:// URL")
+        node_id = cluster.optional_text("node_id")
+        if node_id is not None and not NODE_ID_RE.fullmatch(node_id):
+            raise ConfigError("cluster.node_id", "expected 1 to 64 of A-Z, a-z, 0-9 and _.:-")
         return cls(
             host=relay.text("host", cls.host),
             port=relay.port("port", cls.port),
@@ -318,6 +339,11 @@ class RelayConfig:
                 secret=env.get(TURN_SECRET_ENV) or turn.optional_text("secret"),
                 urls=tuple(urls),
                 ttl=turn.integer("ttl", 3600, maximum=TURN_TTL_MAX_S),
+            ),
+            cluster=ClusterConfig(
+                redis_url=redis_url,
+                node_id=node_id,
+                seat_ttl_s=cluster.number("seat_ttl_s", ClusterConfig.seat_ttl_s),
             ),
             browser_ice={
                 "iceServers": ice.ice_servers("servers"),
@@ -398,6 +424,7 @@ CONFIG_KEYS: Final[Mapping[str, frozenset[str]]] = {
     | frozenset({"open_timeout_s", "join_timeout_s", "reconnect_max_s"}),
     "auth": frozenset({"secret", "open", "resume_secret", "resume_secret_file"}),
     "metrics": frozenset({"allow"}),
+    "cluster": frozenset(f.name for f in dataclasses.fields(ClusterConfig)),
     "tls": frozenset({"cert", "key"}),
     "limits": frozenset(f.name for f in dataclasses.fields(Limits)),
     # secret, urls, ttl: the relay's short-lived credentials; ca_file: the peers' trust;
@@ -868,8 +895,96 @@ class Stats:
     connections_total: int = 0
 
 
+class SeatStore(Protocol):
+    """Where the seats of sessions live: the one seam between the core and a store.
+
+    The core reads ``sessions`` (session -> role -> ``Seat``) on its hot path and
+    changes seats only through the methods below, which never await. A frame
+    reaches a seat through the seat's ``conn``: the adapter maps that id to what
+    delivers it (the client's WebSocket, for the in-memory store). ``MemorySeats``
+    is the default, for a relay alone; a store shared by several relays keeps
+    ``sessions`` as the local view of the sessions it serves.
+    """
+
+    sessions: dict[str, dict[str, Seat]]
+
+    def take(self, session: str, role: str, seat: Seat, opener: str) -> bool:
+        """Seat ``seat``; True if it opened the session (``opener`` opened it)."""
+        ...
+
+    def release(self, session: str, role: str) -> tuple[Seat, str | None]:
+        """Free a taken seat: the seat, and the session's opener if it is now closed."""
+        ...
+
+    def hold(self, session: str, role: str, key: str, deadline: float) -> None:
+        """Keep a freed seat for ``key`` alone until ``deadline`` (monotonic)."""
+        ...
+
+    def holder(self, session: str, role: str, now: float) -> tuple[str, float] | None:
+        """The key and deadline a freed seat is kept for, if it has not expired."""
+        ...
+
+    def unhold(self, session: str, role: str) -> None:
+        """The seat is taken back: forget its hold."""
+        ...
+
+    def session_count(self) -> int: ...
+
+    def seats_taken(self) -> int: ...
+
+
+class MemorySeats:
+    """Every seat in this process's memory: the store of a relay that is alone."""
+
+    def __init__(self) -> None:
+        self.sessions: dict[str, dict[str, Seat]] = {}
+        # Seats whose connection dropped uncleanly: (session, role) -> (key, deadline).
+        self.held: dict[tuple[str, str], tuple[str, float]] = {}
+        self._held_order: collections.deque[tuple[float, tuple[str, str]]] = collections.deque()
+        self.opener: dict[str, str] = {}  # session -> the address that opened it
+
+    def take(self, session: str, role: str, seat: Seat, opener: str) -> bool:
+        seats = self.sessions.get(session)
+        opened = seats is None
+        if seats is None:
+            seats = self.sessions[session] = {}
+            self.opener[session] = opener
+        seats[role] = seat
+        return opened
+
+    def release(self, session: str, role: str) -> tuple[Seat, str | None]:
+        seats = self.sessions[session]
+        seat = seats.pop(role)
+        if seats:
+            return seat, None
+        del self.sessions[session]
+        return seat, self.opener.pop(session, None)
+
+    def hold(self, session: str, role: str, key: str, deadline: float) -> None:
+        self.held[session, role] = (key, deadline)
+        self._held_order.append((deadline, (session, role)))
+
+    def holder(self, session: str, role: str, now: float) -> tuple[str, float] | None:
+        order = self._held_order
+        while order and order[0][0] <= now:  # expired holds are dropped here
+            _, expired = order.popleft()
+            held = self.held.get(expired)
+            if held is not None and held[1] <= now:
+                del self.held[expired]
+        return self.held.get((session, role))
+
+    def unhold(self, session: str, role: str) -> None:
+        self.held.pop((session, role), None)
+
+    def session_count(self) -> int:
+        return len(self.sessions)
+
+    def seats_taken(self) -> int:
+        return sum(len(seats) for seats in self.sessions.values())
+
+
 class State:
-    """Every seat and connection. Mutated only by the core functions below."""
+    """Every connection, and the seats (``seats``); changed only by the core functions below."""
 
     def __init__(
         self,
@@ -877,27 +992,26 @@ class State:
         monotonic: Callable[[], float] = time.monotonic,
         wallclock: Callable[[], float] = time.time,
         resume_secret: bytes | None = None,
+        seats: SeatStore | None = None,
     ) -> None:
         self.config = config
         self.limits = config.limits
         self.monotonic = monotonic
         self.wallclock = wallclock
         self.conns: dict[int, Conn] = {}
-        self.sessions: dict[str, dict[str, Seat]] = {}
+        self.seats: SeatStore = MemorySeats() if seats is None else seats
+        # The store's local view, read by receive() for every relayed frame.
+        self.sessions = self.seats.sessions
         self.stats = Stats()
         self._next_id = 1
         self.resume_secret = secrets.token_bytes(32) if resume_secret is None else resume_secret
-        # Seats whose connection dropped uncleanly: (session, role) -> (key, deadline).
-        self.held: dict[tuple[str, str], tuple[str, float]] = {}
-        self._held_order: collections.deque[tuple[float, tuple[str, str]]] = collections.deque()
         self.addresses: dict[str, AddressUse] = {}
-        self.session_owner: dict[str, str] = {}  # session -> the address that opened it
         self._swept = monotonic()
         self._refusals: collections.Counter[str] = collections.Counter()
         self._refusals_logged = monotonic()
 
     def seats_taken(self) -> int:
-        return sum(len(seats) for seats in self.sessions.values())
+        return self.seats.seats_taken()
 
     def use(self, address: str) -> AddressUse:
         use = self.addresses.get(address)
@@ -905,17 +1019,6 @@ class State:
             rate = self.limits.handshakes_per_second_per_address
             use = self.addresses[address] = AddressUse(rate, self.monotonic())
         return use
-
-    def hold(self, session: str, role: str) -> tuple[str, float] | None:
-        """The seat's hold, if any and not expired (expired holds are dropped here)."""
-        now = self.monotonic()
-        order = self._held_order
-        while order and order[0][0] <= now:
-            _, expired = order.popleft()
-            held = self.held.get(expired)
-            if held is not None and held[1] <= now:
-                del self.held[expired]
-        return self.held.get((session, role))
 
     def sweep_addresses(self) -> None:
         """Forget addresses that hold nothing and whose handshake bucket is full again."""
@@ -1131,7 +1234,7 @@ def _join(state: State, conn: Conn, data: dict[str, Any]) -> list[Action]:
     if state.config.auth.secret:
         check_token(state.config.auth.secret, token, session, role, state.wallclock())
     seats = state.sessions.get(session)
-    if seats is None and len(state.sessions) >= state.limits.max_sessions:
+    if seats is None and state.seats.session_count() >= state.limits.max_sessions:
         raise ProtocolError(
             "server-full",
             "The relay has reached its session limit; try again later.",
@@ -1152,7 +1255,7 @@ def _join(state: State, conn: Conn, data: dict[str, Any]) -> list[Action]:
         verified and hmac.compare_digest(resume.encode(), held.resume.encode())
     ):
         raise ProtocolError("role-taken", f"The {role} seat of this session is taken.")
-    hold = state.hold(session, role)
+    hold = state.seats.holder(session, role, state.monotonic())
     if held is None and hold is not None:
         if not (verified and hmac.compare_digest(resume.encode(), hold[0].encode())):
             left = hold[1] - state.monotonic()
@@ -1161,7 +1264,7 @@ def _join(state: State, conn: Conn, data: dict[str, Any]) -> list[Action]:
                 f"The {role} seat is kept for its previous connection for {left:.0f} s more.",
                 close_code=CLOSE_TRY_AGAIN_LATER,
             )
-        del state.held[session, role]
+        state.seats.unhold(session, role)
 
     actions: list[Action] = []
     if held is not None:
@@ -1173,18 +1276,15 @@ def _join(state: State, conn: Conn, data: dict[str, Any]) -> list[Action]:
         logger.info(
             "conn=%d session=%s role=%s replaced by conn=%d", stale.id, session, role, conn.id
         )
-    if seats is None:
-        seats = state.sessions[session] = {}
-        state.session_owner[session] = conn.address
-        use.sessions += 1
     # A fresh key at every join: a key seen before (in a log, on a screen)
     # no longer takes a seat that is taken or held.
     seat = Seat(conn.id, mint_resume(state.resume_secret, session, role), resumed=verified)
-    seats[role] = seat
+    if state.seats.take(session, role, seat, conn.address):
+        use.sessions += 1
     conn.session, conn.role, conn.ever_joined = session, role, True
     state.stats.joins += 1
     state.stats.resumes += verified
-    other = seats.get(OTHER_ROLE[role])
+    other = state.sessions[session].get(OTHER_ROLE[role])
     joined: dict[str, object] = {
         "session": session,
         "role": role,
@@ -1229,26 +1329,22 @@ def _leave(
     session, role = conn.session, conn.role
     if session is None or role is None:
         return []
-    seats = state.sessions[session]
-    seat = seats.pop(role)
+    seat, opener = state.seats.release(session, role)
     conn.session = conn.role = None
     if hold:
         # An unclean drop: keep the seat for its key alone for a while.
         deadline = state.monotonic() + state.limits.resume_grace_s
-        state.held[session, role] = (seat.resume, deadline)
-        state._held_order.append((deadline, (session, role)))
+        state.seats.hold(session, role, seat.resume, deadline)
     actions: list[Action] = []
-    other = seats.get(OTHER_ROLE[role])
+    seats = state.sessions.get(session)
+    other = None if seats is None else seats.get(OTHER_ROLE[role])
     if other is not None:
         if forward is not None:
             state.stats.frames["bye"] += 1
             actions.append(Send(other.conn, forward))
         actions.append(Send(other.conn, frame("peer-left", role=role, reason=reason)))
-    else:
-        del state.sessions[session]
-        owner = state.session_owner.pop(session, None)
-        if owner is not None and (use := state.addresses.get(owner)) is not None:
-            use.sessions -= 1
+    if opener is not None and (use := state.addresses.get(opener)) is not None:
+        use.sessions -= 1
     if reason == "bye" and not conn.closing:
         # Without a seat, the join deadline applies again.
         conn.unseated += 1
@@ -1320,16 +1416,24 @@ SECURITY_HEADERS: Final = (
 class _StateCollector:
     """Prometheus metrics read from the core's state at scrape time."""
 
-    def __init__(self, state: State) -> None:
-        self.state = state
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+        self.state = relay.state
 
     def collect(self) -> Iterable[Metric]:
         state, stats = self.state, self.state.stats
+        info = GaugeMetricFamily(
+            "relay_info",
+            "This relay: its node id (cluster.node_id) and version.",
+            labels=["node", "version"],
+        )
+        info.add_metric([self.relay.node_id, __version__], 1)
+        yield info
         yield GaugeMetricFamily(
             "relay_connections", "Open WebSocket connections.", len(state.conns)
         )
         yield GaugeMetricFamily(
-            "relay_sessions", "Sessions with at least one seat taken.", len(state.sessions)
+            "relay_sessions", "Sessions with at least one seat taken.", state.seats.session_count()
         )
         yield GaugeMetricFamily("relay_seats_taken", "Seats taken.", state.seats_taken())
         yield CounterMetricFamily(
@@ -1385,7 +1489,7 @@ class Relay:
         self.connections: dict[int, ServerConnection] = {}
         self.started = time.monotonic()
         self.registry = CollectorRegistry()
-        self.registry.register(_StateCollector(self.state))
+        self.registry.register(_StateCollector(self))
         ProcessCollector(registry=self.registry)
         self._tasks: set[asyncio.Task[None]] = set()
         self.connection_class: type[RelayConnection] = type(
@@ -1393,6 +1497,8 @@ class Relay:
         )
         self.tls = config.tls.cert is not None
         self.stopping = False
+        # This relay's name in a cluster: cluster.node_id, else host:port once bound.
+        self.node_id = config.cluster.node_id or f"{config.host}:{config.port}"
         # Browsers from any origin may connect on loopback when nothing is exposed.
         self.any_origin = (
             not config.origins and config.exposure() is None and not config.auth.secret
@@ -1542,7 +1648,8 @@ class Relay:
             status: dict[str, object] = {"status": "ok"}
             if trusted:
                 status |= {
-                    "sessions": len(self.state.sessions),
+                    "node": self.node_id,
+                    "sessions": self.state.seats.session_count(),
                     "connections": len(self.state.conns),
                     "uptime_s": round(time.monotonic() - self.started, 3),
                     "version": __version__,
@@ -1634,6 +1741,11 @@ class RunningRelay:
 async def serve_relay(config: RelayConfig) -> AsyncIterator[RunningRelay]:
     """Listen until the block exits, then close every connection with 1001."""
     config.check_exposure()
+    if config.cluster.redis_url is not None:
+        # The seam is in the core (SeatStore); the Redis store is the next step.
+        raise ConfigError(
+            "cluster.redis_url", "this relay has no Redis seat store yet: leave it unset"
+        )
     secret, origin = config.resume_secret_bytes()
     relay = Relay(config, secret)
     limits = config.limits
@@ -1674,6 +1786,8 @@ async def serve_relay(config: RelayConfig) -> AsyncIterator[RunningRelay]:
         host, port = server.sockets[0].getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
         scheme = "wss" if ssl_context else "ws"
+        if config.cluster.node_id is None:
+            relay.node_id = f"{shown}:{port}"
         running = RunningRelay(
             relay,
             server,
@@ -1683,6 +1797,7 @@ async def serve_relay(config: RelayConfig) -> AsyncIterator[RunningRelay]:
         )
         loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
         logger.info("relay listening on %s (event loop: %s)", running.url, loop)
+        logger.info("node id %s (cluster.node_id)", relay.node_id)
         logger.info("resume keys signed with a key %s", origin)
         yield running
     finally:

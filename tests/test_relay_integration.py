@@ -476,6 +476,26 @@ async def test_health(relay_server: relay.RunningRelay) -> None:
     assert health["connections"] == 2
     assert health["uptime_s"] >= 0
     assert health["version"] == relay.__version__
+    assert health["node"] == f"127.0.0.1:{relay_server.port}"  # cluster.node_id unset
+
+
+async def test_node_id_names_the_relay_in_health_and_metrics() -> None:
+    """cluster.node_id is the relay's name in /health and in /metrics' relay_info labels."""
+    async with running_relay(relay_config(cluster={"node_id": "relay-a"})) as running:
+        _, _, body = await http_get(running.port, "/health")
+        assert json.loads(body)["node"] == "relay-a"
+        _, _, metrics = await http_get(running.port, "/metrics")
+        info = f'relay_info{{node="relay-a",version="{relay.__version__}"}} 1.0'
+        assert info in metrics.decode().splitlines()
+
+
+async def test_redis_url_is_refused_until_the_redis_store_exists() -> None:
+    """cluster.redis_url set: the relay does not start, and says which key (no silent memory)."""
+    config = relay_config(cluster={"redis_url": "redis://127.0.0.1:1/0"})
+    with pytest.raises(relay.ConfigError) as caught:
+        async with running_relay(config):
+            pass
+    assert caught.value.key == "cluster.redis_url"
 
 
 async def test_metrics_count_what_happened(relay_server: relay.RunningRelay) -> None:
