@@ -23,7 +23,7 @@ PY      := $(call q,$(value VENV)/bin/python)
 CONFIG_ := $(call q,$(value CONFIG))
 ARGS_   := $(call qs,$(value ARGS))
 
-.PHONY: help netem-probe bench-storm apt-systemd bench-browser bench-call patient practitioner bench-deps apt-nodejs setup system-deps turn-deps turn bench-turn browser-deps nginx-deps systemd-deps run-relay test lint demo bench bench-relay screenshots clean
+.PHONY: help redis-deps netem-probe bench-storm apt-systemd bench-browser bench-call patient practitioner bench-deps apt-nodejs setup system-deps turn-deps turn bench-turn browser-deps nginx-deps systemd-deps run-relay test lint demo bench bench-relay screenshots clean
 
 ## setup: a virtualenv with the pinned requirements, runtime and development (idempotent)
 setup: $(STAMP)
@@ -67,6 +67,10 @@ browser-deps:
 nginx-deps:
 	$(call apt_install,nginx)
 
+## redis-deps: Debian's redis-server, for a cluster of relays (make cluster) and its tests
+redis-deps:
+	$(call apt_install,redis-server)
+
 ## systemd-deps: systemd-analyze, for the test of deploy/*.service (Debian's systemd, if it is missing)
 systemd-deps:
 	@command -v systemd-analyze >/dev/null || $(MAKE) --no-print-directory apt-systemd
@@ -79,7 +83,7 @@ run-relay: setup
 	$(PY) relay.py --config $(CONFIG_) $(ARGS_)
 
 ## test: the whole test suite (what CI runs)
-test: setup system-deps turn-deps browser-deps nginx-deps systemd-deps
+test: setup system-deps turn-deps browser-deps nginx-deps systemd-deps redis-deps
 	$(PY) -m pytest $(ARGS_)
 
 ## lint: ruff format check, ruff check, mypy --strict

@@ -50,7 +50,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Protocol, TypeAlias
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeAlias
 from urllib.parse import urlsplit
 
 import orjson
@@ -65,6 +65,9 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import Event
+
+if TYPE_CHECKING:  # redis is imported only by a relay of a cluster (a second at start)
+    import redis.asyncio as aioredis
 
 __version__: Final = "0.1.0"
 
@@ -1456,6 +1459,163 @@ class _StateCollector:
         for code, count in sorted(stats.errors.items()):
             errors.add_metric([code], count)
         yield errors
+
+
+# -- the seats several relays share, in Redis ----------------------------------------
+#
+# One hash per seat, ``epc:seat:{session}:{role}``: the relay holding it
+# (``node``, ``conn``), its resume ``key``, and ``state``: ``taken`` (expires
+# after cluster.seat_ttl_s unless its relay refreshes it: a dead relay's seats
+# go by themselves) or ``held`` (an unclean drop: only ``key`` takes it back,
+# until limits.resume_grace_s). Each change is one Lua script, so two relays
+# deciding on one seat at once are served one after the other.
+
+SEAT_KEY: Final = "epc:seat:{}:{}"
+
+# KEYS[1] the seat; ARGV node, conn, new key, presented key ('' none or
+# unverified), ttl ms. Returns {'ok', previous node, previous conn} (the
+# connection a resume replaces, '' for none), {'role-taken'} or
+# {'seat-held', ms left}.
+_CLAIM_LUA: Final = """
+local cur = redis.call('HMGET', KEYS[1], 'state', 'key', 'node', 'conn')
+local prev_node, prev_conn = '', ''
+if cur[1] then
+  if ARGV[4] == '' or ARGV[4] ~= cur[2] then
+    if cur[1] == 'taken' then return {'role-taken'} end
+    return {'seat-held', tostring(redis.call('PTTL', KEYS[1]))}
+  end
+  if cur[1] == 'taken' then prev_node, prev_conn = cur[3], cur[4] end
+  redis.call('DEL', KEYS[1])
+end
+redis.call('HSET', KEYS[1], 'state', 'taken', 'node', ARGV[1], 'conn', ARGV[2], 'key', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+return {'ok', prev_node, prev_conn}
+"""
+
+# KEYS[1] the seat; ARGV node, conn, hold ms ('0': free it at once).
+# Frees (or holds) the seat only if this connection still has it: 1, else 0.
+_RELEASE_LUA: Final = """
+local cur = redis.call('HMGET', KEYS[1], 'state', 'node', 'conn')
+if cur[1] ~= 'taken' or cur[2] ~= ARGV[1] or cur[3] ~= ARGV[2] then return 0 end
+if ARGV[3] == '0' then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('HSET', KEYS[1], 'state', 'held')
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+end
+return 1
+"""
+
+# KEYS the seats this relay holds; ARGV node, ttl ms, then each seat's conn.
+# Gives the time to live back to those still this relay's: how many.
+_REFRESH_LUA: Final = """
+local n = 0
+for i, key in ipairs(KEYS) do
+  local cur = redis.call('HMGET', key, 'state', 'node', 'conn')
+  if cur[1] == 'taken' and cur[2] == ARGV[1] and cur[3] == ARGV[i + 2] then
+    redis.call('PEXPIRE', key, ARGV[2])
+    n = n + 1
+  end
+end
+return n
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class SeatRecord:
+    """One seat as Redis has it."""
+
+    state: str  # "taken" or "held"
+    node: str
+    conn: int
+    key: str
+
+
+class SeatDirectory:
+    """The cluster's seats in Redis: claimed, released, held and refreshed atomically.
+
+    Every method awaits Redis once, so the adapter calls it, never the core.
+    Redis errors (``redis.exceptions.RedisError``) are the caller's to handle:
+    it refuses new joins with ``unavailable`` while Redis is away.
+    """
+
+    def __init__(self, client: aioredis.Redis, node: str, cluster: ClusterConfig, limits: Limits):
+        self.redis = client
+        self.node = node
+        self.ttl_ms = max(1, round(cluster.seat_ttl_s * 1000))
+        self.grace_ms = max(1, round(limits.resume_grace_s * 1000))
+        self._claim = client.register_script(_CLAIM_LUA)
+        self._release = client.register_script(_RELEASE_LUA)
+        self._refresh = client.register_script(_REFRESH_LUA)
+
+    @classmethod
+    def from_url(cls, url: str, node: str, cluster: ClusterConfig, limits: Limits) -> SeatDirectory:
+        """A directory on the Redis at ``url`` (no connection until the first command)."""
+        import redis.asyncio  # noqa: PLC0415 (only a relay of a cluster pays for the import)
+
+        # A Redis that does not answer within a second is away: joins are refused
+        # rather than left waiting (the client's own join timeout is longer).
+        client = redis.asyncio.Redis.from_url(
+            url, socket_timeout=1.0, socket_connect_timeout=1.0, retry_on_timeout=False
+        )
+        return cls(client, node, cluster, limits)
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    async def claim(
+        self, session: str, role: str, conn: int, key: str, presented: str | None
+    ) -> tuple[str, str, int]:
+        """Take the seat for ``conn``: ("ok", node, conn) of the connection it replaces
+        ("", 0 for none), ("role-taken", "", 0), or ("seat-held", "", ms left).
+
+        ``presented``: a resume key the caller has verified, else None.
+        """
+        reply = await self._claim(
+            keys=[SEAT_KEY.format(session, role)],
+            args=[self.node, conn, key, presented or "", self.ttl_ms],
+        )
+        outcome = reply[0].decode()
+        if outcome == "ok":
+            node, previous = reply[1].decode(), reply[2].decode()
+            return outcome, node, int(previous) if previous else 0
+        if outcome == "seat-held":
+            return outcome, "", max(0, int(reply[1]))
+        return outcome, "", 0
+
+    async def release(self, session: str, role: str, conn: int, *, hold: bool) -> bool:
+        """Free the seat (``hold``: keep it for its key alone a while), if still ``conn``'s."""
+        done = await self._release(
+            keys=[SEAT_KEY.format(session, role)],
+            args=[self.node, conn, self.grace_ms if hold else 0],
+        )
+        return bool(done)
+
+    async def refresh(self, seats: Iterable[tuple[str, str, int]]) -> int:
+        """Give this relay's seats (session, role, conn) their time to live back: how many."""
+        seats = list(seats)
+        if not seats:
+            return 0
+        count = await self._refresh(
+            keys=[SEAT_KEY.format(session, role) for session, role, _ in seats],
+            args=[self.node, self.ttl_ms, *(conn for _, _, conn in seats)],
+        )
+        return int(count)
+
+    async def seats(self, session: str) -> dict[str, SeatRecord]:
+        """The session's seats, taken or held, by role."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for role in ROLES:
+                pipe.hgetall(SEAT_KEY.format(session, role))
+            replies = await pipe.execute()
+        found: dict[str, SeatRecord] = {}
+        for role, raw in zip(ROLES, replies, strict=True):
+            if raw:
+                fields = {k.decode(): v.decode() for k, v in raw.items()}
+                found[role] = SeatRecord(
+                    fields["state"], fields["node"], int(fields["conn"]), fields["key"]
+                )
+        return found
 
 
 class RelayConnection(ServerConnection):
