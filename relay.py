@@ -1270,8 +1270,8 @@ def _join(state: State, conn: Conn, data: dict[str, Any]) -> list[Action]:
         state.seats.unhold(session, role)
 
     actions: list[Action] = []
-    if held is not None:
-        stale = state.conns[held.conn]
+    stale = None if held is None else state.conns.get(held.conn)
+    if stale is not None:
         stale.session = stale.role = None
         stale.closing = True
         state.stats.replaced += 1
@@ -1354,6 +1354,60 @@ def _leave(
         actions.append(JoinDeadline(conn.id, conn.unseated))
     logger.info("conn=%d session=%s role=%s left (%s)", conn.id, session, role, reason)
     return actions
+
+
+REMOTE_OPENER: Final = "(another relay)"  # a session opened there counts for no address here
+
+
+def seat_remote(state: State, session: str, role: str, resume: str) -> int:
+    """Show a seat held by another relay in the local view: the id its frames go to.
+
+    The adapter maps that id to the other relay's inbox, so ``receive`` relays
+    to it exactly as to a local connection.
+    """
+    proxy = state._next_id
+    state._next_id += 1
+    state.seats.take(session, role, Seat(proxy, resume, resumed=False), REMOTE_OPENER)
+    return proxy
+
+
+def unseat_remote(state: State, session: str, role: str) -> int | None:
+    """Forget a remote seat of the local view: the id it had, if any."""
+    seats = state.sessions.get(session)
+    if seats is None or (seat := seats.get(role)) is None or seat.conn in state.conns:
+        return None
+    state.seats.release(session, role)
+    return seat.conn
+
+
+def refusal(state: State, conn_id: int, exc: ProtocolError) -> list[Action]:
+    """Refuse a frame for a reason the adapter found (``unavailable``: Redis is away)."""
+    return _error_actions(state, state.conns[conn_id], exc)
+
+
+def replaced_elsewhere(state: State, conn_id: int) -> list[Action]:
+    """The connection's seat was resumed on another relay: close it, tell nobody here."""
+    conn = state.conns.get(conn_id)
+    if conn is None or conn.session is None or conn.role is None:
+        return []
+    state.seats.release(conn.session, conn.role)
+    conn.session = conn.role = None
+    conn.closing = True
+    state.stats.replaced += 1
+    return [Close(conn.id, CLOSE_REPLACED, "replaced")]
+
+
+def claim_lost(state: State, conn_id: int, exc: ProtocolError) -> list[Action]:
+    """Another relay took the seat first: the join just made here is undone, silently."""
+    conn = state.conns[conn_id]
+    session, role = conn.session, conn.role
+    if session is not None and role is not None:
+        _, opener = state.seats.release(session, role)
+        if opener is not None and (use := state.addresses.get(opener)) is not None:
+            use.sessions -= 1
+        conn.session = conn.role = None
+        state.stats.joins -= 1
+    return _error_actions(state, conn, exc)
 
 
 def join_expired(state: State, conn_id: int, generation: int = 0) -> list[Action]:
@@ -1618,6 +1672,337 @@ class SeatDirectory:
         return found
 
 
+INBOX_KEY: Final = "epc:inbox:{}"  # one Redis stream per relay: the frames for its seats
+INBOX_MAXLEN: Final = 100_000  # entries kept per inbox (trimmed approximately)
+INBOX_BLOCK_MS: Final = 500  # under the client's 1 s socket timeout
+
+
+class RemoteSeat:
+    """A seat on another relay: the core's ``Send`` to its id goes to that relay's inbox."""
+
+    __slots__ = ("cluster", "conn", "node", "role", "session")
+
+    def __init__(self, cluster: Cluster, node: str, conn: int, session: str, role: str) -> None:
+        self.cluster, self.node, self.conn = cluster, node, conn
+        self.session, self.role = session, role
+
+    async def send(self, text: str) -> None:
+        await self.cluster.post(self, text)
+
+
+class Cluster:
+    """A relay among several: seats claimed in Redis, frames to other relays' seats through it.
+
+    Each relay reads its own inbox (a Redis stream) and delivers what it finds to
+    its connections, in the order written. A frame that finds its seat gone
+    (resumed elsewhere, or left) goes back to its sender as ``no-peer``; a frame
+    that cannot be written (Redis away) is answered with ``unavailable``.
+    """
+
+    def __init__(self, relay: Relay, directory: SeatDirectory) -> None:
+        self.relay = relay
+        self.state = relay.state
+        self.directory = directory
+        self.redis = directory.redis
+        self.node = directory.node
+        self.inbox = INBOX_KEY.format(self.node)
+        self.remote: dict[int, RemoteSeat] = {}
+        self.problem: str | None = None  # why Redis is away, while it is
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._read()), loop.create_task(self._refresh())]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.directory.close()
+
+    def _away(self, exc: Exception) -> None:
+        if self.problem is None:
+            logger.warning("node %s: Redis unavailable (%s): new joins refused", self.node, exc)
+        self.problem = f"redis unavailable: {type(exc).__name__}"
+
+    def _back(self) -> None:
+        if self.problem is not None:
+            logger.info("node %s: Redis is back", self.node)
+        self.problem = None
+
+    # -- frames from this relay's connections ---------------------------------
+
+    async def receive(self, conn_id: int, message: str | bytes) -> list[Action]:
+        """``receive`` for a relay of a cluster: joins claimed in Redis, leaves freed there."""
+        import redis.exceptions  # noqa: PLC0415 (imported already by SeatDirectory.from_url)
+
+        state = self.state
+        conn = state.conns[conn_id]
+        before = (conn.session, conn.role)
+        presented: str | None = None
+        if before[0] is None and not conn.closing:
+            try:
+                presented = await self._prejoin(message)
+            except redis.exceptions.RedisError as exc:
+                self._away(exc)
+                return refusal(state, conn_id, UNAVAILABLE)
+        actions = receive(state, conn_id, message)
+        after = (conn.session, conn.role)
+        if after == before:
+            return actions
+        if before[0] is not None and before[1] is not None:  # bye
+            await self.relay.perform(actions)  # the remote seat is forgotten after
+            actions = []
+            await self._release(before[0], before[1], conn_id, hold=False)
+        if after[0] is not None and after[1] is not None:  # joined
+            seat = state.sessions[after[0]][after[1]]
+            try:
+                outcome, node, previous = await self.directory.claim(
+                    after[0], after[1], conn_id, seat.resume, presented if seat.resumed else None
+                )
+            except redis.exceptions.RedisError as exc:
+                self._away(exc)
+                return claim_lost(state, conn_id, UNAVAILABLE)
+            self._back()
+            for proxy, remote in list(self.remote.items()):  # the remote seat it replaced
+                if (remote.session, remote.role) == after:
+                    del self.remote[proxy], self.relay.connections[proxy]
+            if outcome != "ok":
+                close = CLOSE_TRY_AGAIN_LATER if outcome == "seat-held" else None
+                lost = ProtocolError(outcome, CLAIM_LOST[outcome], close_code=close)
+                return claim_lost(state, conn_id, lost)
+            if node and node != self.node:
+                await self._post(node, after[0], after[1], previous, "", replaced=True)
+        return actions
+
+    async def _prejoin(self, message: str | bytes) -> str | None:
+        """Before a join: the session's seats on other relays into the local view.
+
+        The core then decides (role-taken, seat-held, peer) as for local seats.
+        Returns the resume key the join presents, if any.
+        """
+        try:
+            kind, data, _ = parse_frame(message, self.state.limits.max_frame_bytes)
+        except ProtocolError:
+            return None
+        session, role, resume = data.get("session"), data.get("role"), data.get("resume")
+        if kind != "join" or not isinstance(session, str) or not SESSION_RE.fullmatch(session):
+            return None
+        records = await self.directory.seats(session)
+        self._back()
+        state = self.state
+        for seat_role in ROLES:
+            record = records.get(seat_role)
+            local = state.sessions.get(session, {}).get(seat_role)
+            if local is not None and local.conn in state.conns:
+                continue  # this relay's own seat
+            if record is None or record.state != "taken" or record.node == self.node:
+                self._forget(session, seat_role)
+                if (
+                    record is not None
+                    and record.state == "held"
+                    and record.node != self.node
+                    and state.seats.holder(session, seat_role, state.monotonic()) is None
+                ):
+                    deadline = state.monotonic() + state.limits.resume_grace_s
+                    state.seats.hold(session, seat_role, record.key, deadline)
+                continue
+            self._learn(session, seat_role, record.node, record.conn, record.key)
+        return resume if isinstance(resume, str) and role in ROLES else None
+
+    def _learn(self, session: str, role: str, node: str, conn: int, key: str) -> None:
+        """The seat is held by ``conn`` on ``node``: show it in the local view."""
+        local = self.state.sessions.get(session, {}).get(role)
+        if local is not None:
+            known = self.remote.get(local.conn)
+            if known is not None and (known.node, known.conn) == (node, conn):
+                return
+            if known is None:
+                return  # a seat of this relay's own
+            self._forget(session, role)
+        proxy = seat_remote(self.state, session, role, key)
+        self.remote[proxy] = RemoteSeat(self, node, conn, session, role)
+        self.relay.connections[proxy] = self.remote[proxy]
+
+    def _forget(self, session: str, role: str) -> None:
+        proxy = unseat_remote(self.state, session, role)
+        if proxy is not None:
+            self.remote.pop(proxy, None)
+            self.relay.connections.pop(proxy, None)
+
+    def _forget_session_if_remote(self, session: str) -> None:
+        """A session with no seat on this relay leaves the local view."""
+        seats = self.state.sessions.get(session)
+        if seats is not None and all(seat.conn in self.remote for seat in seats.values()):
+            for role in list(seats):
+                self._forget(session, role)
+
+    async def _release(self, session: str, role: str, conn: int, *, hold: bool) -> None:
+        import redis.exceptions  # noqa: PLC0415
+
+        self._forget_session_if_remote(session)
+        try:
+            await self.directory.release(session, role, conn, hold=hold)
+        except redis.exceptions.RedisError as exc:
+            self._away(exc)  # its time to live frees it
+
+    async def disconnected(self, session: str, role: str, conn: int, *, clean: bool) -> None:
+        await self._release(session, role, conn, hold=not clean)
+
+    # -- frames between relays --------------------------------------------------
+
+    async def post(self, seat: RemoteSeat, text: str) -> None:
+        """Write a frame for a remote seat into its relay's inbox."""
+        import redis.exceptions  # noqa: PLC0415
+
+        seats = self.state.sessions.get(seat.session)
+        sender = None if seats is None else seats.get(OTHER_ROLE[seat.role])
+        sender_conn = 0 if sender is None or sender.conn in self.remote else sender.conn
+        key = "" if sender is None else sender.resume
+        try:
+            await self._post(
+                seat.node,
+                seat.session,
+                seat.role,
+                seat.conn,
+                text,
+                sender_conn=sender_conn,
+                key=key,
+            )
+        except redis.exceptions.RedisError as exc:
+            self._away(exc)
+            if sender_conn and (ws := self.relay.connections.get(sender_conn)) is not None:
+                with contextlib.suppress(ConnectionClosed):
+                    await ws.send(error_frame(NOT_DELIVERED_AWAY))
+
+    async def _post(
+        self,
+        node: str,
+        session: str,
+        role: str,
+        conn: int,
+        text: str,
+        *,
+        sender_conn: int = 0,
+        key: str = "",
+        replaced: bool = False,
+        undelivered: bool = False,
+    ) -> None:
+        fields: dict[str, str | int] = {
+            "s": session, "r": role, "c": conn, "n": self.node, "fc": sender_conn, "k": key,
+            "f": text, "x": "replaced" if replaced else "undelivered" if undelivered else "",
+        }  # fmt: skip
+        await self.redis.xadd(
+            INBOX_KEY.format(node),
+            fields,  # type: ignore[arg-type]
+            maxlen=INBOX_MAXLEN,
+            approximate=True,
+        )
+
+    async def _read(self) -> None:
+        """Deliver this relay's inbox, in order, for as long as the relay runs."""
+        import redis.exceptions  # noqa: PLC0415
+
+        last = "$"
+        while True:
+            try:
+                replies: Any = await self.redis.xread(
+                    {self.inbox: last}, block=INBOX_BLOCK_MS, count=512
+                )
+            except redis.exceptions.RedisError as exc:
+                self._away(exc)
+                await asyncio.sleep(0.5)
+                continue
+            self._back()
+            for _, entries in replies or ():
+                for entry_id, raw in entries:
+                    last = entry_id
+                    try:
+                        await self._deliver({k.decode(): v.decode() for k, v in raw.items()})
+                    except redis.exceptions.RedisError as exc:
+                        self._away(exc)
+                    except Exception:
+                        logger.exception("node %s: a frame from another relay failed", self.node)
+
+    async def _deliver(self, fields: dict[str, str]) -> None:
+        state = self.state
+        session, role, conn = fields["s"], fields["r"], int(fields["c"])
+        node, sender_conn, text, special = fields["n"], int(fields["fc"]), fields["f"], fields["x"]
+        seat = state.sessions.get(session, {}).get(role)
+        ws = self.relay.connections.get(conn) if seat is not None and seat.conn == conn else None
+        if special == "replaced":
+            await self.relay.perform(replaced_elsewhere(state, conn))
+            return
+        if ws is None or isinstance(ws, RemoteSeat):
+            left = text.startswith('{"type":"peer-left"') or text.startswith('{"type":"bye"')
+            if not left and not special and sender_conn:
+                await self._post(node, session, OTHER_ROLE[role], sender_conn, "", undelivered=True)
+            return
+        if special == "undelivered":
+            with contextlib.suppress(ConnectionClosed):
+                await ws.send(error_frame(NOT_DELIVERED))
+            return
+        other = OTHER_ROLE[role]
+        if text.startswith('{"type":"peer-left"'):
+            self._forget(session, other)
+        elif sender_conn:
+            self._learn(session, other, node, sender_conn, fields["k"])
+        with contextlib.suppress(ConnectionClosed):
+            await ws.send(text)
+
+    async def _refresh(self) -> None:
+        """Keep this relay's seats alive in Redis; drop remote seats whose relay is gone."""
+        import redis.exceptions  # noqa: PLC0415
+
+        period = self.directory.ttl_ms / 3000
+        while True:
+            await asyncio.sleep(period)
+            state = self.state
+            mine = [
+                (session, role, seat.conn)
+                for session, seats in state.sessions.items()
+                for role, seat in seats.items()
+                if seat.conn in state.conns
+            ]
+            try:
+                await self.directory.refresh(mine)
+                for remote in list(self.remote.values()):
+                    record = (await self.directory.seats(remote.session)).get(remote.role)
+                    if record is not None and (record.state, record.node, record.conn) == (
+                        "taken",
+                        remote.node,
+                        remote.conn,
+                    ):
+                        continue
+                    # Its relay died (the seat expired) or it dropped: the other side is told.
+                    self._forget(remote.session, remote.role)
+                    local = state.sessions.get(remote.session, {}).get(OTHER_ROLE[remote.role])
+                    if local is not None and local.conn in state.conns:
+                        gone = frame("peer-left", role=remote.role, reason="disconnected")
+                        await self.relay.perform([Send(local.conn, gone)])
+            except redis.exceptions.RedisError as exc:
+                self._away(exc)
+                continue
+            self._back()
+
+
+UNAVAILABLE: Final = ProtocolError(
+    "unavailable", "The relays cannot reach their shared store; try again in a moment."
+)
+NOT_DELIVERED: Final = ProtocolError(
+    "no-peer", "The other seat left its relay before the message arrived: not delivered."
+)
+NOT_DELIVERED_AWAY: Final = ProtocolError(
+    "unavailable", "The relays cannot reach their shared store: a message was not delivered."
+)
+CLAIM_LOST: Final = {
+    "role-taken": "This seat was just taken on another relay.",
+    "seat-held": "This seat is kept a moment for the connection that just dropped.",
+}
+
+
 class RelayConnection(ServerConnection):
     """A server connection with a bounded write buffer and counted control frames.
 
@@ -1646,7 +2031,9 @@ class Relay:
     def __init__(self, config: RelayConfig, resume_secret: bytes | None = None) -> None:
         self.config = config
         self.state = State(config, resume_secret=resume_secret)
-        self.connections: dict[int, ServerConnection] = {}
+        # Connections by id; in a cluster, also the remote seats (frames to another relay).
+        self.connections: dict[int, ServerConnection | RemoteSeat] = {}
+        self.cluster: Cluster | None = None
         self.started = time.monotonic()
         self.registry = CollectorRegistry()
         self.registry.register(_StateCollector(self))
@@ -1674,10 +2061,14 @@ class Relay:
             self.config.limits.join_timeout_s, self._join_expired, conn_id, 0
         )
         logger.debug("conn=%d open from %s", conn_id, address)
+        cluster = self.cluster
         try:
             await self.perform(actions)
             async for message in ws:
-                actions = receive(self.state, conn_id, message)
+                if cluster is None:
+                    actions = receive(self.state, conn_id, message)
+                else:
+                    actions = await cluster.receive(conn_id, message)
                 # A relayed frame, the common case, is sent here: one coroutine
                 # less per frame than through perform().
                 if (
@@ -1700,8 +2091,17 @@ class Relay:
             timer.cancel()
             del self.connections[conn_id]
             clean = ws.protocol.close_rcvd is not None
+            conn = self.state.conns[conn_id]
+            seat = (conn.session, conn.role)
             actions = disconnect(self.state, conn_id, clean=clean)
-            if not self.stopping:  # at shutdown the other seat is going too: tell nobody
+            if cluster is not None and seat[0] is not None and seat[1] is not None:
+                # A relay of a cluster that stops holds its seats for their keys
+                # (its clients resume on the others) and tells no one.
+                hold = self.stopping or not clean
+                if not self.stopping:
+                    await self.perform(actions)
+                await cluster.disconnected(seat[0], seat[1], conn_id, clean=not hold)
+            elif not self.stopping:  # at shutdown the other seat is going too: tell nobody
                 await self.perform(actions)
             logger.debug("conn=%d closed (%s %r)", conn_id, ws.close_code, ws.close_reason or "")
 
@@ -1713,6 +2113,8 @@ class Relay:
             if isinstance(action, Send):
                 with contextlib.suppress(ConnectionClosed):
                     await ws.send(action.text)
+            elif isinstance(ws, RemoteSeat):
+                continue  # its own relay closes it
             elif isinstance(action, Close):
                 # Closing waits for the peer's answer: never block the caller on it.
                 self._spawn(ws.close(action.code, action.reason))
@@ -1805,7 +2207,8 @@ class Relay:
             return None
         trusted = _in_networks(address, self.config.metrics_allow)
         if path == "/health":
-            status: dict[str, object] = {"status": "ok"}
+            problem = None if self.cluster is None else self.cluster.problem
+            status: dict[str, object] = {"status": "ok" if problem is None else problem}
             if trusted:
                 status |= {
                     "node": self.node_id,
@@ -1814,7 +2217,8 @@ class Relay:
                     "uptime_s": round(time.monotonic() - self.started, 3),
                     "version": __version__,
                 }
-            return self.http_response(200, json.dumps(status).encode(), "application/json")
+            code = 200 if problem is None else 503  # a load balancer sends no one here
+            return self.http_response(code, json.dumps(status).encode(), "application/json")
         if path == "/metrics":
             if not trusted:
                 return self.http_response(
@@ -1901,11 +2305,6 @@ class RunningRelay:
 async def serve_relay(config: RelayConfig) -> AsyncIterator[RunningRelay]:
     """Listen until the block exits, then close every connection with 1001."""
     config.check_exposure()
-    if config.cluster.redis_url is not None:
-        # The seam is in the core (SeatStore); the Redis store is the next step.
-        raise ConfigError(
-            "cluster.redis_url", "this relay has no Redis seat store yet: leave it unset"
-        )
     secret, origin = config.resume_secret_bytes()
     relay = Relay(config, secret)
     limits = config.limits
@@ -1948,6 +2347,13 @@ async def serve_relay(config: RelayConfig) -> AsyncIterator[RunningRelay]:
         scheme = "wss" if ssl_context else "ws"
         if config.cluster.node_id is None:
             relay.node_id = f"{shown}:{port}"
+        if config.cluster.redis_url is not None:
+            directory = SeatDirectory.from_url(
+                config.cluster.redis_url, relay.node_id, config.cluster, limits
+            )
+            relay.cluster = Cluster(relay, directory)
+            relay.cluster.start()
+            logger.info("node %s: seats shared through Redis", relay.node_id)
         running = RunningRelay(
             relay,
             server,
@@ -1976,6 +2382,8 @@ async def serve_relay(config: RelayConfig) -> AsyncIterator[RunningRelay]:
                 ws.transport.abort()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(server.wait_closed(), limits.shutdown_timeout_s - grace)
+        if relay.cluster is not None:
+            await relay.cluster.stop()
         logger.info("relay stopped")
 
 

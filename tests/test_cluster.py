@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 
@@ -11,7 +12,7 @@ import pytest_asyncio
 
 import relay
 from tests.processes import RedisServer, redis_missing, redis_server
-from tests.support import TIMEOUT, relay_config
+from tests.support import TIMEOUT, Client, relay_config
 
 pytestmark = pytest.mark.asyncio
 
@@ -115,3 +116,99 @@ async def test_redis_away_raises_a_redis_error_within_a_second() -> None:
     with pytest.raises(redis.exceptions.ConnectionError):
         await seats.claim("s1", "patient", 1, "k", None)
     assert time.monotonic() - started < 2.0
+
+
+# -- two relays, one Redis ---------------------------------------------------------------
+
+RESUME_SECRET = "cluster-test-resume-secret"
+SDP = "v=0\r\no=- 1 2 IN IP4 198.18.0.2\r\ns=-\r\nt=0 0\r\n"
+
+
+def candidate(i: int) -> dict[str, object]:
+    return {"candidate": f"candidate:{i} 1 udp 1 198.18.0.2 {40000 + i} typ host", "sdpMid": "0"}
+
+
+@contextlib.asynccontextmanager
+async def two_relays(
+    server: RedisServer, **limits: object
+) -> AsyncIterator[tuple[relay.RunningRelay, relay.RunningRelay]]:
+    """Relays "a" and "b" in this process, sharing ``server`` and one resume secret."""
+    configs = [
+        relay_config(
+            cluster={"redis_url": server.url, "node_id": node, "seat_ttl_s": 1.5},
+            auth={"resume_secret": RESUME_SECRET},
+            limits=limits,
+        )
+        for node in ("a", "b")
+    ]
+    try:
+        async with relay.serve_relay(configs[0]) as a, relay.serve_relay(configs[1]) as b:
+            yield a, b
+    finally:
+        await Client.drop_all()
+
+
+async def split_pair(
+    a: relay.RunningRelay, b: relay.RunningRelay, session: str
+) -> tuple[Client, Client]:
+    patient = await Client.open(a.url)
+    await patient.join(session, "patient")
+    practitioner = await Client.open(b.url)
+    await practitioner.send(type="join", session=session, role="practitioner")
+    await practitioner.expect("joined", peer=True)
+    await patient.expect("peer-joined", role="practitioner", resumed=False)
+    return patient, practitioner
+
+
+@pytest.mark.parametrize("first", ["a", "b"])
+async def test_a_session_split_across_two_relays_gets_the_whole_protocol(
+    redis: RedisServer, first: str
+) -> None:
+    """Patient on one relay, practitioner on the other: frames in order, bye, peer-left."""
+    async with two_relays(redis) as (a, b):
+        one, other = (a, b) if first == "a" else (b, a)
+        patient, practitioner = await split_pair(one, other, "s1")
+        await patient.send(type="offer", sdp=SDP)
+        for i in range(50):
+            await patient.send(type="candidate", candidate=candidate(i))
+        await practitioner.expect("offer", sdp=SDP)
+        for i in range(50):
+            await practitioner.expect("candidate", candidate=candidate(i))
+        await practitioner.send(type="answer", sdp=SDP)
+        await patient.expect("answer", sdp=SDP)
+        await practitioner.send(type="bye")
+        await patient.expect("bye")
+        await patient.expect("peer-left", role="practitioner", reason="bye")
+        await patient.send(type="offer", sdp=SDP)
+        await patient.expect_error("no-peer")
+        await patient.close()
+
+
+async def test_role_taken_across_relays_and_peer_left_on_a_drop(redis: RedisServer) -> None:
+    """A seat taken on relay a is role-taken on b; a clean close there is peer-left on a."""
+    async with two_relays(redis) as (a, b):
+        patient, practitioner = await split_pair(a, b, "s1")
+        intruder = await Client.open(b.url)
+        await intruder.send(type="join", session="s1", role="patient")
+        await intruder.expect_error("role-taken")
+        await practitioner.close()
+        await patient.expect("peer-left", role="practitioner", reason="disconnected")
+
+
+async def test_resume_on_the_other_relay_replaces_the_stale_connection(redis: RedisServer) -> None:
+    """The patient's key takes its seat on relay b: a's connection closes 4001, peer resumed."""
+    async with two_relays(redis) as (a, b):
+        patient = await Client.open(a.url)
+        key = (await patient.join("s1", "patient"))["resume"]
+        practitioner = await Client.open(a.url)
+        await practitioner.join("s1", "practitioner")
+        await patient.expect("peer-joined", role="practitioner")
+        moved = await Client.open(b.url)
+        await moved.send(type="join", session="s1", role="patient", resume=key)
+        await moved.expect("joined", resumed=True, peer=True)
+        assert await patient.closed() == (relay.CLOSE_REPLACED, "replaced")
+        await practitioner.expect("peer-joined", role="patient", resumed=True)
+        await practitioner.send(type="offer", sdp=SDP)
+        await moved.expect("offer", sdp=SDP)
+        await moved.send(type="answer", sdp=SDP)
+        await practitioner.expect("answer", sdp=SDP)
