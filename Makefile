@@ -23,7 +23,7 @@ PY      := $(call q,$(value VENV)/bin/python)
 CONFIG_ := $(call q,$(value CONFIG))
 ARGS_   := $(call qs,$(value ARGS))
 
-.PHONY: help redis-deps netem-probe bench-storm apt-systemd bench-browser bench-call patient practitioner bench-deps apt-nodejs setup system-deps turn-deps turn bench-turn browser-deps nginx-deps systemd-deps run-relay test lint demo bench bench-relay screenshots clean
+.PHONY: help redis-deps haproxy-deps cluster netem-probe bench-storm apt-systemd bench-browser bench-call patient practitioner bench-deps apt-nodejs setup system-deps turn-deps turn bench-turn browser-deps nginx-deps systemd-deps run-relay test lint demo bench bench-relay screenshots clean
 
 ## setup: a virtualenv with the pinned requirements, runtime and development (idempotent)
 setup: $(STAMP)
@@ -71,6 +71,10 @@ nginx-deps:
 redis-deps:
 	$(call apt_install,redis-server)
 
+## haproxy-deps: Debian's HAProxy, the load balancer of make cluster and its test
+haproxy-deps:
+	$(call apt_install,haproxy)
+
 ## systemd-deps: systemd-analyze, for the test of deploy/*.service (Debian's systemd, if it is missing)
 systemd-deps:
 	@command -v systemd-analyze >/dev/null || $(MAKE) --no-print-directory apt-systemd
@@ -83,7 +87,7 @@ run-relay: setup
 	$(PY) relay.py --config $(CONFIG_) $(ARGS_)
 
 ## test: the whole test suite (what CI runs)
-test: setup system-deps turn-deps browser-deps nginx-deps systemd-deps redis-deps
+test: setup system-deps turn-deps browser-deps nginx-deps systemd-deps redis-deps haproxy-deps
 	$(PY) -m pytest $(ARGS_)
 
 ## lint: ruff format check, ruff check, mypy --strict
@@ -95,6 +99,10 @@ lint: setup
 ## demo: relay + two clients, prints what the call achieved, stops everything
 demo: setup system-deps
 	$(PY) -m bench.demo --config $(CONFIG_) $(ARGS_)
+
+## cluster: redis-server, two relays sharing it and HAProxy in front, on 127.0.0.1:8080 (Ctrl-C stops all)
+cluster: setup redis-deps haproxy-deps
+	$(PY) -m bench.cluster $(ARGS_)
 
 ## patient, practitioner: one seat of a consultation, e.g. `make patient SESSION=test123`
 patient practitioner: setup

@@ -1560,13 +1560,18 @@ end
 return 1
 """
 
-# KEYS the seats this relay holds; ARGV node, ttl ms, then each seat's conn.
-# Gives the time to live back to those still this relay's: how many.
+# KEYS the seats this relay holds; ARGV node, ttl ms, then each seat's conn
+# and key. Gives the time to live back to those still this relay's, and writes
+# again those Redis lost (it restarted empty): how many.
 _REFRESH_LUA: Final = """
 local n = 0
 for i, key in ipairs(KEYS) do
+  local conn, rkey = ARGV[2 * i + 1], ARGV[2 * i + 2]
   local cur = redis.call('HMGET', key, 'state', 'node', 'conn')
-  if cur[1] == 'taken' and cur[2] == ARGV[1] and cur[3] == ARGV[i + 2] then
+  if not cur[1] then
+    redis.call('HSET', key, 'state', 'taken', 'node', ARGV[1], 'conn', conn, 'key', rkey)
+  end
+  if not cur[1] or (cur[1] == 'taken' and cur[2] == ARGV[1] and cur[3] == conn) then
     redis.call('PEXPIRE', key, ARGV[2])
     n = n + 1
   end
@@ -1645,14 +1650,14 @@ class SeatDirectory:
         )
         return bool(done)
 
-    async def refresh(self, seats: Iterable[tuple[str, str, int]]) -> int:
-        """Give this relay's seats (session, role, conn) their time to live back: how many."""
+    async def refresh(self, seats: Iterable[tuple[str, str, int, str]]) -> int:
+        """Keep this relay's seats (session, role, conn, key) alive, lost ones written again."""
         seats = list(seats)
         if not seats:
             return 0
         count = await self._refresh(
-            keys=[SEAT_KEY.format(session, role) for session, role, _ in seats],
-            args=[self.node, self.ttl_ms, *(conn for _, _, conn in seats)],
+            keys=[SEAT_KEY.format(session, role) for session, role, _, _ in seats],
+            args=[self.node, self.ttl_ms, *(v for _, _, c, k in seats for v in (c, k))],
         )
         return int(count)
 
@@ -1709,6 +1714,7 @@ class Cluster:
         self.remote: dict[int, RemoteSeat] = {}
         self.problem: str | None = None  # why Redis is away, while it is
         self._tasks: list[asyncio.Task[None]] = []
+        self._missing: set[int] = set()  # remote seats (their conn) not in Redis last time
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -1957,24 +1963,34 @@ class Cluster:
         import redis.exceptions  # noqa: PLC0415
 
         period = self.directory.ttl_ms / 3000
+        was_ok = True
         while True:
             await asyncio.sleep(period)
             state = self.state
             mine = [
-                (session, role, seat.conn)
+                (session, role, seat.conn, seat.resume)
                 for session, seats in state.sessions.items()
                 for role, seat in seats.items()
                 if seat.conn in state.conns
             ]
             try:
                 await self.directory.refresh(mine)
-                for remote in list(self.remote.values()):
+                # Right after Redis came back, the other relays may not have
+                # written their seats again yet: judge remote seats next time.
+                checked, was_ok = (list(self.remote.values()) if was_ok else []), True
+                missing, self._missing = self._missing, set()
+                for remote in checked:
                     record = (await self.directory.seats(remote.session)).get(remote.role)
                     if record is not None and (record.state, record.node, record.conn) == (
                         "taken",
                         remote.node,
                         remote.conn,
                     ):
+                        continue
+                    if record is None and remote.conn not in missing:
+                        # Missing once: Redis may have restarted empty and its relay
+                        # not written it again yet. Missing twice: its relay is gone.
+                        self._missing.add(remote.conn)
                         continue
                     # Its relay died (the seat expired) or it dropped: the other side is told.
                     self._forget(remote.session, remote.role)
@@ -1984,12 +2000,15 @@ class Cluster:
                         await self.relay.perform([Send(local.conn, gone)])
             except redis.exceptions.RedisError as exc:
                 self._away(exc)
+                was_ok = False
                 continue
             self._back()
 
 
 UNAVAILABLE: Final = ProtocolError(
-    "unavailable", "The relays cannot reach their shared store; try again in a moment."
+    "unavailable",
+    "The relays cannot reach their shared store; try again in a moment.",
+    close_code=CLOSE_TRY_AGAIN_LATER,  # clients reconnect and join again
 )
 NOT_DELIVERED: Final = ProtocolError(
     "no-peer", "The other seat left its relay before the message arrived: not delivered."

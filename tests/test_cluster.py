@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import shutil
 import time
 from collections.abc import AsyncIterator
 
@@ -11,8 +13,9 @@ import pytest
 import pytest_asyncio
 
 import relay
+from bench.cluster import running_cluster
 from tests.processes import RedisServer, redis_missing, redis_server
-from tests.support import TIMEOUT, Client, relay_config
+from tests.support import TIMEOUT, Client, http_get, relay_config
 
 pytestmark = pytest.mark.asyncio
 
@@ -93,13 +96,13 @@ async def test_a_dead_relays_seats_expire_and_a_live_ones_do_not(redis: RedisSer
     started = time.monotonic()
     while "practitioner" in await alive.seats("s1"):
         assert time.monotonic() - started < ttl + TIMEOUT, "the dead relay's seat never expired"
-        assert await alive.refresh([("s1", "patient", 1)]) == 1
+        assert await alive.refresh([("s1", "patient", 1, "k1")]) == 1
         await asyncio.sleep(ttl / 5)  # a refresh period, as a live relay's
     gone_after = time.monotonic() - started
     assert gone_after >= ttl * 0.9
     assert list(await alive.seats("s1")) == ["patient"]
     # Only the relay holding a seat refreshes it.
-    assert await dead.refresh([("s1", "patient", 1)]) == 0
+    assert await dead.refresh([("s1", "patient", 1, "k1")]) == 0
 
 
 async def test_redis_away_raises_a_redis_error_within_a_second() -> None:
@@ -212,3 +215,90 @@ async def test_resume_on_the_other_relay_replaces_the_stale_connection(redis: Re
         await moved.expect("offer", sdp=SDP)
         await moved.send(type="answer", sdp=SDP)
         await practitioner.expect("answer", sdp=SDP)
+
+
+async def test_redis_away_then_back(redis: RedisServer) -> None:
+    """Redis gone: /health 503 naming it, joins get unavailable, a call's frames between
+    seats of one relay pass; Redis back (empty): seats written again, joins work, no peer-left."""
+    async with two_relays(redis) as (a, b):
+        patient, practitioner = await split_pair(a, b, "s1")
+        local_patient, local_practitioner = await pair_on(a, "s2")
+        await redis.kill()
+        for running in (a, b):
+            await wait_health(running, 503)
+        _, _, body = await http_get(a.port, "/health")
+        assert json.loads(body)["status"].startswith("redis unavailable")
+        late = await Client.open(b.url)
+        await late.send(type="join", session="s3", role="patient")
+        await late.expect_error("unavailable")
+        assert await late.closed() == (1013, "unavailable")
+        await local_patient.send(type="offer", sdp=SDP)
+        await local_practitioner.expect("offer", sdp=SDP)
+        await redis.start()  # the same port, nothing in it
+        for running in (a, b):
+            await wait_health(running, 200)
+        await asyncio.sleep(1.5)  # two refresh periods: the seats are written again
+        await patient.send(type="offer", sdp=SDP)
+        await practitioner.expect("offer", sdp=SDP)  # not peer-left: the seats survived
+        again = await Client.open(b.url)
+        await again.send(type="join", session="s1", role="patient")
+        await again.expect_error("role-taken")
+        third, fourth = await split_pair(b, a, "s4")
+        await fourth.send(type="answer", sdp=SDP)
+        await third.expect("answer", sdp=SDP)
+
+
+async def pair_on(running: relay.RunningRelay, session: str) -> tuple[Client, Client]:
+    return await split_pair(running, running, session)
+
+
+async def wait_health(running: relay.RunningRelay, status: int) -> None:
+    started = time.monotonic()
+    while (await http_get(running.port, "/health"))[0] != status:
+        assert time.monotonic() - started < TIMEOUT, f"/health never answered {status}"
+        await asyncio.sleep(0.1)
+
+
+# -- through HAProxy (make cluster) ------------------------------------------------------
+
+
+def haproxy_missing() -> str | None:
+    return None if shutil.which("haproxy") else "haproxy is not installed (make haproxy-deps)"
+
+
+async def test_kill_9_a_relay_and_the_client_resumes_on_the_other_through_haproxy() -> None:
+    """make cluster's parts; kill -9 one relay: its client resumes through HAProxy on the other."""
+    if reason := redis_missing() or haproxy_missing():
+        pytest.skip(reason)
+    async with running_cluster() as cluster:
+        patient = await Client.open(cluster.ws_url)
+        key = (await patient.join("s1", "patient"))["resume"]
+        practitioner = await Client.open(cluster.ws_url)
+        practitioner_key = (await practitioner.join("s1", "practitioner"))["resume"]
+        await patient.expect("peer-joined", role="practitioner")
+        victim = cluster.relays[0].process
+        assert victim is not None
+        victim.proc.kill()  # SIGKILL by PID
+        await victim.wait(TIMEOUT)
+        # Round robin put the two clients on different relays: one lost its relay.
+        closed, _ = await asyncio.wait(
+            [asyncio.ensure_future(c.ws.wait_closed()) for c in (patient, practitioner)],
+            timeout=TIMEOUT,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        assert len(closed) == 1
+        lost_patient = patient.ws.close_code is not None or patient.ws.state.name == "CLOSED"
+        role, resume, survivor = (
+            ("patient", key, practitioner)
+            if lost_patient
+            else ("practitioner", practitioner_key, patient)
+        )
+        back = await Client.open(cluster.ws_url)
+        await back.send(type="join", session="s1", role=role, resume=resume)
+        await back.expect("joined", resumed=True, peer=True)
+        seen = await survivor.recv()
+        if seen["type"] == "peer-left":  # the survivor's relay noticed the death first
+            seen = await survivor.recv()
+        assert seen == {"type": "peer-joined", "role": role, "resumed": True}
+        await survivor.send(type="offer", sdp=SDP)
+        await back.expect("offer", sdp=SDP)
