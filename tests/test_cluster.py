@@ -302,3 +302,35 @@ async def test_kill_9_a_relay_and_the_client_resumes_on_the_other_through_haprox
         assert seen == {"type": "peer-joined", "role": role, "resumed": True}
         await survivor.send(type="offer", sdp=SDP)
         await back.expect("offer", sdp=SDP)
+
+
+async def test_sigterm_drains_a_relay_its_clients_resume_on_the_other_through_haproxy() -> None:
+    """SIGTERM one relay: its client is closed 1001, resumes through HAProxy, frames pass."""
+    if reason := redis_missing() or haproxy_missing():
+        pytest.skip(reason)
+    async with running_cluster() as cluster:
+        patient = await Client.open(cluster.ws_url)
+        key = (await patient.join("s1", "patient"))["resume"]
+        practitioner = await Client.open(cluster.ws_url)
+        practitioner_key = (await practitioner.join("s1", "practitioner"))["resume"]
+        await patient.expect("peer-joined", role="practitioner")
+        assert await cluster.relays[1].stop() == 0  # SIGTERM by PID: the relay drains
+        closed, _ = await asyncio.wait(
+            [asyncio.ensure_future(c.ws.wait_closed()) for c in (patient, practitioner)],
+            timeout=TIMEOUT,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        assert len(closed) == 1
+        moved = patient if patient.ws.close_code is not None else practitioner
+        survivor = practitioner if moved is patient else patient
+        assert moved.ws.close_code == 1001
+        role, resume = ("patient", key) if moved is patient else ("practitioner", practitioner_key)
+        back = await Client.open(cluster.ws_url)
+        await back.send(type="join", session="s1", role=role, resume=resume)
+        await back.expect("joined", resumed=True, peer=True)
+        seen = await survivor.recv()
+        if seen["type"] == "peer-left":  # the survivor's relay saw the seat held first
+            seen = await survivor.recv()
+        assert seen == {"type": "peer-joined", "role": role, "resumed": True}
+        await back.send(type="answer", sdp=SDP)
+        await survivor.expect("answer", sdp=SDP)
