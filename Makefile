@@ -23,7 +23,7 @@ PY      := $(call q,$(value VENV)/bin/python)
 CONFIG_ := $(call q,$(value CONFIG))
 ARGS_   := $(call qs,$(value ARGS))
 
-.PHONY: help redis-deps haproxy-deps cluster netem-probe bench-storm apt-systemd bench-browser bench-call patient practitioner bench-deps apt-nodejs setup system-deps turn-deps turn bench-turn browser-deps nginx-deps systemd-deps run-relay test lint demo bench bench-relay screenshots clean
+.PHONY: help redis-deps haproxy-deps cluster bench-cluster netem-probe bench-storm apt-systemd bench-browser bench-call patient practitioner bench-deps apt-nodejs setup system-deps turn-deps turn bench-turn browser-deps nginx-deps systemd-deps run-relay test lint demo bench bench-relay screenshots clean
 
 ## setup: a virtualenv with the pinned requirements, runtime and development (idempotent)
 setup: $(STAMP)
@@ -135,6 +135,10 @@ bench-browser: setup system-deps browser-deps
 bench-relay: setup bench-deps
 	$(call apt_install,valgrind)
 	$(PY) -m bench.relay $(ARGS_)
+
+## bench-cluster: one relay in memory, one on Redis, two on Redis with the pairs split (docs/benchmarks.md)
+bench-cluster: setup redis-deps
+	$(PY) -m bench.relay_cluster $(ARGS_)
 
 ## bench-storm: 10,000 clients resume their seats at once after a relay restart (docs/benchmarks.md)
 bench-storm: setup
