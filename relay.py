@@ -1525,6 +1525,7 @@ class _StateCollector:
 # deciding on one seat at once are served one after the other.
 
 SEAT_KEY: Final = "epc:seat:{}:{}"
+REDIS_POOL_SIZE: Final = 32  # connections from one relay to Redis (one is the inbox's reader)
 
 # KEYS[1] the seat; ARGV node, conn, new key, presented key ('' none or
 # unverified), ttl ms. Returns {'ok', previous node, previous conn} (the
@@ -1614,13 +1615,21 @@ class SeatDirectory:
 
         # A Redis that does not answer within a second is away: joins are refused
         # rather than left waiting (the client's own join timeout is longer).
-        client = redis.asyncio.Redis.from_url(
-            url, socket_timeout=1.0, socket_connect_timeout=1.0, retry_on_timeout=False
+        # A bounded pool: a burst of joins waits for a connection (up to 5 s,
+        # within the client's join timeout) instead of opening one each, past
+        # Redis's and the kernel's limits.
+        pool = redis.asyncio.BlockingConnectionPool.from_url(
+            url,
+            max_connections=REDIS_POOL_SIZE,
+            timeout=5.0,
+            socket_timeout=1.0,
+            socket_connect_timeout=1.0,
         )
+        client = redis.asyncio.Redis(connection_pool=pool)
         return cls(client, node, cluster, limits)
 
     async def close(self) -> None:
-        await self.redis.aclose()
+        await self.redis.aclose(close_connection_pool=True)
 
     async def claim(
         self, session: str, role: str, conn: int, key: str, presented: str | None
