@@ -489,15 +489,6 @@ async def test_node_id_names_the_relay_in_health_and_metrics() -> None:
         assert info in metrics.decode().splitlines()
 
 
-async def test_redis_url_is_refused_until_the_redis_store_exists() -> None:
-    """cluster.redis_url set: the relay does not start, and says which key (no silent memory)."""
-    config = relay_config(cluster={"redis_url": "redis://127.0.0.1:1/0"})
-    with pytest.raises(relay.ConfigError) as caught:
-        async with running_relay(config):
-            pass
-    assert caught.value.key == "cluster.redis_url"
-
-
 async def test_metrics_count_what_happened(relay_server: relay.RunningRelay) -> None:
     patient, practitioner = await pair(relay_server.url, "s1")
     await patient.send(type="offer", sdp=SDP)
