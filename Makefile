@@ -23,7 +23,7 @@ PY      := $(call q,$(value VENV)/bin/python)
 CONFIG_ := $(call q,$(value CONFIG))
 ARGS_   := $(call qs,$(value ARGS))
 
-.PHONY: demo-turn help netem-probe bench-storm bench-recovery bench-network apt-systemd bench-browser bench-call patient practitioner bench-deps apt-nodejs setup system-deps turn-deps turn bench-turn browser-deps nginx-deps systemd-deps run-relay test lint demo bench bench-relay screenshots clean
+.PHONY: demo-turn help redis-deps haproxy-deps cluster bench-cluster netem-probe bench-storm bench-recovery bench-network apt-systemd bench-browser bench-call patient practitioner bench-deps apt-nodejs setup system-deps turn-deps turn bench-turn browser-deps nginx-deps systemd-deps run-relay test lint demo bench bench-relay screenshots clean
 
 ## setup: a virtualenv with the pinned requirements, runtime and development (idempotent)
 setup: $(STAMP)
@@ -67,6 +67,14 @@ browser-deps:
 nginx-deps:
 	$(call apt_install,nginx)
 
+## redis-deps: Debian's redis-server, for a cluster of relays (make cluster) and its tests
+redis-deps:
+	$(call apt_install,redis-server)
+
+## haproxy-deps: Debian's HAProxy, the load balancer of make cluster and its test
+haproxy-deps:
+	$(call apt_install,haproxy)
+
 ## systemd-deps: systemd-analyze, for the test of deploy/*.service (Debian's systemd, if it is missing)
 systemd-deps:
 	@command -v systemd-analyze >/dev/null || $(MAKE) --no-print-directory apt-systemd
@@ -79,7 +87,7 @@ run-relay: setup
 	$(PY) relay.py --config $(CONFIG_) $(ARGS_)
 
 ## test: the whole test suite (what CI runs)
-test: setup system-deps turn-deps browser-deps nginx-deps systemd-deps
+test: setup system-deps turn-deps browser-deps nginx-deps systemd-deps redis-deps haproxy-deps
 	$(PY) -m pytest $(ARGS_)
 
 ## lint: ruff format check, ruff check, mypy --strict
@@ -95,6 +103,10 @@ demo: setup system-deps
 ## demo-turn: the demo through a local coturn, TURN only, in a private namespace (as root)
 demo-turn: setup system-deps turn-deps
 	$(PY) -m bench.demo --turn --config $(CONFIG_) $(ARGS_)
+
+## cluster: redis-server, two relays sharing it and HAProxy in front, on 127.0.0.1:8080 (Ctrl-C stops all)
+cluster: setup redis-deps haproxy-deps
+	$(PY) -m bench.cluster $(ARGS_)
 
 ## patient, practitioner: one seat of a consultation, e.g. `make patient SESSION=test123`
 patient practitioner: setup
@@ -135,6 +147,10 @@ bench-browser: setup system-deps browser-deps
 bench-relay: setup bench-deps
 	$(call apt_install,valgrind)
 	$(PY) -m bench.relay $(ARGS_)
+
+## bench-cluster: one relay in memory, one on Redis, two on Redis with the pairs split (docs/benchmarks.md)
+bench-cluster: setup redis-deps
+	$(PY) -m bench.relay_cluster $(ARGS_)
 
 ## bench-storm: 10,000 clients resume their seats at once after a relay restart (docs/benchmarks.md)
 bench-storm: setup

@@ -51,7 +51,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Generator, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, TypeAlias
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeAlias
 from urllib.parse import urlencode, urlsplit
 
 import orjson
@@ -69,6 +69,9 @@ from websockets.protocol import Event
 from websockets.server import ServerProtocol
 from websockets.streams import StreamReader
 
+if TYPE_CHECKING:  # redis is imported only by a relay of a cluster (a second at start)
+    import redis.asyncio as aioredis
+
 __version__: Final = "0.1.0"
 
 IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -83,6 +86,7 @@ SESSION_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # Minted session ids: letters and digits only (one never starts with "-", an option).
 SESSION_ALPHABET: Final = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 RESUME_RE: Final = SESSION_RE
+NODE_ID_RE: Final = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # a host:port fits
 FORWARDED_TYPES: Final = frozenset({"offer", "answer", "candidate"})
 RELAYED_TYPES: Final = FORWARDED_TYPES | {"bye"}  # what reaches the other seat as sent
 CLIENT_TYPES: Final = frozenset({"join", "offer", "answer", "candidate", "bye", "ping", "invite"})
@@ -108,6 +112,8 @@ API_KEY_HASH_RE: Final = re.compile(r"sha256:[0-9a-f]{64}")
 API_PATH: Final = "/api/consultations"
 API_MAX_BODY: Final = 4096  # bytes of JSON a booking system may post
 LINK_TTL_MAX_S: Final = 30 * 86_400  # the longest consultation link (invite, the API)
+REDIS_URL_ENV: Final = "EPEDICARE_REDIS_URL"
+REDIS_SCHEMES: Final = ("redis", "rediss", "unix")
 TURN_TTL_MAX_S: Final = 86_400  # the longest TURN credential the relay mints (24 h)
 FD_MARGIN: Final = 64  # descriptors beyond max_connections: listener, logs, DNS, metrics
 LOOPBACK_NETS: Final = ("127.0.0.0/8", "::1/128")
@@ -197,6 +203,16 @@ class TlsConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """Several relays as one: the Redis they share, and this relay's name among them."""
+
+    redis_url: str | None = None  # None: seats in this process's memory (a relay alone)
+    node_id: str | None = None  # None: host:port, as bound
+    # A live relay refreshes its seats' time to live; a dead one's expire after it.
+    seat_ttl_s: float = 15.0
+
+
+@dataclass(frozen=True)
 class TurnConfig:
     secret: str | None = None
     urls: tuple[str, ...] = ()
@@ -252,6 +268,7 @@ class RelayConfig:
     limits: Limits = Limits()
     turn: TurnConfig = TurnConfig()
     api: ApiConfig = ApiConfig()
+    cluster: ClusterConfig = ClusterConfig()
     # Proxies whose X-Forwarded-For names the client (addresses or networks).
     trusted_proxies: tuple[IPNetwork, ...] = ()
     # Origins allowed to open /ws from a browser; () is the same origin only
@@ -295,6 +312,7 @@ class RelayConfig:
         ice = top.section("ice")
         metrics = top.section("metrics")
         api = top.section("api")
+        cluster = top.section("cluster")
 
         d = Limits()
         lim = Limits(
@@ -348,6 +366,12 @@ class RelayConfig:
         secret = env.get(AUTH_SECRET_ENV) or auth.optional_text("secret")
         if api_config.keys and not secret:
             raise ConfigError("api.keys", f"set auth.secret (or {AUTH_SECRET_ENV}) to sign links")
+        redis_url = env.get(REDIS_URL_ENV) or cluster.optional_text("redis_url")
+        if redis_url is not None and urlsplit(redis_url).scheme not in REDIS_SCHEMES:
+            raise ConfigError("cluster.redis_url", "expected a redis://, rediss:// or unix:// URL")
+        node_id = cluster.optional_text("node_id")
+        if node_id is not None and not NODE_ID_RE.fullmatch(node_id):
+            raise ConfigError("cluster.node_id", "expected 1 to 64 of A-Z, a-z, 0-9 and _.:-")
         return cls(
             host=relay.text("host", cls.host),
             port=relay.port("port", cls.port),
@@ -371,6 +395,11 @@ class RelayConfig:
                 secret=env.get(TURN_SECRET_ENV) or turn.optional_text("secret"),
                 urls=tuple(urls),
                 ttl=turn.integer("ttl", 3600, maximum=TURN_TTL_MAX_S),
+            ),
+            cluster=ClusterConfig(
+                redis_url=redis_url,
+                node_id=node_id,
+                seat_ttl_s=cluster.number("seat_ttl_s", ClusterConfig.seat_ttl_s),
             ),
             browser_ice={
                 "iceServers": ice.ice_servers("servers"),
@@ -453,6 +482,7 @@ CONFIG_KEYS: Final[Mapping[str, frozenset[str]]] = {
     "auth": frozenset({"secret", "open", "resume_secret", "resume_secret_file"}),
     "metrics": frozenset({"allow"}),
     "api": frozenset({"keys", "base_url", "ttl_s"}),
+    "cluster": frozenset(f.name for f in dataclasses.fields(ClusterConfig)),
     "tls": frozenset({"cert", "key"}),
     "limits": frozenset(f.name for f in dataclasses.fields(Limits)),
     # secret, urls, ttl: the relay's short-lived credentials; ca_file: the peers' trust;
@@ -1065,8 +1095,96 @@ class Stats:
     connections_total: int = 0
 
 
+class SeatStore(Protocol):
+    """Where the seats of sessions live: the one seam between the core and a store.
+
+    The core reads ``sessions`` (session -> role -> ``Seat``) on its hot path and
+    changes seats only through the methods below, which never await. A frame
+    reaches a seat through the seat's ``conn``: the adapter maps that id to what
+    delivers it (the client's WebSocket, for the in-memory store). ``MemorySeats``
+    is the default, for a relay alone; a store shared by several relays keeps
+    ``sessions`` as the local view of the sessions it serves.
+    """
+
+    sessions: dict[str, dict[str, Seat]]
+
+    def take(self, session: str, role: str, seat: Seat, opener: str) -> bool:
+        """Seat ``seat``; True if it opened the session (``opener`` opened it)."""
+        ...
+
+    def release(self, session: str, role: str) -> tuple[Seat, str | None]:
+        """Free a taken seat: the seat, and the session's opener if it is now closed."""
+        ...
+
+    def hold(self, session: str, role: str, key: str, deadline: float) -> None:
+        """Keep a freed seat for ``key`` alone until ``deadline`` (monotonic)."""
+        ...
+
+    def holder(self, session: str, role: str, now: float) -> tuple[str, float] | None:
+        """The key and deadline a freed seat is kept for, if it has not expired."""
+        ...
+
+    def unhold(self, session: str, role: str) -> None:
+        """The seat is taken back: forget its hold."""
+        ...
+
+    def session_count(self) -> int: ...
+
+    def seats_taken(self) -> int: ...
+
+
+class MemorySeats:
+    """Every seat in this process's memory: the store of a relay that is alone."""
+
+    def __init__(self) -> None:
+        self.sessions: dict[str, dict[str, Seat]] = {}
+        # Seats whose connection dropped uncleanly: (session, role) -> (key, deadline).
+        self.held: dict[tuple[str, str], tuple[str, float]] = {}
+        self._held_order: collections.deque[tuple[float, tuple[str, str]]] = collections.deque()
+        self.opener: dict[str, str] = {}  # session -> the address that opened it
+
+    def take(self, session: str, role: str, seat: Seat, opener: str) -> bool:
+        seats = self.sessions.get(session)
+        opened = seats is None
+        if seats is None:
+            seats = self.sessions[session] = {}
+            self.opener[session] = opener
+        seats[role] = seat
+        return opened
+
+    def release(self, session: str, role: str) -> tuple[Seat, str | None]:
+        seats = self.sessions[session]
+        seat = seats.pop(role)
+        if seats:
+            return seat, None
+        del self.sessions[session]
+        return seat, self.opener.pop(session, None)
+
+    def hold(self, session: str, role: str, key: str, deadline: float) -> None:
+        self.held[session, role] = (key, deadline)
+        self._held_order.append((deadline, (session, role)))
+
+    def holder(self, session: str, role: str, now: float) -> tuple[str, float] | None:
+        order = self._held_order
+        while order and order[0][0] <= now:  # expired holds are dropped here
+            _, expired = order.popleft()
+            held = self.held.get(expired)
+            if held is not None and held[1] <= now:
+                del self.held[expired]
+        return self.held.get((session, role))
+
+    def unhold(self, session: str, role: str) -> None:
+        self.held.pop((session, role), None)
+
+    def session_count(self) -> int:
+        return len(self.sessions)
+
+    def seats_taken(self) -> int:
+        return sum(len(seats) for seats in self.sessions.values())
+
+
 class State:
-    """Every seat and connection. Mutated only by the core functions below."""
+    """Every connection, and the seats (``seats``); changed only by the core functions below."""
 
     def __init__(
         self,
@@ -1074,27 +1192,26 @@ class State:
         monotonic: Callable[[], float] = time.monotonic,
         wallclock: Callable[[], float] = time.time,
         resume_secret: bytes | None = None,
+        seats: SeatStore | None = None,
     ) -> None:
         self.config = config
         self.limits = config.limits
         self.monotonic = monotonic
         self.wallclock = wallclock
         self.conns: dict[int, Conn] = {}
-        self.sessions: dict[str, dict[str, Seat]] = {}
+        self.seats: SeatStore = MemorySeats() if seats is None else seats
+        # The store's local view, read by receive() for every relayed frame.
+        self.sessions = self.seats.sessions
         self.stats = Stats()
         self._next_id = 1
         self.resume_secret = secrets.token_bytes(32) if resume_secret is None else resume_secret
-        # Seats whose connection dropped uncleanly: (session, role) -> (key, deadline).
-        self.held: dict[tuple[str, str], tuple[str, float]] = {}
-        self._held_order: collections.deque[tuple[float, tuple[str, str]]] = collections.deque()
         self.addresses: dict[str, AddressUse] = {}
-        self.session_owner: dict[str, str] = {}  # session -> the address that opened it
         self._swept = monotonic()
         self._refusals: collections.Counter[str] = collections.Counter()
         self._refusals_logged = monotonic()
 
     def seats_taken(self) -> int:
-        return sum(len(seats) for seats in self.sessions.values())
+        return self.seats.seats_taken()
 
     def use(self, address: str) -> AddressUse:
         use = self.addresses.get(address)
@@ -1102,17 +1219,6 @@ class State:
             rate = self.limits.handshakes_per_second_per_address
             use = self.addresses[address] = AddressUse(rate, self.monotonic())
         return use
-
-    def hold(self, session: str, role: str) -> tuple[str, float] | None:
-        """The seat's hold, if any and not expired (expired holds are dropped here)."""
-        now = self.monotonic()
-        order = self._held_order
-        while order and order[0][0] <= now:
-            _, expired = order.popleft()
-            held = self.held.get(expired)
-            if held is not None and held[1] <= now:
-                del self.held[expired]
-        return self.held.get((session, role))
 
     def sweep_addresses(self) -> None:
         """Forget addresses that hold nothing and whose handshake bucket is full again."""
@@ -1330,7 +1436,7 @@ def _join(state: State, conn: Conn, data: dict[str, Any]) -> list[Action]:
     if state.config.auth.secret:
         check_token(state.config.auth.secret, token, session, role, state.wallclock())
     seats = state.sessions.get(session)
-    if seats is None and len(state.sessions) >= state.limits.max_sessions:
+    if seats is None and state.seats.session_count() >= state.limits.max_sessions:
         raise ProtocolError(
             "server-full",
             "The relay has reached its session limit; try again later.",
@@ -1351,7 +1457,7 @@ def _join(state: State, conn: Conn, data: dict[str, Any]) -> list[Action]:
         verified and hmac.compare_digest(resume.encode(), held.resume.encode())
     ):
         raise ProtocolError("role-taken", f"The {role} seat of this session is taken.")
-    hold = state.hold(session, role)
+    hold = state.seats.holder(session, role, state.monotonic())
     if held is None and hold is not None:
         if not (verified and hmac.compare_digest(resume.encode(), hold[0].encode())):
             left = hold[1] - state.monotonic()
@@ -1360,11 +1466,11 @@ def _join(state: State, conn: Conn, data: dict[str, Any]) -> list[Action]:
                 f"The {role} seat is kept for its previous connection for {left:.0f} s more.",
                 close_code=CLOSE_TRY_AGAIN_LATER,
             )
-        del state.held[session, role]
+        state.seats.unhold(session, role)
 
     actions: list[Action] = []
-    if held is not None:
-        stale = state.conns[held.conn]
+    stale = None if held is None else state.conns.get(held.conn)
+    if stale is not None:
         stale.session = stale.role = None
         stale.closing = True
         state.stats.replaced += 1
@@ -1372,18 +1478,15 @@ def _join(state: State, conn: Conn, data: dict[str, Any]) -> list[Action]:
         logger.info(
             "conn=%d session=%s role=%s replaced by conn=%d", stale.id, session, role, conn.id
         )
-    if seats is None:
-        seats = state.sessions[session] = {}
-        state.session_owner[session] = conn.address
-        use.sessions += 1
     # A fresh key at every join: a key seen before (in a log, on a screen)
     # no longer takes a seat that is taken or held.
     seat = Seat(conn.id, mint_resume(state.resume_secret, session, role), resumed=verified)
-    seats[role] = seat
+    if state.seats.take(session, role, seat, conn.address):
+        use.sessions += 1
     conn.session, conn.role, conn.ever_joined = session, role, True
     state.stats.joins += 1
     state.stats.resumes += verified
-    other = seats.get(OTHER_ROLE[role])
+    other = state.sessions[session].get(OTHER_ROLE[role])
     joined: dict[str, object] = {
         "session": session,
         "role": role,
@@ -1446,32 +1549,82 @@ def _leave(
     session, role = conn.session, conn.role
     if session is None or role is None:
         return []
-    seats = state.sessions[session]
-    seat = seats.pop(role)
+    seat, opener = state.seats.release(session, role)
     conn.session = conn.role = None
     if hold:
         # An unclean drop: keep the seat for its key alone for a while.
         deadline = state.monotonic() + state.limits.resume_grace_s
-        state.held[session, role] = (seat.resume, deadline)
-        state._held_order.append((deadline, (session, role)))
+        state.seats.hold(session, role, seat.resume, deadline)
     actions: list[Action] = []
-    other = seats.get(OTHER_ROLE[role])
+    seats = state.sessions.get(session)
+    other = None if seats is None else seats.get(OTHER_ROLE[role])
     if other is not None:
         if forward is not None:
             state.stats.frames["bye"] += 1
             actions.append(Send(other.conn, forward))
         actions.append(Send(other.conn, frame("peer-left", role=role, reason=reason)))
-    else:
-        del state.sessions[session]
-        owner = state.session_owner.pop(session, None)
-        if owner is not None and (use := state.addresses.get(owner)) is not None:
-            use.sessions -= 1
+    if opener is not None and (use := state.addresses.get(opener)) is not None:
+        use.sessions -= 1
     if reason == "bye" and not conn.closing:
         # Without a seat, the join deadline applies again.
         conn.unseated += 1
         actions.append(JoinDeadline(conn.id, conn.unseated))
     logger.info("conn=%d session=%s role=%s left (%s)", conn.id, session, role, reason)
     return actions
+
+
+REMOTE_OPENER: Final = "(another relay)"  # a session opened there counts for no address here
+
+
+def seat_remote(state: State, session: str, role: str, resume: str) -> int:
+    """Show a seat held by another relay in the local view: the id its frames go to.
+
+    The adapter maps that id to the other relay's inbox, so ``receive`` relays
+    to it exactly as to a local connection.
+    """
+    proxy = state._next_id
+    state._next_id += 1
+    state.seats.take(session, role, Seat(proxy, resume, resumed=False), REMOTE_OPENER)
+    return proxy
+
+
+def unseat_remote(state: State, session: str, role: str) -> int | None:
+    """Forget a remote seat of the local view: the id it had, if any."""
+    seats = state.sessions.get(session)
+    if seats is None or (seat := seats.get(role)) is None or seat.conn in state.conns:
+        return None
+    state.seats.release(session, role)
+    return seat.conn
+
+
+def refusal(state: State, conn_id: int, exc: ProtocolError) -> list[Action]:
+    """Refuse a frame for a reason the adapter found (``unavailable``: Redis is away)."""
+    return _error_actions(state, state.conns[conn_id], exc)
+
+
+def replaced_elsewhere(state: State, conn_id: int) -> list[Action]:
+    """The connection's seat was resumed on another relay: close it, tell nobody here."""
+    conn = state.conns.get(conn_id)
+    if conn is None or conn.session is None or conn.role is None:
+        return []
+    state.seats.release(conn.session, conn.role)
+    conn.session = conn.role = None
+    conn.closing = True
+    state.stats.replaced += 1
+    return [Close(conn.id, CLOSE_REPLACED, "replaced")]
+
+
+def claim_lost(state: State, conn_id: int, exc: ProtocolError) -> list[Action]:
+    """Another relay took the seat first: the join just made here is undone, silently."""
+    conn = state.conns[conn_id]
+    session, role = conn.session, conn.role
+    if session is not None and role is not None:
+        _, opener = state.seats.release(session, role)
+        if opener is not None and (use := state.addresses.get(opener)) is not None:
+            use.sessions -= 1
+        conn.session = conn.role = None
+        state.stats.joins -= 1
+    return _error_actions(state, conn, exc)
 
 
 def join_expired(state: State, conn_id: int, generation: int = 0) -> list[Action]:
@@ -1537,16 +1690,24 @@ SECURITY_HEADERS: Final = (
 class _StateCollector:
     """Prometheus metrics read from the core's state at scrape time."""
 
-    def __init__(self, state: State) -> None:
-        self.state = state
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+        self.state = relay.state
 
     def collect(self) -> Iterable[Metric]:
         state, stats = self.state, self.state.stats
+        info = GaugeMetricFamily(
+            "relay_info",
+            "This relay: its node id (cluster.node_id) and version.",
+            labels=["node", "version"],
+        )
+        info.add_metric([self.relay.node_id, __version__], 1)
+        yield info
         yield GaugeMetricFamily(
             "relay_connections", "Open WebSocket connections.", len(state.conns)
         )
         yield GaugeMetricFamily(
-            "relay_sessions", "Sessions with at least one seat taken.", len(state.sessions)
+            "relay_sessions", "Sessions with at least one seat taken.", state.seats.session_count()
         )
         yield GaugeMetricFamily("relay_seats_taken", "Seats taken.", state.seats_taken())
         yield CounterMetricFamily(
@@ -1614,6 +1775,522 @@ class ApiBodyReader:
         return line
 
 
+# -- the seats several relays share, in Redis ----------------------------------------
+#
+# One hash per seat, ``epc:seat:{session}:{role}``: the relay holding it
+# (``node``, ``conn``), its resume ``key``, and ``state``: ``taken`` (expires
+# after cluster.seat_ttl_s unless its relay refreshes it: a dead relay's seats
+# go by themselves) or ``held`` (an unclean drop: only ``key`` takes it back,
+# until limits.resume_grace_s). Each change is one Lua script, so two relays
+# deciding on one seat at once are served one after the other.
+
+SEAT_KEY: Final = "epc:seat:{}:{}"
+REDIS_POOL_SIZE: Final = 32  # connections from one relay to Redis (one is the inbox's reader)
+
+# KEYS[1] the seat; ARGV node, conn, new key, presented key ('' none or
+# unverified), ttl ms. Returns {'ok', previous node, previous conn} (the
+# connection a resume replaces, '' for none), {'role-taken'} or
+# {'seat-held', ms left}.
+_CLAIM_LUA: Final = """
+local cur = redis.call('HMGET', KEYS[1], 'state', 'key', 'node', 'conn')
+local prev_node, prev_conn = '', ''
+if cur[1] then
+  if ARGV[4] == '' or ARGV[4] ~= cur[2] then
+    if cur[1] == 'taken' then return {'role-taken'} end
+    return {'seat-held', tostring(redis.call('PTTL', KEYS[1]))}
+  end
+  if cur[1] == 'taken' then prev_node, prev_conn = cur[3], cur[4] end
+  redis.call('DEL', KEYS[1])
+end
+redis.call('HSET', KEYS[1], 'state', 'taken', 'node', ARGV[1], 'conn', ARGV[2], 'key', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+return {'ok', prev_node, prev_conn}
+"""
+
+# KEYS[1] the seat; ARGV node, conn, hold ms ('0': free it at once).
+# Frees (or holds) the seat only if this connection still has it: 1, else 0.
+_RELEASE_LUA: Final = """
+local cur = redis.call('HMGET', KEYS[1], 'state', 'node', 'conn')
+if cur[1] ~= 'taken' or cur[2] ~= ARGV[1] or cur[3] ~= ARGV[2] then return 0 end
+if ARGV[3] == '0' then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('HSET', KEYS[1], 'state', 'held')
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+end
+return 1
+"""
+
+# KEYS the seats this relay holds; ARGV node, ttl ms, then each seat's conn
+# and key. Gives the time to live back to those still this relay's, and writes
+# again those Redis lost (it restarted empty): how many.
+_REFRESH_LUA: Final = """
+local n = 0
+for i, key in ipairs(KEYS) do
+  local conn, rkey = ARGV[2 * i + 1], ARGV[2 * i + 2]
+  local cur = redis.call('HMGET', key, 'state', 'node', 'conn')
+  if not cur[1] then
+    redis.call('HSET', key, 'state', 'taken', 'node', ARGV[1], 'conn', conn, 'key', rkey)
+  end
+  if not cur[1] or (cur[1] == 'taken' and cur[2] == ARGV[1] and cur[3] == conn) then
+    redis.call('PEXPIRE', key, ARGV[2])
+    n = n + 1
+  end
+end
+return n
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class SeatRecord:
+    """One seat as Redis has it."""
+
+    state: str  # "taken" or "held"
+    node: str
+    conn: int
+    key: str
+
+
+class SeatDirectory:
+    """The cluster's seats in Redis: claimed, released, held and refreshed atomically.
+
+    Every method awaits Redis once, so the adapter calls it, never the core.
+    Redis errors (``redis.exceptions.RedisError``) are the caller's to handle:
+    it refuses new joins with ``unavailable`` while Redis is away.
+    """
+
+    def __init__(self, client: aioredis.Redis, node: str, cluster: ClusterConfig, limits: Limits):
+        self.redis = client
+        self.node = node
+        self.ttl_ms = max(1, round(cluster.seat_ttl_s * 1000))
+        self.grace_ms = max(1, round(limits.resume_grace_s * 1000))
+        self._claim = client.register_script(_CLAIM_LUA)
+        self._release = client.register_script(_RELEASE_LUA)
+        self._refresh = client.register_script(_REFRESH_LUA)
+
+    @classmethod
+    def from_url(cls, url: str, node: str, cluster: ClusterConfig, limits: Limits) -> SeatDirectory:
+        """A directory on the Redis at ``url`` (no connection until the first command)."""
+        import redis.asyncio  # noqa: PLC0415 (only a relay of a cluster pays for the import)
+
+        # A Redis that does not answer within a second is away: joins are refused
+        # rather than left waiting (the client's own join timeout is longer).
+        # A bounded pool: a burst of joins waits for a connection (up to 5 s,
+        # within the client's join timeout) instead of opening one each, past
+        # Redis's and the kernel's limits.
+        pool = redis.asyncio.BlockingConnectionPool.from_url(
+            url,
+            max_connections=REDIS_POOL_SIZE,
+            timeout=5.0,
+            socket_timeout=1.0,
+            socket_connect_timeout=1.0,
+        )
+        client = redis.asyncio.Redis(connection_pool=pool)
+        return cls(client, node, cluster, limits)
+
+    async def close(self) -> None:
+        await self.redis.aclose(close_connection_pool=True)
+
+    async def claim(
+        self, session: str, role: str, conn: int, key: str, presented: str | None
+    ) -> tuple[str, str, int]:
+        """Take the seat for ``conn``: ("ok", node, conn) of the connection it replaces
+        ("", 0 for none), ("role-taken", "", 0), or ("seat-held", "", ms left).
+
+        ``presented``: a resume key the caller has verified, else None.
+        """
+        reply = await self._claim(
+            keys=[SEAT_KEY.format(session, role)],
+            args=[self.node, conn, key, presented or "", self.ttl_ms],
+        )
+        outcome = reply[0].decode()
+        if outcome == "ok":
+            node, previous = reply[1].decode(), reply[2].decode()
+            return outcome, node, int(previous) if previous else 0
+        if outcome == "seat-held":
+            return outcome, "", max(0, int(reply[1]))
+        return outcome, "", 0
+
+    async def release(self, session: str, role: str, conn: int, *, hold: bool) -> bool:
+        """Free the seat (``hold``: keep it for its key alone a while), if still ``conn``'s."""
+        done = await self._release(
+            keys=[SEAT_KEY.format(session, role)],
+            args=[self.node, conn, self.grace_ms if hold else 0],
+        )
+        return bool(done)
+
+    async def refresh(self, seats: Iterable[tuple[str, str, int, str]]) -> int:
+        """Keep this relay's seats (session, role, conn, key) alive, lost ones written again."""
+        seats = list(seats)
+        if not seats:
+            return 0
+        count = await self._refresh(
+            keys=[SEAT_KEY.format(session, role) for session, role, _, _ in seats],
+            args=[self.node, self.ttl_ms, *(v for _, _, c, k in seats for v in (c, k))],
+        )
+        return int(count)
+
+    async def seats(self, session: str) -> dict[str, SeatRecord]:
+        """The session's seats, taken or held, by role."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for role in ROLES:
+                pipe.hgetall(SEAT_KEY.format(session, role))
+            replies = await pipe.execute()
+        found: dict[str, SeatRecord] = {}
+        for role, raw in zip(ROLES, replies, strict=True):
+            if raw:
+                fields = {k.decode(): v.decode() for k, v in raw.items()}
+                found[role] = SeatRecord(
+                    fields["state"], fields["node"], int(fields["conn"]), fields["key"]
+                )
+        return found
+
+
+INBOX_KEY: Final = "epc:inbox:{}"  # one Redis stream per relay: the frames for its seats
+INBOX_MAXLEN: Final = 100_000  # entries kept per inbox (trimmed approximately)
+INBOX_BLOCK_MS: Final = 500  # under the client's 1 s socket timeout
+
+
+class RemoteSeat:
+    """A seat on another relay: the core's ``Send`` to its id goes to that relay's inbox."""
+
+    __slots__ = ("cluster", "conn", "node", "role", "session")
+
+    def __init__(self, cluster: Cluster, node: str, conn: int, session: str, role: str) -> None:
+        self.cluster, self.node, self.conn = cluster, node, conn
+        self.session, self.role = session, role
+
+    async def send(self, text: str) -> None:
+        await self.cluster.post(self, text)
+
+
+class Cluster:
+    """A relay among several: seats claimed in Redis, frames to other relays' seats through it.
+
+    Each relay reads its own inbox (a Redis stream) and delivers what it finds to
+    its connections, in the order written. A frame that finds its seat gone
+    (resumed elsewhere, or left) goes back to its sender as ``no-peer``; a frame
+    that cannot be written (Redis away) is answered with ``unavailable``.
+    """
+
+    def __init__(self, relay: Relay, directory: SeatDirectory) -> None:
+        self.relay = relay
+        self.state = relay.state
+        self.directory = directory
+        self.redis = directory.redis
+        self.node = directory.node
+        self.inbox = INBOX_KEY.format(self.node)
+        self.remote: dict[int, RemoteSeat] = {}
+        self.problem: str | None = None  # why Redis is away, while it is
+        self._tasks: list[asyncio.Task[None]] = []
+        self._missing: set[int] = set()  # remote seats (their conn) not in Redis last time
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._read()), loop.create_task(self._refresh())]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.directory.close()
+
+    def _away(self, exc: Exception) -> None:
+        if self.problem is None:
+            logger.warning("node %s: Redis unavailable (%s): new joins refused", self.node, exc)
+        self.problem = f"redis unavailable: {type(exc).__name__}"
+
+    def _back(self) -> None:
+        if self.problem is not None:
+            logger.info("node %s: Redis is back", self.node)
+        self.problem = None
+
+    # -- frames from this relay's connections ---------------------------------
+
+    async def receive(self, conn_id: int, message: str | bytes) -> list[Action]:
+        """``receive`` for a relay of a cluster: joins claimed in Redis, leaves freed there."""
+        import redis.exceptions  # noqa: PLC0415 (imported already by SeatDirectory.from_url)
+
+        state = self.state
+        conn = state.conns[conn_id]
+        before = (conn.session, conn.role)
+        presented: str | None = None
+        if before[0] is None and not conn.closing:
+            try:
+                presented = await self._prejoin(message)
+            except redis.exceptions.RedisError as exc:
+                self._away(exc)
+                return refusal(state, conn_id, UNAVAILABLE)
+        actions = receive(state, conn_id, message)
+        after = (conn.session, conn.role)
+        if after == before:
+            return actions
+        if before[0] is not None and before[1] is not None:  # bye
+            await self.relay.perform(actions)  # the remote seat is forgotten after
+            actions = []
+            await self._release(before[0], before[1], conn_id, hold=False)
+        if after[0] is not None and after[1] is not None:  # joined
+            seat = state.sessions[after[0]][after[1]]
+            try:
+                outcome, node, previous = await self.directory.claim(
+                    after[0], after[1], conn_id, seat.resume, presented if seat.resumed else None
+                )
+            except redis.exceptions.RedisError as exc:
+                self._away(exc)
+                return claim_lost(state, conn_id, UNAVAILABLE)
+            self._back()
+            for proxy, remote in list(self.remote.items()):  # the remote seat it replaced
+                if (remote.session, remote.role) == after:
+                    del self.remote[proxy], self.relay.connections[proxy]
+            if outcome != "ok":
+                close = CLOSE_TRY_AGAIN_LATER if outcome == "seat-held" else None
+                lost = ProtocolError(outcome, CLAIM_LOST[outcome], close_code=close)
+                return claim_lost(state, conn_id, lost)
+            if node and node != self.node:
+                await self._post(node, after[0], after[1], previous, "", replaced=True)
+        return actions
+
+    async def _prejoin(self, message: str | bytes) -> str | None:
+        """Before a join: the session's seats on other relays into the local view.
+
+        The core then decides (role-taken, seat-held, peer) as for local seats.
+        Returns the resume key the join presents, if any.
+        """
+        try:
+            kind, data, _ = parse_frame(message, self.state.limits.max_frame_bytes)
+        except ProtocolError:
+            return None
+        session, role, resume = data.get("session"), data.get("role"), data.get("resume")
+        if kind != "join" or not isinstance(session, str) or not SESSION_RE.fullmatch(session):
+            return None
+        records = await self.directory.seats(session)
+        self._back()
+        state = self.state
+        for seat_role in ROLES:
+            record = records.get(seat_role)
+            local = state.sessions.get(session, {}).get(seat_role)
+            if local is not None and local.conn in state.conns:
+                continue  # this relay's own seat
+            if record is None or record.state != "taken" or record.node == self.node:
+                self._forget(session, seat_role)
+                if (
+                    record is not None
+                    and record.state == "held"
+                    and record.node != self.node
+                    and state.seats.holder(session, seat_role, state.monotonic()) is None
+                ):
+                    deadline = state.monotonic() + state.limits.resume_grace_s
+                    state.seats.hold(session, seat_role, record.key, deadline)
+                continue
+            self._learn(session, seat_role, record.node, record.conn, record.key)
+        return resume if isinstance(resume, str) and role in ROLES else None
+
+    def _learn(self, session: str, role: str, node: str, conn: int, key: str) -> None:
+        """The seat is held by ``conn`` on ``node``: show it in the local view."""
+        local = self.state.sessions.get(session, {}).get(role)
+        if local is not None:
+            known = self.remote.get(local.conn)
+            if known is not None and (known.node, known.conn) == (node, conn):
+                return
+            if known is None:
+                return  # a seat of this relay's own
+            self._forget(session, role)
+        proxy = seat_remote(self.state, session, role, key)
+        self.remote[proxy] = RemoteSeat(self, node, conn, session, role)
+        self.relay.connections[proxy] = self.remote[proxy]
+
+    def _forget(self, session: str, role: str) -> None:
+        proxy = unseat_remote(self.state, session, role)
+        if proxy is not None:
+            self.remote.pop(proxy, None)
+            self.relay.connections.pop(proxy, None)
+
+    def _forget_session_if_remote(self, session: str) -> None:
+        """A session with no seat on this relay leaves the local view."""
+        seats = self.state.sessions.get(session)
+        if seats is not None and all(seat.conn in self.remote for seat in seats.values()):
+            for role in list(seats):
+                self._forget(session, role)
+
+    async def _release(self, session: str, role: str, conn: int, *, hold: bool) -> None:
+        import redis.exceptions  # noqa: PLC0415
+
+        self._forget_session_if_remote(session)
+        try:
+            await self.directory.release(session, role, conn, hold=hold)
+        except redis.exceptions.RedisError as exc:
+            self._away(exc)  # its time to live frees it
+
+    async def disconnected(self, session: str, role: str, conn: int, *, clean: bool) -> None:
+        await self._release(session, role, conn, hold=not clean)
+
+    # -- frames between relays --------------------------------------------------
+
+    async def post(self, seat: RemoteSeat, text: str) -> None:
+        """Write a frame for a remote seat into its relay's inbox."""
+        import redis.exceptions  # noqa: PLC0415
+
+        seats = self.state.sessions.get(seat.session)
+        sender = None if seats is None else seats.get(OTHER_ROLE[seat.role])
+        sender_conn = 0 if sender is None or sender.conn in self.remote else sender.conn
+        key = "" if sender is None else sender.resume
+        try:
+            await self._post(
+                seat.node,
+                seat.session,
+                seat.role,
+                seat.conn,
+                text,
+                sender_conn=sender_conn,
+                key=key,
+            )
+        except redis.exceptions.RedisError as exc:
+            self._away(exc)
+            if sender_conn and (ws := self.relay.connections.get(sender_conn)) is not None:
+                with contextlib.suppress(ConnectionClosed):
+                    await ws.send(error_frame(NOT_DELIVERED_AWAY))
+
+    async def _post(
+        self,
+        node: str,
+        session: str,
+        role: str,
+        conn: int,
+        text: str,
+        *,
+        sender_conn: int = 0,
+        key: str = "",
+        replaced: bool = False,
+        undelivered: bool = False,
+    ) -> None:
+        fields: dict[str, str | int] = {
+            "s": session, "r": role, "c": conn, "n": self.node, "fc": sender_conn, "k": key,
+            "f": text, "x": "replaced" if replaced else "undelivered" if undelivered else "",
+        }  # fmt: skip
+        await self.redis.xadd(
+            INBOX_KEY.format(node),
+            fields,  # type: ignore[arg-type]
+            maxlen=INBOX_MAXLEN,
+            approximate=True,
+        )
+
+    async def _read(self) -> None:
+        """Deliver this relay's inbox, in order, for as long as the relay runs."""
+        import redis.exceptions  # noqa: PLC0415
+
+        last = "$"
+        while True:
+            try:
+                replies: Any = await self.redis.xread(
+                    {self.inbox: last}, block=INBOX_BLOCK_MS, count=512
+                )
+            except redis.exceptions.RedisError as exc:
+                self._away(exc)
+                await asyncio.sleep(0.5)
+                continue
+            self._back()
+            for _, entries in replies or ():
+                for entry_id, raw in entries:
+                    last = entry_id
+                    try:
+                        await self._deliver({k.decode(): v.decode() for k, v in raw.items()})
+                    except redis.exceptions.RedisError as exc:
+                        self._away(exc)
+                    except Exception:
+                        logger.exception("node %s: a frame from another relay failed", self.node)
+
+    async def _deliver(self, fields: dict[str, str]) -> None:
+        state = self.state
+        session, role, conn = fields["s"], fields["r"], int(fields["c"])
+        node, sender_conn, text, special = fields["n"], int(fields["fc"]), fields["f"], fields["x"]
+        seat = state.sessions.get(session, {}).get(role)
+        ws = self.relay.connections.get(conn) if seat is not None and seat.conn == conn else None
+        if special == "replaced":
+            await self.relay.perform(replaced_elsewhere(state, conn))
+            return
+        if ws is None or isinstance(ws, RemoteSeat):
+            left = text.startswith('{"type":"peer-left"') or text.startswith('{"type":"bye"')
+            if not left and not special and sender_conn:
+                await self._post(node, session, OTHER_ROLE[role], sender_conn, "", undelivered=True)
+            return
+        if special == "undelivered":
+            with contextlib.suppress(ConnectionClosed):
+                await ws.send(error_frame(NOT_DELIVERED))
+            return
+        other = OTHER_ROLE[role]
+        if text.startswith('{"type":"peer-left"'):
+            self._forget(session, other)
+        elif sender_conn:
+            self._learn(session, other, node, sender_conn, fields["k"])
+        with contextlib.suppress(ConnectionClosed):
+            await ws.send(text)
+
+    async def _refresh(self) -> None:
+        """Keep this relay's seats alive in Redis; drop remote seats whose relay is gone."""
+        import redis.exceptions  # noqa: PLC0415
+
+        period = self.directory.ttl_ms / 3000
+        was_ok = True
+        while True:
+            await asyncio.sleep(period)
+            state = self.state
+            mine = [
+                (session, role, seat.conn, seat.resume)
+                for session, seats in state.sessions.items()
+                for role, seat in seats.items()
+                if seat.conn in state.conns
+            ]
+            try:
+                await self.directory.refresh(mine)
+                # Right after Redis came back, the other relays may not have
+                # written their seats again yet: judge remote seats next time.
+                checked, was_ok = (list(self.remote.values()) if was_ok else []), True
+                missing, self._missing = self._missing, set()
+                for remote in checked:
+                    record = (await self.directory.seats(remote.session)).get(remote.role)
+                    if record is not None and (record.state, record.node, record.conn) == (
+                        "taken",
+                        remote.node,
+                        remote.conn,
+                    ):
+                        continue
+                    if record is None and remote.conn not in missing:
+                        # Missing once: Redis may have restarted empty and its relay
+                        # not written it again yet. Missing twice: its relay is gone.
+                        self._missing.add(remote.conn)
+                        continue
+                    # Its relay died (the seat expired) or it dropped: the other side is told.
+                    self._forget(remote.session, remote.role)
+                    local = state.sessions.get(remote.session, {}).get(OTHER_ROLE[remote.role])
+                    if local is not None and local.conn in state.conns:
+                        gone = frame("peer-left", role=remote.role, reason="disconnected")
+                        await self.relay.perform([Send(local.conn, gone)])
+            except redis.exceptions.RedisError as exc:
+                self._away(exc)
+                was_ok = False
+                continue
+            self._back()
+
+
+UNAVAILABLE: Final = ProtocolError(
+    "unavailable",
+    "The relays cannot reach their shared store; try again in a moment.",
+    close_code=CLOSE_TRY_AGAIN_LATER,  # clients reconnect and join again
+)
+NOT_DELIVERED: Final = ProtocolError(
+    "no-peer", "The other seat left its relay before the message arrived: not delivered."
+)
+NOT_DELIVERED_AWAY: Final = ProtocolError(
+    "unavailable", "The relays cannot reach their shared store: a message was not delivered."
+)
+CLAIM_LOST: Final = {
+    "role-taken": "This seat was just taken on another relay.",
+    "seat-held": "This seat is kept a moment for the connection that just dropped.",
+}
+
+
 class RelayConnection(ServerConnection):
     """A server connection with a bounded write buffer and counted control frames.
 
@@ -1651,10 +2328,12 @@ class Relay:
     def __init__(self, config: RelayConfig, resume_secret: bytes | None = None) -> None:
         self.config = config
         self.state = State(config, resume_secret=resume_secret)
-        self.connections: dict[int, ServerConnection] = {}
+        # Connections by id; in a cluster, also the remote seats (frames to another relay).
+        self.connections: dict[int, ServerConnection | RemoteSeat] = {}
+        self.cluster: Cluster | None = None
         self.started = time.monotonic()
         self.registry = CollectorRegistry()
-        self.registry.register(_StateCollector(self.state))
+        self.registry.register(_StateCollector(self))
         ProcessCollector(registry=self.registry)
         self._tasks: set[asyncio.Task[None]] = set()
         self.connection_class: type[RelayConnection] = type(
@@ -1662,6 +2341,8 @@ class Relay:
         )
         self.tls = config.tls.cert is not None
         self.stopping = False
+        # This relay's name in a cluster: cluster.node_id, else host:port once bound.
+        self.node_id = config.cluster.node_id or f"{config.host}:{config.port}"
         # Browsers from any origin may connect on loopback when nothing is exposed.
         self.any_origin = (
             not config.origins and config.exposure() is None and not config.auth.secret
@@ -1677,10 +2358,14 @@ class Relay:
             self.config.limits.join_timeout_s, self._join_expired, conn_id, 0
         )
         logger.debug("conn=%d open from %s", conn_id, address)
+        cluster = self.cluster
         try:
             await self.perform(actions)
             async for message in ws:
-                actions = receive(self.state, conn_id, message)
+                if cluster is None:
+                    actions = receive(self.state, conn_id, message)
+                else:
+                    actions = await cluster.receive(conn_id, message)
                 # A relayed frame, the common case, is sent here: one coroutine
                 # less per frame than through perform().
                 if (
@@ -1703,8 +2388,17 @@ class Relay:
             timer.cancel()
             del self.connections[conn_id]
             clean = ws.protocol.close_rcvd is not None
+            conn = self.state.conns[conn_id]
+            seat = (conn.session, conn.role)
             actions = disconnect(self.state, conn_id, clean=clean)
-            if not self.stopping:  # at shutdown the other seat is going too: tell nobody
+            if cluster is not None and seat[0] is not None and seat[1] is not None:
+                # A relay of a cluster that stops holds its seats for their keys
+                # (its clients resume on the others) and tells no one.
+                hold = self.stopping or not clean
+                if not self.stopping:
+                    await self.perform(actions)
+                await cluster.disconnected(seat[0], seat[1], conn_id, clean=not hold)
+            elif not self.stopping:  # at shutdown the other seat is going too: tell nobody
                 await self.perform(actions)
             logger.debug("conn=%d closed (%s %r)", conn_id, ws.close_code, ws.close_reason or "")
 
@@ -1716,6 +2410,8 @@ class Relay:
             if isinstance(action, Send):
                 with contextlib.suppress(ConnectionClosed):
                     await ws.send(action.text)
+            elif isinstance(ws, RemoteSeat):
+                continue  # its own relay closes it
             elif isinstance(action, Close):
                 # Closing waits for the peer's answer: never block the caller on it.
                 self._spawn(ws.close(action.code, action.reason))
@@ -1810,15 +2506,18 @@ class Relay:
             return None
         trusted = _in_networks(address, self.config.metrics_allow)
         if path == "/health":
-            status: dict[str, object] = {"status": "ok"}
+            problem = None if self.cluster is None else self.cluster.problem
+            status: dict[str, object] = {"status": "ok" if problem is None else problem}
             if trusted:
                 status |= {
-                    "sessions": len(self.state.sessions),
+                    "node": self.node_id,
+                    "sessions": self.state.seats.session_count(),
                     "connections": len(self.state.conns),
                     "uptime_s": round(time.monotonic() - self.started, 3),
                     "version": __version__,
                 }
-            return self.http_response(200, json.dumps(status).encode(), "application/json")
+            code = 200 if problem is None else 503  # a load balancer sends no one here
+            return self.http_response(code, json.dumps(status).encode(), "application/json")
         if path == "/metrics":
             if not trusted:
                 return self.http_response(
@@ -2012,6 +2711,15 @@ async def serve_relay(config: RelayConfig) -> AsyncIterator[RunningRelay]:
         host, port = server.sockets[0].getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
         scheme = "wss" if ssl_context else "ws"
+        if config.cluster.node_id is None:
+            relay.node_id = f"{shown}:{port}"
+        if config.cluster.redis_url is not None:
+            directory = SeatDirectory.from_url(
+                config.cluster.redis_url, relay.node_id, config.cluster, limits
+            )
+            relay.cluster = Cluster(relay, directory)
+            relay.cluster.start()
+            logger.info("node %s: seats shared through Redis", relay.node_id)
         running = RunningRelay(
             relay,
             server,
@@ -2021,6 +2729,7 @@ async def serve_relay(config: RelayConfig) -> AsyncIterator[RunningRelay]:
         )
         loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
         logger.info("relay listening on %s (event loop: %s)", running.url, loop)
+        logger.info("node id %s (cluster.node_id)", relay.node_id)
         logger.info("resume keys signed with a key %s", origin)
         yield running
     finally:
@@ -2039,6 +2748,8 @@ async def serve_relay(config: RelayConfig) -> AsyncIterator[RunningRelay]:
                 ws.transport.abort()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(server.wait_closed(), limits.shutdown_timeout_s - grace)
+        if relay.cluster is not None:
+            await relay.cluster.stop()
         logger.info("relay stopped")
 
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import shutil
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -29,8 +31,11 @@ __all__ = [
     "LISTENING",
     "ROOT",
     "Process",
+    "RedisServer",
     "RelayProcess",
     "peer_argv",
+    "redis_missing",
+    "redis_server",
     "relay_process",
     "spawn",
     "start_relay",
@@ -190,3 +195,77 @@ async def relay_process(config: Path, netns: str | None = None) -> AsyncIterator
         yield running
     finally:
         await running.stop()
+
+
+def _free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (the caller retries if it is taken first)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@dataclass
+class RedisServer:
+    """Debian's ``redis-server`` on 127.0.0.1, a free port, nothing saved to disk.
+
+    ``stop`` (SIGTERM) and ``kill`` (SIGKILL) by its PID; ``start`` again takes
+    the same port, for a test of Redis going away and coming back.
+    """
+
+    port: int = 0
+    process: Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def start(self) -> str:
+        """Start it; its URL once it accepts connections."""
+        for _ in range(5):
+            port = self.port or _free_port()
+            argv = [
+                "redis-server", "--bind", "127.0.0.1", "--port", str(port),
+                "--save", "", "--appendonly", "no", "--logfile", "",
+                "--protected-mode", "yes", "--daemonize", "no",
+            ]  # fmt: skip
+            self.process = await spawn("redis-server", argv)
+            try:
+                await self.process.expect("Ready to accept connections", START_TIMEOUT)
+            except RuntimeError:
+                log, self.process = self.process.log(), None
+                if "Address already in use" in log and not self.port:
+                    continue  # another process took the free port first
+                raise RuntimeError(f"redis-server did not start:\n{log}") from None
+            self.port = port
+            return self.url
+        raise RuntimeError("redis-server found no free port in 5 tries")
+
+    async def stop(self) -> int:
+        process, self.process = self.process, None
+        return 0 if process is None else await process.stop(grace=5.0)
+
+    async def kill(self) -> None:
+        """SIGKILL by PID: Redis gone at once, as in a crash."""
+        process, self.process = self.process, None
+        if process is not None and process.proc.returncode is None:
+            process.proc.kill()
+            await process.wait(5.0)
+
+
+def redis_missing() -> str | None:
+    """Why the Redis tests cannot run here, or None."""
+    if shutil.which("redis-server") is None:
+        return "redis-server is not installed (make redis-deps)"
+    return None
+
+
+@contextlib.asynccontextmanager
+async def redis_server() -> AsyncIterator[RedisServer]:
+    """A running redis-server for the block, stopped by its PID at the end."""
+    server = RedisServer()
+    try:
+        await server.start()
+        yield server
+    finally:
+        await server.stop()

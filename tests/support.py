@@ -8,7 +8,7 @@ import datetime
 import json
 import os
 import sys
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -31,6 +31,10 @@ TIMEOUT = 5.0 * float(os.environ.get("EPEDICARE_TEST_TIMEOUT_SCALE", "1"))
 async def within(awaitable: Awaitable[T], units: float = 1.0) -> T:
     """Await with the test timeout unit (times ``units``)."""
     return await asyncio.wait_for(awaitable, TIMEOUT * units)
+
+
+# Every seat store of the relay, by name: the core's tests run against each.
+SEAT_STORES: dict[str, Callable[[], relay.SeatStore]] = {"memory": relay.MemorySeats}
 
 
 def relay_config(**sections: dict[str, Any]) -> relay.RelayConfig:

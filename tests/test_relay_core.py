@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 import relay
 from relay import Close, ProtocolError, Send, State
-from tests.support import relay_config
+from tests.support import SEAT_STORES, relay_config
 
 SECRET = "test-secret"
 
@@ -34,9 +34,21 @@ class Clock:
         return self.now
 
 
+# The seat store that make_state() builds the state on: each of SEAT_STORES in turn.
+_store: list[Callable[[], relay.SeatStore]] = [relay.MemorySeats]
+
+
+@pytest.fixture(autouse=True, scope="module", params=sorted(SEAT_STORES))
+def seat_store(request: pytest.FixtureRequest) -> Callable[[], relay.SeatStore]:
+    """Every test of the module runs once per seat store: make_state() builds on it."""
+    _store[0] = SEAT_STORES[request.param]
+    return _store[0]
+
+
 def make_state(**sections: dict[str, Any]) -> tuple[State, Clock]:
     clock = Clock()
-    return State(relay_config(**sections), monotonic=clock, wallclock=clock), clock
+    config = relay_config(**sections)
+    return State(config, monotonic=clock, wallclock=clock, seats=_store[0]()), clock
 
 
 def frames_to(actions: list[relay.Action], conn: int) -> list[dict[str, Any]]:
@@ -243,6 +255,25 @@ def test_frame_exactly_at_limit_is_accepted() -> None:
 # -- seats and routing ------------------------------------------------------------
 
 
+def test_seat_store_contract(seat_store: Callable[[], relay.SeatStore]) -> None:
+    """A store seats, frees and holds exactly as the core relies on (opener back when empty)."""
+    store = seat_store()
+    first, second = relay.Seat(1, "k1", resumed=False), relay.Seat(2, "k2", resumed=True)
+    assert store.take("s1", "patient", first, "10.0.0.1") is True
+    assert store.take("s1", "practitioner", second, "10.0.0.2") is False
+    assert store.sessions == {"s1": {"patient": first, "practitioner": second}}
+    assert (store.session_count(), store.seats_taken()) == (1, 2)
+    assert store.release("s1", "patient") == (first, None)
+    store.hold("s1", "patient", "k1", 100.0)
+    assert store.holder("s1", "patient", 99.0) == ("k1", 100.0)
+    assert store.release("s1", "practitioner") == (second, "10.0.0.1")
+    assert (store.sessions, store.session_count(), store.seats_taken()) == ({}, 0, 0)
+    assert store.holder("s1", "patient", 100.0) is None  # expired at its deadline
+    store.hold("s1", "patient", "k1", 200.0)
+    store.unhold("s1", "patient")
+    assert store.holder("s1", "patient", 150.0) is None
+
+
 @pytest.mark.parametrize("first", ["patient", "practitioner"])
 def test_either_side_joins_first(first: str) -> None:
     """Whoever joins second sees peer: true; the first gets peer-joined."""
@@ -416,7 +447,7 @@ def test_held_seat_is_free_after_the_grace_period() -> None:
     conn, _ = relay.connect(state)
     (joined,) = frames_to(send(state, conn, type="join", session="s1", role="patient"), conn)
     assert joined["type"] == "joined" and joined["resumed"] is False
-    assert state.held == {}
+    assert state.seats.holder("s1", "patient", clock.now) is None
 
 
 def test_clean_close_and_bye_hold_no_seat() -> None:
@@ -786,6 +817,9 @@ def test_no_ice_servers_without_turn_secret() -> None:
         pytest.param([1], "(top level)", id="top-not-mapping"),
         pytest.param({"limts": {"burst": 5}}, "limts", id="unknown-section"),
         pytest.param({"call": {"media_timeout_s": 0.1}}, "call.media_timeout_s", id="call-min"),
+        pytest.param({"cluster": {"redis_url": "http://x"}}, "cluster.redis_url", id="redis-url"),
+        pytest.param({"cluster": {"node_id": "a b"}}, "cluster.node_id", id="node-id"),
+        pytest.param({"cluster": {"seat_ttl_s": 0}}, "cluster.seat_ttl_s", id="seat-ttl"),
         pytest.param({"limits": {"burst": 5.5}}, "limits.burst", id="integer-expected"),
         pytest.param(
             {"limits": {"frames_per_second": float("inf")}},
@@ -844,6 +878,15 @@ def test_shipped_config_loads_with_documented_defaults() -> None:
     assert (config.host, config.port) == ("127.0.0.1", 5001)
     assert config.limits == relay.Limits()
     assert config.auth.secret is None
+    assert config.cluster == relay.ClusterConfig()  # a relay alone, seats in memory
+
+
+def test_redis_url_from_environment() -> None:
+    """EPEDICARE_REDIS_URL overrides cluster.redis_url."""
+    data = {"cluster": {"redis_url": "redis://127.0.0.1:1/0"}}
+    env = {relay.REDIS_URL_ENV: "unix:///run/redis.sock"}
+    config = relay.RelayConfig.from_mapping(data, env=env)
+    assert config.cluster.redis_url == "unix:///run/redis.sock"
 
 
 def test_secret_from_environment() -> None:

@@ -476,6 +476,17 @@ async def test_health(relay_server: relay.RunningRelay) -> None:
     assert health["connections"] == 2
     assert health["uptime_s"] >= 0
     assert health["version"] == relay.__version__
+    assert health["node"] == f"127.0.0.1:{relay_server.port}"  # cluster.node_id unset
+
+
+async def test_node_id_names_the_relay_in_health_and_metrics() -> None:
+    """cluster.node_id is the relay's name in /health and in /metrics' relay_info labels."""
+    async with running_relay(relay_config(cluster={"node_id": "relay-a"})) as running:
+        _, _, body = await http_get(running.port, "/health")
+        assert json.loads(body)["node"] == "relay-a"
+        _, _, metrics = await http_get(running.port, "/metrics")
+        info = f'relay_info{{node="relay-a",version="{relay.__version__}"}} 1.0'
+        assert info in metrics.decode().splitlines()
 
 
 async def test_metrics_count_what_happened(relay_server: relay.RunningRelay) -> None:

@@ -127,6 +127,7 @@ const STRINGS = {
     "error.join-timeout": "La page a tardé à rejoindre la consultation ; nouvelle tentative.",
     "error.seat-held": "La place du {role} est gardée un moment pour la connexion qui vient de tomber ; nouvelle tentative automatique.",
     "error.address-limit": "Trop de connexions depuis ce réseau ; nouvelle tentative automatique.",
+    "error.unavailable": "Le serveur est momentanément indisponible ; nouvelle tentative automatique.",
     "error.unknown": "Le serveur a refusé un message : {message}",
   },
   en: {
@@ -254,6 +255,7 @@ const STRINGS = {
     "error.join-timeout": "The page took too long to join the consultation; trying again.",
     "error.seat-held": "The {role}'s seat is kept a moment for the connection that just dropped; trying again automatically.",
     "error.address-limit": "Too many connections from this network; trying again automatically.",
+    "error.unavailable": "The server is briefly unavailable; trying again automatically.",
     "error.unknown": "The server refused a message: {message}",
   },
 };

@@ -1,0 +1,336 @@
+"""Several relays as one: the seats they share in a real redis-server (tests/processes.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+import pytest_asyncio
+
+import relay
+from bench.cluster import running_cluster
+from tests.processes import RedisServer, redis_missing, redis_server
+from tests.support import TIMEOUT, Client, http_get, relay_config
+
+pytestmark = pytest.mark.asyncio
+
+
+@pytest_asyncio.fixture
+async def redis() -> AsyncIterator[RedisServer]:
+    """A real redis-server on a free port of 127.0.0.1, stopped by its PID at the end."""
+    if reason := redis_missing():
+        pytest.skip(reason)
+    async with redis_server() as server:
+        yield server
+
+
+# Every directory a test made, closed after it (each holds a connection pool).
+_opened: list[relay.SeatDirectory] = []
+
+
+@pytest_asyncio.fixture(autouse=True)
+async def _close_directories() -> AsyncIterator[None]:
+    yield
+    while _opened:
+        await _opened.pop().close()
+
+
+def directory(server: RedisServer, node: str, **cluster: object) -> relay.SeatDirectory:
+    config = relay_config(cluster=cluster, limits={"resume_grace_s": 30})
+    seats = relay.SeatDirectory.from_url(server.url, node, config.cluster, config.limits)
+    _opened.append(seats)
+    return seats
+
+
+async def test_a_seat_is_taken_cluster_wide(redis: RedisServer) -> None:
+    """A seat taken on relay A is role-taken on relay B; the other seat is free on B."""
+    a, b = directory(redis, "a"), directory(redis, "b")
+    assert await a.claim("s1", "patient", 1, "ka", None) == ("ok", "", 0)
+    assert await b.claim("s1", "patient", 7, "kb", None) == ("role-taken", "", 0)
+    assert await b.claim("s1", "patient", 7, "kb", "not-the-key") == ("role-taken", "", 0)
+    assert await b.claim("s1", "practitioner", 7, "kb", None) == ("ok", "", 0)
+    seats = await b.seats("s1")
+    assert seats == {
+        "patient": relay.SeatRecord("taken", "a", 1, "ka"),
+        "practitioner": relay.SeatRecord("taken", "b", 7, "kb"),
+    }
+
+
+async def test_resume_on_another_relay_names_the_connection_it_replaces(
+    redis: RedisServer,
+) -> None:
+    """The seat's key takes it on relay B and names A's stale connection; A frees nothing after."""
+    a, b = directory(redis, "a"), directory(redis, "b")
+    await a.claim("s1", "patient", 1, "ka", None)
+    assert await b.claim("s1", "patient", 9, "kb", "ka") == ("ok", "a", 1)
+    assert await a.release("s1", "patient", 1, hold=False) is False  # no longer A's
+    assert (await b.seats("s1"))["patient"] == relay.SeatRecord("taken", "b", 9, "kb")
+
+
+async def test_an_unclean_drop_holds_the_seat_for_its_key_alone(redis: RedisServer) -> None:
+    """Released with hold: seat-held for anyone else (with the time left), taken by its key."""
+    a, b = directory(redis, "a"), directory(redis, "b")
+    await a.claim("s1", "patient", 1, "ka", None)
+    assert await a.release("s1", "patient", 1, hold=True) is True
+    outcome, _, left_ms = await b.claim("s1", "patient", 5, "kb", None)
+    assert outcome == "seat-held" and 29_000 < left_ms <= 30_000
+    assert await b.claim("s1", "patient", 5, "kb", "ka") == ("ok", "", 0)  # nobody to replace
+    assert await b.release("s1", "patient", 5, hold=False) is True
+    assert await a.seats("s1") == {}
+
+
+async def test_a_dead_relays_seats_expire_and_a_live_ones_do_not(redis: RedisServer) -> None:
+    """Seats last seat_ttl_s unless their relay refreshes them: a dead relay's seats go."""
+    ttl = 0.5
+    alive, dead = (
+        directory(redis, "alive", seat_ttl_s=ttl),
+        directory(redis, "dead", seat_ttl_s=ttl),
+    )
+    await alive.claim("s1", "patient", 1, "k1", None)
+    await dead.claim("s1", "practitioner", 2, "k2", None)
+    started = time.monotonic()
+    while "practitioner" in await alive.seats("s1"):
+        assert time.monotonic() - started < ttl + TIMEOUT, "the dead relay's seat never expired"
+        assert await alive.refresh([("s1", "patient", 1, "k1")]) == 1
+        await asyncio.sleep(ttl / 5)  # a refresh period, as a live relay's
+    gone_after = time.monotonic() - started
+    assert gone_after >= ttl * 0.9
+    assert list(await alive.seats("s1")) == ["patient"]
+    # Only the relay holding a seat refreshes it.
+    assert await dead.refresh([("s1", "patient", 1, "k1")]) == 0
+
+
+async def test_redis_away_raises_a_redis_error_within_a_second() -> None:
+    """A directory whose Redis does not answer raises RedisError fast (joins get unavailable)."""
+    import redis.exceptions
+
+    server = RedisServer()
+    if reason := redis_missing():
+        pytest.skip(reason)
+    await server.start()
+    await server.kill()
+    seats = directory(server, "a")
+    started = time.monotonic()
+    with pytest.raises(redis.exceptions.ConnectionError):
+        await seats.claim("s1", "patient", 1, "k", None)
+    assert time.monotonic() - started < 2.0
+
+
+# -- two relays, one Redis ---------------------------------------------------------------
+
+RESUME_SECRET = "cluster-test-resume-secret"
+SDP = "v=0\r\no=- 1 2 IN IP4 198.18.0.2\r\ns=-\r\nt=0 0\r\n"
+
+
+def candidate(i: int) -> dict[str, object]:
+    return {"candidate": f"candidate:{i} 1 udp 1 198.18.0.2 {40000 + i} typ host", "sdpMid": "0"}
+
+
+@contextlib.asynccontextmanager
+async def two_relays(
+    server: RedisServer, **limits: object
+) -> AsyncIterator[tuple[relay.RunningRelay, relay.RunningRelay]]:
+    """Relays "a" and "b" in this process, sharing ``server`` and one resume secret."""
+    configs = [
+        relay_config(
+            cluster={"redis_url": server.url, "node_id": node, "seat_ttl_s": 1.5},
+            auth={"resume_secret": RESUME_SECRET},
+            limits=limits,
+        )
+        for node in ("a", "b")
+    ]
+    try:
+        async with relay.serve_relay(configs[0]) as a, relay.serve_relay(configs[1]) as b:
+            yield a, b
+    finally:
+        await Client.drop_all()
+
+
+async def split_pair(
+    a: relay.RunningRelay, b: relay.RunningRelay, session: str
+) -> tuple[Client, Client]:
+    patient = await Client.open(a.url)
+    await patient.join(session, "patient")
+    practitioner = await Client.open(b.url)
+    await practitioner.send(type="join", session=session, role="practitioner")
+    await practitioner.expect("joined", peer=True)
+    await patient.expect("peer-joined", role="practitioner", resumed=False)
+    return patient, practitioner
+
+
+@pytest.mark.parametrize("first", ["a", "b"])
+async def test_a_session_split_across_two_relays_gets_the_whole_protocol(
+    redis: RedisServer, first: str
+) -> None:
+    """Patient on one relay, practitioner on the other: frames in order, bye, peer-left."""
+    async with two_relays(redis) as (a, b):
+        one, other = (a, b) if first == "a" else (b, a)
+        patient, practitioner = await split_pair(one, other, "s1")
+        await patient.send(type="offer", sdp=SDP)
+        for i in range(50):
+            await patient.send(type="candidate", candidate=candidate(i))
+        await practitioner.expect("offer", sdp=SDP)
+        for i in range(50):
+            await practitioner.expect("candidate", candidate=candidate(i))
+        await practitioner.send(type="answer", sdp=SDP)
+        await patient.expect("answer", sdp=SDP)
+        await practitioner.send(type="bye")
+        await patient.expect("bye")
+        await patient.expect("peer-left", role="practitioner", reason="bye")
+        await patient.send(type="offer", sdp=SDP)
+        await patient.expect_error("no-peer")
+        await patient.close()
+
+
+async def test_role_taken_across_relays_and_peer_left_on_a_drop(redis: RedisServer) -> None:
+    """A seat taken on relay a is role-taken on b; a clean close there is peer-left on a."""
+    async with two_relays(redis) as (a, b):
+        patient, practitioner = await split_pair(a, b, "s1")
+        intruder = await Client.open(b.url)
+        await intruder.send(type="join", session="s1", role="patient")
+        await intruder.expect_error("role-taken")
+        await practitioner.close()
+        await patient.expect("peer-left", role="practitioner", reason="disconnected")
+
+
+async def test_resume_on_the_other_relay_replaces_the_stale_connection(redis: RedisServer) -> None:
+    """The patient's key takes its seat on relay b: a's connection closes 4001, peer resumed."""
+    async with two_relays(redis) as (a, b):
+        patient = await Client.open(a.url)
+        key = (await patient.join("s1", "patient"))["resume"]
+        practitioner = await Client.open(a.url)
+        await practitioner.join("s1", "practitioner")
+        await patient.expect("peer-joined", role="practitioner")
+        moved = await Client.open(b.url)
+        await moved.send(type="join", session="s1", role="patient", resume=key)
+        await moved.expect("joined", resumed=True, peer=True)
+        assert await patient.closed() == (relay.CLOSE_REPLACED, "replaced")
+        await practitioner.expect("peer-joined", role="patient", resumed=True)
+        await practitioner.send(type="offer", sdp=SDP)
+        await moved.expect("offer", sdp=SDP)
+        await moved.send(type="answer", sdp=SDP)
+        await practitioner.expect("answer", sdp=SDP)
+
+
+async def test_redis_away_then_back(redis: RedisServer) -> None:
+    """Redis gone: /health 503 naming it, joins get unavailable, a call's frames between
+    seats of one relay pass; Redis back (empty): seats written again, joins work, no peer-left."""
+    async with two_relays(redis) as (a, b):
+        patient, practitioner = await split_pair(a, b, "s1")
+        local_patient, local_practitioner = await pair_on(a, "s2")
+        await redis.kill()
+        for running in (a, b):
+            await wait_health(running, 503)
+        _, _, body = await http_get(a.port, "/health")
+        assert json.loads(body)["status"].startswith("redis unavailable")
+        late = await Client.open(b.url)
+        await late.send(type="join", session="s3", role="patient")
+        await late.expect_error("unavailable")
+        assert await late.closed() == (1013, "unavailable")
+        await local_patient.send(type="offer", sdp=SDP)
+        await local_practitioner.expect("offer", sdp=SDP)
+        await redis.start()  # the same port, nothing in it
+        for running in (a, b):
+            await wait_health(running, 200)
+        await asyncio.sleep(1.5)  # two refresh periods: the seats are written again
+        await patient.send(type="offer", sdp=SDP)
+        await practitioner.expect("offer", sdp=SDP)  # not peer-left: the seats survived
+        again = await Client.open(b.url)
+        await again.send(type="join", session="s1", role="patient")
+        await again.expect_error("role-taken")
+        third, fourth = await split_pair(b, a, "s4")
+        await fourth.send(type="answer", sdp=SDP)
+        await third.expect("answer", sdp=SDP)
+
+
+async def pair_on(running: relay.RunningRelay, session: str) -> tuple[Client, Client]:
+    return await split_pair(running, running, session)
+
+
+async def wait_health(running: relay.RunningRelay, status: int) -> None:
+    started = time.monotonic()
+    while (await http_get(running.port, "/health"))[0] != status:
+        assert time.monotonic() - started < TIMEOUT, f"/health never answered {status}"
+        await asyncio.sleep(0.1)
+
+
+# -- through HAProxy (make cluster) ------------------------------------------------------
+
+
+def haproxy_missing() -> str | None:
+    return None if shutil.which("haproxy") else "haproxy is not installed (make haproxy-deps)"
+
+
+async def test_kill_9_a_relay_and_the_client_resumes_on_the_other_through_haproxy() -> None:
+    """make cluster's parts; kill -9 one relay: its client resumes through HAProxy on the other."""
+    if reason := redis_missing() or haproxy_missing():
+        pytest.skip(reason)
+    async with running_cluster() as cluster:
+        patient = await Client.open(cluster.ws_url)
+        key = (await patient.join("s1", "patient"))["resume"]
+        practitioner = await Client.open(cluster.ws_url)
+        practitioner_key = (await practitioner.join("s1", "practitioner"))["resume"]
+        await patient.expect("peer-joined", role="practitioner")
+        victim = cluster.relays[0].process
+        assert victim is not None
+        victim.proc.kill()  # SIGKILL by PID
+        await victim.wait(TIMEOUT)
+        # Round robin put the two clients on different relays: one lost its relay.
+        closed, _ = await asyncio.wait(
+            [asyncio.ensure_future(c.ws.wait_closed()) for c in (patient, practitioner)],
+            timeout=TIMEOUT,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        assert len(closed) == 1
+        lost_patient = patient.ws.close_code is not None or patient.ws.state.name == "CLOSED"
+        role, resume, survivor = (
+            ("patient", key, practitioner)
+            if lost_patient
+            else ("practitioner", practitioner_key, patient)
+        )
+        back = await Client.open(cluster.ws_url)
+        await back.send(type="join", session="s1", role=role, resume=resume)
+        await back.expect("joined", resumed=True, peer=True)
+        seen = await survivor.recv()
+        if seen["type"] == "peer-left":  # the survivor's relay noticed the death first
+            seen = await survivor.recv()
+        assert seen == {"type": "peer-joined", "role": role, "resumed": True}
+        await survivor.send(type="offer", sdp=SDP)
+        await back.expect("offer", sdp=SDP)
+
+
+async def test_sigterm_drains_a_relay_its_clients_resume_on_the_other_through_haproxy() -> None:
+    """SIGTERM one relay: its client is closed 1001, resumes through HAProxy, frames pass."""
+    if reason := redis_missing() or haproxy_missing():
+        pytest.skip(reason)
+    async with running_cluster() as cluster:
+        patient = await Client.open(cluster.ws_url)
+        key = (await patient.join("s1", "patient"))["resume"]
+        practitioner = await Client.open(cluster.ws_url)
+        practitioner_key = (await practitioner.join("s1", "practitioner"))["resume"]
+        await patient.expect("peer-joined", role="practitioner")
+        assert await cluster.relays[1].stop() == 0  # SIGTERM by PID: the relay drains
+        closed, _ = await asyncio.wait(
+            [asyncio.ensure_future(c.ws.wait_closed()) for c in (patient, practitioner)],
+            timeout=TIMEOUT,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        assert len(closed) == 1
+        moved = patient if patient.ws.close_code is not None else practitioner
+        survivor = practitioner if moved is patient else patient
+        assert moved.ws.close_code == 1001
+        role, resume = ("patient", key) if moved is patient else ("practitioner", practitioner_key)
+        back = await Client.open(cluster.ws_url)
+        await back.send(type="join", session="s1", role=role, resume=resume)
+        await back.expect("joined", resumed=True, peer=True)
+        seen = await survivor.recv()
+        if seen["type"] == "peer-left":  # the survivor's relay saw the seat held first
+            seen = await survivor.recv()
+        assert seen == {"type": "peer-joined", "role": role, "resumed": True}
+        await back.send(type="answer", sdp=SDP)
+        await survivor.expect("answer", sdp=SDP)
