@@ -33,7 +33,7 @@ from typing import Any
 
 from aioice import stun
 from aioice.ice import StunProtocol
-from aioice.turn import TurnClientTcpProtocol, create_turn_endpoint
+from aioice.turn import TurnClientTcpProtocol, TurnTransport, create_turn_endpoint
 from aiortc import RTCIceServer, RTCIceTransport
 from aiortc.rtcicetransport import parse_stun_turn_uri
 
@@ -134,17 +134,23 @@ async def check_turn_server(server: TurnServerUrl, ca_file: Path | None = None) 
     """
     try:
         async with asyncio.timeout(DIAGNOSIS_TIMEOUT):
-            endpoint, _ = await create_turn_endpoint(
-                asyncio.DatagramProtocol,
-                server_addr=(server.host, server.port),
-                username=server.username,
-                password=server.credential,
-                ssl=tls_context(ca_file) if server.tls else None,
-                transport=server.transport,
-            )
+            endpoint = await _allocate(server, ca_file)
     except (stun.TransactionError, TimeoutError, OSError, ValueError):
         raise TurnUnavailable(server.url, await diagnose(server, ca_file)) from None
     endpoint.close()
+
+
+async def _allocate(server: TurnServerUrl, ca_file: Path | None) -> TurnTransport:
+    """One TURN allocation on ``server`` (aioice's endpoint); the caller closes it."""
+    endpoint, _ = await create_turn_endpoint(
+        asyncio.DatagramProtocol,
+        server_addr=(server.host, server.port),
+        username=server.username,
+        password=server.credential,
+        ssl=tls_context(ca_file) if server.tls else None,
+        transport=server.transport,
+    )
+    return endpoint
 
 
 async def diagnose(
@@ -162,14 +168,7 @@ async def diagnose(
         return f"the host name {server.host!r} does not resolve ({exc.strerror})"
     try:
         async with asyncio.timeout(DIAGNOSIS_TIMEOUT):
-            endpoint, _ = await create_turn_endpoint(
-                asyncio.DatagramProtocol,
-                server_addr=(server.host, server.port),
-                username=server.username,
-                password=server.credential,
-                ssl=tls_context(ca_file) if server.tls else None,
-                transport=server.transport,
-            )
+            endpoint = await _allocate(server, ca_file)
     except stun.TransactionFailed as exc:
         code = exc.response.error_code
         if code == 401:

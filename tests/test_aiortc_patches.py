@@ -209,8 +209,11 @@ def test_loopback_peers_are_a_test_only_setting() -> None:
 
 @needs_coturn
 @pytest.mark.asyncio
-async def test_coturns_403_is_named_with_the_address(caplog: pytest.LogCaptureFixture) -> None:
+async def test_coturns_403_is_named_with_the_address(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """coturn's 403 for a denied peer is logged once: refuses to relay to ADDRESS, add it."""
+    monkeypatch.setattr(aiortc_patches, "_named", set())  # nothing named by earlier tests
     settings = TurnServerSettings.from_mapping(
         {"turn": {"secret": SECRET, "port": 0, "tls_port": 0}}, env={}
     )
