@@ -13,7 +13,7 @@ import pytest
 import pytest_asyncio
 
 import relay
-from bench.cluster import running_cluster
+from bench.cluster import Cluster, running_cluster
 from tests.processes import RedisServer, redis_missing, redis_server
 from tests.support import TIMEOUT, Client, http_get, relay_config
 
@@ -266,16 +266,22 @@ def haproxy_missing() -> str | None:
     return None if shutil.which("haproxy") else "haproxy is not installed (make haproxy-deps)"
 
 
+async def seated_through(cluster: Cluster) -> tuple[Client, str, Client, str]:
+    """A patient and a practitioner joined to session s1 through HAProxy, with their keys."""
+    patient = await Client.open(cluster.ws_url)
+    key = (await patient.join("s1", "patient"))["resume"]
+    practitioner = await Client.open(cluster.ws_url)
+    practitioner_key = (await practitioner.join("s1", "practitioner"))["resume"]
+    await patient.expect("peer-joined", role="practitioner")
+    return patient, key, practitioner, practitioner_key
+
+
 async def test_kill_9_a_relay_and_the_client_resumes_on_the_other_through_haproxy() -> None:
     """make cluster's parts; kill -9 one relay: its client resumes through HAProxy on the other."""
     if reason := redis_missing() or haproxy_missing():
         pytest.skip(reason)
     async with running_cluster() as cluster:
-        patient = await Client.open(cluster.ws_url)
-        key = (await patient.join("s1", "patient"))["resume"]
-        practitioner = await Client.open(cluster.ws_url)
-        practitioner_key = (await practitioner.join("s1", "practitioner"))["resume"]
-        await patient.expect("peer-joined", role="practitioner")
+        patient, key, practitioner, practitioner_key = await seated_through(cluster)
         victim = cluster.relays[0].process
         assert victim is not None
         victim.proc.kill()  # SIGKILL by PID
@@ -309,11 +315,7 @@ async def test_sigterm_drains_a_relay_its_clients_resume_on_the_other_through_ha
     if reason := redis_missing() or haproxy_missing():
         pytest.skip(reason)
     async with running_cluster() as cluster:
-        patient = await Client.open(cluster.ws_url)
-        key = (await patient.join("s1", "patient"))["resume"]
-        practitioner = await Client.open(cluster.ws_url)
-        practitioner_key = (await practitioner.join("s1", "practitioner"))["resume"]
-        await patient.expect("peer-joined", role="practitioner")
+        patient, key, practitioner, practitioner_key = await seated_through(cluster)
         assert await cluster.relays[1].stop() == 0  # SIGTERM by PID: the relay drains
         closed, _ = await asyncio.wait(
             [asyncio.ensure_future(c.ws.wait_closed()) for c in (patient, practitioner)],
