@@ -38,6 +38,7 @@ import errno
 import ipaddress
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -70,6 +71,9 @@ logger = logging.getLogger(__name__)
 TURNSERVER: Final = "turnserver"
 START_TIMEOUT: Final = 10.0
 STOP_TIMEOUT: Final = 5.0
+# coturn's verbose log: an allocation granted, an allocation freed (TurnServer.allocations).
+_ALLOCATED: Final = re.compile(r"session (\d+): new, ")
+_FREED: Final = re.compile(r"session (\d+): delete: ")
 
 # Loopback and "this network": refused in every profile.
 LOOPBACK_PEERS: Final = ("0.0.0.0/8", "127.0.0.0/8", "::/128", "::1/128")
@@ -365,6 +369,23 @@ class TurnServer:
         if self.run_dir is not None:
             shutil.rmtree(self.run_dir, ignore_errors=True)
             self.run_dir = None
+
+    def allocations(self) -> set[str]:
+        """The coturn sessions that hold an allocation now, read from coturn's log.
+
+        coturn logs ``session N: new, ...`` when it grants an allocation and
+        ``session N: delete: ...`` when it frees one (the client's Refresh with
+        lifetime 0, its TCP connection closed, or the lifetime run out), but only
+        with ``turn.verbose``: without it this raises TurnServerError.
+        """
+        if not self.settings.verbose:
+            raise TurnServerError("allocations() reads coturn's verbose log: set turn.verbose")
+        path = self.log_path
+        if path is None or not path.exists():
+            return set()
+        text = path.read_text(encoding="utf-8", errors="replace")
+        granted = set(_ALLOCATED.findall(text))
+        return granted - set(_FREED.findall(text))
 
     def log_tail(self, lines: int = 15) -> str:
         path = self.log_path

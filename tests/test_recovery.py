@@ -15,6 +15,7 @@ import contextlib
 import gc
 import json
 import logging
+import shutil
 import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
@@ -23,26 +24,29 @@ from pathlib import Path
 from typing import Any, cast
 
 import aioice.stun
+import aioice.turn
 import pytest
 import pytest_asyncio
 import yaml
 from aiortc import RTCIceTransport, RTCPeerConnection
 
 from peers.call import CallOptions
-from peers.config import PeerSettings
+from peers.config import IceServer, PeerSettings
 from peers.errors import DtlsFailed
 from peers.media import PatternTrack, Sources, ToneTrack
 from peers.netns import Netns, Network, inside, netns_missing
 from peers.seat import Seat
 from peers.signaling import RelayClient
+from peers.turnserver import TurnServer, TurnServerSettings
 from tests.inprocess import LocalPair
 from tests.processes import Process, RelayProcess, peer_argv, spawn
 from tests.recovery import RELAY_ADDRESS, RecoveryNetwork, media_back, recovery_network
-from tests.support import Client, running_relay, within
+from tests.support import TIMEOUT, Client, running_relay, within
 
 FPS = 15
 VIDEO = {"width": 320, "height": 240, "fps": FPS}
 MEDIA_TIMEOUT_S = 2.0  # the tests' call.media_timeout_s (the default is 3)
+LAN_ADDRESS = "198.18.0.2"  # the in-process seats' namespace
 
 
 # -- the relay client's heartbeat ------------------------------------------------------------
@@ -127,7 +131,7 @@ async def lan() -> AsyncIterator[Netns]:
         pytest.skip(reason)
     saved = aioice.stun.RETRY_MAX  # a Seat sets it from its ICE timeout
     async with Network("epc-rec") as net:
-        yield await net.lan("198.18.0.2/24")
+        yield await net.lan(f"{LAN_ADDRESS}/24")
     aioice.stun.RETRY_MAX = saved
 
 
@@ -206,17 +210,27 @@ def counts() -> dict[str, int]:
         ),
         "decoder threads": sum(t.name.endswith("-decoder") for t in threading.enumerate()),
         "udp sockets": len(udp),
+        # aioice's TURN clients whose allocation is not deleted (its transport closes after)
+        "turn allocations": sum(
+            isinstance(o, aioice.turn.TurnClientMixin)
+            and getattr(o, "transport", None) is not None
+            and not o.transport.is_closing()
+            for o in objects
+        ),
     }
 
 
 @contextlib.asynccontextmanager
-async def two_seats(lan: Netns, **call: float) -> AsyncIterator[Seats]:
+async def two_seats(
+    lan: Netns, ice_servers: tuple[IceServer, ...] = (), ice_policy: str = "all", **call: float
+) -> AsyncIterator[Seats]:
     """A patient and a practitioner Seat in this process, joined through the in-process relay."""
     async with running_relay() as relay:
         settings = PeerSettings(
             relay_url=relay.url, session="rec", ice_timeout_s=2, relay_reconnect_max_s=0.5,
             call_media_timeout_s=call.get("media_timeout_s", 1.0),
             call_recovery_timeout_s=call.get("recovery_timeout_s", 60.0),
+            ice_servers=ice_servers, ice_policy=ice_policy,
         )  # fmt: skip
         seats = [
             Seat(role, settings, Sources(PatternTrack(320, 240, FPS), ToneTrack()))
@@ -279,6 +293,74 @@ async def test_a_dead_path_is_renegotiated_with_backoff_and_old_calls_are_closed
             for task in seats.runs:
                 assert not task.done()
         assert counts() == before
+
+
+# coturn's relay ports in the TURN test: below Linux's ephemeral range (32768-60999), so that
+# a rule on these source ports cuts the relayed path and never a client's own socket.
+TURN_RELAY_PORTS = (20000, 20099)
+
+
+@contextlib.asynccontextmanager
+async def relayed_path_cut(lan: Netns) -> AsyncIterator[None]:
+    """Nothing sent from coturn's relay ports arrives (the relayed media and checks) during the
+    block; the clients' own exchanges with coturn (allocate, refresh, delete) go on."""
+    ports = "{}:{}".format(*TURN_RELAY_PORTS)
+    rule = ["INPUT", "-p", "udp", "--sport", ports, "-j", "DROP"]
+    await Network().run(lan, "iptables", "-w", "-I", *rule)
+    try:
+        yield
+    finally:
+        await Network().run(lan, "iptables", "-w", "-D", *rule)
+
+
+async def allocations(coturn: TurnServer, count: int, units: float) -> set[str]:
+    """coturn's open allocations, given ``units`` of the test timeout to become ``count`` (an
+    allocation is freed in the background, by a Refresh transaction)."""
+    deadline = time.monotonic() + TIMEOUT * units
+    # Polled: read from its log.
+    while len(found := coturn.allocations()) != count and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.1)
+    assert len(found) == count, f"coturn holds {len(found)} allocations, not {count}"
+    return found
+
+
+@pytest.mark.netns
+@pytest.mark.asyncio
+@pytest.mark.skipif(shutil.which("turnserver") is None, reason="coturn: run `make turn-deps`")
+async def test_a_recovery_over_turn_frees_the_old_calls_allocations(
+    lan: Netns, caplog: pytest.LogCaptureFixture
+) -> None:
+    """TURN-only call, relayed path cut: after the new connection coturn holds the new call's
+    two allocations only (the old call's are deleted), and the peers hold two TURN clients."""
+    caplog.set_level(logging.INFO, logger="peers")
+    turn = TurnServerSettings(
+        listen=LAN_ADDRESS, port=0, tls_port=0, username="doc", credential="pw",
+        min_port=TURN_RELAY_PORTS[0], max_port=TURN_RELAY_PORTS[1],
+        allowed_peers=(f"{LAN_ADDRESS}/32",), verbose=True,
+    )  # fmt: skip
+    with inside(lan):
+        async with TurnServer(turn) as coturn:
+            server = IceServer(
+                urls=(f"turn:{coturn.host}:{coturn.port}?transport=udp",),
+                username="doc",
+                credential="pw",
+            )
+            async with two_seats(lan, ice_servers=(server,), ice_policy="relay") as seats:
+                both = (seats.patient, seats.practitioner)
+                await within(asyncio.gather(*(flowing(seat) for seat in both)), 4)
+                first = await allocations(coturn, 2, units=2)
+                assert counts()["turn allocations"] == 2
+                async with relayed_path_cut(lan):
+                    await within(_logged(caplog, "renegotiating (attempt 1)"), 4)
+                await within(_logged(caplog, "media back", count=2), 8)
+                await within(asyncio.gather(*(flowing(seat) for seat in both)), 4)
+                for seat in both:
+                    assert [r["method"] for r in seat.recoveries] == ["new-connection"]
+                    while seat.closed_calls < seat.calls - 1:  # noqa: ASYNC110 (in the background)
+                        await asyncio.sleep(0.05)
+                now = await allocations(coturn, 2, units=3)
+                assert now.isdisjoint(first), (first, now)  # the old call's two are deleted
+                assert counts()["turn allocations"] == 2
 
 
 @pytest.mark.netns

@@ -26,6 +26,7 @@ from peers import aiortc_patches
 from peers.turnclient import TurnServerUrl, diagnose, first_turn_server
 from peers.turnserver import (
     TurnServer,
+    TurnServerError,
     TurnServerSettings,
     TurnStartError,
     stun_binding,
@@ -158,6 +159,12 @@ def test_config_errors_name_the_key(turn: dict[str, Any], key: str) -> None:
     with pytest.raises(relay.ConfigError) as info:
         settings(**turn)
     assert info.value.key == key
+
+
+def test_counting_allocations_needs_the_verbose_log() -> None:
+    """coturn logs its allocations only with turn.verbose: counting them without it is refused."""
+    with pytest.raises(TurnServerError, match=r"reads coturn's verbose log: set turn\.verbose"):
+        TurnServer(settings()).allocations()
 
 
 def test_secret_from_environment() -> None:

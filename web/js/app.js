@@ -16,9 +16,12 @@ const STATS_INTERVAL_MS = 250; // getStats(): the media path's watchdog...
 const STATS_WINDOW_MS = 1000; // ...and the details' rates, over about a second
 // A lost path whose signaling is back waits this long before the patient renegotiates:
 // a short outage comes back on the old connection meanwhile (that cancels it): its
-// media arrives within a round trip of the network's return, seen at the next sample.
-const SAME_PATH_GRACE_MS = 500;
-const GAP_MS = 1000; // media back after a silence this long: send a key frame at once
+// media arrives within a round trip of the network's return, seen at the next sample,
+// and before the relay connection, which reconnects with backoff.
+const SAME_PATH_GRACE_MS = 250;
+// Media silent this long (or half the media timeout, if shorter): ask the relay client
+// whether the relay is silent too; if so the network is gone: reconnect it at once.
+const PROBE_MS = 1000;
 const ATTEMPT_MS = 4000; // a renegotiation with no media after this: the next one (doubling, capped)
 const ATTEMPT_CAP_MS = 16000;
 const WIDE = "(min-width: 56rem)"; // style.css's desktop layout
@@ -251,6 +254,7 @@ function onJoined(frame) {
   if (frame.peer && app.seat.role === "patient" && !(app.call && app.call.alive)) {
     if (!app.lost) startCall(); // a lost path: recover() renegotiates now that the signaling is back
   }
+  if (app.lost) recover(Date.now()); // not at the next sample: the signaling is back now
   renderStatus();
 }
 
@@ -355,12 +359,14 @@ function endCall({ recovering = false } = {}) {
   if (app.call) {
     const call = app.call;
     app.call = null;
+    if (recovering) view.freezeRemote(); // closing ends its tracks: the video would go black
     call.close();
   }
   app.pendingRemote = null;
   if (recovering) return;
   app.lost = null;
   els.remoteVideo.srcObject = null;
+  els.remoteFrozen.hidden = true;
   view.setChatOpen(false);
   // The statistics described that call: none until the next one measures.
   app.stats = null;
@@ -424,16 +430,22 @@ function watchPath(call, bytes) {
   if (now - (media.sampledAt ?? now) > 3 * STATS_INTERVAL_MS) media.at = Math.max(media.at, now - STATS_INTERVAL_MS);
   media.sampledAt = now;
   if (bytes > media.bytes) {
-    // After a gap the other side's decoder waits for a key frame (Chromium asks only
-    // seconds later): send one now, on the same connection.
-    if (media.bytes > 0 && now - media.at >= GAP_MS) refreshVideo(call);
+    // No key frame is forced here after a gap: the receiving side asks for one (Chromium and
+    // the aiortc peers send a PLI when they miss frames). Restarting this side's encoder for
+    // one (pausing and resuming the encoding) made it worse: measured in docs/benchmarks.md.
     media.bytes = bytes;
     media.at = now;
     if (app.lost && call.connectionState === "connected") recovered(call, now);
     return;
   }
   const present = app.peerPresent || app.peerAway;
-  if (!app.lost && call.everConnected && present && now - media.at >= app.callSettings.mediaTimeoutMs) {
+  const silent = now - media.at;
+  if (call.everConnected && present && silent >= Math.min(PROBE_MS, app.callSettings.mediaTimeoutMs / 2)) {
+    // A network change kills the relay connection too: noticed here in 1.5 heartbeats
+    // instead of the heartbeat's 2.5, so the offer can go as soon as the path is called lost.
+    if (app.signaling.probe("media and relay silent")) renderStatus();
+  }
+  if (!app.lost && call.everConnected && present && silent >= app.callSettings.mediaTimeoutMs) {
     pathLost(media.at);
   }
   if (app.lost) recover(now);
@@ -499,12 +511,9 @@ function recovered(call, now) {
   console.info(`call: media back after ${recovery.outage_ms} ms (${method})`);
   if (app.pendingRemote) showRemote(app.pendingRemote);
   app.pendingRemote = null;
+  view.thawRemote();
   view.renderRecoveries(app.recoveries.length);
   if (els.notice.dataset.key === "call.gave-up") view.clearNotice();
-}
-
-function refreshVideo(call) {
-  call.refreshVideo().catch((err) => console.info("call: no key frame:", err.message));
 }
 
 /** recovery_timeout_s without media: say so; the seat stays (a reload or a new offer still works). */

@@ -107,24 +107,6 @@ export class Call extends EventTarget {
     }
   }
 
-  /**
-   * A key frame now from each video sender: after an outage the other side's decoder
-   * waits for one, and Chromium asks for it only seconds later. Pausing and resuming
-   * the encoding restarts the encoder, which starts with a key frame.
-   */
-  async refreshVideo() {
-    for (const sender of this.pc.getSenders()) {
-      if (!sender.track || sender.track.kind !== "video") continue;
-      const params = sender.getParameters();
-      if (!params.encodings || !params.encodings.length) continue;
-      for (const encoding of params.encodings) encoding.active = false;
-      await sender.setParameters(params);
-      const again = sender.getParameters();
-      for (const encoding of again.encodings) encoding.active = true;
-      await sender.setParameters(again);
-    }
-  }
-
   sendChat(text) {
     if (!this.channel || this.channel.readyState !== "open") return false;
     this.channel.send(text);

@@ -98,6 +98,19 @@ export class Signaling extends EventTarget {
     this.drop(reason, 0);
   }
 
+  /**
+   * The media path went silent: if the relay went silent too (a pong missed: nothing heard
+   * for 1.5 heartbeats), the network under this connection is probably gone (a network
+   * change): reconnect now rather than after deadAfterMs. Nothing happens while pongs come.
+   */
+  probe(reason) {
+    if (this.stopped || this.state !== "joined" || !this.ws) return false;
+    if (Date.now() - this.lastHeard <= 1.5 * this.options.pingIntervalMs) return false;
+    this.attempt = 0;
+    this.drop(reason, 0);
+    return true;
+  }
+
   /** Hang up on purpose: bye, then close for good. */
   hangUp(reason = "hangup") {
     if (this.state === "joined") this.ws.send(JSON.stringify({ type: "bye", reason }));

@@ -17,6 +17,7 @@ export const els = {
   notice: $("notice"),
   status: $("status"),
   remoteVideo: $("remote-video"),
+  remoteFrozen: $("remote-frozen"),
   localVideo: $("local-video"),
   mic: $("mic"),
   camera: $("camera"),
@@ -46,6 +47,35 @@ export const els = {
 
 // The sheets opened from the controls: name -> [toggle button, panel].
 const SHEETS = { chat: [els.chatToggle, els.chatPanel], details: [els.detailsToggle, els.detailsPanel] };
+
+/**
+ * Keep the remote video's last frame on screen: drawn into a canvas over the video, which
+ * turns black once its tracks end (a recovery closing the old connection). Once only: a
+ * second call while frozen keeps the first drawing.
+ */
+export function freezeRemote() {
+  const video = els.remoteVideo;
+  const canvas = els.remoteFrozen;
+  if (!canvas.hidden || !video.srcObject || !video.videoWidth) return;
+  canvas.width = video.videoWidth;
+  canvas.height = video.videoHeight;
+  canvas.getContext("2d").drawImage(video, 0, 0);
+  canvas.hidden = false;
+}
+
+/** The video shows frames again: the drawn last frame goes (at the video's next frame). */
+export function thawRemote() {
+  const canvas = els.remoteFrozen;
+  if (canvas.hidden) return;
+  const video = els.remoteVideo;
+  if (video.srcObject && video.requestVideoFrameCallback) {
+    video.requestVideoFrameCallback(() => {
+      canvas.hidden = true;
+    });
+  } else {
+    canvas.hidden = true;
+  }
+}
 
 export function showStart() {
   els.callView.hidden = true;
