@@ -1,0 +1,199 @@
+"""What Chromium does around a recovery (issue 12): getStats() every 50 ms in both pages.
+
+    python -m bench.recovery_trace --event outage --runs 8      # as root
+    python -m bench.recovery_trace --event change --runs 4
+
+Chromium<->Chromium in tests/recovery.py's network, as ``make bench-recovery``;
+each run is a 3 s outage of the patient (or a network change). Both pages
+sample their current RTCPeerConnection every 50 ms (the transport's bytes, the
+selected pair, inbound and outbound video), and each run prints, per side,
+seconds from the network's return (the outage's end; the change itself):
+when bytes arrived again, when frames decoded again and when steadily (4 or
+more within 0.6 s), when that side sent a PLI, received one, encoded and
+decoded a key frame, the lowest target bitrate of its video sender in the
+first second, and the longest gap between two samples (a page starved of
+CPU: its own figures are late by about that much). The pages' console lines
+follow, timed the same way. Printed, not asserted; ``--json DIR`` keeps the
+samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import itertools
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+from playwright.async_api import ConsoleMessage, Page
+
+from bench.recovery import MEDIA_TIMEOUT_S, OUTAGE_S
+from peers.netns import netns_missing
+from tests.browser import Browsers, chromium_missing, join, routed_flags, wait_state
+from tests.processes import RelayProcess
+from tests.recovery import RELAY_ADDRESS, recovery_network
+
+ROLES = ("patient", "practitioner")
+SAMPLER = """
+(() => {
+  globalThis.trace = [];
+  setInterval(async () => {
+    const call = epedicare.call;
+    if (!call) return;
+    call.traceId ??= Math.random();
+    const report = await call.pc.getStats();
+    const s = { t: Date.now(), call: call.traceId, ice: call.pc.iceConnectionState };
+    let pair = null;
+    for (const x of report.values()) {
+      if (x.type === "transport") {
+        s.bytesIn = x.bytesReceived;
+        if (x.selectedCandidatePairId) pair = report.get(x.selectedCandidatePairId);
+      } else if (x.type === "inbound-rtp" && x.kind === "video") {
+        Object.assign(s, { frames: x.framesDecoded, keyIn: x.keyFramesDecoded, pliSent: x.pliCount,
+          received: x.framesReceived, dropped: x.framesDropped });
+      } else if (x.type === "outbound-rtp" && x.kind === "video") {
+        Object.assign(s, { keyOut: x.keyFramesEncoded, pliIn: x.pliCount,
+          target: x.targetBitrate });
+      }
+    }
+    if (pair) Object.assign(s, { pair: pair.state, outgoing: pair.availableOutgoingBitrate });
+    trace.push(s);
+  }, 50);
+})()
+"""
+
+Sample = dict[str, Any]
+
+
+def first(samples: list[Sample], since: Sample, test: Callable[[Sample], bool]) -> float | None:
+    return next((s["t"] for s in samples if s["t"] > since["t"] and test(s)), None)
+
+
+def summary(samples: list[Sample], event_ms: float, quiet_ms: float) -> dict[str, Any]:
+    """Seconds from ``event_ms`` to each of a side's moments (None: not seen), counted from the
+    last sample before ``quiet_ms`` (a moment when nothing arrives: what was on its way before
+    the outage, or the change, has arrived)."""
+    before = [s for s in samples if s["t"] <= quiet_ms] or samples[:1]
+    base = before[-1]
+
+    def grew(key: str) -> Callable[[Sample], bool]:
+        return lambda s: s["call"] != base["call"] or s.get(key, 0) > base.get(key, 0)
+
+    def steady() -> float | None:
+        for i, s in enumerate(samples):
+            if s["t"] <= base["t"]:
+                continue
+            later = [x for x in samples[i:] if x["t"] <= s["t"] + 600 and x["call"] == s["call"]]
+            if (
+                later[-1]["t"] - s["t"] >= 400
+                and later[-1].get("frames", 0) - s.get("frames", 0) >= 4
+            ):
+                return float(s["t"])
+        return None
+
+    moments = {
+        "bytes": first(samples, base, grew("bytesIn")),
+        "frames": first(samples, base, grew("frames")),
+        "steady": steady(),
+        "pli sent": first(samples, base, grew("pliSent")),
+        "pli in": first(samples, base, grew("pliIn")),
+        "key out": first(samples, base, grew("keyOut")),
+        "key in": first(samples, base, grew("keyIn")),
+    }
+    out: dict[str, Any] = {
+        k: None if v is None else round((v - event_ms) / 1000, 2) for k, v in moments.items()
+    }
+    window = [s for s in samples if event_ms <= s["t"] <= event_ms + 1000 and "target" in s]
+    out["min target kbit/s"] = min((s["target"] // 1000 for s in window), default=None)
+    gaps = [b["t"] - a["t"] for a, b in itertools.pairwise(samples)]
+    out["max gap ms"] = max(gaps, default=None)
+    return out
+
+
+def console_line(into: list[tuple[float, str]], message: ConsoleMessage) -> None:
+    into.append((time.time(), message.text))
+
+
+def keep_run(path: Path, dump: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(dump), encoding="utf-8")
+
+
+async def run(event: str, runs: int, query: str, keep: Path | None) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="recovery-trace-"))
+    config = tmp / "config.yaml"
+    settings = {"auth": {"open": True}, "call": {"media_timeout_s": MEDIA_TIMEOUT_S}}
+    config.write_text(yaml.safe_dump(settings), encoding="utf-8")
+    lines: dict[str, list[tuple[float, str]]] = {role: [] for role in ROLES}
+    async with recovery_network("epc-trace") as net, Browsers(tmp) as browsers:
+        relay = RelayProcess(config, net.hub.name, host=RELAY_ADDRESS)
+        await relay.start()
+        try:
+            pages: dict[str, Page] = {}
+            for role in ("practitioner", "patient"):
+                browser = await browsers.launch(
+                    netns=net.side(role).name, extra_args=routed_flags(relay.http_url)
+                )
+                page = await browsers.open(
+                    role, f"{relay.http_url}/{query}", browser=browser, locale="en-US"
+                )
+                page.on("console", functools.partial(console_line, lines[role]))
+                await join(page, "trace", role)
+                pages[role] = page
+            for page in pages.values():
+                await wait_state(page, "connected", units=6)
+                await page.evaluate(SAMPLER)
+            for number in range(runs):
+                await asyncio.sleep(3)
+                for role in ROLES:
+                    await pages[role].evaluate("trace.length = 0")
+                    lines[role].clear()
+                began = time.time()
+                if event == "outage":
+                    async with net.outage("patient"):
+                        await asyncio.sleep(OUTAGE_S)
+                    at = net.restored_at
+                else:
+                    at = await net.change("patient")
+                await asyncio.sleep(8)
+                print(f"\n{event} {number + 1}: began {began - at:+.2f} s")
+                dump: dict[str, Any] = {"event": at, "began": began}
+                for role in ROLES:
+                    samples: list[Sample] = await pages[role].evaluate("trace")
+                    dump[role] = samples
+                    quiet = at - 1.0 if event == "outage" else at + 0.5
+                    got = summary(samples, at * 1000, quiet * 1000)
+                    print(f"  {role:<12} " + ", ".join(f"{k} {v}" for k, v in got.items()))
+                    for stamp, text in lines[role]:
+                        print(f"    {stamp - at:+6.2f} {text}")
+                if keep is not None:
+                    keep_run(keep / f"{event}-{number + 1}.json", dump)
+                for page in pages.values():
+                    await wait_state(page, "connected", units=6)
+        finally:
+            await relay.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--event", choices=("outage", "change"), default="outage")
+    parser.add_argument("--runs", type=int, default=4)
+    parser.add_argument("--query", default="", help="the pages' URL query (?recovery=ice-restart)")
+    parser.add_argument("--json", type=Path, help="keep each run's samples in this folder")
+    args = parser.parse_args(argv)
+    if reason := netns_missing() or chromium_missing():
+        print(f"recovery_trace: {reason}", file=sys.stderr)
+        return 2
+    asyncio.run(run(args.event, args.runs, args.query, args.json))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
