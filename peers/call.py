@@ -328,7 +328,7 @@ class Call:
         if state == "connected" and self.connected_at is None:
             self.connected_at = time.monotonic()
             self._path = ice.path_of(self.pc)
-            logger.info("ICE path: %s", self._path or "unknown")
+            logger.info("%s: ICE path: %s", self.name, self._path or "unknown")
             self._path_watch = asyncio.create_task(self._watch_path())
         elif state == "failed" and self.connected_at is None:
             self._fail(self._timed_out())
