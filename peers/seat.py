@@ -450,7 +450,7 @@ class Seat:
             return "not in a call yet"
         if call.send_chat(text):
             return None
-        if call.channel is None and call.connected_at is not None:
+        if call.remote_chat is False:
             return f"{call.name}: the {self.other}'s side opened no chat channel in this call"
         return f"{call.name}: the chat channel is not open yet"
 

@@ -23,7 +23,6 @@ import av
 import pytest
 import pytest_asyncio
 import yaml
-from aiortc import RTCPeerConnection, RTCSessionDescription
 from av import VideoFrame
 
 from peers import aiortc_patches, ice
@@ -31,9 +30,8 @@ from peers.call import CallOptions
 from peers.config import ConfigError, PeerSettings, parse_ice_urls
 from peers.media import PatternTrack, latency_ms, read_stamp, stamp_bits
 from peers.netns import Netns, Network, inside, netns_missing
-from peers.signaling import RelayClient
 from relay import mint_token
-from tests.inprocess import LocalPair
+from tests.inprocess import LocalPair, chatless_patient
 from tests.processes import Process, RelayProcess, peer_argv, relay_process, spawn
 from tests.support import within
 
@@ -470,38 +468,19 @@ async def test_a_chat_line_to_a_side_without_a_chat_channel_says_so(
         "--video", "pattern", "--audio", "tone", "--duration", "30",
     )  # fmt: skip
     practitioner = await spawn("practitioner", argv, lan.command(), stdin=asyncio.subprocess.PIPE)
-    client = RelayClient(relay.url, "nochat", "patient", open_timeout_s=5)
-    frames = client.frames()
-    pc = RTCPeerConnection(ice.rtc_configuration(()))  # no STUN server: the project's rule
     try:
         await practitioner.expect("waiting for the patient")
-        with inside(lan):
-            joined = await within(anext(frames))
-            assert joined["peer"] is True
-            pc.addTransceiver("audio", direction="recvonly")
-            pc.addTransceiver("video", direction="recvonly")  # media only: no data channel
-            await within(pc.setLocalDescription(await pc.createOffer()), 2)
-        await client.send(type="offer", sdp=pc.localDescription.sdp)
-        answer = await within(_next_of(frames, "answer"), 3)
-        await pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], "answer"))
-        await practitioner.expect("call 1: connected", 20)
-        stdin = practitioner.proc.stdin
-        assert stdin is not None
-        stdin.write(b"hello\n")
-        await stdin.drain()
-        await practitioner.expect(
-            re.escape(
-                "chat: call 1: the patient's side opened no chat channel in this call; line dropped"
+        async with chatless_patient(relay.url, "nochat", lan):
+            await practitioner.expect("call 1: connected", 20)
+            stdin = practitioner.proc.stdin
+            assert stdin is not None
+            stdin.write(b"hello\n")
+            await stdin.drain()
+            await practitioner.expect(
+                re.escape(
+                    "chat: call 1: the patient's side opened no chat channel in this call; "
+                    "line dropped"
+                )
             )
-        )
     finally:
-        await pc.close()
-        await frames.aclose()
         await practitioner.stop()
-
-
-async def _next_of(frames: AsyncIterator[dict[str, Any]], kind: str) -> dict[str, Any]:
-    async for frame in frames:
-        if frame.get("type") == kind:
-            return frame
-    raise AssertionError(f"the relay client ended before a {kind!r} frame")
