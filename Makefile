@@ -23,7 +23,7 @@ PY      := $(call q,$(value VENV)/bin/python)
 CONFIG_ := $(call q,$(value CONFIG))
 ARGS_   := $(call qs,$(value ARGS))
 
-.PHONY: demo-turn help redis-deps haproxy-deps cluster bench-cluster netem-probe bench-storm bench-recovery bench-network apt-systemd bench-browser bench-call patient practitioner bench-deps apt-nodejs setup system-deps turn-deps turn bench-turn browser-deps nginx-deps systemd-deps run-relay test lint demo bench bench-relay screenshots clean
+.PHONY: demo-turn help redis-deps haproxy-deps cluster bench-cluster netem-probe bench-storm bench-recovery bench-network apt-systemd bench-browser bench-call patient practitioner bench-deps apt-nodejs setup system-deps turn-deps turn bench-turn browser-deps nginx-deps caddy-deps systemd-deps run-relay test lint demo bench bench-relay screenshots clean
 
 ## setup: a virtualenv with the pinned requirements, runtime and development (idempotent)
 setup: $(STAMP)
@@ -67,6 +67,21 @@ browser-deps:
 nginx-deps:
 	$(call apt_install,nginx)
 
+## caddy-deps: Debian's Caddy, for the test of deploy/Caddyfile; never left running as a service
+# The package enables and starts caddy.service (a server on :80): a temporary
+# policy-rc.d (exit 101) stops invoke-rc.d from starting it where none is
+# present, and under systemd the unit is disabled and stopped after the install.
+caddy-deps:
+	@if ! dpkg -s caddy >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" != 0 ]; then echo "missing Debian packages: caddy (run as root, or apt-get install it)"; exit 1; fi; \
+	  own=""; [ -e /usr/sbin/policy-rc.d ] || { printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d && own=1; }; \
+	  [ -f $(APT_STAMP) ] || { apt-get update -qq && mkdir -p $$(dirname $(APT_STAMP)) && touch $(APT_STAMP); }; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq caddy >/dev/null; status=$$?; \
+	  [ -z "$$own" ] || rm -f /usr/sbin/policy-rc.d; \
+	  [ ! -d /run/systemd/system ] || systemctl disable --now caddy.service >/dev/null 2>&1 || true; \
+	  exit $$status; \
+	fi
+
 ## redis-deps: Debian's redis-server, for a cluster of relays (make cluster) and its tests
 redis-deps:
 	$(call apt_install,redis-server)
@@ -87,7 +102,7 @@ run-relay: setup
 	$(PY) relay.py --config $(CONFIG_) $(ARGS_)
 
 ## test: the whole test suite (what CI runs)
-test: setup system-deps turn-deps browser-deps nginx-deps systemd-deps redis-deps haproxy-deps
+test: setup system-deps turn-deps browser-deps nginx-deps caddy-deps systemd-deps redis-deps haproxy-deps
 	$(PY) -m pytest $(ARGS_)
 
 ## lint: ruff format check, ruff check, mypy --strict

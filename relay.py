@@ -52,7 +52,7 @@ from collections.abc import AsyncIterator, Callable, Generator, Iterable, Mappin
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Protocol, TypeAlias
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import orjson
 import uvloop
@@ -2525,9 +2525,31 @@ class Relay:
                 )
             return self.http_response(200, generate_latest(self.registry), CONTENT_TYPE_LATEST)
         if path == "/rtc-config.json":
-            body = json.dumps(public_ice(self.config.browser_ice)).encode()
+            config = public_ice(self.config.browser_ice)
+            if minted := self.precheck_turn(urlsplit(request.path).query):
+                config = {**config, "iceServers": [*minted, *config["iceServers"]]}
+            body = json.dumps(config).encode()
             return self.http_response(200, body, "application/json")
         return self.static_file(path)
+
+    def precheck_turn(self, query: str) -> list[dict[str, Any]]:
+        """``?session=S&role=R[&token=T]``: the TURN credentials a join of that seat would get.
+
+        For the page's pre-call TURN check (web/js/precheck.js), before it joins:
+        nothing that the join itself would not hand out (with ``auth.secret``, only
+        for a token valid for that session and role right now), and no seat taken.
+        """
+        params = parse_qs(query)
+        session, role, token = (params.get(k, [None])[0] for k in ("session", "role", "token"))
+        if session is None or role not in ROLES or not SESSION_RE.fullmatch(session):
+            return []
+        now = time.time()
+        if self.config.auth.secret:
+            try:
+                check_token(self.config.auth.secret, token, session, role, now)
+            except ProtocolError:
+                return []
+        return turn_credentials(self.config.turn, session, role, now)
 
     def consultations(self, ws: ServerConnection, request: Request) -> Response:
         """``POST /api/consultations``: a new session and its two links, for a booking system."""

@@ -117,6 +117,8 @@ class Call:
         self.started = time.monotonic()
         self.connected_at: float | None = None
         self.channel: RTCDataChannel | None = None
+        # Did the other side's description carry a data channel (m=application)? None: not yet.
+        self.remote_chat: bool | None = None
         self.lost: list[str] = []  # TURN allocations reported lost
         self.failure: CallFailed | None = None
         self.on_state: Callable[[str], Awaitable[None] | None] | None = None
@@ -175,6 +177,7 @@ class Call:
         """Take the other side's offer, gather, and send the answer."""
         await self._before_gathering()
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp, "offer"))
+        self.remote_chat = "\nm=application " in f"\n{sdp}"
         self.answered.set()
         for transceiver in self.pc.getTransceivers():
             track = self.audio if transceiver.kind == "audio" else self.video
@@ -191,6 +194,7 @@ class Call:
     async def accept(self, sdp: str) -> None:
         """Take the other side's answer to our offer."""
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp, "answer"))
+        self.remote_chat = "\nm=application " in f"\n{sdp}"
         self.answered.set()
         await self._flush_candidates()
 
@@ -328,7 +332,7 @@ class Call:
         if state == "connected" and self.connected_at is None:
             self.connected_at = time.monotonic()
             self._path = ice.path_of(self.pc)
-            logger.info("ICE path: %s", self._path or "unknown")
+            logger.info("%s: ICE path: %s", self.name, self._path or "unknown")
             self._path_watch = asyncio.create_task(self._watch_path())
         elif state == "failed" and self.connected_at is None:
             self._fail(self._timed_out())

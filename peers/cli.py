@@ -2,7 +2,8 @@
 
 Each flag overrides one key of config.yaml. Exit status: 0 after a hang-up
 (Ctrl-C, SIGTERM, ``--duration``), 1 when the call cannot be made (``CallFailed``:
-the message names the likely cause), 2 for a refused join, a configuration or
+the message names the likely cause), 2 for a refused join, a relay URL that
+answers HTTP instead of a WebSocket (``not-websocket``), a configuration or
 media error, or aioice/aiortc not at their pinned versions (one line naming the
 code, key or flag).
 
@@ -28,7 +29,7 @@ from typing import Any
 
 from peers import aiortc_patches
 from peers.config import ConfigError, PeerSettings, check_session, parse_ice_urls
-from peers.errors import CallFailed, JoinRefused, PeerError, Replaced
+from peers.errors import CallFailed, JoinRefused, NotWebSocket, PeerError, Replaced
 from peers.media import open_sources
 from peers.seat import Seat
 from peers.stats import log_stats, summary
@@ -170,6 +171,9 @@ async def run(role: str, args: argparse.Namespace, settings: PeerSettings) -> tu
     except Replaced as exc:
         print(f"{role}: {exc}", file=sys.stderr)
         status, reason = 0, "replaced"
+    except NotWebSocket as exc:
+        print(f"{role}: {exc}", file=sys.stderr)
+        status, reason = 2, exc.code
     finally:
         with contextlib.suppress(asyncio.CancelledError, TimeoutError):
             stopper.cancel()
@@ -223,8 +227,8 @@ async def chat_input(seat: Seat) -> None:
         return  # stdin is a regular file or closed: no chat input
     while line := await reader.readline():
         text = line.decode("utf-8", "replace").rstrip("\n")
-        if text and not seat.send_chat(text):
-            logger.warning("chat: not in a call yet; line dropped")
+        if text and (why := seat.send_chat(text)) is not None:
+            logger.warning("chat: %s; line dropped", why)
 
 
 def _interactive(stream: Any) -> bool:

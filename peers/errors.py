@@ -6,7 +6,9 @@
     ├── SignalingError              the relay client stopped for good
     │   ├── JoinRefused             join-refused; an instance's code is the relay's
     │   │                           (one of FATAL_CODES: role-taken, bad-token, ...)
-    │   └── Replaced                replaced: another connection took the seat (close 4001)
+    │   ├── Replaced                replaced: another connection took the seat (close 4001)
+    │   └── NotWebSocket            not-websocket: the relay URL answered HTTP, not a
+    │                               WebSocket (a path other than /ws, another server)
     ├── CallFailed                  one call could not be made
     │   ├── IceFailed               ice-failed: no connection within ice.timeout_s
     │   ├── DtlsFailed              dtls-failed: ICE connected, the DTLS handshake failed
@@ -39,11 +41,13 @@ __all__ = [
     "JoinRefused",
     "MediaError",
     "NetworkError",
+    "NotWebSocket",
     "PeerError",
     "Replaced",
     "SignalingError",
     "TurnUnavailable",
     "is_fatal",
+    "relay_hint",
 ]
 
 # Join refusals that retrying cannot fix: the person must change something.
@@ -93,6 +97,22 @@ class Replaced(SignalingError):
     """Another connection took this seat over with its resume key."""
 
     code = "replaced"
+
+
+class NotWebSocket(SignalingError):
+    """The relay's URL answered with HTTP where a WebSocket was expected: never retried."""
+
+    code = "not-websocket"
+
+    def __init__(self, url: str, answer: str) -> None:
+        super().__init__(f"relay {url}: {answer} instead of a WebSocket; {relay_hint(url)}")
+        self.url = url
+        self.answer = answer
+
+
+def relay_hint(url: str) -> str:
+    """What to check when the relay at ``url`` cannot be reached or is not a relay."""
+    return f"is the relay running at {url}? the URL path must be /ws"
 
 
 class CallFailed(PeerError):

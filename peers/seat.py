@@ -25,6 +25,15 @@ side gives up with one line; the call is closed and the seat stays joined, so
 that a new offer or a new peer still makes a call. ``recoveries`` lists each
 recovery (``at_s``, ``outage_ms``, ``method``: "same-path" or "new-connection").
 
+What the seat logs is what is true: the lines of one call carry its number
+("call 2: offer sent to the practitioner", "call 2: ICE path: ..."), so that a
+new call's lines never read as the previous one's closing; the other side's
+signaling dropping is "the call goes on" only while a call is under way (else
+"no call in progress: waiting for the ..."); a rejoin while the call flows
+(after a relay restart, this side back first) says the call is in progress,
+not "waiting". A chat line that cannot go says why (no call yet, the other
+side opened no chat channel in this call, the channel not open yet).
+
 Replacing the call (a new offer, a new peer) closes the old one for sure:
 ``calls`` counts the calls started, ``closed_calls`` those fully closed, and
 ``close()`` waits for every one of them.
@@ -146,6 +155,13 @@ class Seat:
                 await self._peer_present(
                     resumed=bool(frame.get("resumed") or frame.get("peer_resumed"))
                 )
+            elif self.in_call:
+                # A relay restart: this side is back first; the media never stopped.
+                logger.info(
+                    "%s: in progress; the %s's signaling is not back yet",
+                    self._call_name,
+                    self.other,
+                )
             else:
                 logger.info("waiting for the %s", self.other)
         elif kind == "peer-joined":
@@ -160,16 +176,29 @@ class Seat:
             if reason == "bye":
                 logger.info("the %s hung up", self.other)
                 await self.hang_up(send_bye=False)
+            elif self.in_call:
+                logger.info(
+                    "%s: the %s's signaling dropped (%s): the call goes on",
+                    self._call_name,
+                    self.other,
+                    reason,
+                )
             else:
-                logger.info("the %s's signaling dropped (%s): the call goes on", self.other, reason)
+                logger.info(
+                    "the %s's signaling dropped (%s); no call in progress: waiting for the %s",
+                    self.other,
+                    reason,
+                    self.other,
+                )
         elif kind == "bye":
             logger.info("the %s said bye (%s)", self.other, frame.get("reason", ""))
             await self.hang_up(send_bye=False)
         elif kind == "offer" and self.role == "practitioner":
             if self.lost_at is not None:
                 logger.info("a new offer from the %s: answering with a new call", self.other)
-            await self.new_call().answer(str(frame.get("sdp", "")))
-            logger.info("answer sent to the %s", self.other)
+            call = self.new_call()
+            await call.answer(str(frame.get("sdp", "")))
+            logger.info("%s: answer sent to the %s", call.name, self.other)
         elif kind == "answer" and self.role == "patient" and call is not None:
             await call.accept(str(frame.get("sdp")))
         elif kind == "candidate" and call is not None:
@@ -184,8 +213,18 @@ class Seat:
             return  # a signaling reconnect: the call goes on
         self.seats_taken_at = time.monotonic()
         if self.role == "patient":
-            await self.new_call().offer()
-            logger.info("offer sent to the %s", self.other)
+            call = self.new_call()
+            await call.offer()
+            logger.info("%s: offer sent to the %s", call.name, self.other)
+
+    @property
+    def in_call(self) -> bool:
+        """A call is under way: connecting, carrying media, or recovering its path."""
+        return self.call is not None and (self.call.alive or self.lost_at is not None)
+
+    @property
+    def _call_name(self) -> str:
+        return self.call.name if self.call is not None else "call"
 
     def _check_turn_at_join(self) -> None:
         """Check the TURN server once, at the first join, before the other side is there.
@@ -350,8 +389,8 @@ class Seat:
         while True:
             await self._signaling_back()
             attempt += 1
-            logger.warning("path lost; renegotiating (attempt %d)", attempt)
             call = self.new_call()
+            logger.warning("%s: path lost; renegotiating (attempt %d)", call.name, attempt)
             with contextlib.suppress(CallFailed):  # reported through on_failed
                 await call.offer()
                 if await _first(call.answered.wait(), call.failed.wait(), ANSWER_WAIT_S):
@@ -364,7 +403,7 @@ class Seat:
                 await asyncio.Event().wait()  # _first_frame_of ends the recovery
             delay = next(backoff)
             why = call.failure or ("no answer" if not call.answered.is_set() else "no media")
-            logger.info("renegotiation %d: %s; again in %.1f s", attempt, why, delay)
+            logger.info("%s: renegotiation %d: %s; again in %.1f s", call.name, attempt, why, delay)
             await asyncio.sleep(delay)
 
     async def _signaling_back(self) -> None:
@@ -404,9 +443,16 @@ class Seat:
             self._close_soon(call)
             await call.close()
 
-    def send_chat(self, text: str) -> bool:
-        """One chat line to the other side; False when no call's channel is open."""
-        return self.call is not None and self.call.send_chat(text)
+    def send_chat(self, text: str) -> str | None:
+        """One chat line to the other side; None when sent, else why not (a sentence)."""
+        call = self.call
+        if call is None or not self.in_call:
+            return "not in a call yet"
+        if call.send_chat(text):
+            return None
+        if call.remote_chat is False:
+            return f"{call.name}: the {self.other}'s side opened no chat channel in this call"
+        return f"{call.name}: the chat channel is not open yet"
 
     async def close(self) -> None:
         """Hang up without a bye, wait until every call is closed, stop the sources."""

@@ -8,6 +8,15 @@ with ``Replaced``. Each reconnection waits for the next delay of a
 ``peers.errors.Backoff`` (reset after every successful join) and is logged at
 INFO with its delay and reason.
 
+A relay that cannot be reached: after ``HINT_AFTER`` failed attempts in a
+row the client says once, at WARNING, what to check (``relay_hint``: is the
+relay running at that URL, whose path must be /ws) and keeps trying. An HTTP
+answer where the WebSocket was expected (a URL without /ws answered 200 or
+404, another server) will not change by trying again: ``frames()`` ends with
+``NotWebSocket`` (code ``not-websocket``) and the same hint. A 429 (the
+relay's own admission refusal) and a 5xx (a proxy whose relay is restarting)
+are retried, as is a connection closed before any answer.
+
 The heartbeat: a ``ping`` frame every ``heartbeat_s`` (the relay answers
 ``pong``); when nothing at all came from the relay for 2.5 heartbeats, the
 connection is dead (a network gone under it sends no FIN): it is dropped and
@@ -23,18 +32,27 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.exceptions import (
+    ConnectionClosed,
+    InvalidHandshake,
+    InvalidMessage,
+    InvalidStatus,
+    InvalidURI,
+)
 
-from peers.errors import Backoff, JoinRefused, Replaced, is_fatal
+from peers.errors import Backoff, JoinRefused, NotWebSocket, Replaced, is_fatal, relay_hint
 from relay import CLOSE_REPLACED
 
-__all__ = ["JoinRefused", "RelayClient", "Replaced"]
+__all__ = ["HINT_AFTER", "JoinRefused", "NotWebSocket", "RelayClient", "Replaced"]
 
 logger = logging.getLogger(__name__)
+
+HINT_AFTER = 3  # failed connection attempts in a row before saying what to check
+RETRIED_STATUSES = frozenset({429, 500, 502, 503, 504})  # the relay's refusal, a proxy's
 
 
 class RelayClient:
@@ -61,6 +79,7 @@ class RelayClient:
         self.ws: ClientConnection | None = None
         self.connected = asyncio.Event()
         self.reconnects = 0
+        self.failures = 0  # connection attempts failed in a row (reset by a join)
         self.heartbeat_s = heartbeat_s
         self.heard_at = time.monotonic()  # the last frame from the relay (a pong included)
         self.heard = asyncio.Event()  # set at every frame from the relay; readers clear it
@@ -77,7 +96,7 @@ class RelayClient:
             return False
         return True
 
-    async def frames(self) -> AsyncIterator[dict[str, Any]]:
+    async def frames(self) -> AsyncGenerator[dict[str, Any], None]:
         """Every frame from the relay, ``joined`` included, across reconnects."""
         while True:
             try:
@@ -86,6 +105,7 @@ class RelayClient:
                 ) as ws:
                     joined = await self._join(ws)
                     self.backoff.reset()
+                    self.failures = 0
                     self.ws = ws
                     self._heard()
                     self.connected.set()
@@ -107,7 +127,11 @@ class RelayClient:
                     and exc.rcvd.code == CLOSE_REPLACED
                 ):
                     raise Replaced("another connection took this seat over (resume)") from exc
+                if answer := _http_answer(exc):
+                    raise NotWebSocket(self.url, answer) from exc
                 reason = self._dead or _why(exc)
+                if not isinstance(exc, ConnectionClosed):
+                    self.failures += 1
             else:
                 reason = "closed"
             finally:
@@ -118,6 +142,13 @@ class RelayClient:
             delay = 0.0 if self._dead else next(self.backoff)
             self._dead = None
             logger.info("relay %s: %s; reconnecting in %.1f s", self.url, reason, delay)
+            if self.failures == HINT_AFTER:
+                logger.warning(
+                    "relay %s: not reached after %d attempts: %s (still trying)",
+                    self.url,
+                    HINT_AFTER,
+                    relay_hint(self.url),
+                )
             await asyncio.sleep(delay)
 
     def _heard(self) -> None:
@@ -160,9 +191,23 @@ class RelayClient:
                 logger.warning("relay refused the join: %s", reply.get("code"))
 
 
+def _http_answer(exc: BaseException) -> str | None:
+    """What the server said instead of a WebSocket, when trying again cannot change it."""
+    if isinstance(exc, InvalidStatus):
+        status = exc.response.status_code
+        if status in RETRIED_STATUSES:
+            return None
+        return f"HTTP {status} {exc.response.reason_phrase}".rstrip()
+    if isinstance(exc, InvalidMessage) and not isinstance(exc.__cause__, EOFError):
+        return "an answer that is not HTTP"
+    return None
+
+
 def _why(exc: BaseException) -> str:
     if isinstance(exc, ConnectionClosed):
         return f"connection closed ({exc.rcvd.code if exc.rcvd else 'no close frame'})"
+    if isinstance(exc, InvalidStatus):
+        return f"HTTP {exc.response.status_code} instead of a WebSocket"
     if isinstance(exc, InvalidURI):
         return f"bad relay URL ({exc})"
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -2,7 +2,7 @@
 
 The line, logged every few seconds while a call is up::
 
-    stats: path host -> host over udp; video in 640x480 29.9 fps; bitrate in 1203 kbit/s
+    call 1: stats: path host -> host over udp; video in 640x480 29.9 fps; bitrate in 1203 kbit/s
     out 1187 kbit/s; rtt 2 ms; packets lost 0; freezes 1 (0.4 s); behind 12 ms;
     audio missing 0 concealed 3; sending 640x480 at 500 kbit/s
 
@@ -97,7 +97,7 @@ async def log_stats(seat: Seat, every_s: float = STATS_EVERY_S) -> None:
         await asyncio.sleep(every_s)
         call = seat.call
         if call is not None and call.connected_at is not None:
-            logger.info("%s", await stats.line(call))
+            logger.info("%s: %s", call.name, await stats.line(call))
 
 
 def summary(seat: Seat, exit_reason: str) -> dict[str, Any]:

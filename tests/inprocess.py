@@ -10,13 +10,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
+from aiortc import RTCPeerConnection, RTCSessionDescription
+
+from peers import ice
 from peers.call import Call, CallOptions
 from peers.media import PatternTrack, ToneTrack
 from peers.netns import Netns, inside
+from peers.signaling import RelayClient
+from tests.support import within
 
-__all__ = ["LocalPair"]
+__all__ = ["LocalPair", "chatless_patient"]
 
 
 class LocalPair:
@@ -90,3 +96,38 @@ class LocalPair:
             for track in (call.audio, call.video):
                 if track is not None:
                     track.stop()
+
+
+@contextlib.asynccontextmanager
+async def chatless_patient(url: str, session: str, ns: Netns) -> AsyncIterator[RTCPeerConnection]:
+    """A patient that offers media only, no chat channel (another app, an old client).
+
+    Its relay connection and its candidates are made inside ``ns``; it waits
+    for the practitioner's seat, offers, and takes the answer; closed at the end.
+    """
+    client = RelayClient(url, session, "patient", open_timeout_s=5)
+    frames = client.frames()
+    pc = RTCPeerConnection(ice.rtc_configuration(()))  # no STUN server: the project's rule
+    try:
+        with inside(ns):
+            joined = await within(anext(frames))
+        if not joined["peer"]:
+            await within(_next_of(frames, "peer-joined"), 6)
+        pc.addTransceiver("audio", direction="recvonly")
+        pc.addTransceiver("video", direction="recvonly")  # media only: no data channel
+        with inside(ns):
+            await within(pc.setLocalDescription(await pc.createOffer()), 2)
+        await client.send(type="offer", sdp=pc.localDescription.sdp)
+        answer = await within(_next_of(frames, "answer"), 3)
+        await pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], "answer"))
+        yield pc
+    finally:
+        await pc.close()
+        await frames.aclose()
+
+
+async def _next_of(frames: AsyncGenerator[dict[str, Any], None], kind: str) -> dict[str, Any]:
+    async for frame in frames:
+        if frame.get("type") == kind:
+            return frame
+    raise AssertionError(f"the relay client ended before a {kind!r} frame")

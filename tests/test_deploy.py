@@ -1,10 +1,14 @@
 """deploy/: the systemd units pass systemd-analyze, the production config loads, and a
-real nginx from Debian terminates TLS in front of the real relay.
+real nginx and a real Caddy from Debian terminate TLS in front of the real relay.
 
 nginx runs from deploy/nginx/epedicare.conf as shipped, with only the
 host-specific values replaced (addresses, ports, certificate and log paths),
 on 127.0.0.1 with a throwaway CA; the relay runs from deploy/config.yaml with
-its secrets in the environment, as the systemd unit gives them.
+its secrets in the environment, as the systemd unit gives them. Caddy runs
+deploy/Caddyfile the same way: its site block as shipped, the site address
+and the certificate (``tls`` with the throwaway CA's files instead of ACME)
+replaced, and global options that keep it to this test (no admin endpoint,
+its own ports and storage).
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ AUTH_SECRET = "deploy-test-auth-secret"
 TURN_SECRET = "deploy-test-turn-secret"
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 NGINX_MISSING = not Path(NGINX).exists()
+CADDY = shutil.which("caddy") or "/usr/bin/caddy"
+CADDY_MISSING = not Path(CADDY).exists()
 
 
 def installed_unit(name: str, directory: Path) -> Path:
@@ -192,7 +198,7 @@ async def listening(
 ) -> None:
     """Wait until both ports listen (asked with ss, inside the namespace if any)."""
     while True:
-        assert proc.returncode is None, "nginx exited"
+        assert proc.returncode is None, "the proxy exited"
         ss = await asyncio.create_subprocess_exec(
             *prefix, "ss", "-Hltn", f"( sport = :{https} or sport = :{http} )",
             stdout=subprocess.PIPE,
@@ -377,3 +383,184 @@ async def test_chromium_call_through_nginx(
             for role in ("practitioner", "patient"):
                 assert browsers.problems(role) == []
     assert "token" not in (tmp_path / "epedicare.access.log").read_text(encoding="utf-8")
+
+
+# -- Caddy in front of the relay ------------------------------------------------------------
+
+
+def caddy_env(directory: Path) -> dict[str, str]:
+    """Caddy's home, data and config under the test's directory (nothing in /root or /var)."""
+    return {
+        **os.environ,
+        "HOME": str(directory),
+        "XDG_DATA_HOME": str(directory / "caddy-data"),
+        "XDG_CONFIG_HOME": str(directory / "caddy-config"),
+    }
+
+
+def caddy_site(directory: Path, relay_port: int, https: int, http: int) -> str:
+    """deploy/Caddyfile with this host's address, ports, certificate and log path."""
+    site = (DEPLOY / "Caddyfile").read_text(encoding="utf-8")
+    replacements = [
+        (
+            "call.example.org {\n",
+            f"https://127.0.0.1:{https} {{\n\ttls {directory}/cert.pem {directory}/key.pem\n",
+        ),
+        ("reverse_proxy 127.0.0.1:5001 {", f"reverse_proxy 127.0.0.1:{relay_port} {{"),
+        ("/var/log/caddy/", f"{directory}/"),
+    ]
+    for old, new in replacements:
+        assert old in site, f"deploy/Caddyfile no longer has {old!r}"
+        site = site.replace(old, new)
+    options = f"""{{
+\tadmin off
+\tskip_install_trust
+\thttp_port {http}
+\thttps_port {https}
+\tdefault_bind 127.0.0.1
+\tstorage file_system {directory}/caddy-storage
+}}
+
+"""
+    return options + site
+
+
+@contextlib.asynccontextmanager
+async def caddy(directory: Path, relay_port: int) -> AsyncIterator[tuple[int, int]]:
+    """Caddy from deploy/Caddyfile in front of the relay; yields its https and http ports."""
+    if CADDY_MISSING:
+        pytest.skip("caddy is missing: run `make caddy-deps` (apt-get install caddy)")
+    https, http = free_port(), free_port()
+    config = directory / "Caddyfile"
+    config.write_text(caddy_site(directory, relay_port, https, http), encoding="utf-8")
+    argv = [CADDY, "run", "--adapter", "caddyfile", "--config", str(config)]
+    log = (directory / "caddy.log").open("wb")
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=caddy_env(directory)
+    )
+    try:
+        await within(listening([], https, http, proc))
+        yield https, http
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)  # Caddy's graceful stop
+            try:
+                await within(proc.wait())
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        log.close()
+
+
+@pytest_asyncio.fixture
+async def caddy_proxy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Proxy]:
+    """The relay from deploy/config.yaml behind Caddy from deploy/Caddyfile, on 127.0.0.1."""
+    files = make_tls_files(tmp_path, "127.0.0.1")
+    monkeypatch.setenv(relay.AUTH_SECRET_ENV, AUTH_SECRET)
+    monkeypatch.setenv(relay.TURN_SECRET_ENV, TURN_SECRET)
+    async with (
+        relay_process(DEPLOY / "config.yaml") as running,
+        caddy(tmp_path, running.port) as (https, http),
+    ):
+        tls = ssl.create_default_context(cafile=files.ca)
+        yield Proxy(running, https, http, tls, tmp_path)
+
+
+@pytest.mark.parametrize("command", ["validate", "adapt"])
+def test_the_shipped_caddyfile_is_valid(tmp_path: Path, command: str) -> None:
+    """caddy validate (modules provisioned) and caddy adapt accept deploy/Caddyfile as shipped."""
+    if CADDY_MISSING:
+        pytest.skip("caddy is missing: run `make caddy-deps` (apt-get install caddy)")
+    result = subprocess.run(
+        [CADDY, command, "--adapter", "caddyfile", "--config", str(DEPLOY / "Caddyfile")],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT * 6,
+        check=False,
+        env=caddy_env(tmp_path),
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    if command == "validate":
+        assert "Valid configuration" in result.stdout + result.stderr
+        return
+    config = json.loads(result.stdout)
+    (log,) = [v for k, v in config["logging"]["logs"].items() if k != "default"]
+    assert log["writer"]["roll_keep_days"] == 14  # what README's log privacy table says
+    fields = log["encoder"]["fields"]
+    deleted = {action["parameter"] for action in fields["request>uri"]["actions"]}
+    assert deleted == {"session", "token"}
+
+
+@pytest.mark.asyncio
+async def test_caddy_serves_the_page_and_health_over_https_and_hides_metrics(
+    caddy_proxy: Proxy,
+) -> None:
+    """Through Caddy: the page and /health over https with HSTS; /metrics is 404 (local only)."""
+    base = f"https://127.0.0.1:{caddy_proxy.https}"
+    status, headers, body = await asyncio.to_thread(get, f"{base}/health", caddy_proxy.tls)
+    assert status == 200
+    assert json.loads(body)["status"] == "ok"
+    assert headers["Strict-Transport-Security"] == "max-age=63072000"
+    assert headers["Referrer-Policy"] == "no-referrer"
+    status, headers, body = await asyncio.to_thread(get, f"{base}/", caddy_proxy.tls)
+    assert status == 200 and b"e-PediCare Call" in body
+    assert headers["Content-Security-Policy"] == relay.CSP  # the relay's, passed on
+    status, _, body = await asyncio.to_thread(get, f"{base}/metrics", caddy_proxy.tls)
+    assert status == 404
+    assert b"relay_connections" not in body
+    status, _, body = await asyncio.to_thread(get, f"{caddy_proxy.relay.http_url}/metrics")
+    assert status == 200 and b"relay_connections" in body  # the host's own Prometheus
+
+
+@pytest.mark.asyncio
+async def test_caddy_redirects_http_and_its_access_log_drops_session_and_token(
+    caddy_proxy: Proxy,
+) -> None:
+    """http is sent to https; the JSON access log keeps the path, not the session id or token."""
+    url = f"http://127.0.0.1:{caddy_proxy.http}/?session=secret-session-id&role=patient"
+    status, headers, _ = await asyncio.to_thread(get, url)
+    assert status == 308
+    assert headers["Location"].startswith("https://127.0.0.1")
+    base = f"https://127.0.0.1:{caddy_proxy.https}"
+    query = "?session=another-session-id&role=patient&token=v1.x.y"
+    status, _, _ = await asyncio.to_thread(get, f"{base}/{query}", caddy_proxy.tls)
+    assert status == 200
+    path = caddy_proxy.directory / "epedicare.access.log"
+    for _ in range(int(TIMEOUT / 0.05)):  # Caddy writes the line once the response is sent
+        if path.exists() and "role=patient" in path.read_text(encoding="utf-8"):
+            break
+        await asyncio.sleep(0.05)
+    entries = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    (entry,) = [e for e in entries if e["request"]["uri"].startswith("/?")]
+    assert entry["request"]["uri"] == "/?role=patient"
+    assert entry["status"] == 200
+    text = path.read_text(encoding="utf-8")
+    assert "session" not in text and "v1.x.y" not in text
+
+
+@pytest.mark.asyncio
+async def test_websocket_call_signaling_through_caddy(caddy_proxy: Proxy) -> None:
+    """wss:// through Caddy: the upgrade passes, both seats join with tokens, frames cross."""
+    url = f"wss://127.0.0.1:{caddy_proxy.https}/ws"
+    expiry = int(time.time()) + 600
+    token = {
+        role: relay.mint_token(AUTH_SECRET, "clinic-3", role, expiry)
+        for role in ("patient", "practitioner")
+    }
+    patient = await Client.open(url, ssl=caddy_proxy.tls)
+    practitioner = await Client.open(url, ssl=caddy_proxy.tls)
+    try:
+        await patient.send(type="join", session="clinic-3", role="patient")
+        await patient.expect_error("bad-token")  # the production config wants tokens
+        joined = await patient.join("clinic-3", "patient", token=token["patient"])
+        assert joined["peer"] is False
+        await practitioner.join("clinic-3", "practitioner", token=token["practitioner"])
+        await patient.expect("peer-joined", role="practitioner")
+        await patient.send(type="offer", sdp="v=0 offer")
+        await practitioner.expect("offer", sdp="v=0 offer")
+        await practitioner.send(type="answer", sdp="v=0 answer")
+        await patient.expect("answer", sdp="v=0 answer")
+    finally:
+        for client in (patient, practitioner):
+            with contextlib.suppress(Exception):
+                await client.close()

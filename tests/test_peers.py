@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -30,7 +31,7 @@ from peers.config import ConfigError, PeerSettings, parse_ice_urls
 from peers.media import PatternTrack, latency_ms, read_stamp, stamp_bits
 from peers.netns import Netns, Network, inside, netns_missing
 from relay import mint_token
-from tests.inprocess import LocalPair
+from tests.inprocess import LocalPair, chatless_patient
 from tests.processes import Process, RelayProcess, peer_argv, relay_process, spawn
 from tests.support import within
 
@@ -303,6 +304,17 @@ async def test_the_call_survives_a_relay_restart(
         assert got["relay_reconnects"] >= 1
         assert_media_arrived(got, 11)  # no gap: frames all along
         assert any("(resumed)" in line for line in process.lines), process.log()
+        # The call flowed all along: never "waiting" once it had connected.
+        connected = next(i for i, line in enumerate(process.lines) if "call 1: connected" in line)
+        assert not any("waiting for the" in line for line in process.lines[connected:])
+    # The first side back finds the other seat empty and says the call is in progress.
+    back_first = [
+        line
+        for process in (patient, practitioner)
+        for line in process.lines
+        if "call 1: in progress; the " in line and "'s signaling is not back yet" in line
+    ]
+    assert back_first, patient.log() + "\n" + practitioner.log()
 
 
 @pytest.mark.netns
@@ -317,6 +329,17 @@ async def test_a_second_practitioner_gets_a_fresh_call(peer: Peer, tmp_path: Pat
     assert await patient.wait(30) == 0, patient.log()
     assert any("hung up" in line for line in patient.lines), patient.log()
     assert summary(tmp_path, "patient")["calls"] == 2
+    # Each call's lines carry its own number; the second's never read as the first's.
+    said = patient.log()
+    for number in (1, 2):
+        assert f"call {number}: offer sent to the practitioner" in said
+        assert f"call {number}: ICE path: host" in said
+        assert f"call {number}: media flowing" in said
+    assert all(
+        re.search(r"call \d+: (ICE path|stats): ", line)
+        for line in patient.lines
+        if "ICE path: " in line or "stats: path" in line
+    ), said
     assert_media_arrived(summary(tmp_path, "first"), 2)
     assert_media_arrived(summary(tmp_path, "second"), 3)
 
@@ -412,3 +435,52 @@ async def test_a_refused_token_exits_2_naming_the_code(
     refusals = [line for line in process.lines if "join refused" in line]
     assert len(refusals) == 1, process.log()
     assert code in refusals[0]
+
+
+@pytest.mark.netns
+@pytest.mark.asyncio
+async def test_a_peer_gone_before_any_call_is_not_a_call_going_on(peer: Peer) -> None:
+    """The patient exits on a TURN error before any call: the practitioner says no call is on."""
+    practitioner = await peer("practitioner", "--duration", "30")
+    await practitioner.expect("waiting for the patient")
+    # A TURN server where nothing listens: the patient gives up before its offer goes out.
+    patient = await peer("patient", "--ice-server", "turn:u:p@198.18.0.2:9", "--ice-timeout", "3")
+    assert await patient.wait(40) == 1, patient.log()
+    await practitioner.expect(
+        re.escape(
+            "the patient's signaling dropped (disconnected); "
+            "no call in progress: waiting for the patient"
+        ),
+        20,
+    )
+    assert not any("the call goes on" in line for line in practitioner.lines), practitioner.log()
+    assert await practitioner.stop() == 0
+
+
+@pytest.mark.netns
+@pytest.mark.asyncio
+async def test_a_chat_line_to_a_side_without_a_chat_channel_says_so(
+    lan: Netns, relay: RelayProcess, config: Path
+) -> None:
+    """An offer with no chat channel: a line typed on the practitioner's side says why it fails."""
+    argv = peer_argv(
+        "practitioner", config, "--relay", relay.url, "--session", "nochat",
+        "--video", "pattern", "--audio", "tone", "--duration", "30",
+    )  # fmt: skip
+    practitioner = await spawn("practitioner", argv, lan.command(), stdin=asyncio.subprocess.PIPE)
+    try:
+        await practitioner.expect("waiting for the patient")
+        async with chatless_patient(relay.url, "nochat", lan):
+            await practitioner.expect("call 1: connected", 20)
+            stdin = practitioner.proc.stdin
+            assert stdin is not None
+            stdin.write(b"hello\n")
+            await stdin.drain()
+            await practitioner.expect(
+                re.escape(
+                    "chat: call 1: the patient's side opened no chat channel in this call; "
+                    "line dropped"
+                )
+            )
+    finally:
+        await practitioner.stop()

@@ -1,4 +1,7 @@
-"""The peers' error tree, the one retry policy, and a Seat replacing its Call (no network)."""
+"""The peers' error tree, the retry policy, a Seat replacing its Call, a relay URL that is wrong.
+
+No network namespace: the relay, where there is one, runs on 127.0.0.1.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +14,11 @@ import pytest
 
 from peers import errors
 from peers.config import PeerSettings
-from peers.errors import FATAL_CODES, Backoff, JoinRefused, PeerError, is_fatal
+from peers.errors import FATAL_CODES, Backoff, JoinRefused, NotWebSocket, PeerError, is_fatal
 from peers.media import Sources
 from peers.seat import Seat
-from peers.signaling import RelayClient
+from peers.signaling import HINT_AFTER, RelayClient
+from tests.processes import peer_argv, relay_process, spawn
 from tests.support import within
 
 SIGNALING_JS = Path(__file__).resolve().parent.parent / "web" / "js" / "signaling.js"
@@ -36,7 +40,7 @@ def test_every_peer_error_has_a_stable_kebab_case_code() -> None:
     """Each class of the tree is a PeerError with its own kebab-case code."""
     classes = [getattr(errors, name) for name in errors.__all__]
     tree = [c for c in classes if isinstance(c, type) and issubclass(c, PeerError)]
-    assert len(tree) == 10
+    assert len(tree) == 11
     codes = [c.code for c in tree]
     assert len(set(codes)) == len(codes)
     assert all(re.fullmatch(r"[a-z]+(-[a-z]+)*", code) for code in codes)
@@ -81,6 +85,80 @@ async def test_each_retry_is_logged_at_info_with_its_delay_and_reason(
     assert {r.levelno for r in retries} == {logging.INFO}
     assert "ConnectionRefusedError" in retries[0].getMessage()
     assert client.reconnects == len(retries)
+
+
+@pytest.mark.asyncio
+async def test_an_unreachable_relay_says_what_to_check_after_three_attempts_and_keeps_trying(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Nothing listens: after 3 failed attempts one WARNING names the URL and the /ws path."""
+    with socket.socket() as probe:  # a free port that nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"ws://127.0.0.1:{port}/ws"
+    caplog.set_level(logging.INFO, logger="peers.signaling")
+    client = RelayClient(url, "s1", "patient", backoff_base_s=0.01, backoff_max_s=0.02)
+
+    async def retry() -> None:
+        async for _ in client.frames():
+            pass  # never reached: nothing answers
+
+    with pytest.raises(TimeoutError):
+        await within(retry(), 0.3)
+    hints = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert [r.getMessage() for r in hints] == [
+        f"relay {url}: not reached after {HINT_AFTER} attempts: "
+        f"is the relay running at {url}? the URL path must be /ws (still trying)"
+    ]
+    retries = [r for r in caplog.records if "reconnecting in" in r.getMessage()]
+    assert len(retries) > HINT_AFTER  # it kept trying after the hint
+    assert caplog.records.index(hints[0]) > caplog.records.index(retries[HINT_AFTER - 1])
+
+
+@pytest.fixture
+def open_config(tmp_path: Path) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text("relay: {open_timeout_s: 2, join_timeout_s: 3, reconnect_max_s: 1}\n")
+    return path
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("path", "answer"), [("/", "HTTP 200 OK"), ("/nope", "HTTP 404 Not Found")], ids=["root", "404"]
+)
+async def test_an_http_answer_where_a_websocket_was_expected_is_fatal_with_the_hint(
+    open_config: Path, path: str, answer: str
+) -> None:
+    """The relay's URL without /ws (its page, or a 404): NotWebSocket at once, not a retry."""
+    async with relay_process(open_config) as running:
+        url = running.url.removesuffix("/ws") + path
+        client = RelayClient(url, "s1", "patient", backoff_base_s=0.01, backoff_max_s=0.02)
+        with pytest.raises(NotWebSocket) as caught:
+            async for _ in client.frames():
+                pass
+    assert caught.value.code == "not-websocket"
+    assert str(caught.value) == (
+        f"relay {url}: {answer} instead of a WebSocket; "
+        f"is the relay running at {url}? the URL path must be /ws"
+    )
+    assert client.reconnects == 0
+
+
+@pytest.mark.asyncio
+async def test_a_peer_given_a_url_without_ws_exits_2_with_the_hint(open_config: Path) -> None:
+    """python -m peers.patient --relay ws://HOST:PORT/ (the page's URL): one line, exit 2."""
+    async with relay_process(open_config) as running:
+        url = running.url.removesuffix("ws")
+        argv = peer_argv(
+            "patient", open_config, "--relay", url, "--video", "none", "--audio", "none"
+        )
+        process = await spawn("patient", argv)
+        assert await process.wait(30) == 2, process.log()
+    expected = (
+        f"patient: relay {url}: HTTP 200 OK instead of a WebSocket; "
+        f"is the relay running at {url}? the URL path must be /ws"
+    )
+    assert expected in process.lines, process.log()
 
 
 @pytest.mark.asyncio

@@ -18,10 +18,10 @@ import logging
 import shutil
 import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import aioice.stun
 import aioice.turn
@@ -103,7 +103,7 @@ async def test_a_silent_relay_connection_is_dropped_and_rejoined_with_resume() -
             proxy.url, "s1", "patient", backoff_base_s=0.05, backoff_max_s=0.1,
             open_timeout_s=0.5, heartbeat_s=heartbeat,
         )  # fmt: skip
-        frames = cast("AsyncGenerator[dict[str, Any], None]", client.frames())
+        frames = client.frames()
         try:
             first = await within(anext(frames))
             assert first["type"] == "joined" and not first["resumed"]

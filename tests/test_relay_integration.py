@@ -8,6 +8,9 @@ isolation: a bad, crashed or silent client never disturbs another session.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import hmac
 import json
 import logging
 import re
@@ -679,6 +682,42 @@ async def test_the_relay_keeps_serving_after_a_flood_of_handshakes_that_fail(
         writer.close()
     await patient.send(type="offer", sdp="ok")
     await practitioner.expect("offer", sdp="ok")
+
+
+@pytest.mark.parametrize(
+    ("query", "minted"),
+    [
+        ("session=pre&role=patient&token={token}", True),
+        ("session=pre&role=practitioner&token={token}", False),  # the token is the patient's
+        ("session=pre&role=patient&token=v1.0.bad", False),
+        ("session=pre&role=patient", False),
+        ("session=bad id&role=patient&token={token}", False),
+        ("role=patient&token={token}", False),
+    ],
+    ids=["valid-link", "other-role", "bad-token", "no-token", "bad-session", "no-session"],
+)
+async def test_rtc_config_adds_a_links_turn_credentials_for_the_precheck(
+    query: str, minted: bool
+) -> None:
+    """?session&role&token: the TURN credentials that seat's join would get, and only then."""
+    config = relay_config(
+        auth={"secret": "precheck-auth"},
+        turn={"secret": "precheck-turn", "urls": ["turn:198.18.0.9:3478"], "ttl": 600},
+    )
+    token = relay.mint_token("precheck-auth", "pre", "patient", int(time.time()) + 600)
+    async with running_relay(config) as running:
+        path = "/rtc-config.json?" + query.format(token=token).replace(" ", "%20")
+        status, _, body = await http_get(running.port, path)
+    assert status == 200
+    servers = json.loads(body)["iceServers"]
+    if not minted:
+        assert servers == []
+        return
+    (server,) = servers
+    assert server["urls"] == ["turn:198.18.0.9:3478"]
+    assert server["username"].endswith(":pre-patient")
+    digest = hmac.new(b"precheck-turn", server["username"].encode(), hashlib.sha1).digest()
+    assert server["credential"] == base64.b64encode(digest).decode()  # coturn's REST scheme
 
 
 async def test_rtc_config_for_browsers_comes_from_the_ice_section() -> None:

@@ -465,3 +465,57 @@ async def test_missing_device_is_explained_and_the_call_goes_on(
     kinds = await page.evaluate("(epedicare.local?.getTracks() ?? []).map(t => t.kind)")
     assert kinds == tracks
     assert await page.is_disabled("#camera")
+
+
+# -- honest states (issue 16, item 4) ------------------------------------------------------
+
+
+def console_lines(browsers: Browsers, name: str, prefix: str = "info: ") -> list[str]:
+    return [line.removeprefix(prefix) for line in browsers.logs.get(name, [])]
+
+
+@pytest.mark.asyncio
+async def test_a_side_gone_before_any_call_is_no_call_going_on_and_calls_are_numbered(
+    browsers: Browsers, relay_proc: RelayProcess
+) -> None:
+    """The practitioner drops before the call connects: the page waits, no 'call goes on'."""
+    page = await browsers.open("page", relay_proc.http_url, locale="en-US")
+    await join(page, "gone", "patient")
+    await wait_state(page, "waiting")
+    for number in (1, 2):
+        practitioner = await Client.open(relay_proc.url)
+        await practitioner.join("gone", "practitioner")
+        await practitioner.expect("offer")  # the page's call N
+        await practitioner.close()  # no bye: its signaling dropped, before any call
+        await wait_state(page, "waiting")
+        assert await page.inner_text("#status .status-call") == (
+            "The practitioner disconnected before the call; waiting for them to come back"
+        )
+        assert f"call {number}: offer sent to the practitioner" in console_lines(browsers, "page")
+    lines = console_lines(browsers, "page")
+    assert "the practitioner's signaling dropped (disconnected); no call in progress" in lines
+    assert not any("the call goes on" in line for line in lines)
+    assert browsers.problems("page") == []
+
+
+@pytest.mark.asyncio
+async def test_a_relay_refusing_the_websocket_is_told_from_one_that_is_down(
+    browsers: Browsers, tmp_path: Path
+) -> None:
+    """/health answers, /ws is refused (an origin the relay does not expect): after 3 attempts
+    the page says the call connection is blocked, not that the server is unreachable."""
+    config = write_config(
+        tmp_path / "relay.yaml",
+        relay={"host": "127.0.0.1", "port": 0, "origins": ["https://call.example.org"]},
+    )
+    async with relay_process(config) as running:
+        page = await browsers.open("page", running.http_url, locale="en-US")
+        await join(page, "blocked", "patient")
+        box = page.locator("#notice[data-key='server.ws-blocked']")
+        await box.wait_for(timeout=TIMEOUT * 3000)
+        text = (await box.inner_text()).strip()
+        start = "The server answers, but refuses or never gets the call connection (WebSocket, /ws)"
+        assert text.startswith(start), text
+        lines = console_lines(browsers, "page")
+        said = f"signaling: /health answers but {running.url} does not open (3 attempts)"
+        assert said in lines

@@ -26,6 +26,7 @@ from tests.browser import (
     wait_state,
     write_config,
 )
+from tests.inprocess import chatless_patient
 from tests.processes import Process, RelayProcess, peer_argv, relay_process, spawn
 from tests.support import TIMEOUT, within
 
@@ -245,3 +246,22 @@ async def test_browser_and_aiortc_peer_video_audio_and_chat(
     assert got["video"]["frames"] > 20
     assert got["audio"]["frames"] > 20
     assert net.browsers.problems(browser_role) == []
+
+
+@pytest.mark.asyncio
+async def test_a_call_without_a_chat_channel_says_so_in_the_chat(net: Net) -> None:
+    """An offer with media only: connected, the page's chat says the other app opened none."""
+    page = await net.page("practitioner", "nochat")
+    await wait_state(page, "waiting")
+    assert net.relay.netns is not None
+    async with chatless_patient(net.relay.url, "nochat", Netns(net.relay.netns)):
+        await wait_state(page, "connected", units=3)
+        await open_sheet(page, "chat")
+        assert await page.inner_text("#chat-closed") == (
+            "The patient's app opened no message channel: no messages in this call."
+        )
+        assert await page.is_disabled("#chat-input")
+        lines = net.browsers.logs["practitioner"]
+        assert "info: call 1: the patient opened no chat channel" in lines
+        assert "info: call 1: answer sent to the patient" in lines
+    assert net.browsers.problems("practitioner") == []

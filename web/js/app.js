@@ -4,7 +4,7 @@
 import { Call, fingerprint } from "./call.js";
 import { hasKey, initialLanguage, language, setLanguage, t } from "./i18n.js";
 import { MediaError, openLocalMedia, stopMedia } from "./media.js";
-import { Precheck } from "./precheck.js";
+import { Precheck, TURN_TIMEOUT_MS, checkTurn, httpOk, turnServers } from "./precheck.js";
 import { Signaling, heartbeatOptions, relayUrl } from "./signaling.js";
 import { summarize } from "./stats.js";
 import * as view from "./view.js";
@@ -25,6 +25,9 @@ const PROBE_MS = 1000;
 const ATTEMPT_MS = 4000; // a renegotiation with no media after this: the next one (doubling, capped)
 const ATTEMPT_CAP_MS = 16000;
 const WIDE = "(min-width: 56rem)"; // style.css's desktop layout
+// Failed attempts in a row before the page says what is wrong: the relay down, or its
+// HTTP side up while the WebSocket (/ws) is refused or blocked (a proxy, an origin).
+const HINT_AFTER = 3;
 
 const app = {
   seat: null, // {session, role, token}
@@ -38,9 +41,12 @@ const app = {
   signaling: null,
   call: null,
   joinedOnce: false,
+  calls: 0, // calls started by this seat: each call's console lines carry its number
+  turnChecked: false, // the relay's TURN credentials were checked at this seat's first join
+  wsBlocked: false, // /health answers but /ws does not: said once, not overwritten
   peerPresent: false,
   peerAway: false, // the other seat's signaling dropped; the call may go on
-  ended: null, // why the last call ended: "left" | "gave-up" | null
+  ended: null, // why the last call ended: "left" | "gave-up" | "dropped" (before any call) | null
   media: null, // {call, bytes, at}: when the call's transport last received anything
   lost: null, // the media path is lost: {call, since, detectedAt, attempts, nextAt, backAt, method}
   recoveries: [], // [{at_s, outage_ms, method}], like the peers' --stats-json
@@ -105,7 +111,11 @@ function init() {
     els.join.disabled = true;
     return;
   }
-  app.precheck = new Precheck(relayUrl());
+  app.precheck = new Precheck(relayUrl(), () => ({
+    session: els.session.value.trim(),
+    role: els.form.elements.role.value,
+    token: els.token.value.trim(),
+  }));
   els.precheckAgain.addEventListener("click", () => app.precheck.run());
   app.precheck.run();
   (els.session.value ? els.join : els.session).focus();
@@ -175,7 +185,7 @@ async function loadRtcConfig() {
 function startSeat() {
   Object.assign(app, {
     joinedOnce: false, peerPresent: false, peerAway: false, ended: null,
-    lost: null, recoveries: [], seatStarted: Date.now(),
+    lost: null, recoveries: [], seatStarted: Date.now(), calls: 0, wsBlocked: false, turnChecked: false,
   });
   view.renderRecoveries(0);
   view.showCall(app.seat.session, OTHER[app.seat.role]);
@@ -200,12 +210,35 @@ function startSeat() {
     // Unreachable: never opened, or dropped without a closing handshake (1006).
     // A relay that closed on purpose (server-full) has said why already.
     if (!app.joinedOnce && (detail.code === undefined || detail.code === 1006)) {
-      view.notify("server.unreachable", { seconds: Math.ceil(detail.delay / 1000) });
+      const seconds = Math.ceil(detail.delay / 1000);
+      if (!app.wsBlocked) view.notify("server.unreachable", { seconds });
+      if (detail.attempt === HINT_AFTER) explainUnreachable(signaling, seconds);
     }
   });
   signaling.addEventListener("fatal", ({ detail }) => onFatal(detail));
   signaling.start();
   renderStatus();
+}
+
+/** After HINT_AFTER failed attempts: if the relay's HTTP side answers, the WebSocket is what
+ * fails (a proxy without the upgrade, a firewall, an origin the relay does not accept). */
+async function explainUnreachable(signaling, seconds) {
+  if (!(await httpOk("health")) || signaling !== app.signaling || app.joinedOnce) return;
+  app.wsBlocked = true;
+  console.info(`signaling: /health answers but ${signaling.url} does not open (${HINT_AFTER} attempts)`);
+  view.notify("server.ws-blocked", { seconds });
+}
+
+/** The relay's short-lived TURN credentials, checked once per seat as soon as it joins (before
+ * the other side is there, as the aiortc peers do): a refusal or no answer is said at once. */
+async function checkTurnAtJoin(iceServers) {
+  const servers = turnServers(iceServers);
+  if (!servers.length) return;
+  app.turnChecked = true;
+  const signaling = app.signaling;
+  const { result } = await checkTurn(servers);
+  if (result === "ok" || signaling !== app.signaling) return;
+  view.notify(`turn.${result}`, { seconds: TURN_TIMEOUT_MS / 1000 });
 }
 
 /** The patient's link: this page's address, the session, and the token the relay minted. */
@@ -241,10 +274,13 @@ async function shareInvite() {
 // -- signaling -----------------------------------------------------------------
 
 function onJoined(frame) {
-  if (!app.joinedOnce && els.notice.dataset.key === "server.unreachable") view.clearNotice();
+  if (!app.joinedOnce && ["server.unreachable", "server.ws-blocked"].includes(els.notice.dataset.key)) {
+    view.clearNotice();
+  }
   app.joinedOnce = true;
   if (Array.isArray(frame.ice_servers) && frame.ice_servers.length) {
     app.rtcConfig = { ...app.rtcConfig, iceServers: frame.ice_servers };
+    if (!app.turnChecked) checkTurnAtJoin(frame.ice_servers);
   }
   app.peerPresent = frame.peer;
   app.peerAway = false;
@@ -273,15 +309,21 @@ function onFrame(frame) {
         else endCall(); // a new patient client will offer
       }
       break;
-    case "peer-left":
+    case "peer-left": {
       app.peerPresent = false;
+      const other = OTHER[app.seat.role];
       if (frame.reason === "disconnected" && app.call && (app.call.alive || app.lost)) {
         app.peerAway = true; // not a hang-up: media may still flow
+        callLog(app.call, `the ${other}'s signaling dropped: the call goes on`);
       } else {
+        // Gone before any call connected, without a bye: it may come back; no call to speak of.
+        const dropped = frame.reason !== "bye" && !(app.call && app.call.everConnected);
         endCall();
-        app.ended = "left";
+        app.ended = dropped ? "dropped" : "left";
+        if (dropped) console.info(`the ${other}'s signaling dropped (${frame.reason}); no call in progress`);
       }
       break;
+    }
     case "offer":
       if (app.seat.role === "practitioner") answerCall(frame.sdp);
       break;
@@ -323,6 +365,7 @@ function newCall({ recovering = false } = {}) {
   app.signaling.clearOutbox();
   app.ended = null;
   const call = new Call(app.rtcConfig, app.local);
+  call.number = ++app.calls;
   app.call = call;
   app.media = { call, bytes: 0, at: Date.now() };
   call.addEventListener("signal", ({ detail }) => call === app.call && app.signaling.send(detail));
@@ -335,7 +378,21 @@ function newCall({ recovering = false } = {}) {
 }
 
 function startCall() {
-  newCall().offer().catch(callFailed);
+  const call = newCall();
+  call.offer().then(() => callLog(call, `offer sent to the ${OTHER[app.seat.role]}`), callFailed);
+}
+
+/** One console line about one call, with its number ("call 2: connected"). */
+function callLog(call, text) {
+  console.info(`call ${call ? call.number : "-"}: ${text}`);
+}
+
+/** The chat of a call whose offer has no data channel (m=application) cannot open: say so. */
+function chatOffered(call, sdp) {
+  if (!/^m=application /m.test(sdp || "")) {
+    callLog(call, `the ${OTHER[app.seat.role]} opened no chat channel`);
+    if (call === app.call) view.setChatOpen(false, OTHER[app.seat.role]);
+  }
 }
 
 /** An offer: the first, a recovery's new connection, or an ICE restart of this one. */
@@ -349,7 +406,9 @@ function answerCall(sdp) {
   }
   // An offer during a call: the patient lost the path (maybe before this side saw it).
   if (call && call.everConnected && !app.lost) pathLost(app.media.at);
-  newCall({ recovering: Boolean(app.lost) }).answer(sdp).catch(callFailed);
+  const next = newCall({ recovering: Boolean(app.lost) });
+  chatOffered(next, sdp);
+  next.answer(sdp).then(() => callLog(next, `answer sent to the ${OTHER[app.seat.role]}`), callFailed);
 }
 
 /** Close the call; recovering: a new one follows at once (keep the last frame and the watch). */
@@ -375,6 +434,7 @@ function endCall({ recovering = false } = {}) {
 }
 
 function onCallState(call, state) {
+  callLog(call, state);
   if (call !== app.call) return;
   if (state === "connected") updateStats();
   if (state === "failed" && (app.peerPresent || app.peerAway)) {
@@ -455,7 +515,7 @@ function watchPath(call, bytes) {
 function pathLost(since, method = null) {
   const now = Date.now();
   app.lost = { call: app.call, since, detectedAt: now, attempts: 0, nextAt: 0, backAt: null, method };
-  console.info(`call: path lost (nothing received for ${now - since} ms)`);
+  callLog(app.call, `path lost (nothing received for ${now - since} ms)`);
   renderStatus();
 }
 
@@ -485,14 +545,16 @@ function recover(now) {
 function renegotiate(lost) {
   lost.attempts += 1;
   lost.nextAt = Date.now() + Math.min(ATTEMPT_MS * 2 ** (lost.attempts - 1), ATTEMPT_CAP_MS);
-  console.info(`call: path lost; renegotiating (attempt ${lost.attempts})`);
   const call = app.call;
   if (app.iceRestart && call && !call.closed && call.remoteFingerprint && remoteIsBrowser(call)) {
     lost.method = "ice-restart";
+    callLog(call, `path lost; restarting ICE (attempt ${lost.attempts})`);
     call.restartIce().catch(callFailed);
   } else {
     lost.method = "new-connection";
-    newCall({ recovering: true }).offer().catch(callFailed);
+    const next = newCall({ recovering: true });
+    callLog(next, `path lost; renegotiating (attempt ${lost.attempts})`);
+    next.offer().catch(callFailed);
   }
 }
 
@@ -508,7 +570,7 @@ function recovered(call, now) {
   const method = call !== lost.call ? "new-connection" : lost.method === "ice-restart" ? "ice-restart" : "same-path";
   const recovery = { at_s: (lost.since - app.seatStarted) / 1000, outage_ms: now - lost.since, method };
   app.recoveries.push(recovery);
-  console.info(`call: media back after ${recovery.outage_ms} ms (${method})`);
+  callLog(call, `media back after ${recovery.outage_ms} ms (${method})`);
   if (app.pendingRemote) showRemote(app.pendingRemote);
   app.pendingRemote = null;
   view.thawRemote();
@@ -519,7 +581,7 @@ function recovered(call, now) {
 /** recovery_timeout_s without media: say so; the seat stays (a reload or a new offer still works). */
 function giveUp(elapsed) {
   const other = OTHER[app.seat.role];
-  console.info(`call: gave up after ${elapsed} ms without media`);
+  callLog(app.call, `gave up after ${elapsed} ms without media`);
   endCall();
   app.ended = "gave-up";
   view.notify("call.gave-up", { other, seconds: Math.round(app.callSettings.recoveryTimeoutMs / 1000) });
@@ -552,6 +614,7 @@ function callStatus(other) {
   }
   if (call) return { state: "connecting", key: "state.connecting" };
   if (app.ended === "left") return { state: "left", key: "state.left", params: { other } };
+  if (app.ended === "dropped") return { state: "waiting", key: "state.peer-dropped", params: { other } };
   if (app.ended === "gave-up") return { state: "gave-up", key: "state.gave-up", params: { other } };
   if (app.peerPresent) return { state: "connecting", key: "state.connecting" };
   return { state: "waiting", key: "state.waiting", params: { other } };

@@ -1,21 +1,37 @@
 // The pre-call check on the start page: the camera's preview, the microphone's
-// level, and whether the relay answers (GET /health, then a WebSocket to /ws
-// opened and closed again). It ends with one verdict; the camera and
-// microphone it opened are handed to the call when the person joins.
+// level, whether the relay answers (GET /health, then a WebSocket to /ws
+// opened and closed again), and, when the relay has a TURN server for this
+// seat (GET rtc-config.json?session=&role=&token= with the link's values: the
+// credentials a join would get, docs/protocol.md), whether it gives this
+// browser a relayed candidate (checkTurn). It
+// ends with one verdict; the camera and microphone it opened are handed to the
+// call when the person joins.
 //
-// A TURN check (an allocation with the relay's short-lived credentials) can be
-// added as checkTurn(): it gets the relay's rtc-config.json and returns one of
-// the same results; the verdict already takes it into account.
+// checkTurn(iceServers): a throwaway RTCPeerConnection with the TURN servers
+// only and iceTransportPolicy "relay" gathers candidates: a "relay" candidate
+// is "ok"; an icecandidateerror with a 4xx STUN code (401 Unauthorized, 403
+// Forbidden, 437, 441...) is "refused" (the credentials, or the server's
+// policy); nothing by TURN_TIMEOUT_MS (or only network errors, 701) is
+// "unreachable". The page runs it again at join time when the relay hands it
+// short-lived TURN credentials (joined.ice_servers): the aiortc peers do the
+// same (issue 16).
 
 import { MediaError, openLocalMedia, stopMedia } from "./media.js";
 import * as view from "./view.js";
 
 const { els } = view;
 const CHECK_TIMEOUT_MS = 5000;
+export const TURN_TIMEOUT_MS = 5000; // no relay candidate by then: unreachable
 
 export class Precheck {
-  constructor(relayUrl) {
+  /**
+   * @param {string} relayUrl
+   * @param {() => {session: string, role: string, token: string}} seat  the start form's seat:
+   *   the relay hands that seat's TURN credentials for the check (as a join would)
+   */
+  constructor(relayUrl, seat = () => ({})) {
     this.relayUrl = relayUrl;
+    this.seat = seat;
     this.media = null; // {stream, notice} from openLocalMedia, or {error: MediaError}
     this.mediaChecked = Promise.resolve(); // the media check under way
     this.results = {};
@@ -32,7 +48,7 @@ export class Precheck {
     for (const name of ["camera", "mic", "relay"]) view.renderCheck(name, "running", `check.${name}.running`);
     const media = (this.mediaChecked = this.checkMedia(run));
     const relay = this.checkRelay(run);
-    const turn = checkTurn();
+    const turn = this.checkTurn(run);
     await Promise.all([media, relay, turn]);
     if (run === this.run_) this.decide();
   }
@@ -94,18 +110,32 @@ export class Precheck {
     view.renderCheck("relay", result === "ok" ? "ok" : "fail", `check.relay.${result}`);
   }
 
+  /** The TURN servers of rtc-config.json, if any: a relayed candidate, refused, or unreachable. */
+  async checkTurn(run) {
+    const servers = turnServers(await rtcIceServers(this.seat()));
+    view.showCheck("turn", servers.length > 0);
+    if (!servers.length || run !== this.run_) return;
+    view.renderCheck("turn", "running", "check.turn.running");
+    const { result } = await checkTurn(servers);
+    if (run !== this.run_) return;
+    this.results.turn = result;
+    const seconds = TURN_TIMEOUT_MS / 1000;
+    view.renderCheck("turn", result === "ok" ? "ok" : "fail", `check.turn.${result}`, { seconds });
+  }
+
   /** Nothing running (after a hang-up: the camera stays off until asked). */
   idle() {
     this.run_++;
     this.stop();
-    for (const name of ["camera", "mic", "relay"]) view.renderCheck(name, "idle", `check.${name}.idle`);
+    for (const name of ["camera", "mic", "relay", "turn"]) view.renderCheck(name, "idle", `check.${name}.idle`);
     view.renderVerdict("idle");
   }
 
   decide() {
-    const { relay, media } = this.results;
+    const { relay, media, turn } = this.results;
     if (relay === "down") view.renderVerdict("relay-down");
     else if (relay !== "ok") view.renderVerdict(relay);
+    else if (turn && turn !== "ok") view.renderVerdict(`turn-${turn}`);
     else view.renderVerdict(media === "ok" ? "ok" : "media");
   }
 
@@ -141,7 +171,8 @@ export class Precheck {
   }
 }
 
-async function httpOk(path) {
+/** Does the relay's HTTP side answer GET path with 2xx (within CHECK_TIMEOUT_MS)? */
+export async function httpOk(path) {
   try {
     const response = await fetch(path, { cache: "no-store", signal: AbortSignal.timeout(CHECK_TIMEOUT_MS) });
     return response.ok;
@@ -177,7 +208,79 @@ function websocketOpens(url) {
   });
 }
 
-/** The hook for a TURN reachability check: not done yet, so it reports nothing. */
-async function checkTurn() {
-  return null;
+/** The relay's iceServers for the pages (GET rtc-config.json); [] when it has none. With the
+ * seat of the link (session, role, token), the relay adds the TURN credentials a join would get. */
+async function rtcIceServers({ session, role, token } = {}) {
+  const query = new URLSearchParams();
+  if (session && role) {
+    query.set("session", session);
+    query.set("role", role);
+    if (token) query.set("token", token);
+  }
+  const url = query.size ? `rtc-config.json?${query}` : "rtc-config.json";
+  try {
+    const response = await fetch(url, { cache: "no-store", signal: AbortSignal.timeout(CHECK_TIMEOUT_MS) });
+    if (!response.ok) return [];
+    const data = await response.json();
+    return Array.isArray(data.iceServers) ? data.iceServers : [];
+  } catch {
+    return [];
+  }
+}
+
+/** The entries of iceServers that have a turn: or turns: URL (with their credentials). */
+export function turnServers(iceServers) {
+  return (iceServers || []).filter((server) => {
+    const urls = Array.isArray(server.urls) ? server.urls : [server.urls];
+    return urls.some((url) => /^turns?:/.test(String(url)));
+  });
+}
+
+/**
+ * Gather with the TURN servers only (iceTransportPolicy "relay"): {result, detail}, where
+ * result is "ok" (a relayed candidate), "refused" (a 4xx from the server: credentials or
+ * policy) or "unreachable" (nothing within timeoutMs, or only network errors).
+ */
+export function checkTurn(servers, timeoutMs = TURN_TIMEOUT_MS) {
+  return new Promise((resolve) => {
+    let pc;
+    try {
+      pc = new RTCPeerConnection({ iceServers: servers, iceTransportPolicy: "relay" });
+    } catch (err) {
+      resolve({ result: "unreachable", detail: `${err.name}: ${err.message}` });
+      return;
+    }
+    const errors = [];
+    let timer;
+    const done = (result, detail) => {
+      clearTimeout(timer);
+      pc.onicecandidate = pc.onicecandidateerror = null;
+      pc.close();
+      console.info(`precheck: TURN ${result}${detail ? ` (${detail})` : ""}`);
+      resolve({ result, detail });
+    };
+    const refusal = () => errors.find((e) => e.errorCode >= 400 && e.errorCode < 500);
+    pc.onicecandidateerror = (event) => {
+      errors.push({ errorCode: event.errorCode, errorText: event.errorText, url: event.url });
+    };
+    pc.onicecandidate = ({ candidate }) => {
+      if (candidate && candidate.type === "relay") {
+        done("ok", `${candidate.protocol} relay ${candidate.address}`);
+      } else if (!candidate) {
+        // Gathering is over without a relayed candidate.
+        const refused = refusal();
+        if (refused) done("refused", `${refused.errorCode} ${refused.errorText}`);
+        else done("unreachable", errors.map((e) => `${e.errorCode} ${e.errorText}`).join(", ") || "no answer");
+      }
+    };
+    timer = setTimeout(() => {
+      const refused = refusal();
+      if (refused) done("refused", `${refused.errorCode} ${refused.errorText}`);
+      else done("unreachable", `no relay candidate within ${timeoutMs} ms`);
+    }, timeoutMs);
+    pc.createDataChannel("turn-check"); // something to gather for
+    pc.createOffer().then((offer) => pc.setLocalDescription(offer)).catch((err) => {
+      done("unreachable", `${err.name}: ${err.message}`);
+    });
+  });
 }

@@ -7,7 +7,8 @@
 //   frame             any other frame from the relay (peer-joined, peer-left, offer, ...)
 //   refused           an error frame (the connection stays open)
 //   state             detail: "connecting" | "joined" | "reconnecting" | "stopped"
-//   retry             detail: {delay, reason, code}: a reconnection is scheduled (code: the close code)
+//   retry             detail: {delay, reason, code, attempt}: a reconnection is scheduled (code: the
+//                     close code; attempt: failed attempts in a row, 1 for the first)
 //   fatal             detail: {code, message}: stopped for good (join refused, replaced)
 
 const CLOSE_REPLACED = 4001;
@@ -224,7 +225,7 @@ export class Signaling extends EventTarget {
     this.attempt++;
     this.setState(this.resume ? "reconnecting" : "connecting");
     console.info(`signaling: reconnecting in ${delay} ms (${reason})`);
-    this.emit("retry", { delay, reason, code });
+    this.emit("retry", { delay, reason, code, attempt: this.attempt });
     this.timers.retry = setTimeout(() => this.connect(), delay);
   }
 

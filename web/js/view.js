@@ -189,10 +189,14 @@ export function toggleSheet(name) {
   return open;
 }
 
-export function setChatOpen(open) {
+/** The chat's input; closed, its line says why: not connected yet, or (withoutChat: the other
+ * role) the other side's app opened no chat channel in this call. */
+export function setChatOpen(open, withoutChat = null) {
   els.chatInput.disabled = !open;
   els.chatSend.disabled = !open;
   els.chatClosed.hidden = open;
+  if (withoutChat) setText(els.chatClosed, "chat.unavailable", { other: withoutChat });
+  else setText(els.chatClosed, "chat.closed");
 }
 
 /** One chat line; mine: sent by this page. Text only, never HTML. */
@@ -223,13 +227,19 @@ export function setToggle(button, off, keyOn, keyOff) {
 // -- the pre-call check ------------------------------------------------------------
 
 /** One line of the check: name camera|mic|relay, state running|ok|warn|fail, key its text. */
-export function renderCheck(name, state, key) {
+export function renderCheck(name, state, key, params = {}) {
   const line = $(`check-${name}`);
   line.dataset.state = state;
-  setText(line.querySelector(".check-text"), key);
+  setText(line.querySelector(".check-text"), key, params);
 }
 
-/** The verdict: running, ok, media (joinable, a device missing), relay-down, ws-blocked. */
+/** Show or hide a check's line (the TURN check: only when the page has a TURN server). */
+export function showCheck(name, shown) {
+  $(`check-${name}`).hidden = !shown;
+}
+
+/** The verdict: running, ok, media (joinable, a device missing), relay-down, ws-blocked,
+ * turn-refused, turn-unreachable. */
 export function renderVerdict(verdict) {
   els.precheck.dataset.verdict = verdict;
   setText(els.precheckVerdict, `check.verdict.${verdict}`);
