@@ -130,6 +130,28 @@ def test_a_hole_is_given_up_after_the_wait_and_a_keyframe_asked_for() -> None:
     assert frames.out == [0, 12000, 15000]
 
 
+def test_a_keyframe_with_a_hole_is_kept_while_another_is_asked_for() -> None:
+    """A hole in the keyframe decoding waits on is not given up after the wait: another keyframe
+    is asked for, the held one decodes when its retransmission comes, or a newer one instead."""
+    for fill in ("retransmission", "newer keyframe"):
+        frames = Frames(wait_s=0.2)
+        frames.buffer.add(vp8(10, 0, key=True, marker=False), now=0.0)
+        frames.buffer.add(vp8(12, 0, start=False), now=0.01)  # 11 lost
+        frames.buffer.add(vp8(13, 3000), now=0.05)
+        frames.buffer.tick(0.25)
+        assert (frames.out, frames.requests) == ([], 1)
+        frames.buffer.tick(0.3)
+        assert frames.requests == 1  # not again before KEYFRAME_RETRY_S
+        if fill == "retransmission":
+            frames.buffer.add(vp8(11, 0, start=False, marker=False), now=0.4)
+            assert frames.out == [0, 3000]
+        else:
+            frames.buffer.add(vp8(14, 9000, key=True), now=0.4)
+            frames.buffer.tick(0.41)
+            assert frames.out == [9000]
+        assert frames.requests == 1
+
+
 def test_a_lost_packet_is_nacked_every_round_trip_until_it_arrives() -> None:
     """A missing packet is asked for again each round trip (not once), and no more once it came."""
     nack = NackList()
