@@ -91,7 +91,7 @@ BASELINE_S = 10.0
 # while packets are being recovered, so that a retransmission comes before its frame is due.
 PLAYOUT_AFTER_RECOVERIES = 3  # packets recovered by NACK in the last BASELINE_S
 PLAYOUT_MARGIN_S = 0.03
-PLAYOUT_MAX_S = 0.3
+PLAYOUT_MAX_S = 0.25  # with LATE_S, a frame is never more than 0.4 s behind by design
 
 
 @dataclass
