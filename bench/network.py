@@ -70,9 +70,10 @@ PAIRINGS: dict[str, tuple[str, str]] = {  # (patient, practitioner)
     "Chromium->aiortc": ("chromium", "aiortc"),
     "aiortc->Chromium": ("aiortc", "chromium"),
 }
+ROLES = ("patient", "practitioner")
 OUTAGE_AT_S, OUTAGE_S = 8.0, 3.0
 VIDEO = {"width": 640, "height": 480, "fps": 30}
-SETTINGS = {
+SETTINGS: dict[str, Any] = {
     "auth": {"open": True},
     "media": {"video": VIDEO},
     "call": {"media_timeout_s": 10},
@@ -106,32 +107,31 @@ class Side:
     stats_json: Path | None = None
 
 
-async def start_side(
-    kind: str,
-    role: str,
-    *,
-    net: RecoveryNetwork,
-    relay: RelayProcess,
-    browsers: Browsers,
-    tmp: Path,
-) -> Side:
-    config = tmp / "config.yaml"
-    if kind == "aiortc":
-        stats_json = tmp / f"{role}.json"
-        argv = peer_argv(
-            role, config, "--relay", relay.url, "--session", "bench", "--video", "pattern",
-            "--audio", "tone", "--stats-json", str(stats_json),
-        )  # fmt: skip
-        return Side(
-            process=await spawn(role, argv, net.side(role).command()), stats_json=stats_json
-        )
+async def open_page(
+    role: str, net: RecoveryNetwork, relay: RelayProcess, browsers: Browsers
+) -> Page:
+    """A Chromium in ``role``'s namespace with the project's page loaded (not joined yet)."""
     browser = await browsers.launch(
         netns=net.side(role).name, extra_args=routed_flags(relay.http_url)
     )
     page = await browsers.open(role, f"{relay.http_url}/", browser=browser)
     await page.bring_to_front()
-    await join(page, "bench", role)
-    return Side(page=page)
+    return page
+
+
+async def start_side(
+    role: str, page: Page | None, net: RecoveryNetwork, relay: RelayProcess, tmp: Path
+) -> Side:
+    """The page joins; or the aiortc command line starts (and joins)."""
+    if page is not None:
+        await join(page, "bench", role)
+        return Side(page=page)
+    stats_json = tmp / f"{role}.json"
+    argv = peer_argv(
+        role, tmp / "config.yaml", "--relay", relay.url, "--session", "bench",
+        "--video", "pattern", "--audio", "tone", "--stats-json", str(stats_json),
+    )  # fmt: skip
+    return Side(process=await spawn(role, argv, net.side(role).command()), stats_json=stats_json)
 
 
 async def first_frame(side: Side, wait: float = 60.0) -> None:
@@ -208,19 +208,24 @@ def aiortc_row(summary: dict[str, Any]) -> dict[str, Any]:
 async def cell(link: str, pairing: str, seconds: float, tmp: Path) -> dict[str, Any]:
     """One call through ``link`` between ``pairing``'s sides: the practitioner's figures."""
     (tmp / "config.yaml").write_text(yaml.safe_dump(SETTINGS), encoding="utf-8")
-    kinds = dict(zip(("patient", "practitioner"), PAIRINGS[pairing], strict=True))
+    kinds = dict(zip(ROLES, PAIRINGS[pairing], strict=True))
     processes: list[Process] = []
     async with recovery_network("epc-bnet") as net, Browsers(tmp) as browsers:
-        dev = net.links["patient"][0]
-        async with Link(net.patient, dev, both=LINKS[link]) as emulator:
-            relay = RelayProcess(tmp / "config.yaml", net.hub.name, host=RELAY_ADDRESS)
-            await relay.start()
-            try:
+        relay = RelayProcess(tmp / "config.yaml", net.hub.name, host=RELAY_ADDRESS)
+        await relay.start()
+        try:
+            # The pages load before the link turns bad (at 300 kbit/s the page alone takes
+            # seconds): the patient opened the link, then the network degraded.
+            pages = {
+                role: await open_page(role, net, relay, browsers)
+                for role in ROLES
+                if kinds[role] == "chromium"
+            }
+            dev = net.links["patient"][0]
+            async with Link(net.patient, dev, both=LINKS[link]) as emulator:
                 sides = {}
-                for role in ("practitioner", "patient"):
-                    sides[role] = side = await start_side(
-                        kinds[role], role, net=net, relay=relay, browsers=browsers, tmp=tmp
-                    )
+                for role in reversed(ROLES):  # the practitioner waits for the patient
+                    sides[role] = side = await start_side(role, pages.get(role), net, relay, tmp)
                     if side.process is not None:
                         processes.append(side.process)
                 seeing = sides["practitioner"]
@@ -243,10 +248,10 @@ async def cell(link: str, pairing: str, seconds: float, tmp: Path) -> dict[str, 
                 assert seeing.process is not None and seeing.stats_json is not None
                 await seeing.process.stop()
                 return aiortc_row(json.loads(seeing.stats_json.read_text(encoding="utf-8")))
-            finally:
-                for process in processes:
-                    await process.stop()
-                await relay.stop()
+        finally:
+            for process in processes:
+                await process.stop()
+            await relay.stop()
 
 
 COLUMNS = [
