@@ -356,8 +356,8 @@ class FrameBuffer(_InOrder):
             logger.debug("hole at %s given up after %.3f s", self.next_seq, waited)
             self._skip(now)
             self._release(now)
-        elif self.need_keyframe and self._retry_due(now):
-            self._ask(now)
+        elif self.need_keyframe and self.last_request is not None and self._retry_due(now):
+            self._ask(now)  # (none asked yet: the first packets are waited for, above)
 
     def _keyframe_hole(self, now: float, waited: float) -> None:
         """The keyframe waited on has a hole: a newer keyframe, once one starts, is taken instead;
