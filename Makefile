@@ -142,8 +142,8 @@ bench-turn: setup system-deps turn-deps
 netem-probe: setup system-deps
 	$(PY) -m bench.netem $(ARGS)
 
-## bench-network: aiortc calls through emulated bad links (issue 13's table), patched vs aiortc 1.16 (as root)
-bench-network: setup system-deps
+## bench-network: issue 13's table: every bad link x aiortc/Chromium pairings, at the practitioner (as root; ARGS="--seconds 10 --runs 1 --links ... --pairings ...")
+bench-network: setup system-deps browser-deps
 	$(PY) -m bench.network $(ARGS_)
 
 ## bench-call: calls through the relay and the peers' command lines vs two bare aiortc peers (as root)

@@ -1,19 +1,36 @@
-"""``make bench-network``: aiortc calls through emulated bad links, with and without the patches.
+"""``make bench-network``: issue 13's table, every bad link x every pairing, in one run.
 
-Each cell is one 20 s call in a child process (so that aiortc as released and
-aiortc as patched never share a process): two ``Call``s in two namespaces
-(tests/inprocess.py), the patient sending the 640x480 30 fps stamped pattern
-and the tone, the practitioner the tone only, the patient's interface
-impaired both ways by tests/netem.py. Measured at the practitioner, from the
-stamps: frames per second, freezes (W3C definition) and their total, the
-longest gap, how far behind the call's best delay frames were shown (p95 and
-max), audio frames missing or concealed (of the media time), the last
-resolution received, and this process's own event-loop stalls (the machine's
-load). The outage cell adds the time from the link's return to the first
-frame. Figures are printed, never asserted: see docs/benchmarks.md.
+    make bench-network                                  # as root: 30 s calls, one run each
+    make bench-network ARGS="--seconds 10 --links '2 % loss' --pairings aiortc"   # quick
 
-Not here yet (issue 13, slice 6): the Chromium<->Chromium reference column and
-both mixed directions.
+Each cell is one call in tests/recovery.py's network (the relay in the hub,
+the patient and the practitioner in their own namespaces), the patient's
+interface impaired both ways by tests/netem.py from before the call starts
+(for the outage: a clean link, everything dropped for ``OUTAGE_S`` from
+``OUTAGE_AT_S`` after the first frame). The patient sends 640x480 at 30 fps
+(Chromium's fake camera, or the aiortc peer's stamped pattern), and what the
+practitioner receives is measured, from its first video frame to the end of
+the call:
+
+- an aiortc practitioner (``python -m peers.practitioner --stats-json``):
+  frames per second, freezes and their total (peers/media.py, counted as
+  Chromium counts them), the longest gap, time behind the call's best delay
+  from the stamps (p95 and max; a Chromium patient sends no stamps: ``-``),
+  audio frames missing or concealed of the media time, the resolution last
+  received;
+- a Chromium practitioner (the project's page, getStats() of its inbound
+  streams): ``framesDecoded`` per second, ``freezeCount`` and
+  ``totalFreezesDuration``, the longest gap between two reads of
+  ``framesDecoded`` 50 ms apart, the mean jitter-buffer delay in the
+  ``behind`` columns (``jitterBufferDelay / jitterBufferEmittedCount``: its
+  frames are not stamped), ``concealedSamples / totalSamplesReceived``, and
+  ``frameWidth x frameHeight``.
+
+Chromium<->Chromium is the reference column: compare ratios within one run
+(the machine is shared; the load average is printed before and after). The
+calls' ``call.media_timeout_s`` is above the outage, so that it is one freeze
+of one call on every side, not a recovery. Printed, never asserted: see
+docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -21,19 +38,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import itertools
 import json
 import os
-import subprocess
+import statistics
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from peers import aiortc_patches
-from peers.netns import Network, netns_missing
-from tests import netem
-from tests.inprocess import LocalPair
-from tests.netem import Impairment, Link, percentile
+import yaml
+from playwright.async_api import Page
+
+from peers.netns import netns_missing
+from tests.browser import Browsers, chromium_missing, join, routed_flags, wait_state
+from tests.netem import Impairment, Link
+from tests.processes import Process, RelayProcess, peer_argv, spawn
+from tests.recovery import RELAY_ADDRESS, RecoveryNetwork, recovery_network
 
 LINKS: dict[str, Impairment] = {
     "clean": Impairment(),
@@ -42,106 +64,248 @@ LINKS: dict[str, Impairment] = {
     "300 kbit/s, 40 ms": Impairment(delay_ms=40, rate_kbit=300, queue_ms=100),
     "3 s outage": Impairment(),
 }
-VARIANTS = ("patched", "aiortc 1.16")
+PAIRINGS: dict[str, tuple[str, str]] = {  # (patient, practitioner)
+    "Chromium<->Chromium": ("chromium", "chromium"),
+    "aiortc<->aiortc": ("aiortc", "aiortc"),
+    "Chromium->aiortc": ("chromium", "aiortc"),
+    "aiortc->Chromium": ("aiortc", "chromium"),
+}
+ROLES = ("patient", "practitioner")
 OUTAGE_AT_S, OUTAGE_S = 8.0, 3.0
+VIDEO = {"width": 640, "height": 480, "fps": 30}
+SETTINGS: dict[str, Any] = {
+    "auth": {"open": True},
+    "media": {"video": VIDEO},
+    "call": {"media_timeout_s": 10},
+}
+POLL_S = 0.05
+
+# The practitioner page's inbound streams, summed by kind (one call at a time).
+INBOUND = """(async () => {
+  const call = epedicare.call;
+  const out = {video: {}, audio: {}};
+  if (!call) return out;
+  for (const s of (await call.pc.getStats()).values()) {
+    if (s.type !== "inbound-rtp") continue;
+    const into = out[s.kind];
+    for (const key of ["framesDecoded", "freezeCount", "totalFreezesDuration",
+                       "jitterBufferDelay", "jitterBufferEmittedCount", "concealedSamples",
+                       "totalSamplesReceived", "frameWidth", "frameHeight"]) {
+      if (typeof s[key] === "number") into[key] = (into[key] || 0) + s[key];
+    }
+  }
+  return out;
+})()"""
 
 
-async def cell(link: str, variant: str, seconds: float) -> dict[str, Any]:
-    if variant != "patched":
-        aiortc_patches.steady_media = lambda: None
-    stalls: list[float] = []
+@dataclass
+class Side:
+    """One seat: a page or an aiortc command line (with its --stats-json file)."""
 
-    async def watch_loop() -> None:
+    page: Page | None = None
+    process: Process | None = None
+    stats_json: Path | None = None
+
+
+async def open_page(
+    role: str, net: RecoveryNetwork, relay: RelayProcess, browsers: Browsers
+) -> Page:
+    """A Chromium in ``role``'s namespace with the project's page loaded (not joined yet)."""
+    browser = await browsers.launch(
+        netns=net.side(role).name, extra_args=routed_flags(relay.http_url)
+    )
+    page = await browsers.open(role, f"{relay.http_url}/", browser=browser)
+    await page.bring_to_front()
+    return page
+
+
+async def start_side(
+    role: str, page: Page | None, net: RecoveryNetwork, relay: RelayProcess, tmp: Path
+) -> Side:
+    """The page joins; or the aiortc command line starts (and joins)."""
+    if page is not None:
+        await join(page, "bench", role)
+        return Side(page=page)
+    stats_json = tmp / f"{role}.json"
+    argv = peer_argv(
+        role, tmp / "config.yaml", "--relay", relay.url, "--session", "bench",
+        "--video", "pattern", "--audio", "tone", "--stats-json", str(stats_json),
+    )  # fmt: skip
+    return Side(process=await spawn(role, argv, net.side(role).command()), stats_json=stats_json)
+
+
+async def first_frame(side: Side, wait: float = 60.0) -> None:
+    """Until the practitioner decoded its first video frame."""
+    if side.process is not None:
+        await side.process.expect("call 1: media flowing", wait)
+        return
+    assert side.page is not None
+    await wait_state(side.page, "connected", units=6)
+    async with asyncio.timeout(wait):  # polled: getStats() has no event to wait for
         while True:
-            before = time.monotonic()
-            await asyncio.sleep(0.01)
-            if (lag := time.monotonic() - before - 0.01) > 0.02:
-                stalls.append(lag)
+            stats = await side.page.evaluate(INBOUND)
+            if stats["video"].get("framesDecoded"):
+                return
+            await asyncio.sleep(POLL_S)
 
-    async with Network("bnet") as net:
-        a, b, dev = await netem.pair(net)
-        pair = LocalPair(namespaces=(a, b), width=640, height=480, fps=30, video=(True, False))
-        async with contextlib.aclosing(pair):
-            await pair.connect()
-            await asyncio.wait_for(pair.b.receiver.frames(10, 10), 20)
-            got = pair.b.receiver.received
-            watcher = asyncio.create_task(watch_loop())
-            back: float | None = None
-            async with Link(a, dev, both=LINKS[link]) as emulator:
-                start = time.monotonic()
-                base = (got.audio_pts or 0) // 960, got.audio_missing, got.audio_concealed
-                freezes, frozen = got.freezes, got.frozen_s
-                if link == "3 s outage":
-                    await asyncio.sleep(OUTAGE_AT_S)
-                    await emulator.update(outage=True)
-                    await asyncio.sleep(OUTAGE_S)
-                    await emulator.update(outage=False)
-                    back = time.monotonic()
-                    await asyncio.sleep(seconds - OUTAGE_AT_S - OUTAGE_S)
-                else:
-                    await asyncio.sleep(seconds)
-                end = time.monotonic()
-            watcher.cancel()
-            frames = [entry for entry in got.history if start <= entry[0] <= end]
-            best = min(latency for _, latency, _ in got.history)
-            behind = [latency - best for _, latency, _ in frames]
-            media = (got.audio_pts or 0) // 960 - base[0]
-            bad = got.audio_missing - base[1] + got.audio_concealed - base[2]
-            times = [t for t, _, _ in frames]
-            after = [t for t in times if back is not None and t >= back]
-            return {
-                "link": link,
-                "variant": variant,
-                "fps": round(len(frames) / (end - start), 1),
-                "freezes": got.freezes - freezes,
-                "frozen_s": round(got.frozen_s - frozen, 1),
-                "longest_gap_s": round(
-                    max((y - x for x, y in itertools.pairwise(times)), default=0), 2
-                ),
-                "behind_p95_ms": round(percentile(behind, 95)),
-                "behind_max_ms": round(max(behind, default=0)),
-                "audio_bad_pct": round(100 * bad / media, 1) if media else None,
-                "resolution": f"{got.width}x{got.height}",
-                "back_after_s": round(after[0] - back, 2) if after and back else None,
-                "stalls_s": round(sum(stalls), 1),
+
+async def watch_page(page: Page, until: float) -> tuple[float, dict[str, Any], dict[str, Any]]:
+    """Reads getStats() every POLL_S until ``until``: the longest gap, first and last reads."""
+    first = last = await page.evaluate(INBOUND)
+    frames, since, longest = first["video"].get("framesDecoded", 0), time.monotonic(), 0.0
+    while time.monotonic() < until:
+        await asyncio.sleep(POLL_S)
+        last = await page.evaluate(INBOUND)
+        now = time.monotonic()
+        if last["video"].get("framesDecoded", 0) > frames:
+            longest = max(longest, now - since)
+            frames, since = last["video"]["framesDecoded"], now
+    return max(longest, time.monotonic() - since), first, last
+
+
+def page_row(
+    seconds: float, longest: float, first: dict[str, Any], last: dict[str, Any]
+) -> dict[str, Any]:
+    def delta(kind: str, key: str) -> float:
+        return float(last[kind].get(key, 0) - first[kind].get(key, 0))
+
+    video = last["video"]
+    emitted = delta("video", "jitterBufferEmittedCount")
+    jitter = round(1000 * delta("video", "jitterBufferDelay") / emitted) if emitted else None
+    samples = delta("audio", "totalSamplesReceived")
+    return {
+        "fps": round(delta("video", "framesDecoded") / seconds, 1),
+        "freezes": round(delta("video", "freezeCount")),
+        "frozen_s": round(delta("video", "totalFreezesDuration"), 1),
+        "longest_gap_s": round(longest, 2),
+        "behind_p95_ms": f"jb {jitter}" if jitter is not None else "-",
+        "behind_max_ms": "-",
+        "audio_bad_pct": round(100 * delta("audio", "concealedSamples") / samples, 1)
+        if samples
+        else None,
+        "resolution": f"{video.get('frameWidth', 0)}x{video.get('frameHeight', 0)}",
+    }
+
+
+def aiortc_row(summary: dict[str, Any]) -> dict[str, Any]:
+    video, audio = summary["video"], summary["audio"]
+    due = audio["frames"] + audio["missing"]
+    stamped = video.get("stamped", 0) > 0
+    return {
+        "fps": video["fps"],
+        "freezes": video["freezes"],
+        "frozen_s": round(video["frozen_s"], 1),
+        "longest_gap_s": video["longest_gap_s"],
+        "behind_p95_ms": round(video["behind_p95_ms"]) if stamped else "-",
+        "behind_max_ms": round(video["max_behind_ms"]) if stamped else "-",
+        "audio_bad_pct": round(100 * (audio["missing"] + audio["concealed"]) / due, 1)
+        if due
+        else None,
+        "resolution": f"{video['width']}x{video['height']}",
+    }
+
+
+async def cell(link: str, pairing: str, seconds: float, tmp: Path) -> dict[str, Any]:
+    """One call through ``link`` between ``pairing``'s sides: the practitioner's figures."""
+    (tmp / "config.yaml").write_text(yaml.safe_dump(SETTINGS), encoding="utf-8")
+    kinds = dict(zip(ROLES, PAIRINGS[pairing], strict=True))
+    processes: list[Process] = []
+    async with recovery_network("epc-bnet") as net, Browsers(tmp) as browsers:
+        relay = RelayProcess(tmp / "config.yaml", net.hub.name, host=RELAY_ADDRESS)
+        await relay.start()
+        try:
+            # The pages load before the link turns bad (at 300 kbit/s the page alone takes
+            # seconds): the patient opened the link, then the network degraded.
+            pages = {
+                role: await open_page(role, net, relay, browsers)
+                for role in ROLES
+                if kinds[role] == "chromium"
             }
+            dev = net.links["patient"][0]
+            async with Link(net.patient, dev, both=LINKS[link]) as emulator:
+                sides = {}
+                for role in reversed(ROLES):  # the practitioner waits for the patient
+                    sides[role] = side = await start_side(role, pages.get(role), net, relay, tmp)
+                    if side.process is not None:
+                        processes.append(side.process)
+                seeing = sides["practitioner"]
+                await first_frame(seeing)
+                start = time.monotonic()
+
+                async def outage() -> None:
+                    if link == "3 s outage":
+                        await asyncio.sleep(OUTAGE_AT_S)
+                        await emulator.update(outage=True)
+                        await asyncio.sleep(OUTAGE_S)
+                        await emulator.update(outage=False)
+
+                if seeing.page is not None:
+                    watched, _ = await asyncio.gather(
+                        watch_page(seeing.page, start + seconds), outage()
+                    )
+                    return page_row(time.monotonic() - start, *watched)
+                await asyncio.gather(asyncio.sleep(seconds), outage())
+                assert seeing.process is not None and seeing.stats_json is not None
+                await seeing.process.stop()
+                return aiortc_row(json.loads(seeing.stats_json.read_text(encoding="utf-8")))
+        finally:
+            for process in processes:
+                await process.stop()
+            await relay.stop()
 
 
 COLUMNS = [
-    ("link", 18), ("variant", 12), ("fps", 5), ("freezes", 8), ("frozen_s", 9),
+    ("link", 18), ("pairing", 20), ("fps", 5), ("freezes", 8), ("frozen_s", 9),
     ("longest_gap_s", 14), ("behind_p95_ms", 14), ("behind_max_ms", 14),
-    ("audio_bad_pct", 14), ("resolution", 11), ("back_after_s", 13), ("stalls_s", 9),
+    ("audio_bad_pct", 14), ("resolution", 11),
 ]  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> None:
+def median_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median of each numeric column over runs (the other columns: the last run's)."""
+    out = dict(rows[-1])
+    for name in out:
+        values = [r[name] for r in rows]
+        if all(isinstance(v, int | float) for v in values):
+            out[name] = round(statistics.median(values), 2)
+    return out
+
+
+async def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.network", description=__doc__)
-    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--seconds", type=float, default=30.0, help="each call's length")
+    parser.add_argument("--runs", type=int, default=1, help="calls per cell (median printed)")
     parser.add_argument("--links", nargs="*", default=list(LINKS), choices=list(LINKS))
-    parser.add_argument("--cell", nargs=2, metavar=("LINK", "VARIANT"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--pairings",
+        nargs="*",
+        default=list(PAIRINGS),
+        help="pairings whose name contains one of these words (default: all four)",
+    )
     args = parser.parse_args(argv)
-    if args.cell:
-        link, variant = args.cell
-        print(json.dumps(asyncio.run(cell(link, variant, args.seconds))))
-        return
-    if reason := netns_missing():
-        sys.exit(f"bench-network: {reason}")
-    print(f"load average before: {os.getloadavg()[0]:.1f} (2 cores shared)")
-    print("  ".join(name.ljust(width) for name, width in COLUMNS))
+    if reason := netns_missing() or chromium_missing():
+        print(f"bench-network: {reason}", file=sys.stderr)
+        return 2
+    pairings = [p for p in PAIRINGS if any(word in p for word in args.pairings)]
+    print(f"load average before: {' '.join(f'{x:.1f}' for x in os.getloadavg())} (2 cores shared)")
+    print(f"{args.seconds:g} s calls, {args.runs} run(s) per cell, measured at the practitioner")
+    print("  ".join(name.ljust(width) for name, width in COLUMNS), flush=True)
     for link in args.links:
-        for variant in VARIANTS:  # back to back, so that both see the same load
-            argv_ = [sys.executable, "-m", "bench.network", "--seconds", str(args.seconds)]
-            done = subprocess.run(
-                [*argv_, "--cell", link, variant], capture_output=True, text=True, check=False
-            )
-            lines = done.stdout.strip().splitlines()
-            if done.returncode != 0 or not lines:
-                print(f"{link} / {variant}: failed ({done.stderr.strip().splitlines()[-1:]})")
-                continue
-            row = json.loads(lines[-1])
-            print("  ".join(str(row[name]).ljust(width) for name, width in COLUMNS), flush=True)
-    print(f"load average after: {os.getloadavg()[0]:.1f}")
+        for pairing in pairings:  # back to back, so that the columns see the same load
+            rows = []
+            for _ in range(args.runs):
+                with tempfile.TemporaryDirectory(prefix="bench-network-") as tmp:
+                    try:
+                        rows.append(await cell(link, pairing, args.seconds, Path(tmp)))
+                    except Exception as exc:  # one failed call: said, and the table goes on
+                        print(f"{link} / {pairing}: failed ({type(exc).__name__}: {exc})")
+            if rows:
+                row = {"link": link, "pairing": pairing, **median_row(rows)}
+                print("  ".join(str(row[n]).ljust(w) for n, w in COLUMNS), flush=True)
+    print(f"load average after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(asyncio.run(main()))

@@ -15,14 +15,23 @@ installs it, and ``check_versions()`` still guards it. Against aiortc 1.16.0:
   frame behind a hole until 512 packets pile up (seconds), then releases one
   frame per arriving packet. Here a frame is released as soon as it is
   complete (its marker bit) and in order; a hole is waited for at most
-  ``hole_wait_s()`` (a few round trips, 150-350 ms), then skipped, and
+  ``hole_wait_s()`` (three NACK tries, 150-600 ms), then skipped, and
   nothing is decoded until the next keyframe, which is asked for at once
-  (PLI) and again every ``KEYFRAME_RETRY_S`` until it comes.
+  (PLI) and again every ``KEYFRAME_RETRY_S`` (or two round trips) until it
+  comes. A hole in that keyframe is not given up the same way (it would ask
+  for one more keyframe, that loses a packet in turn: at 5 % loss and 75 ms
+  each way this cycle froze 9.7 s of 30): it is waited for while another
+  keyframe is asked for, and the first of the two that completes is decoded.
 - ``RemoteStreamTrack.recv`` (rtcrtpreceiver.py:217) passes on every decoded
   frame, however late. Here a video frame more than ``LATE_S`` behind the best
   delay seen in the last ``BASELINE_S`` is dropped when a newer frame already
   waits behind it (it was decoded, so the frames after it still decode): a
   backlog released at once is skipped to real time instead of played fast.
+  And while packets are being recovered by NACK, frames are shown one round
+  trip after the best delay (a playout delay, as libwebrtc's jitter estimate
+  adds one): without it each retransmission (150 ms away at 75 ms each way)
+  held the frames behind it for a freeze of 0.3 s, about one a second at 5 %
+  loss.
 
 Upstream, ``NackList`` and ``FrameBuffer`` would take the place of the two
 classes, with ``RTCRtpReceiver`` running their timer; the late-frame rule would
@@ -62,14 +71,27 @@ logger = logging.getLogger(__name__)
 NACK_RETRIES = 10  # as libwebrtc's NackRequester (kMaxNackRetries)
 NACK_MIN_INTERVAL_S = 0.02
 TICK_S = 0.01
-KEYFRAME_RETRY_S = 0.3
-HOLE_WAIT_MIN_S, HOLE_WAIT_MAX_S = 0.15, 0.35
-MAX_SPAN_S = 0.45  # a hole spanning more media time than this is given up at once
+KEYFRAME_RETRY_S = 0.3  # at least; 2 round trips when longer (the keyframe is on its way)
+# A hole is waited for three NACK tries (sent at 0, 1.2 and 2.4 RTT, the last answered at
+# 3.4 RTT) before it is given up: giving up costs more (a keyframe's round trip, and at 5 %
+# loss a 640x480 keyframe of ~25 packets loses one 70 % of the time).
+HOLE_WAIT_RTTS = 3.4
+HOLE_WAIT_MIN_S, HOLE_WAIT_MAX_S = 0.15, 0.6
+KEY_HOLE_MAX_S = 1.5  # a keyframe's hole is waited for this long while no newer keyframe starts
+MAX_SPAN_S = 1.0  # a hole spanning more media time than this is given up at once (an outage;
+# above HOLE_WAIT_MAX_S with room for a stall of the sender: 0.45 gave up holes that NACKs at
+# 150 ms RTT were still filling)
 AUDIO_WAIT_S = 0.03  # a missing audio packet waited for this long (reordering), then concealed
 MAX_CONCEAL = 10  # at most this many audio packets in a row (200 ms) made up
 MAX_HELD = 2000  # packets held while waiting for a keyframe, at most
 LATE_S = 0.15  # a frame this much later than the best recent delay is skipped if a newer one waits
 BASELINE_S = 10.0
+# Playout delay, as libwebrtc's jitter estimate adds one round trip once NACKs have been needed
+# (VCMJitterEstimator, kNackLimit = 3): frames are shown one round trip after the best delay
+# while packets are being recovered, so that a retransmission comes before its frame is due.
+PLAYOUT_AFTER_RECOVERIES = 3  # packets recovered by NACK in the last BASELINE_S
+PLAYOUT_MARGIN_S = 0.03
+PLAYOUT_MAX_S = 0.25  # with LATE_S, a frame is never more than 0.4 s behind by design
 
 
 @dataclass
@@ -106,6 +128,23 @@ class _Unwrapper:
         return ext
 
 
+class _InOrder:
+    """A buffer that releases packets in sequence order from ``next_seq`` (frames, audio)."""
+
+    def __init__(self) -> None:
+        self.next_seq: int | None = None
+        self._unwrap = _Unwrapper()
+
+    def _arrival(self, packet: RtpPacket, now: float | None) -> tuple[float, int | None]:
+        """The time (``now``, or the clock) and the packet's extended number; None for a packet
+        before the next one due (too late, or a duplicate)."""
+        now = time.monotonic() if now is None else now
+        ext = self._unwrap(packet.sequence_number)
+        if self.next_seq is None:
+            self.next_seq = ext
+        return now, (None if ext < self.next_seq else ext)
+
+
 # -- NACKs ----------------------------------------------------------------------------------------
 
 
@@ -125,6 +164,7 @@ class NackList:
         self.rtt_s = 0.1
         self.max_seq: int | None = None
         self.missing: dict[int, _Missing] = {}
+        self.recovered_at: collections.deque[float] = collections.deque()
         self._unwrap = _Unwrapper()
         self._now: Callable[[], float] = time.monotonic
 
@@ -146,10 +186,21 @@ class NackList:
             entry = self.missing.pop(ext, None)
             if entry is not None and entry.sent is not None:
                 counters.recovered += 1
+                self.recovered_at.append(now)
+                while self.recovered_at[0] < now - BASELINE_S:
+                    self.recovered_at.popleft()
                 if entry.tries == 1:  # an unambiguous round trip
                     sample = min(max(now - entry.sent, 0.005), 1.0)
                     self.rtt_s += (sample - self.rtt_s) / 8
         return False
+
+    def playout_delay_s(self, now: float) -> float:
+        """The delay a frame should be held beyond the best one: a round trip (and a margin)
+        while packets are being recovered, else none."""
+        recent = sum(1 for t in self.recovered_at if t > now - BASELINE_S)
+        if recent < PLAYOUT_AFTER_RECOVERIES:
+            return 0.0
+        return min(self.rtt_s + PLAYOUT_MARGIN_S, PLAYOUT_MAX_S)
 
     def forget_below(self, ext: int) -> None:
         """Stop asking for packets before ``ext`` (the frame buffer gave up on them)."""
@@ -208,13 +259,20 @@ def is_keyframe_start(mime_type: str, payload: bytes) -> bool:
     return True
 
 
-class FrameBuffer:
+class FrameBuffer(_InOrder):
     """Encoded video frames out as soon as complete and in order; a hole waited for a bounded time.
 
     ``deliver(frame, packet)`` gets each frame (with its first packet, for the
-    codec); ``request_keyframe()`` is called when a hole is given up (and again
-    while no keyframe comes); ``forget(ext)`` when packets before ``ext`` are no
-    longer wanted; ``keyframe(packet)`` says whether a packet starts a keyframe.
+    codec); ``request_keyframe()`` is called when a hole is given up (and again,
+    every ``keyframe_retry_s()``, while no keyframe comes); ``forget(ext)`` when
+    packets before ``ext`` are no longer wanted; ``keyframe(packet)`` says
+    whether a packet starts a keyframe.
+
+    A hole in the keyframe decoding waits on is not given up after
+    ``hole_wait_s()`` like any other: nothing else would decode. Another
+    keyframe is asked for then, and whichever is complete first is decoded
+    (the held one once its retransmission comes, or a newer one), up to
+    ``KEY_HOLE_MAX_S``.
     """
 
     def __init__(
@@ -224,32 +282,32 @@ class FrameBuffer:
         keyframe: Callable[[RtpPacket], bool],
         *,
         hole_wait_s: Callable[[], float] = lambda: HOLE_WAIT_MAX_S,
+        keyframe_retry_s: Callable[[], float] = lambda: KEYFRAME_RETRY_S,
         forget: Callable[[int], None] = lambda ext: None,
         clock_rate: int = 90_000,
     ) -> None:
+        super().__init__()
+        self.keyframe_retry_s = keyframe_retry_s
         self.deliver = deliver
         self.request_keyframe = request_keyframe
         self.keyframe = keyframe
         self.hole_wait_s = hole_wait_s
         self.forget = forget
         self.packets: dict[int, RtpPacket] = {}
-        self.next_seq: int | None = None
         self.need_keyframe = True  # nothing decodes before a keyframe
         self.hole_since: float | None = None
         self.last_request: float | None = None
         self.newest: tuple[int, int] | None = None  # (sequence, timestamp) of the newest packet
         self.last_timestamp: int | None = None  # of the last frame released
         self.clock_rate = clock_rate
-        self._unwrap = _Unwrapper()
+        self.key_at: int | None = None  # the keyframe decoding resumes at, until it is released
 
     # aiortc's call site: ``pli_flag, encoded_frame = self.__jitter_buffer.add(packet)``
     def add(self, packet: RtpPacket, now: float | None = None) -> tuple[bool, None]:
-        now = time.monotonic() if now is None else now
-        ext = self._unwrap(packet.sequence_number)
-        if self.next_seq is None:
-            self.next_seq = ext
-        if ext < self.next_seq:
+        now, ext = self._arrival(packet, now)
+        if ext is None:
             return False, None  # too late, or a duplicate
+        assert self.next_seq is not None
         if ext - self.next_seq > MAX_HELD:  # a jump (the sender restarted): start over
             self.packets.clear()
             self.next_seq = ext
@@ -269,7 +327,7 @@ class FrameBuffer:
         behind = (self.newest[1] - timestamp) & 0xFFFFFFFF
         return self.clock_rate * MAX_SPAN_S < behind < 0x80000000
 
-    def _skip(self, now: float) -> None:
+    def _skip(self, now: float, ask: bool = True) -> None:
         """Give up the awaited frame and anything stale; decode again from a keyframe."""
         assert self.next_seq is not None
         counters.holes_skipped += 1
@@ -281,20 +339,40 @@ class FrameBuffer:
         self.last_timestamp = (
             None  # no reference left: the age of a hole counts from the next frame
         )
-        self._give_up(now)
+        self.key_at = None
+        if ask:
+            self._give_up(now)
+        else:
+            self.need_keyframe = True
+            self.hole_since = None
 
     def tick(self, now: float) -> None:
         """Give up a hole waited for too long; ask again for a keyframe that does not come."""
-        if self.hole_since is not None and now - self.hole_since >= self.hole_wait_s():
-            logger.debug("hole at %s given up after %.3f s", self.next_seq, now - self.hole_since)
+        waited = None if self.hole_since is None else now - self.hole_since
+        if waited is not None and waited >= self.hole_wait_s():
+            if self.key_at is not None and self.key_at == self.next_seq:
+                self._keyframe_hole(now, waited)
+                return
+            logger.debug("hole at %s given up after %.3f s", self.next_seq, waited)
             self._skip(now)
             self._release(now)
-        elif (
-            self.need_keyframe
-            and self.last_request is not None
-            and now - self.last_request >= KEYFRAME_RETRY_S
-        ):
+        elif self.need_keyframe and self.last_request is not None and self._retry_due(now):
+            self._ask(now)  # (none asked yet: the first packets are waited for, above)
+
+    def _keyframe_hole(self, now: float, waited: float) -> None:
+        """The keyframe waited on has a hole: a newer keyframe, once one starts, is taken instead;
+        until then another is asked for while this one's retransmission may still come."""
+        assert self.next_seq is not None
+        newer = any(s > self.next_seq and self.keyframe(p) for s, p in self.packets.items())
+        if newer or waited >= KEY_HOLE_MAX_S:
+            logger.debug("keyframe at %s given up after %.3f s", self.next_seq, waited)
+            self._skip(now, ask=not newer)
+            self._release(now)
+        elif self._retry_due(now):
             self._ask(now)
+
+    def _retry_due(self, now: float) -> bool:
+        return self.last_request is None or now - self.last_request >= self.keyframe_retry_s()
 
     def _give_up(self, now: float) -> None:
         self.need_keyframe = True
@@ -326,6 +404,7 @@ class FrameBuffer:
                 self.forget(start)
                 logger.debug("keyframe at %d (last asked %s)", start, self.last_request)
                 self.next_seq = start
+                self.key_at = start
                 self.need_keyframe = False
             frame = self._complete()
             if frame is None:
@@ -342,6 +421,7 @@ class FrameBuffer:
                 continue
             self.hole_since = None
             self.last_request = None
+            self.key_at = None
             self.last_timestamp = frame[0].timestamp
             # ``_data``: the depayloaded bytes aiortc sets at rtcrtpreceiver.py:543.
             data = b"".join(p._data for p in frame)  # type: ignore[attr-defined]
@@ -369,7 +449,7 @@ class FrameBuffer:
         return frame
 
 
-class AudioBuffer:
+class AudioBuffer(_InOrder):
     """Audio packets to the decoder in order, none that arrived thrown away; a loss concealed.
 
     A packet is passed on as soon as the one before it was; behind a hole,
@@ -385,22 +465,18 @@ class AudioBuffer:
         deliver: Callable[[JitterFrame, RtpPacket], None],
         conceal: Callable[[RtpPacket, int], None],
     ) -> None:
+        super().__init__()
         self.deliver = deliver
         self.conceal = conceal
         self.packets: dict[int, RtpPacket] = {}
-        self.next_seq: int | None = None
         self.previous: RtpPacket | None = None
         self.hole_since: float | None = None
         self.late = 0  # packets that came after their slot was filled
-        self._unwrap = _Unwrapper()
 
     # aiortc's call site: ``pli_flag, encoded_frame = self.__jitter_buffer.add(packet)``
     def add(self, packet: RtpPacket, now: float | None = None) -> tuple[bool, None]:
-        now = time.monotonic() if now is None else now
-        ext = self._unwrap(packet.sequence_number)
-        if self.next_seq is None:
-            self.next_seq = ext
-        if ext < self.next_seq:
+        now, ext = self._arrival(packet, now)
+        if ext is None:
             self.late += 1
             return False, None
         self.packets[ext] = packet
@@ -437,21 +513,35 @@ class AudioBuffer:
         self.hole_since = (self.hole_since or now) if self.packets else None
 
 
-# -- late frames ----------------------------------------------------------------------------------
+# -- late frames and playout delay ----------------------------------------------------------------
 
 
 @dataclass
 class LateFrames:
-    """Drops a video frame that is late and already has a newer one waiting behind it.
+    """Drops a video frame that is late and already has a newer one waiting behind it; holds
+    an early one until it is due.
 
-    Late: shown more than ``late_s`` after the best delay (arrival against media
-    time) seen in the last ``BASELINE_S``. The newest frame is always shown, so
-    dropping never freezes the picture; it only skips a backlog, as a player
-    catching up does, instead of playing it fast.
+    Late: shown more than ``target_s + late_s`` after the best delay (arrival
+    against media time) seen in the last ``BASELINE_S``. The newest frame is
+    always shown, so dropping never freezes the picture; it only skips a
+    backlog, as a player catching up does, instead of playing it fast.
+
+    Due (``hold_s``): ``target_s`` after the best delay, the playout delay the
+    receive path sets (``NackList.playout_delay_s``): frames that came at once
+    wait for it, so that the frames held behind a retransmitted packet are not
+    a freeze but on time.
     """
 
     late_s: float = LATE_S
+    target_s: float = 0.0
     recent: collections.deque[tuple[float, float]] = field(default_factory=collections.deque)
+
+    def hold_s(self, media_s: float, now: float) -> float:
+        """How long to hold a frame kept by ``keep`` before it is due (0 to ``target_s``)."""
+        if not self.recent:
+            return 0.0
+        due = media_s + self.recent[0][1] + self.target_s
+        return min(max(due - now, 0.0), self.target_s)
 
     def keep(self, media_s: float, now: float, newer_waiting: bool) -> bool:
         offset = now - media_s  # the sender's clock against ours, plus the path's delay
@@ -460,7 +550,7 @@ class LateFrames:
         self.recent.append((now, offset))
         while self.recent[0][0] < now - BASELINE_S:
             self.recent.popleft()
-        if not newer_waiting or offset - self.recent[0][1] <= self.late_s:
+        if not newer_waiting or offset - self.recent[0][1] <= self.target_s + self.late_s:
             return True
         counters.late_dropped += 1
         return False
@@ -502,7 +592,10 @@ def install() -> None:
                 return frame
             late: LateFrames = self.__dict__.setdefault("_epc_late", LateFrames())
             newer = any(f is not None for f in self._queue._queue)  # type: ignore[attr-defined]
-            if late.keep(float(frame.pts * frame.time_base), time.monotonic(), newer):
+            media_s, now = float(frame.pts * frame.time_base), time.monotonic()
+            if late.keep(media_s, now, newer):
+                if (hold := late.hold_s(media_s, now)) > 0:
+                    await asyncio.sleep(hold)
                 return frame
 
     RTCRtpReceiver.__init__ = __init__  # type: ignore[method-assign]
@@ -524,6 +617,7 @@ class _VideoPath:
             self._request_keyframe,
             self._keyframe,
             hole_wait_s=self._hole_wait_s,
+            keyframe_retry_s=self._keyframe_retry_s,
             forget=self._forget,
         )
         receiver._epc_path = self  # type: ignore[attr-defined]
@@ -532,7 +626,11 @@ class _VideoPath:
         receiver._RTCRtpReceiver__nack_generator = self.nack  # type: ignore[attr-defined]
 
     def _hole_wait_s(self) -> float:
-        return min(max(3 * self.nack.rtt_s + 0.05, HOLE_WAIT_MIN_S), HOLE_WAIT_MAX_S)
+        wait = HOLE_WAIT_RTTS * self.nack.rtt_s + 0.05
+        return min(max(wait, HOLE_WAIT_MIN_S), HOLE_WAIT_MAX_S)
+
+    def _keyframe_retry_s(self) -> float:
+        return max(KEYFRAME_RETRY_S, 2 * self.nack.rtt_s)
 
     def _codec(self, packet: RtpPacket) -> Any:
         codecs: dict[int, Any] = self.receiver._RTCRtpReceiver__codecs  # type: ignore[attr-defined]
@@ -572,6 +670,10 @@ class _VideoPath:
                 await asyncio.sleep(TICK_S)
                 now = time.monotonic()
                 self.buffer.tick(now)
+                track = receiver._track
+                if track is not None:
+                    late: LateFrames = track.__dict__.setdefault("_epc_late", LateFrames())
+                    late.target_s = self.nack.playout_delay_s(now)
                 if self.ssrc is None:
                     continue
                 lost = self.nack.due(now)

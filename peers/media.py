@@ -41,6 +41,7 @@ COUNTER_BITS, TIME_BITS, CHECK_BITS = 20, 36, 8
 TIME_MASK = (1 << TIME_BITS) - 1
 
 FREEZE_MEAN_OF = 30
+FREEZE_MIN_GAPS = 5
 WARMUP_S = 2.0  # the first keyframe's own delay is not "behind"
 
 CAMERA = Path("/dev/video0")
@@ -245,7 +246,7 @@ class Received:
     window: list[float] = field(default_factory=list)  # monotonic times of recent video frames
     # What a viewer feels, by the W3C webrtc-stats definition of a freeze: a gap between
     # two frames of at least max(3 x the mean gap, the mean gap + 150 ms), the mean over
-    # the last FREEZE_MEAN_OF gaps.
+    # the last FREEZE_MEAN_OF gaps, this one included.
     freezes: int = 0
     frozen_s: float = 0.0
     longest_gap_s: float = 0.0
@@ -281,13 +282,14 @@ class Received:
             return
         gap = now - last
         self.longest_gap_s = max(self.longest_gap_s, gap)
-        if self.gaps:
-            mean = sum(self.gaps) / len(self.gaps)
-            if gap >= max(3 * mean, mean + 0.150):
-                self.freezes += 1
-                self.frozen_s += gap
+        # As Chromium counts them (video_quality_observer2.cc, getStats' freezeCount): the gap
+        # is in the mean it is judged against, and nothing is judged before 5 gaps.
         self.gaps.append(gap)
         del self.gaps[:-FREEZE_MEAN_OF]
+        mean = sum(self.gaps) / len(self.gaps)
+        if len(self.gaps) >= FREEZE_MIN_GAPS and gap >= max(3 * mean, mean + 0.150):
+            self.freezes += 1
+            self.frozen_s += gap
 
     def _stamped(self, now: float, latency: float, counter: int) -> None:
         if self.best_latency_ms is None or latency < self.best_latency_ms:
@@ -296,6 +298,13 @@ class Received:
         if self.first_video is not None and now - self.first_video >= WARMUP_S:
             self.max_behind_ms = max(self.max_behind_ms, self.behind_ms)
         self.history.append((now, latency, counter))
+
+    def behind_p95_ms(self) -> float:
+        """The 95th percentile of how far behind the best delay the recent stamped frames were."""
+        if self.best_latency_ms is None or not self.history:
+            return 0.0
+        ordered = sorted(latency for _, latency, _ in self.history)
+        return ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))] - self.best_latency_ms
 
     def fps(self, now: float, seconds: float = 2.0) -> float:
         recent = [t for t in self.window if t > now - seconds]

@@ -167,6 +167,7 @@ def media_summary(call: Call) -> dict[str, Any]:
             "longest_gap_s": round(got.longest_gap_s, 2),
             "behind_ms": round(got.behind_ms, 1),
             "max_behind_ms": round(got.max_behind_ms, 1),
+            "behind_p95_ms": round(got.behind_p95_ms(), 1),
         },
         "audio": {
             "frames": got.audio_frames,
