@@ -50,21 +50,47 @@ falls by half the loss; under 2 %, it grows 8 % a second; the encoder's target i
 smaller of the REMB and the cap. The REMB aiortc and Chromium send covers the video
 stream only (aiortc sends no abs-send-time on audio), so it is not shared with audio.
 
+Chromium sending to aiortc: aiortc offers and answers REMB only (codecs/__init__.py:45
+and :82), so Chromium's own congestion control, which needs transport-wide feedback,
+never runs; its rate is the smaller of its loss rule and aiortc's REMB. ``TransportFeedback``
+is the receiver's half of transport-cc (draft-holmer-rmcat-transport-wide-cc-extensions-01):
+with ``offer_transport_cc()`` the video codecs offer ``a=rtcp-fb:<pt> transport-cc`` and
+the transport-wide sequence number extension; each video packet that carries one is
+noted with its arrival time, every ``FEEDBACK_INTERVAL_S`` the receiver sends what arrived
+(RTPFB, FMT 15), and such a packet no longer feeds the REMB estimate (libwebrtc's receiver
+sends one or the other). aiortc's sender stamps no transport-wide numbers, so between two
+aiortc peers nothing would change. It is off (``TRANSPORT_CC``): Chromium reads it and
+follows it, but on the shared machine its estimate from aiortc's arrival times (taken on
+a starved event loop) was no better than the REMB (docs/benchmarks.md).
+
 Upstream, this would be the body of ``AimdRateControl.update`` and of
-``RemoteBitrateEstimator.add``, and a loss-based cap in ``RTCRtpSender``.
+``RemoteBitrateEstimator.add``, a loss-based cap in ``RTCRtpSender``, and a
+transport-cc feedback generator in ``RTCRtpReceiver``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
+import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from aiortc import rate, rtcrtpreceiver
+from aiortc import codecs, rate, rtcrtpreceiver
 from aiortc.rate import BandwidthUsage, RateControlState
+from aiortc.rtcrtpparameters import RTCRtcpFeedback, RTCRtpHeaderExtensionParameters
+from aiortc.rtcrtpreceiver import RTCRtpReceiver
 from aiortc.rtcrtpsender import RTCRtpSender
-from aiortc.rtp import RTCP_PSFB_APP, RtcpPsfbPacket, RtcpRrPacket, RtcpSrPacket, unpack_remb_fci
+from aiortc.rtp import (
+    RTCP_PSFB_APP,
+    RtcpPsfbPacket,
+    RtcpRrPacket,
+    RtcpSrPacket,
+    RtpPacket,
+    unpack_remb_fci,
+)
 
 from peers.aiortc_send import FLOOR_BPS
 
@@ -319,12 +345,169 @@ def _on_rtcp(sender: RTCRtpSender, packet: Any) -> None:
         encoder.target_bitrate = target  # after aiortc's own REMB handling (rtcrtpsender.py:290)
 
 
+# Off: measured against the REMB of SteadyEstimator on a loaded machine, Chromium's own
+# estimate from this feedback did no better (docs/benchmarks.md, "Narrow links").
+TRANSPORT_CC = False
+TRANSPORT_CC_URI = "http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc-extensions-01"
+TRANSPORT_CC_ID = 5  # aiortc uses 1-3 (codecs/__init__.py:45), shared across kinds with BUNDLE
+FEEDBACK_INTERVAL_S = 0.1  # libwebrtc's default
+MAX_STATUSES = 4000  # packets reported in one feedback at most
+RTCP_RTPFB, RTCP_RTPFB_TRANSPORT_CC = 205, 15
+TICK_US = 250  # a receive delta's unit
+REFERENCE_US = 64_000  # the reference time's unit
+
+
+@dataclass
+class TransportFeedback:
+    """The transport-cc feedback of one receiver: what arrived, reported every 100 ms."""
+
+    arrivals: dict[int, int] = field(default_factory=dict)  # unwrapped seq -> arrival us
+    next_seq: int | None = None  # the first sequence number not reported yet
+    highest: int | None = None  # unwrapped
+    count: int = 0  # feedback packets made (modulo 256 on the wire)
+    sent: int = 0
+
+    def unwrap(self, seq: int) -> int:
+        if self.highest is None:
+            return seq
+        base = self.highest & ~0xFFFF
+        candidates = (base - 0x10000 + seq, base + seq, base + 0x10000 + seq)
+        return min(candidates, key=lambda c: abs(c - self.highest))  # type: ignore[operator]
+
+    def add(self, seq: int, arrival_us: int) -> None:
+        ext = self.unwrap(seq)
+        if self.next_seq is None:
+            self.next_seq = ext
+        if ext < self.next_seq:
+            return  # already reported missing; too late to tell
+        self.arrivals[ext] = arrival_us
+        self.highest = ext if self.highest is None else max(self.highest, ext)
+
+    def build(self, sender_ssrc: int, media_ssrc: int) -> bytes | None:
+        """The next feedback packet (RTCP RTPFB FMT 15), None when nothing new arrived."""
+        if not self.arrivals or self.next_seq is None or self.highest is None:
+            return None
+        base = self.next_seq
+        end = min(self.highest, base + MAX_STATUSES - 1)
+        received = sorted((s, self.arrivals[s]) for s in self.arrivals if s <= end)
+        first_us = received[0][1]
+        reference = first_us // REFERENCE_US
+        previous = reference * REFERENCE_US // TICK_US
+        symbols: list[int] = []
+        deltas = b""
+
+        for seq in range(base, end + 1):
+            arrival = self.arrivals.get(seq)
+            if arrival is None:
+                symbols.append(0)
+                continue
+            ticks = arrival // TICK_US
+            delta = ticks - previous
+            if 0 <= delta <= 0xFF:
+                symbols.append(1)
+                deltas += struct.pack("!B", delta)
+            elif -0x8000 <= delta <= 0x7FFF:
+                symbols.append(2)
+                deltas += struct.pack("!h", delta)
+            else:  # out of range: report up to here, the rest next time
+                end = seq - 1
+                break
+            previous = ticks
+        chunks = b""
+        at = 0
+        while at < len(symbols):  # run-length chunks: 0 | symbol (2 bits) | run (13 bits)
+            run = 1
+            while at + run < len(symbols) and symbols[at + run] == symbols[at] and run < 0x1FFF:
+                run += 1
+            chunks += struct.pack("!H", symbols[at] << 13 | run)
+            at += run
+        body = struct.pack(
+            "!IIHHI",
+            sender_ssrc,
+            media_ssrc,
+            base & 0xFFFF,
+            len(symbols),
+            (reference & 0xFFFFFF) << 8 | (self.count & 0xFF),
+        )
+        body += chunks + deltas
+        padding = -len(body) % 4
+        if padding:
+            body += b"\x00" * (padding - 1) + struct.pack("!B", padding)
+        header = struct.pack(
+            "!BBH",
+            0x80 | (0x20 if padding else 0) | RTCP_RTPFB_TRANSPORT_CC,
+            RTCP_RTPFB,
+            (len(body) + 4) // 4 - 1,
+        )
+        for seq in range(base, end + 1):
+            self.arrivals.pop(seq, None)
+        self.next_seq = end + 1
+        self.count += 1
+        return header + body
+
+
+class _RawRtcp:
+    """An RTCP packet already serialized, for ``RTCRtpReceiver._send_rtcp`` (it calls bytes())."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __bytes__(self) -> bytes:
+        return self.data
+
+    def __repr__(self) -> str:
+        return f"RtcpTransportFeedback({len(self.data)} bytes)"
+
+
+def _feedback_of(receiver: RTCRtpReceiver) -> TransportFeedback:
+    feedback: TransportFeedback | None = receiver.__dict__.get("_epc_transport_cc")
+    if feedback is None:
+        feedback = receiver.__dict__["_epc_transport_cc"] = TransportFeedback()
+        task = asyncio.ensure_future(_send_feedback(receiver, feedback))
+        receiver.__dict__["_epc_transport_cc_task"] = task
+    return feedback
+
+
+async def _send_feedback(receiver: RTCRtpReceiver, feedback: TransportFeedback) -> None:
+    media_ssrc = 0
+    while receiver._enabled is not False:
+        await asyncio.sleep(FEEDBACK_INTERVAL_S)
+        rtcp_ssrc = getattr(receiver, "_RTCRtpReceiver__rtcp_ssrc", None)
+        streams = getattr(receiver, "_RTCRtpReceiver__remote_streams", {})
+        media_ssrc = next(iter(streams), media_ssrc)
+        if rtcp_ssrc is None:
+            continue
+        data = feedback.build(rtcp_ssrc, media_ssrc)
+        if data is not None:
+            feedback.sent += 1
+            await receiver._send_rtcp(_RawRtcp(data))  # type: ignore[arg-type]
+
+
+def transport_feedback(receiver: RTCRtpReceiver) -> TransportFeedback | None:
+    """The receiver's transport-cc state, None while no packet carried a transport-wide number."""
+    feedback: TransportFeedback | None = receiver.__dict__.get("_epc_transport_cc")
+    return feedback
+
+
+def offer_transport_cc() -> None:
+    """Offer and answer transport-cc on the video codecs (process-wide)."""
+    # codecs/__init__.py:45 (header extensions) and :79-83 (the video codecs' feedback).
+    video = codecs.HEADER_EXTENSIONS["video"]
+    if all(ext.uri != TRANSPORT_CC_URI for ext in video):
+        video.append(RTCRtpHeaderExtensionParameters(id=TRANSPORT_CC_ID, uri=TRANSPORT_CC_URI))
+    wanted = RTCRtcpFeedback(type="transport-cc")
+    for codec in codecs.CODECS["video"]:
+        if codec.rtcpFeedback and wanted not in codec.rtcpFeedback:
+            codec.rtcpFeedback.append(wanted)
+
+
 _installed: list[bool] = []
 
 
 def install() -> None:
-    """Make every new video receiver estimate with ``SteadyEstimator`` and every sender cap
-    its REMB with ``LossBased`` (once per process)."""
+    """Make every new video receiver estimate with ``SteadyEstimator`` (and give transport-cc
+    feedback for packets that ask for it), and every sender cap its REMB with ``LossBased``
+    (once per process)."""
     if _installed:
         return
     _installed.append(True)
@@ -337,6 +520,32 @@ def install() -> None:
         _on_rtcp(self, packet)
 
     RTCRtpSender._handle_rtcp_packet = _handle_rtcp_packet  # type: ignore[method-assign]
+
+    if TRANSPORT_CC:
+        offer_transport_cc()
+    original_rtp = RTCRtpReceiver._handle_rtp_packet
+    original_stop = RTCRtpReceiver.stop
+
+    async def _handle_rtp_packet(
+        self: RTCRtpReceiver, packet: RtpPacket, arrival_time_ms: int
+    ) -> None:
+        seq = packet.extensions.transport_sequence_number
+        if seq is not None and self._enabled:
+            _feedback_of(self).add(seq, arrival_time_ms * 1000)
+            # rtcrtpreceiver.py:482-498: with transport-cc the sender estimates; no REMB.
+            packet.extensions.abs_send_time = None
+        await original_rtp(self, packet, arrival_time_ms)
+
+    async def stop(self: RTCRtpReceiver) -> None:
+        task = self.__dict__.pop("_epc_transport_cc_task", None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await original_stop(self)
+
+    RTCRtpReceiver._handle_rtp_packet = _handle_rtp_packet  # type: ignore[method-assign]
+    RTCRtpReceiver.stop = stop  # type: ignore[method-assign]
 
 
 def installed() -> bool:

@@ -11,23 +11,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import statistics
+import struct
 import time
+from pathlib import Path
 
 import pytest
 from aiortc import rate
 from aiortc.rate import BandwidthUsage
 
 from peers import aiortc_send, stats
-from peers.aiortc_rate import REDUCE_INTERVAL_MS, LossBased, SteadyAimd, SteadyEstimator
+from peers.aiortc_rate import (
+    REDUCE_INTERVAL_MS,
+    LossBased,
+    SteadyAimd,
+    SteadyEstimator,
+    TransportFeedback,
+)
 from peers.aiortc_send import RUNGS
 from peers.netns import Netns
+from tests.browser import wait_state
 from tests.inprocess import LocalPair
 from tests.netem import Impairment, Link
 from tests.support import within
 from tests.test_media import LoopLag, audio_counts, link_pair, needs_root
+from tests.test_web_call import FAKE_HEIGHT, FAKE_WIDTH, Net, aiortc_peer, grows, net
 
-__all__ = ["link_pair"]  # the fixture, imported for the tests below
+__all__ = ["link_pair", "net"]  # the fixtures, imported for the tests below
 
 NORMAL, OVERUSING = BandwidthUsage.NORMAL, BandwidthUsage.OVERUSING
 
@@ -122,6 +133,56 @@ def test_the_loss_cap_halves_the_loss_and_grows_back_8_percent_a_second() -> Non
     assert loss.cap_bps is None and loss.target() == 300_000
 
 
+def parse_feedback(data: bytes) -> tuple[int, int, int, list[int | None]]:
+    """(base, status count, reference us, each packet's arrival us or None), by the draft."""
+    first, kind, words = struct.unpack("!BBH", data[:4])
+    assert (first & 0xC0, first & 0x1F, kind, (words + 1) * 4) == (0x80, 15, 205, len(data))
+    if first & 0x20:
+        data = data[: -data[-1]]
+    base, count, reference_and_count = struct.unpack("!HHI", data[12:20])
+    reference_us = (reference_and_count >> 8) * 64_000
+    at = 20
+    symbols: list[int] = []
+    while len(symbols) < count:
+        (chunk,) = struct.unpack("!H", data[at : at + 2])
+        assert chunk >> 15 == 0  # run-length chunks only
+        symbols += [chunk >> 13 & 3] * (chunk & 0x1FFF)
+        at += 2
+    arrivals: list[int | None] = []
+    now = reference_us
+    for symbol in symbols:
+        if symbol == 0:
+            arrivals.append(None)
+            continue
+        size = 1 if symbol == 1 else 2
+        (delta,) = struct.unpack("!B" if size == 1 else "!h", data[at : at + size])
+        at += size
+        now += delta * 250
+        arrivals.append(now)
+    return base, count, reference_us, arrivals
+
+
+def test_transport_feedback_reports_each_packet_with_its_arrival_in_250_us_steps() -> None:
+    """A feedback packet (RTPFB FMT 15) names the base sequence number, marks the missing one,
+    and gives each arrival (small, large and negative deltas) to 250 us; the next one starts
+    after it, across the 16-bit wrap."""
+    feedback = TransportFeedback()
+    arrivals = {65534: 1_000_000, 65535: 1_000_500, 1: 1_200_000, 2: 1_199_000}
+    for seq, at in arrivals.items():
+        feedback.add(seq, at)
+    data = feedback.build(0x1111, 0x2222)
+    assert data is not None and len(data) % 4 == 0
+    assert struct.unpack("!II", data[4:12]) == (0x1111, 0x2222)
+    base, count, _, got = parse_feedback(data)
+    assert (base, count) == (65534, 5)
+    assert got == [1_000_000, 1_000_500, None, 1_200_000, 1_199_000]
+    assert feedback.build(0x1111, 0x2222) is None  # nothing new
+    feedback.add(3, 1_300_000)
+    data = feedback.build(0x1111, 0x2222)
+    assert data is not None
+    assert parse_feedback(data)[:2] == (3, 1)
+
+
 # -- a call on a 300 kbit/s link ---------------------------------------------------------------
 
 NARROW = Impairment(delay_ms=40, rate_kbit=300, queue_ms=100)
@@ -189,3 +250,40 @@ async def test_at_300_kbits_video_steps_down_and_keeps_its_frame_rate(
             )
             assert media >= 50 * NARROW_S * 0.8, (call.name, media)
             assert missing + concealed <= 0.1 * media, (call.name, media, missing, concealed)
+
+
+# -- Chromium sending to an aiortc practitioner on a clean link ---------------------------------
+
+OUT_WIDTH = "epedicare.stats ? epedicare.stats.outVideo.width : null"
+CHROMIUM_640_S = 15  # Chromium to Chromium sends 640x480 from its first frames
+
+
+@pytest.mark.netns
+@pytest.mark.asyncio
+async def test_chromium_sending_to_aiortc_reaches_640x480_as_to_chromium(
+    net: Net, tmp_path: Path
+) -> None:
+    """A Chromium patient sending to an aiortc practitioner on a clean link sends 640x480 (its
+    camera's size) within 15 s of its first bytes, as it does to another Chromium, and the
+    practitioner decodes 640x480."""
+    peer = await aiortc_peer(net, "practitioner", tmp_path, "rate-640")
+    try:
+        page = await net.page("patient", "rate-640")
+        await wait_state(page, "connected", units=3)
+        await page.bring_to_front()
+        await grows(page, "outVideo.bytes", 1, units=3)
+        widths = []
+
+        async def reaches_640() -> None:
+            while (width := await page.evaluate(OUT_WIDTH)) != FAKE_WIDTH:
+                widths.append(width)
+                await asyncio.sleep(0.5)
+
+        try:
+            await asyncio.wait_for(reaches_640(), CHROMIUM_640_S)
+        except TimeoutError:
+            pytest.fail(f"Chromium sent {sorted(set(widths))} wide for {CHROMIUM_640_S} s")
+    finally:
+        assert await peer.stop() == 0, peer.log()
+    got = json.loads((tmp_path / "practitioner.json").read_text(encoding="utf-8"))
+    assert (got["video"]["width"], got["video"]["height"]) == (FAKE_WIDTH, FAKE_HEIGHT)
