@@ -91,6 +91,7 @@ async def cell(variant: str, narrow_s: float, wide_s: float) -> dict[str, Any]:
                     row["detector"] = estimator.detector.state().name.lower()
                     if isinstance(control, aiortc_rate.SteadyAimd):
                         row["decreases"] = f"{control.decreases}+{control.gentle}"
+                        row["held"] = estimator.held
                 if loss is not None:
                     row["cap_kbps"] = round(loss.cap_bps / 1000) if loss.cap_bps else None
                     row["loss_cuts"] = loss.decreases

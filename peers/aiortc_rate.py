@@ -38,6 +38,9 @@ whose estimate the receiver sends as REMB (rtcrtpreceiver.py:490), and its
   to come back. A throughput far below the capacity (a real drop of the link) moves
   the capacity halfway to it instead of erasing it (rate.py:129-135 erases it), so
   one burst does not make the estimate forget the link.
+- An overuse within ``STALL_GRACE_MS`` of a stall of this process's event loop
+  (``LoopWatch``) holds the estimate instead of lowering it: aiortc stamps arrivals on
+  that loop (rtcdtlstransport.py:668), so on a busy machine a stall reads as queueing.
 - The estimate never goes below ``MIN_BPS`` (the sender's floor, peers/aiortc_send.py).
 
 And on the sending side, ``RTCRtpSender._handle_rtcp_packet`` (rtcrtpsender.py:243)
@@ -78,7 +81,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiortc import codecs, rate, rtcrtpreceiver
+from aiortc import clock, codecs, rate, rtcrtpreceiver
 from aiortc.rate import BandwidthUsage, RateControlState
 from aiortc.rtcrtpparameters import RTCRtcpFeedback, RTCRtpHeaderExtensionParameters
 from aiortc.rtcrtpreceiver import RTCRtpReceiver
@@ -98,6 +101,7 @@ __all__ = [
     "FAR_GROWTH",
     "MIN_BPS",
     "REDUCE_INTERVAL_MS",
+    "LoopWatch",
     "LossBased",
     "SteadyAimd",
     "SteadyEstimator",
@@ -111,6 +115,9 @@ FAR_GROWTH = 1.5  # per second, back towards the capacity last measured
 NEAR_SIGMAS = 3.0  # within this many deviations of the capacity: additive increase
 REDUCE_INTERVAL_MS = 200  # libwebrtc: min(max(rtt, 10 ms), 200 ms); aiortc's rtt is fixed at 200
 BETA = 0.85
+WATCH_TICK_S = 0.01
+STALL_S = 0.05  # the event loop late by this much: it stood still
+STALL_GRACE_MS = 500  # an overuse this soon after a stall is the stall's backlog
 INCREASE_LIMIT = 2.0  # x the throughput, + 10 kbit/s (aiortc rate.py:149 and libwebrtc: 1.5)
 DROP = 0.75  # an overuse takes at least this much of the estimate away (every 200 ms)
 
@@ -210,6 +217,39 @@ class SteadyAimd(rate.AimdRateControl):
         self._update_max_throughput_estimate(throughput_kbps)
 
 
+class LoopWatch:
+    """When this process's event loop last stood still, on aiortc's clock (``clock.current_ms``).
+
+    aiortc stamps a packet's arrival when its event loop gets to it (rtcdtlstransport.py:668),
+    so a stall of the process (a busy machine, a slow decode) shows as queueing: the
+    packets read after it look late, then bunched. libwebrtc stamps arrivals on a network
+    thread and needs no such watch.
+    """
+
+    def __init__(self) -> None:
+        self.stalled_at_ms: int | None = None
+        self.stalls = 0
+        self.task: asyncio.Task[None] | None = None
+        with contextlib.suppress(RuntimeError):  # no running loop: no watch (unit tests)
+            self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            before = time.monotonic()
+            await asyncio.sleep(WATCH_TICK_S)
+            if time.monotonic() - before - WATCH_TICK_S > STALL_S:
+                self.stalled_at_ms = clock.current_ms()
+                self.stalls += 1
+
+    def recent(self, now_ms: int) -> bool:
+        """Whether the loop stood still within the last ``STALL_GRACE_MS``."""
+        return self.stalled_at_ms is not None and now_ms - self.stalled_at_ms < STALL_GRACE_MS
+
+    def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+
+
 class SteadyEstimator(rate.RemoteBitrateEstimator):
     """aiortc's abs-send-time estimator with ``SteadyAimd`` and libwebrtc's reduce interval."""
 
@@ -217,6 +257,8 @@ class SteadyEstimator(rate.RemoteBitrateEstimator):
         super().__init__()
         self.rate_control: SteadyAimd = SteadyAimd()
         self.estimates: list[tuple[int, int]] = []  # (arrival ms, bit/s) of each REMB value
+        self.watch = LoopWatch()
+        self.held = 0  # overuses not acted on: this process had just stood still
 
     def add(
         self, arrival_time_ms: int, abs_send_time: int, payload_size: int, ssrc: int
@@ -249,17 +291,21 @@ class SteadyEstimator(rate.RemoteBitrateEstimator):
             )
 
         incoming = self.incoming_bitrate.rate(arrival_time_ms)
+        usage = self.detector.state()
+        if usage == BandwidthUsage.OVERUSING and self.watch.recent(arrival_time_ms):
+            usage = BandwidthUsage.UNDERUSING  # hold: the queue was this process, not the link
+            self.held += 1
         due = (
             self.last_update_ms is None
             or arrival_time_ms - self.last_update_ms > self.rate_control.feedback_interval()
         )
-        if not due and self.detector.state() == BandwidthUsage.OVERUSING:
+        if not due and usage == BandwidthUsage.OVERUSING:
             due = incoming is not None and self.rate_control.time_to_reduce_further(
                 arrival_time_ms, incoming
             )
         if not due:
             return None
-        target = self.rate_control.update(self.detector.state(), incoming, arrival_time_ms)
+        target = self.rate_control.update(usage, incoming, arrival_time_ms)
         if target is None:
             return None
         self.last_update_ms = arrival_time_ms
@@ -537,6 +583,9 @@ def install() -> None:
         await original_rtp(self, packet, arrival_time_ms)
 
     async def stop(self: RTCRtpReceiver) -> None:
+        estimator = getattr(self, "_RTCRtpReceiver__remote_bitrate_estimator", None)
+        if isinstance(estimator, SteadyEstimator):
+            estimator.watch.stop()
         task = self.__dict__.pop("_epc_transport_cc_task", None)
         if task is not None:
             task.cancel()
