@@ -23,7 +23,7 @@ PY      := $(call q,$(value VENV)/bin/python)
 CONFIG_ := $(call q,$(value CONFIG))
 ARGS_   := $(call qs,$(value ARGS))
 
-.PHONY: demo-turn help redis-deps haproxy-deps cluster bench-cluster netem-probe bench-storm bench-recovery bench-network apt-systemd bench-browser bench-call patient practitioner bench-deps apt-nodejs setup system-deps turn-deps turn bench-turn browser-deps nginx-deps caddy-deps systemd-deps run-relay test lint demo bench bench-relay screenshots clean
+.PHONY: demo-turn help redis-deps haproxy-deps cluster bench-cluster netem-probe bench-storm bench-recovery bench-network bench-rate apt-systemd bench-browser bench-call patient practitioner bench-deps apt-nodejs setup system-deps turn-deps turn bench-turn browser-deps nginx-deps caddy-deps systemd-deps run-relay test lint demo bench bench-relay screenshots clean
 
 ## setup: a virtualenv with the pinned requirements, runtime and development (idempotent)
 setup: $(STAMP)
@@ -128,7 +128,7 @@ patient practitioner: setup
 	$(PY) -m peers.$@ --config $(CONFIG_) $(if $(value SESSION),--session=$(call q,$(value SESSION))) $(ARGS_)
 
 ## bench: every benchmark
-bench: bench-relay bench-storm bench-call bench-browser bench-turn bench-recovery bench-network netem-probe
+bench: bench-relay bench-storm bench-call bench-browser bench-turn bench-recovery bench-network bench-rate netem-probe
 
 ## turn: a local coturn from the turn: section of CONFIG (Ctrl-C stops it)
 turn: setup turn-deps
@@ -145,6 +145,10 @@ netem-probe: setup system-deps
 ## bench-network: issue 13's table: every bad link x aiortc/Chromium pairings, at the practitioner (as root; ARGS="--seconds 10 --runs 1 --links ... --pairings ...")
 bench-network: setup system-deps browser-deps
 	$(PY) -m bench.network $(ARGS_)
+
+## bench-rate: 300 kbit/s then a clean link, the receiver's estimate patched vs aiortc's (as root)
+bench-rate: setup system-deps
+	$(PY) -m bench.rate $(ARGS_)
 
 ## bench-call: calls through the relay and the peers' command lines vs two bare aiortc peers (as root)
 bench-call: setup system-deps

@@ -37,7 +37,8 @@ The patches:
   96 kbit/s without (codecs/opus.py:34, :37).
 - ``steady_media``: the media path that holds on lossy links and narrow ones, from
   the siblings ``peers/aiortc_receive.py`` and ``peers/aiortc_send.py`` (the VP8
-  floor and the resolution / frame-rate ladder) (whole replacements of aiortc's ``NackGenerator``,
+  floor and the resolution / frame-rate ladder) and ``peers/aiortc_rate.py`` (the
+  receiver's bandwidth estimate, sent as REMB) (whole replacements of aiortc's ``NackGenerator``,
   its video ``JitterBuffer`` and ``RemoteStreamTrack.recv``; the lines it
   replaces are named there).
 """
@@ -60,7 +61,7 @@ from aioice.turn import TurnClientMixin, TurnTransport
 from aiortc import RTCDtlsTransport, RTCIceTransport, RTCRtpReceiver, RTCRtpSender
 from aiortc.codecs import opus
 
-from peers import aiortc_receive, aiortc_send
+from peers import aiortc_rate, aiortc_receive, aiortc_send
 from peers.errors import PeerError
 
 __all__ = [
@@ -126,6 +127,7 @@ def steady_media() -> None:
     """
     aiortc_receive.install()
     aiortc_send.install()
+    aiortc_rate.install()
     opus_settings()
 
 

@@ -33,6 +33,7 @@ __all__ = [
     "Ladder",
     "Sent",
     "install",
+    "ladder_of",
     "last_sent",
     "sent_video",
 ]
@@ -40,7 +41,7 @@ __all__ = [
 FLOOR_BPS = 30_000
 BITS_PER_PIXEL = 0.03  # per frame: 640x480 at 30 fps needs 276 kbit/s, 320x240 69 kbit/s
 RUNGS = ((1.0, 1), (0.75, 1), (0.5, 1), (0.5, 2), (0.5, 3))  # (scale, keep 1 frame in n)
-UP_MARGIN = 1.3
+UP_MARGIN = 1.0  # the next rung needs 1.8-2.25 x the pixels: hysteresis enough
 UP_AFTER_S = 3.0
 
 
@@ -135,6 +136,16 @@ def install() -> None:
         return payloads, timestamp
 
     vpx.Vp8Encoder.encode = encode  # type: ignore[method-assign]
+
+
+def ladder_of(pc: Any) -> Ladder | None:
+    """The ladder of an RTCPeerConnection's video encoder (None before it encodes)."""
+    for sender in pc.getSenders():
+        encoder = getattr(sender, "_RTCRtpSender__encoder", None)
+        if sender.kind == "video" and encoder is not None:
+            ladder: Ladder | None = getattr(encoder, "_epc_ladder", None)
+            return ladder
+    return None
 
 
 def sent_video(pc: Any) -> Sent | None:

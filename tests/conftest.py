@@ -14,6 +14,9 @@ import relay
 from tests.browser import Browsers, chromium_missing
 from tests.support import running_relay
 
+# Fixtures of helper modules that several test modules use (net, link_pair).
+pytest_plugins = ["tests.webcall", "tests.mediacheck"]
+
 # Hypothesis on a shared 2-core machine: no per-example deadline and no
 # too_slow/data_too_large health checks (they measure the machine's load, not
 # the code); the number of examples is Hypothesis's own default and is not

@@ -1,0 +1,81 @@
+"""What the calls through the link emulator share: root check, namespaces, loop stalls, audio.
+
+Shared by tests/test_media.py and tests/test_rate.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+import pytest_asyncio
+
+from peers.media import Received
+from peers.netns import Netns, Network, netns_missing
+from tests import netem
+from tests.nat import iptables_missing
+
+needs_root = pytest.mark.skipif(
+    (reason := netns_missing() or iptables_missing()) is not None, reason=reason or ""
+)
+
+
+@pytest_asyncio.fixture
+async def link_pair() -> AsyncIterator[tuple[Netns, Netns, str]]:
+    """Namespaces a (198.18.0.1, the patient) and b (198.18.0.2) on one veth; a's end of it."""
+    async with Network("media") as net:
+        yield await netem.pair(net)
+
+
+class LoopLag:
+    """This process's event-loop stalls: what the machine's load costs every frame here.
+
+    Both calls run in this process, so a stall delays sending and receiving
+    alike; the link and the receive path cannot help it. On the shared 2-core
+    machine (load average 14-25 when this was written) a clean link shows gaps
+    of 1.3 s and frames 0.9 s late from stalls alone; the assertions below judge
+    the rest.
+    """
+
+    TICK_S = 0.01
+
+    def __init__(self) -> None:
+        self.stalls: list[tuple[float, float]] = []  # (when it ended, seconds lost)
+        self.task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> LoopLag:
+        self.task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self.task is not None
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+
+    async def _run(self) -> None:
+        while True:
+            before = time.monotonic()
+            await asyncio.sleep(self.TICK_S)
+            now = time.monotonic()
+            if (lag := now - before - self.TICK_S) > 0.02:
+                self.stalls.append((now, lag))
+
+    def between(self, start: float, end: float) -> float:
+        """Seconds this process stood still between ``start`` and ``end``."""
+        return sum(
+            min(t, end) - max(t - lag, start)
+            for t, lag in self.stalls
+            if t > start and t - lag < end
+        )
+
+
+def audio_counts(got: Received) -> tuple[int, int, int]:
+    """Audio frames of media time so far (played or not: 20 ms each), missing and concealed.
+
+    Media time, not frames counted on arrival: under load audio arrives late, not lost.
+    """
+    return (got.audio_pts or 0) // 960, got.audio_missing, got.audio_concealed

@@ -1,0 +1,299 @@
+"""The bandwidth estimate on narrow links (issue 13): peers/aiortc_rate.py.
+
+First its parts with hand-made inputs (no I/O), each beside aiortc's own class doing
+worse on the same input; then two aiortc Calls in two namespaces on a 300 kbit/s
+link (tests/netem.py), judged on the stamped frames and the audio that reach the
+practitioner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import statistics
+import struct
+import time
+from pathlib import Path
+
+import pytest
+from aiortc import rate
+from aiortc.rate import BandwidthUsage
+
+from peers import aiortc_send, stats
+from peers.aiortc_rate import (
+    REDUCE_INTERVAL_MS,
+    LossBased,
+    SteadyAimd,
+    SteadyEstimator,
+    TransportFeedback,
+)
+from peers.aiortc_send import RUNGS
+from peers.netns import Netns
+from tests.browser import wait_state
+from tests.inprocess import LocalPair
+from tests.mediacheck import LoopLag, audio_counts, needs_root
+from tests.netem import Impairment, Link
+from tests.support import within
+from tests.webcall import FAKE_HEIGHT, FAKE_WIDTH, Net, aiortc_peer, grows
+
+NORMAL, OVERUSING = BandwidthUsage.NORMAL, BandwidthUsage.OVERUSING
+
+
+def climb(control: rate.AimdRateControl, throughput: int, start_ms: int, seconds: float) -> int:
+    """The estimate after ``seconds`` of "normal" at ``throughput``, updated every 500 ms."""
+    estimate = control.current_bitrate
+    for step in range(1, int(seconds * 2) + 1):
+        estimate = control.update(NORMAL, throughput, start_ms + 500 * step) or estimate
+    return estimate
+
+
+@pytest.mark.parametrize("kind", [SteadyAimd, rate.AimdRateControl], ids=["patched", "aiortc"])
+def test_one_overuse_of_an_undershooting_sender_costs_a_quarter_at_most(
+    kind: type[rate.AimdRateControl],
+) -> None:
+    """An overuse while the sender sends half its 100 kbit/s estimate leaves 75 kbit/s (aiortc:
+    0.85 x the 50 kbit/s sent), and 5 s of "normal" bring back 100 (aiortc: under 75)."""
+    control = kind()
+    control.set_estimate(100_000, 0)
+    after = control.update(OVERUSING, 50_000, 1000)
+    back = climb(control, 50_000, 1000, 5)
+    if kind is rate.AimdRateControl:
+        assert after == 42_500 and back < 75_000
+        return
+    assert after == 75_000
+    assert back >= 100_000
+
+
+@pytest.mark.parametrize("kind", [SteadyAimd, rate.AimdRateControl], ids=["patched", "aiortc"])
+def test_after_a_drop_the_estimate_is_back_at_the_link_within_2_s(
+    kind: type[rate.AimdRateControl],
+) -> None:
+    """After an overuse at the link's 250 kbit/s and a second one at 120, "normal" at 150 takes
+    the estimate back to 220 within 2 s (aiortc: 4 kbit/s a second from 102)."""
+    control = kind()
+    control.set_estimate(300_000, 0)
+    control.update(OVERUSING, 250_000, 1000)  # the link's rate: capacity 250
+    low = control.update(OVERUSING, 120_000, 1500)
+    assert low is not None
+    back = climb(control, 150_000, 1500, 2)
+    if kind is rate.AimdRateControl:
+        assert low == 102_000 and back < 130_000
+        return
+    assert low == int(0.75 * 225_000)  # a quarter at most: the sender sent half
+    assert back >= 220_000
+
+
+def overusing_packets(estimator: rate.RemoteBitrateEstimator) -> list[int]:
+    """Feed 4 s of 1200-byte packets sent at 600 kbit/s into a 300 kbit/s bottleneck; the REMBs."""
+    rembs = []
+    arrival = 0.0
+    for n in range(int(600_000 / 8 / 1200 * 4)):  # 4 s
+        sent_s = n * 1200 * 8 / 600_000
+        arrival = max(sent_s + 0.04, arrival + 1200 * 8 / 300_000)
+        abs_send_time = int(sent_s * (1 << 18)) & 0xFFFFFF
+        out = estimator.add(int(arrival * 1000), abs_send_time, 1200, 1234)
+        if out is not None:
+            rembs.append(out[0])
+    return rembs
+
+
+def test_an_overuse_lowers_the_estimate_every_200_ms_not_on_every_packet() -> None:
+    """Into a queue that keeps growing, aiortc's estimator sends a REMB on every packet; the
+    patched one at most every 200 ms, and both settle at 0.85 x the link's rate."""
+    estimator = SteadyEstimator()
+    patched = overusing_packets(estimator)
+    upstream = overusing_packets(rate.RemoteBitrateEstimator())
+    assert len(upstream) > 5 * len(patched)
+    arrivals = [at for at, _ in estimator.estimates]
+    assert min(b - a for a, b in itertools.pairwise(arrivals)) >= REDUCE_INTERVAL_MS
+    assert patched[-1] == upstream[-1] == pytest.approx(0.85 * 300_000, rel=0.05)
+
+
+def test_the_loss_cap_halves_the_loss_and_grows_back_8_percent_a_second() -> None:
+    """Over 10 % lost, the cap falls by half the loss (at most once per 0.3 s + rtt); under 2 %
+    it grows 8 % a second and gives way to the REMB once it reaches it."""
+    loss = LossBased(rtt_s=0.1)
+    loss.on_remb(400_000)
+    assert loss.target() == 400_000
+    loss.on_report(0.2, 10.0)
+    assert loss.target() == 360_000
+    loss.on_report(0.2, 10.2)  # too soon after the last cut
+    assert loss.target() == 360_000
+    loss.on_report(0.05, 11.0)  # between the thresholds: held
+    assert loss.target() == 360_000
+    loss.on_report(0.0, 12.0)
+    assert loss.target() == int(360_000 * 1.08 + 1000)
+    loss.on_remb(300_000)  # the cap never stands above the REMB
+    assert loss.target() == 300_000
+    loss.on_report(0.0, 13.0)
+    assert loss.cap_bps is None and loss.target() == 300_000
+
+
+def parse_feedback(data: bytes) -> tuple[int, int, int, list[int | None]]:
+    """(base, status count, reference us, each packet's arrival us or None), by the draft."""
+    first, kind, words = struct.unpack("!BBH", data[:4])
+    assert (first & 0xC0, first & 0x1F, kind, (words + 1) * 4) == (0x80, 15, 205, len(data))
+    if first & 0x20:
+        data = data[: -data[-1]]
+    base, count, reference_and_count = struct.unpack("!HHI", data[12:20])
+    reference_us = (reference_and_count >> 8) * 64_000
+    at = 20
+    symbols: list[int] = []
+    while len(symbols) < count:
+        (chunk,) = struct.unpack("!H", data[at : at + 2])
+        assert chunk >> 15 == 0  # run-length chunks only
+        symbols += [chunk >> 13 & 3] * (chunk & 0x1FFF)
+        at += 2
+    arrivals: list[int | None] = []
+    now = reference_us
+    for symbol in symbols:
+        if symbol == 0:
+            arrivals.append(None)
+            continue
+        size = 1 if symbol == 1 else 2
+        (delta,) = struct.unpack("!B" if size == 1 else "!h", data[at : at + size])
+        at += size
+        now += delta * 250
+        arrivals.append(now)
+    return base, count, reference_us, arrivals
+
+
+def test_transport_feedback_reports_each_packet_with_its_arrival_in_250_us_steps() -> None:
+    """A feedback packet (RTPFB FMT 15) names the base sequence number, marks the missing one,
+    and gives each arrival (small, large and negative deltas) to 250 us; the next one starts
+    after it, across the 16-bit wrap."""
+    feedback = TransportFeedback()
+    arrivals = {65534: 1_000_000, 65535: 1_000_500, 1: 1_200_000, 2: 1_199_000}
+    for seq, at in arrivals.items():
+        feedback.add(seq, at)
+    data = feedback.build(0x1111, 0x2222)
+    assert data is not None and len(data) % 4 == 0
+    assert struct.unpack("!II", data[4:12]) == (0x1111, 0x2222)
+    base, count, _, got = parse_feedback(data)
+    assert (base, count) == (65534, 5)
+    assert got == [1_000_000, 1_000_500, None, 1_200_000, 1_199_000]
+    assert feedback.build(0x1111, 0x2222) is None  # nothing new
+    feedback.add(3, 1_300_000)
+    data = feedback.build(0x1111, 0x2222)
+    assert data is not None
+    assert parse_feedback(data)[:2] == (3, 1)
+
+
+# -- a call on a 300 kbit/s link ---------------------------------------------------------------
+
+NARROW = Impairment(delay_ms=40, rate_kbit=300, queue_ms=100)
+NARROW_S = 30
+LAST_S = 15
+CALM_STALL_S = 0.1  # a second in which the event loop stood still less than this is "calm"
+MIN_CALM = 5  # fewer calm seconds than this: the frame rate is not judged (the share still is)
+
+
+def full_rate_share(pc: object, start: float, end: float) -> float:
+    """The share of ``start``..``end`` the video sender's ladder spent keeping every frame."""
+    ladder = aiortc_send.ladder_of(pc)
+    assert ladder is not None
+    rung, spans = 0, 0.0
+    at = start
+    for when, new in ladder.history:
+        if when > start:
+            spans += (min(when, end) - at) * (RUNGS[rung][1] == 1)
+            at = min(when, end)
+        rung = new
+    spans += (end - at) * (RUNGS[rung][1] == 1)
+    return spans / (end - start)
+
+
+def fps_per_second(times: list[float], start: float, end: float) -> list[int]:
+    """Frames shown in each whole second from ``start`` to ``end``."""
+    return [
+        sum(1 for t in times if start + i <= t < start + i + 1) for i in range(int(end - start))
+    ]
+
+
+@needs_root
+@pytest.mark.netns
+@pytest.mark.asyncio
+async def test_at_300_kbits_video_steps_down_and_keeps_its_frame_rate(
+    link_pair: tuple[Netns, Netns, str],
+) -> None:
+    """A 640x480 call through 300 kbit/s with 40 ms each way: over the last 15 s of 30, sent
+    below 640x480 keeping every frame at least half the time, a median of 18 frames a second in
+    the seconds this process did not stall, and the audio not starved."""
+    a, b, dev = link_pair
+    pair = LocalPair(namespaces=(a, b), width=640, height=480, fps=30, video=(True, False))
+    async with contextlib.aclosing(pair), LoopLag() as lag, Link(a, dev, both=NARROW):
+        await within(pair.connect(), 2)
+        await within(pair.b.receiver.frames(1, 10), 4)
+        got = pair.b.receiver.received
+        audio = {call.name: audio_counts(call.receiver.received) for call in pair.calls}
+        await asyncio.sleep(NARROW_S)
+        end = time.monotonic()
+        sent = aiortc_send.sent_video(pair.a.pc)
+        felt = stats.media_summary(pair.a)
+        times = [t for t, _, _ in got.history if end - LAST_S <= t <= end]
+        per_second = fps_per_second(times, end - LAST_S, end)
+        # A second in which this process stood still says nothing of the media path.
+        calm = [
+            fps
+            for i, fps in enumerate(per_second)
+            if lag.between(end - LAST_S + i, end - LAST_S + i + 1) < CALM_STALL_S
+        ]
+        stalled = lag.between(end - LAST_S, end)
+        full = full_rate_share(pair.a.pc, end - LAST_S, end)
+        seen = (
+            f"fps {per_second} ({len(calm)} calm seconds), every frame kept {full:.0%} "
+            f"of the time, stalled {stalled:.1f} s"
+        )
+        assert sent is not None and sent.width < 640, sent
+        assert felt["sending"]["width"] == sent.width
+        assert full >= 0.5, seen  # resolution first: aiortc's estimate halves the frame rate
+        if len(calm) >= MIN_CALM:
+            assert statistics.median(calm) >= 18, seen
+        for call in pair.calls:
+            media, missing, concealed = (
+                now - then
+                for now, then in zip(
+                    audio_counts(call.receiver.received), audio[call.name], strict=True
+                )
+            )
+            assert media >= 50 * NARROW_S * 0.8, (call.name, media)
+            assert missing + concealed <= 0.1 * media, (call.name, media, missing, concealed)
+
+
+# -- Chromium sending to an aiortc practitioner on a clean link ---------------------------------
+
+OUT_WIDTH = "epedicare.stats ? epedicare.stats.outVideo.width : null"
+CHROMIUM_640_S = 15  # Chromium to Chromium sends 640x480 from its first frames
+
+
+@pytest.mark.netns
+@pytest.mark.asyncio
+async def test_chromium_sending_to_aiortc_reaches_640x480_as_to_chromium(
+    net: Net, tmp_path: Path
+) -> None:
+    """A Chromium patient sending to an aiortc practitioner on a clean link sends 640x480 (its
+    camera's size) within 15 s of its first bytes, as it does to another Chromium, and the
+    practitioner decodes 640x480."""
+    peer = await aiortc_peer(net, "practitioner", tmp_path, "rate-640")
+    try:
+        page = await net.page("patient", "rate-640")
+        await wait_state(page, "connected", units=3)
+        await page.bring_to_front()
+        await grows(page, "outVideo.bytes", 1, units=3)
+        widths = []
+
+        async def reaches_640() -> None:
+            while (width := await page.evaluate(OUT_WIDTH)) != FAKE_WIDTH:
+                widths.append(width)
+                await asyncio.sleep(0.5)
+
+        try:
+            await asyncio.wait_for(reaches_640(), CHROMIUM_640_S)
+        except TimeoutError:
+            pytest.fail(f"Chromium sent {sorted(set(widths))} wide for {CHROMIUM_640_S} s")
+    finally:
+        assert await peer.stop() == 0, peer.log()
+    got = json.loads((tmp_path / "practitioner.json").read_text(encoding="utf-8"))
+    assert (got["video"]["width"], got["video"]["height"]) == (FAKE_WIDTH, FAKE_HEIGHT)
