@@ -543,6 +543,48 @@ async def test_shutdown_holds_its_bound_with_a_client_that_never_reads(tmp_path:
     assert took <= 2 + 0.5, f"shutdown took {took:.2f} s"
 
 
+async def test_shutdown_bound_is_the_process_exit_with_two_thousand_connections(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM with 2,000 connections that never answer the close: the process is gone in time."""
+    bound = 2.0
+    limits = {
+        **NO_RATE_LIMIT,
+        "shutdown_timeout_s": bound,
+        "close_timeout_s": 10,
+        "join_timeout_s": 60,
+        "write_buffer_bytes": 4 * MIB,  # the non-readers are not cut before the signal
+        "max_connections_per_address": 10_000,
+        "handshakes_per_second_per_address": 1_000_000,
+    }
+    running = RelayProcess(write_yaml(tmp_path / "c.yaml", {"limits": limits}))
+    await running.start()
+    assert running.process is not None
+    proc = running.process.proc
+    gate = asyncio.Semaphore(100)
+
+    async def one(n: int) -> asyncio.StreamWriter:
+        async with gate:  # raw: none ever reads or answers the close frame
+            _, writer = await raw_websocket(running.port, rcvbuf=4096 if n % 4 == 0 else None)
+        if n % 4 == 0:  # a quarter also leave pongs unread in full buffers
+            writer.write(masked_frame(PING, b"p" * 125) * 64)
+        return writer
+
+    writers = await within(asyncio.gather(*(one(n) for n in range(2000))), 12)
+    loop = asyncio.get_running_loop()
+    try:
+        started = loop.time()
+        proc.send_signal(signal.SIGTERM)
+        assert await within(proc.wait(), 4) == 0
+        took = loop.time() - started
+    finally:
+        for writer in writers:
+            writer.transport.abort()
+    assert took <= bound + relay.EXIT_MARGIN_S + 1.0, (
+        f"the relay exited {took:.2f} s after SIGTERM:\n" + "\n".join(running.log[-5:])
+    )
+
+
 async def test_https_answers_carry_hsts(tmp_path: Path) -> None:
     """With TLS every HTTP answer has Strict-Transport-Security; without, none."""
     cert, key = self_signed(tmp_path)
