@@ -30,6 +30,7 @@ from websockets.exceptions import ConnectionClosedError, InvalidStatus
 import relay
 from tests.processes import RelayProcess
 from tests.support import (
+    TIMEOUT,
     Client,
     http_get,
     pair,
@@ -603,6 +604,32 @@ async def test_https_answers_carry_hsts(tmp_path: Path) -> None:
 
 
 # -- 11. the listen backlog ---------------------------------------------------------------------
+
+
+async def test_a_handshake_past_max_handshakes_gets_503_with_retry_after() -> None:
+    """With limits.max_handshakes in progress, a new WebSocket is answered 503 + Retry-After."""
+    async with running_relay(relay_config(limits={"max_handshakes": 1})) as running:
+        # Accepted and never sends its request: one handshake in progress.
+        _, idle = await within(asyncio.open_connection("127.0.0.1", running.port))
+        try:
+            async with asyncio.timeout(TIMEOUT):
+                while running.relay.handshaking < 1:
+                    await asyncio.sleep(0.01)
+            with pytest.raises(InvalidStatus) as refused:
+                await within(connect(running.url))
+            response = refused.value.response
+            assert response.status_code == 503
+            assert response.headers["Retry-After"] == "3"  # 1 + 2 in progress // 1
+            assert running.state.stats.errors["busy"] == 1
+            status, _, _ = await http_get(running.port, "/health")  # plain HTTP still answers
+            assert status == 200
+        finally:
+            idle.close()
+        async with asyncio.timeout(TIMEOUT):
+            while running.relay.handshaking:
+                await asyncio.sleep(0.01)
+        client = await Client.open(running.url)  # the queue gone, a handshake goes through
+        await client.ws.close()
 
 
 async def test_a_backlog_above_somaxconn_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
