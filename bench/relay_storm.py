@@ -134,8 +134,15 @@ async def open_all(seats: list[Seat], url: str, concurrency: int) -> None:
 
     async def one(seat: Seat) -> None:
         async with gate:
-            reply = await seat.join(url)
-            assert reply["type"] == "joined", reply
+            for attempt in range(10):  # on a busy machine a first handshake may time out
+                try:
+                    reply = await seat.join(url)
+                except (OSError, TimeoutError, InvalidHandshake, ConnectionClosed):
+                    await asyncio.sleep(0.5 * 2 ** min(attempt, 3))
+                    continue
+                assert reply["type"] == "joined", reply
+                return
+            raise RuntimeError(f"{seat.session} {seat.role}: could not join in 10 tries")
 
     await asyncio.gather(*(one(seat) for seat in seats))
 
