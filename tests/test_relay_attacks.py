@@ -636,7 +636,7 @@ async def test_shutdown_bound_is_the_process_exit_with_two_thousand_connections(
             writer.write(masked_frame(PING, b"p" * 125) * 64)
         return writer
 
-    writers = await within(asyncio.gather(*(one(n) for n in range(2000))), 12)
+    writers = await within(asyncio.gather(*(one(n) for n in range(2000))), 24)
     loop = asyncio.get_running_loop()
     try:
         started = loop.time()
