@@ -2317,6 +2317,7 @@ class RelayConnection(ServerConnection):
     conn_id: int = 0  # set by Relay.handler
     client_address: str = ""  # set by Relay.process_request
     busy: bool = False  # accepted past limits.max_handshakes: answered 503
+    accepted_at: float = 0.0  # the event loop's time at the accept
 
     def __init__(self, protocol: ServerProtocol, *args: Any, **kwargs: Any) -> None:
         super().__init__(protocol, *args, **kwargs)
@@ -2331,6 +2332,7 @@ class RelayConnection(ServerConnection):
     async def handshake(self, *args: Any, **kwargs: Any) -> None:
         # Counted from the accept (websockets starts this task then) to the answer.
         relay = self.relay
+        self.accepted_at = asyncio.get_running_loop().time()
         self.busy = relay.handshaking >= relay.config.limits.max_handshakes
         relay.handshaking += 1
         try:
@@ -2523,7 +2525,7 @@ class Relay:
             ws.client_address = address
         path = urlsplit(request.path).path
         if path == "/ws":
-            if isinstance(ws, RelayConnection) and ws.busy:
+            if isinstance(ws, RelayConnection) and (ws.busy or self.late(ws)):
                 return self.busy_response()
             if not self.origin_allowed(request):
                 self.state.stats.errors["bad-origin"] += 1
@@ -2563,6 +2565,11 @@ class Relay:
             body = json.dumps(public_ice(self.config.browser_ice)).encode()
             return self.http_response(200, body, "application/json")
         return self.static_file(path)
+
+    def late(self, ws: RelayConnection) -> bool:
+        """Its request waited half of limits.open_timeout_s: the relay cannot keep up, shed it."""
+        waited = asyncio.get_running_loop().time() - ws.accepted_at
+        return waited > self.config.limits.open_timeout_s / 2
 
     def busy_response(self) -> Response:
         """HTTP 503 past limits.max_handshakes; Retry-After grows with the queue."""
