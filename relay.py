@@ -47,6 +47,7 @@ import secrets
 import signal
 import ssl
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Generator, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -115,6 +116,10 @@ LINK_TTL_MAX_S: Final = 30 * 86_400  # the longest consultation link (invite, th
 REDIS_URL_ENV: Final = "EPEDICARE_REDIS_URL"
 REDIS_SCHEMES: Final = ("redis", "rediss", "unix")
 TURN_TTL_MAX_S: Final = 86_400  # the longest TURN credential the relay mints (24 h)
+BUSY_RETRY_MAX_S: Final = 10  # the longest Retry-After of a 503 past limits.max_handshakes
+# SIGTERM to exit, at most limits.shutdown_timeout_s plus this: past it the
+# event loop's own teardown is cut short (see run()).
+EXIT_MARGIN_S: Final = 0.5
 FD_MARGIN: Final = 64  # descriptors beyond max_connections: listener, logs, DNS, metrics
 LOOPBACK_NETS: Final = ("127.0.0.0/8", "::1/128")
 
@@ -160,6 +165,12 @@ class Limits:
     max_connections: int = 10_000
     max_sessions: int = 5_000
     join_timeout_s: float = 10.0
+    # The opening handshake (TCP accepted to HTTP 101), websockets' open_timeout.
+    open_timeout_s: float = 10.0
+    # Handshakes in progress (accepted, not yet answered). Past it, a new
+    # connection is answered 503 with Retry-After at once: in a reconnect storm
+    # the excess backs off instead of timing out behind thousands of others.
+    max_handshakes: int = 500
     ping_interval_s: float = 20.0
     ping_timeout_s: float = 20.0
     close_timeout_s: float = 5.0
@@ -323,6 +334,8 @@ class RelayConfig:
             max_connections=limits.integer("max_connections", d.max_connections),
             max_sessions=limits.integer("max_sessions", d.max_sessions),
             join_timeout_s=limits.number("join_timeout_s", d.join_timeout_s),
+            open_timeout_s=limits.number("open_timeout_s", d.open_timeout_s),
+            max_handshakes=limits.integer("max_handshakes", d.max_handshakes),
             ping_interval_s=limits.number("ping_interval_s", d.ping_interval_s),
             ping_timeout_s=limits.number("ping_timeout_s", d.ping_timeout_s),
             close_timeout_s=limits.number("close_timeout_s", d.close_timeout_s),
@@ -2303,15 +2316,33 @@ class RelayConnection(ServerConnection):
     relay: Relay  # set on the subclass that Relay makes for itself
     conn_id: int = 0  # set by Relay.handler
     client_address: str = ""  # set by Relay.process_request
+    busy: bool = False  # accepted past limits.max_handshakes: answered 503
+    accepted_at: float = 0.0  # the event loop's time at the accept
 
     def __init__(self, protocol: ServerProtocol, *args: Any, **kwargs: Any) -> None:
         super().__init__(protocol, *args, **kwargs)
+        self.relay.live.add(self)
         self.api_body = ApiBodyReader(protocol.reader)
         protocol.reader.read_line = self.api_body.read_line  # type: ignore[method-assign]
         # websockets started its HTTP parser in ServerProtocol.__init__ with the
         # reader's own read_line bound in: start it again (no byte has come yet).
         protocol.parser = protocol.parse()
         next(protocol.parser)
+
+    async def handshake(self, *args: Any, **kwargs: Any) -> None:
+        # Counted from the accept (websockets starts this task then) to the answer.
+        relay = self.relay
+        self.accepted_at = asyncio.get_running_loop().time()
+        self.busy = relay.handshaking >= relay.config.limits.max_handshakes
+        relay.handshaking += 1
+        try:
+            await super().handshake(*args, **kwargs)
+        finally:
+            relay.handshaking -= 1
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.relay.live.discard(self)
+        super().connection_lost(exc)
 
     def pause_writing(self) -> None:
         self.relay.slow_reader(self)
@@ -2341,6 +2372,10 @@ class Relay:
         )
         self.tls = config.tls.cert is not None
         self.stopping = False
+        # Every connection with its socket open (in its handshake too), and
+        # how many are in their opening handshake: see RelayConnection.
+        self.live: set[RelayConnection] = set()
+        self.handshaking = 0
         # This relay's name in a cluster: cluster.node_id, else host:port once bound.
         self.node_id = config.cluster.node_id or f"{config.host}:{config.port}"
         # Browsers from any origin may connect on loopback when nothing is exposed.
@@ -2490,6 +2525,8 @@ class Relay:
             ws.client_address = address
         path = urlsplit(request.path).path
         if path == "/ws":
+            if isinstance(ws, RelayConnection) and (ws.busy or self.late(ws)):
+                return self.busy_response()
             if not self.origin_allowed(request):
                 self.state.stats.errors["bad-origin"] += 1
                 logger.debug("refused a WebSocket from origin %r", request.headers.get("Origin"))
@@ -2550,6 +2587,21 @@ class Relay:
             except ProtocolError:
                 return []
         return turn_credentials(self.config.turn, session, role, now)
+
+    def late(self, ws: RelayConnection) -> bool:
+        """Its request waited half of limits.open_timeout_s: the relay cannot keep up, shed it."""
+        waited = asyncio.get_running_loop().time() - ws.accepted_at
+        return waited > self.config.limits.open_timeout_s / 2
+
+    def busy_response(self) -> Response:
+        """HTTP 503 past limits.max_handshakes; Retry-After grows with the queue."""
+        self.state.stats.errors["busy"] += 1
+        cap = self.config.limits.max_handshakes
+        response = self.http_response(
+            503, b"Too many connections opening: retry later.\n", "text/plain; charset=utf-8"
+        )
+        response.headers["Retry-After"] = str(min(BUSY_RETRY_MAX_S, 1 + self.handshaking // cap))
+        return response
 
     def consultations(self, ws: ServerConnection, request: Request) -> Response:
         """``POST /api/consultations``: a new session and its two links, for a booking system."""
@@ -2723,7 +2775,7 @@ async def serve_relay(config: RelayConfig) -> AsyncIterator[RunningRelay]:
         # Past it a client is cut (RelayConnection.pause_writing), never waited for.
         write_limit=limits.write_buffer_bytes,
         # Timeouts.
-        open_timeout=10,
+        open_timeout=limits.open_timeout_s,
         ping_interval=limits.ping_interval_s,
         ping_timeout=limits.ping_timeout_s,
         close_timeout=limits.close_timeout_s,
@@ -2755,24 +2807,36 @@ async def serve_relay(config: RelayConfig) -> AsyncIterator[RunningRelay]:
         logger.info("resume keys signed with a key %s", origin)
         yield running
     finally:
-        relay.stopping = True
-        server.close(code=CLOSE_GOING_AWAY, reason="relay shutting down")
-        # The bound holds: what has not closed by then (a client that never
-        # reads its close frame) is aborted, leaving a second for the handlers.
-        grace = max(limits.shutdown_timeout_s - 1.0, limits.shutdown_timeout_s / 2)
-        try:
-            await asyncio.wait_for(asyncio.shield(server.wait_closed()), grace)
-        except TimeoutError:
-            # Every connection, those still in their opening handshake included.
-            left = list(server.all_connections)  # aborting a closed one is a no-op
-            logger.warning("shutdown: aborting %d connections after %gs", len(left), grace)
-            for ws in left:
-                ws.transport.abort()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(server.wait_closed(), limits.shutdown_timeout_s - grace)
-        if relay.cluster is not None:
-            await relay.cluster.stop()
-        logger.info("relay stopped")
+        await _shut_down(relay, server, limits)
+
+
+async def _shut_down(relay: Relay, server: Server, limits: Limits) -> None:
+    """Close every connection with 1001 within limits.shutdown_timeout_s; abort the rest."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limits.shutdown_timeout_s
+    relay.stopping = True
+    server.close(code=CLOSE_GOING_AWAY, reason="relay shutting down")
+    # What has not closed a second before the bound (a client that never
+    # reads its close frame, a handshake still going) is aborted, leaving
+    # that second for the handlers to end.
+    grace = max(limits.shutdown_timeout_s - 1.0, limits.shutdown_timeout_s / 2)
+    try:
+        await asyncio.wait_for(asyncio.shield(server.wait_closed()), grace)
+    except TimeoutError:
+        left = list(relay.live)  # server.all_connections misses those in their handshake
+        logger.warning("shutdown: aborting %d connections after %gs", len(left), grace)
+        for ws in left:
+            ws.transport.abort()
+        # An aborted connection's handler may still wait on its close: end them all.
+        for task in list(server.handler_tasks):
+            task.cancel()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                asyncio.shield(server.wait_closed()), max(0.0, deadline - loop.time())
+            )
+    if relay.cluster is not None:
+        await relay.cluster.stop()
+    logger.info("relay stopped")
 
 
 def _somaxconn() -> int | None:
@@ -2869,13 +2933,36 @@ async def run(config: RelayConfig) -> None:
     """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    # The relay's own shutdown holds limits.shutdown_timeout_s; then
+    # asyncio.Runner cancels the tasks that remain and closes the loop, which
+    # with 10,000 connections took up to 12 s more. The bound is the
+    # process's: armed at the signal, a timer exits without that teardown
+    # once the bound (plus EXIT_MARGIN_S) has passed.
+    watchdog = threading.Timer(config.limits.shutdown_timeout_s + EXIT_MARGIN_S, _exit_now)
+    watchdog.daemon = True
+
+    def stopping() -> None:
+        if not stop.is_set():
+            watchdog.start()
+            stop.set()
+
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, stopping)
     for signum in (signal.SIGHUP, signal.SIGUSR1):
         loop.add_signal_handler(signum, _ignored, signum)
     async with serve_relay(config):
         await stop.wait()
         logger.info("signal received: closing every connection")
+
+
+def _exit_now() -> None:
+    logger.warning(
+        "shutdown: the event loop's teardown passed limits.shutdown_timeout_s + %gs; exiting",
+        EXIT_MARGIN_S,
+    )
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    os._exit(0)
 
 
 def _ignored(signum: int) -> None:

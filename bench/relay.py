@@ -36,11 +36,14 @@ import shutil
 import statistics
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from websockets.asyncio.client import connect
 
 from bench.tables import ratio_table
 
@@ -101,10 +104,12 @@ def pinned(cpu: int) -> list[str]:
 async def server(
     name: str, workdir: Path, loop: str, wrapper: tuple[str, ...] = ()
 ) -> AsyncIterator[Server]:
-    if name == "relay":
+    if name.startswith("relay"):
         config = workdir / "bench.yaml"
         config.write_text(BENCH_CONFIG)
-        argv = [sys.executable, str(ROOT / "relay.py"), "--config", str(config), "--loop", loop]
+        # relay-plain: the relay without ApiBodyReader (bench/relay_plain.py).
+        program = ["-m", "bench.relay_plain"] if name == "relay-plain" else [str(ROOT / "relay.py")]
+        argv = [sys.executable, *program, "--config", str(config), "--loop", loop]
         pattern = re.compile(r"relay listening on (ws://\S+)")
         stream = "stderr"
     else:
@@ -128,7 +133,7 @@ async def server(
         if not line:
             raise RuntimeError(f"{name} exited before listening")
         if match := pattern.search(line):
-            url = match.group(1) if name == "relay" else f"ws://127.0.0.1:{match.group(1)}/ws"
+            url = match.group(1) if name != "bare" else f"ws://127.0.0.1:{match.group(1)}/ws"
     # Both pipes read to the end, so that the server never blocks on a full one.
     assert proc.stdout is not None
     assert proc.stderr is not None
@@ -304,6 +309,61 @@ async def _callgrind_control(*argv: str) -> None:
         raise RuntimeError(f"callgrind_control {' '.join(argv)} failed")
 
 
+async def handshakes(srv: Server, count: int) -> tuple[float, float]:
+    """``count`` opening handshakes (then a close), 50 at a time: per second, and CPU µs each."""
+    gate = asyncio.Semaphore(50)
+
+    async def one() -> None:
+        async with gate:
+            ws = await connect(srv.url, compression=None, ping_interval=None, open_timeout=60)
+            await ws.close()
+
+    await asyncio.gather(*(one() for _ in range(200)))  # warm-up
+    cpu, started = srv.cpu_seconds(), time.monotonic()
+    await asyncio.gather(*(one() for _ in range(count)))
+    took, used = time.monotonic() - started, srv.cpu_seconds() - cpu
+    return count / took, used * 1e6 / count
+
+
+async def handshake_cost(args: argparse.Namespace) -> None:
+    """What ApiBodyReader (on every connection) costs a handshake: relay vs relay-plain.
+
+    Both servers run at once, pinned to CPU 0, and take turns of
+    ``--handshakes`` handshakes from a client in this process (pinned to
+    CPU 1), ``--repeat`` turns each, alternating which goes first.
+    """
+    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > LOADGEN_CPU:
+        os.sched_setaffinity(0, {LOADGEN_CPU})
+    figures: dict[str, list[tuple[float, float]]] = {"relay": [], "relay-plain": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        async with contextlib.AsyncExitStack() as stack:
+            servers = {
+                name: await stack.enter_async_context(server(name, Path(tmp), args.loop))
+                for name in figures
+            }
+            for n in range(args.repeat):
+                order = list(figures) if n % 2 == 0 else list(reversed(figures))
+                for name in order:
+                    figures[name].append(await handshakes(servers[name], args.handshakes))
+    rate = {name: statistics.median(r for r, _ in runs) for name, runs in figures.items()}
+    cost = {name: statistics.median(c for _, c in runs) for name, runs in figures.items()}
+    paired = [
+        (w[1] / p[1], w[0] / p[0])
+        for w, p in zip(figures["relay"], figures["relay-plain"], strict=True)
+    ]
+    print(
+        f"opening handshakes ({args.handshakes:,} a turn, {args.repeat} turns, 50 at a time): "
+        f"with ApiBodyReader {rate['relay']:,.0f}/s, {cost['relay']:,.0f} CPU µs each; "
+        f"without {rate['relay-plain']:,.0f}/s, {cost['relay-plain']:,.0f} µs"
+    )
+    print(
+        "  with/without, turn by turn (CPU per handshake, rate): "
+        + ", ".join(f"{c:.3f}x {r:.2f}x" for c, r in paired)
+        + f"; medians {statistics.median(c for c, _ in paired):.3f}x and "
+        f"{statistics.median(r for _, r in paired):.2f}x"
+    )
+
+
 def median_of(runs: list[Figures]) -> Figures:
     """The median of each figure over the runs."""
     return Figures(
@@ -345,6 +405,9 @@ def verdict(relay: Figures, rate_ratio: float, cost_ratio: float) -> str:
 
 
 async def main(args: argparse.Namespace) -> int:
+    if args.handshakes_only:
+        await handshake_cost(args)
+        return 0
     if shutil.which("node") is None or not (LOADGEN.parent / "node_modules" / "ws").exists():
         print(
             "bench-relay: run `make bench-deps` (node and `npm ci` in bench/loadgen)",
@@ -403,6 +466,7 @@ async def main(args: argparse.Namespace) -> int:
         )
     else:
         print("instructions per frame: not counted (no valgrind; `apt-get install valgrind`)")
+    await handshake_cost(args)
     print("targets:")
     print(verdict(results["relay"], rate_ratio, cost_ratio))
     return 0
@@ -421,6 +485,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--idle", type=int, default=2000, help="idle connections opened")
     parser.add_argument("--cycles", type=int, default=10000, help="join/leave cycles")
     parser.add_argument("--repeat", type=int, default=5, help="runs of each server, interleaved")
+    parser.add_argument(
+        "--handshakes", type=int, default=2000, help="opening handshakes in one turn"
+    )
+    parser.add_argument(
+        "--handshakes-only",
+        action="store_true",
+        help="only the handshake figure (relay with and without ApiBodyReader; no node needed)",
+    )
     parser.add_argument(
         "--loop",
         choices=("uvloop", "asyncio"),

@@ -3,18 +3,28 @@
 10,000 WebSocket clients (5,000 sessions, both seats) join a relay (its own
 process, uvloop), then the relay is stopped with SIGTERM (every client gets
 1001) and started again on the same port with the same configuration (the
-resume secret comes from ``auth.resume_secret``). As soon as the new relay
-listens, every client reconnects and joins with its resume key, all at once;
-a failed try is retried with the peers' jittered backoff.
+resume secret comes from ``auth.resume_secret``). As soon as it listens,
+every client reconnects and joins with its resume key. Two storms in the same
+run, the same clients:
 
-Printed: how many clients resumed their seat (``resumed: true``), how many
-failed at the first try and in the end, and why, the time from "listening"
-to each client's ``joined`` (p50, p99, max), and the kernel's listen-queue
-overflows during the storm
-(``TcpExt: ListenOverflows`` from /proc/net/netstat: each one is a SYN
-dropped and retransmitted a second later). The clients run in this process
-(uvloop); on 2 shared cores they, not the relay, may be the bottleneck.
-Figures are printed, never asserted.
+- before: no cap on handshakes in progress (``limits.max_handshakes`` out of
+  reach) and every client's first try at once, a failed try retried with a
+  jittered backoff (0.25 s doubling to 5 s): the relay and the clients before
+  issue 14's point 11 was finished;
+- after: the relay's default ``limits.max_handshakes`` (the excess answered
+  503 with Retry-After) and the peers' own ``peers.errors.Backoff``: the
+  first try anywhere in ``RESTART_SPREAD_S`` after the 1001, a 503 waited for
+  as it asks.
+
+Printed for each: how many clients resumed their seat (``resumed: true``),
+how many failed at the first try and in the end, and why, the time from
+"listening" to each client's ``joined`` (p50, p99, max), the kernel's
+listen-queue overflows during the storm (``TcpExt: ListenOverflows`` from
+/proc/net/netstat), and how long the relay took to exit after SIGTERM with
+every client connected (``limits.shutdown_timeout_s`` is 10); then the
+ratios after/before. The clients run in this process (uvloop); on 2 shared
+cores they, not the relay, may be the bottleneck. Figures are printed, never
+asserted.
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +48,15 @@ import uvloop
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+from peers.errors import Backoff
+
 ROOT = Path(__file__).resolve().parent.parent
 
 CONFIG = """\
 relay: {{host: 127.0.0.1, port: {port}, backlog: {backlog}}}
 auth: {{resume_secret: bench-storm-resume-secret}}
 limits:
+  max_handshakes: {max_handshakes}
   max_connections: {max_connections}
   max_sessions: {max_sessions}
   join_timeout_s: 120
@@ -120,26 +134,53 @@ async def open_all(seats: list[Seat], url: str, concurrency: int) -> None:
 
     async def one(seat: Seat) -> None:
         async with gate:
-            reply = await seat.join(url)
-            assert reply["type"] == "joined", reply
+            for attempt in range(10):  # on a busy machine a first handshake may time out
+                try:
+                    reply = await seat.join(url)
+                except (OSError, TimeoutError, InvalidHandshake, ConnectionClosed):
+                    await asyncio.sleep(0.5 * 2 ** min(attempt, 3))
+                    continue
+                assert reply["type"] == "joined", reply
+                return
+            raise RuntimeError(f"{seat.session} {seat.role}: could not join in 10 tries")
 
     await asyncio.gather(*(one(seat) for seat in seats))
 
 
-async def storm(seats: list[Seat], url: str, listening: float, tries: int) -> None:
-    """Every seat rejoins at once; a failed try is retried as the peers do (jittered backoff)."""
-    times: list[float] = []
-    first_failures: dict[str, int] = {}
-    failures: dict[str, int] = {}
-    retried = resumed = 0
+@dataclass
+class Outcome:
+    times: list[float] = field(default_factory=list)
+    resumed: int = 0
+    first_failures: dict[str, int] = field(default_factory=dict)
+    failures: dict[str, int] = field(default_factory=dict)
+
+    def first_try_failed(self, *, busy: bool) -> int:
+        """First tries that failed: those answered 503 (busy) or the others."""
+        return sum(n for why, n in self.first_failures.items() if (why == BUSY) == busy)
+
+    def p99(self) -> float:
+        return self.times[min(len(self.times) - 1, int(len(self.times) * 0.99))]
+
+
+BUSY = "HTTP 503"
+
+
+async def storm(seats: list[Seat], url: str, listening: float, tries: int, policy: str) -> Outcome:
+    """Every seat rejoins; ``policy`` "before" (all at once) or "after" (the peers' Backoff)."""
+    out = Outcome()
 
     async def one(seat: Seat) -> None:
-        nonlocal resumed, retried
+        backoff = Backoff(0.5, 5.0)
+        if policy == "after":  # the 1001 came: the first try somewhere in the spread
+            await asyncio.sleep(backoff.after_restart())
         for attempt in range(tries):
+            retry_after: int | None = None
             try:
                 reply = await seat.join(url)
             except InvalidStatus as exc:
                 reason = f"HTTP {exc.response.status_code}"
+                header = exc.response.headers.get("Retry-After", "")
+                retry_after = int(header) if header.isdigit() else None
             except InvalidHandshake as exc:
                 reason = f"handshake: {exc}"
             except ConnectionClosed as exc:
@@ -148,31 +189,53 @@ async def storm(seats: list[Seat], url: str, listening: float, tries: int) -> No
                 reason = type(exc).__name__
             else:
                 if reply["type"] == "joined":
-                    times.append(time.monotonic() - listening)
-                    resumed += reply["resumed"] is True
+                    out.times.append(time.monotonic() - listening)
+                    out.resumed += reply["resumed"] is True
                     return
                 reason = str(reply["code"])
             if attempt == 0:
-                first_failures[reason] = first_failures.get(reason, 0) + 1
-                retried += 1
+                out.first_failures[reason] = out.first_failures.get(reason, 0) + 1
             if seat.ws is not None:
                 await seat.ws.close()
-            # peers/signaling.py's backoff: 0.25 s doubling, capped at 5 s, jittered.
-            await asyncio.sleep(min(5.0, 0.25 * 2 ** min(attempt + 1, 6)) * random.uniform(0.5, 1))
-        failures[reason] = failures.get(reason, 0) + 1
+            if policy == "after":
+                delay = next(backoff) if retry_after is None else backoff.busy(retry_after)
+            else:  # 0.25 s doubling, capped at 5 s, jittered
+                delay = min(5.0, 0.25 * 2 ** min(attempt + 1, 6)) * random.uniform(0.5, 1)
+            await asyncio.sleep(delay)
+        out.failures[reason] = out.failures.get(reason, 0) + 1
 
     await asyncio.gather(*(one(seat) for seat in seats))
-    times.sort()
-    print(f"  rejoined {len(times):,} of {len(seats):,}; resumed (verified key) {resumed:,}")
-    print(f"  failed at the first try: {retried:,} {first_failures or ''}")
-    print(f"  failed after {tries} tries: {sum(failures.values())} {failures or ''}")
-    if times:
-        p50 = statistics.median(times)
-        p99 = times[min(len(times) - 1, int(len(times) * 0.99))]
+    out.times.sort()
+    print(
+        f"  rejoined {len(out.times):,} of {len(seats):,}; resumed (verified key) {out.resumed:,}"
+    )
+    print(
+        f"  failed at the first try: {sum(out.first_failures.values()):,} "
+        f"{out.first_failures or ''}"
+    )
+    print(f"  failed after {tries} tries: {sum(out.failures.values())} {out.failures or ''}")
+    if out.times:
+        p50 = statistics.median(out.times)
         print(
             f"  time from 'listening' to joined: p50 {p50 * 1000:,.0f} ms, "
-            f"p99 {p99 * 1000:,.0f} ms, max {times[-1] * 1000:,.0f} ms"
+            f"p99 {out.p99() * 1000:,.0f} ms, max {out.times[-1] * 1000:,.0f} ms"
         )
+    return out
+
+
+async def stop(relay: asyncio.subprocess.Process, seats: list[Seat]) -> float:
+    """SIGTERM with every client connected; the seconds until the process is gone."""
+    relay.send_signal(signal.SIGTERM)
+    stopped = time.monotonic()
+    await relay.wait()
+    took = time.monotonic() - stopped
+    print(f"  relay exited {took:.1f} s after SIGTERM ({len(seats):,} connections)")
+    await asyncio.gather(*(s.ws.wait_closed() for s in seats if s.ws is not None))
+    return took
+
+
+def load() -> str:
+    return Path("/proc/loadavg").read_text().split()[0]
 
 
 async def main(args: argparse.Namespace) -> int:
@@ -189,39 +252,54 @@ async def main(args: argparse.Namespace) -> int:
         f"{args.backlog} (net.core.somaxconn {somaxconn()})"
     )
     with tempfile.TemporaryDirectory() as tmp:
-        config = Path(tmp) / "storm.yaml"
-        config.write_text(
-            CONFIG.format(
-                port=port,
-                backlog=args.backlog,
-                max_connections=args.clients + 100,
-                max_sessions=args.clients // 2 + 100,
+        configs = {}
+        for policy, cap in (("before", 1_000_000), ("after", args.max_handshakes)):
+            configs[policy] = Path(tmp) / f"{policy}.yaml"
+            configs[policy].write_text(
+                CONFIG.format(
+                    port=port,
+                    backlog=args.backlog,
+                    max_handshakes=cap,
+                    max_connections=args.clients + 100,
+                    max_sessions=args.clients // 2 + 100,
+                )
             )
-        )
         url = f"ws://127.0.0.1:{port}/ws"
-        relay = await start_relay(config)
+        relay = await start_relay(configs["before"])
         seats = [
             Seat(f"storm-{n // 2}", ("patient", "practitioner")[n % 2]) for n in range(args.clients)
         ]
+        outcomes: dict[str, Outcome] = {}
+        exits: list[float] = []
         try:
             started = time.monotonic()
             await open_all(seats, url, concurrency=200)
             print(f"  joined {len(seats):,} clients in {time.monotonic() - started:.1f} s")
-            relay.send_signal(signal.SIGTERM)
-            stopped = time.monotonic()
-            await relay.wait()
-            print(f"  relay stopped (SIGTERM) in {time.monotonic() - stopped:.1f} s")
-            closes = [s.ws.wait_closed() for s in seats if s.ws is not None]
-            await asyncio.gather(*closes)
-            overflows = listen_overflows()
-            relay = await start_relay(config)
-            listening = time.monotonic()
-            await storm(seats, url, listening, args.tries)
-            print(f"  listen-queue overflows during the storm: {listen_overflows() - overflows}")
+            for policy in ("before", "after"):
+                exits.append(await stop(relay, seats))
+                overflows = listen_overflows()
+                relay = await start_relay(configs[policy])
+                print(f"storm {policy} (load average {load()}):")
+                listening = time.monotonic()
+                outcomes[policy] = await storm(seats, url, listening, args.tries, policy)
+                print(
+                    f"  listen-queue overflows during the storm: {listen_overflows() - overflows}"
+                )
+            exits.append(await stop(relay, seats))
         finally:
             if relay.returncode is None:
                 relay.send_signal(signal.SIGTERM)
                 await relay.wait()
+    before, after = outcomes["before"], outcomes["after"]
+    failed = (before.first_try_failed(busy=False), after.first_try_failed(busy=False))
+    print(
+        f"after/before: first tries failed other than by a 503 {failed[1]:,}/{failed[0]:,} "
+        f"({failed[1] / max(failed[0], 1):.2f}x; after: {after.first_try_failed(busy=True):,} "
+        f"answered 503 and retried), p99 to joined {after.p99():.1f}/{before.p99():.1f} s "
+        f"({after.p99() / before.p99():.2f}x)"
+    )
+    shown = ", ".join(f"{t:.1f} s" for t in exits)
+    print(f"relay exit after SIGTERM with every client connected: {shown}")
     return 0
 
 
@@ -230,6 +308,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--clients", type=int, default=10_000, help="clients (two per session)")
     parser.add_argument("--backlog", type=int, default=4096, help="relay.backlog")
     parser.add_argument("--tries", type=int, default=10, help="tries per client to rejoin")
+    parser.add_argument(
+        "--max-handshakes", type=int, default=500, help="limits.max_handshakes of the after storm"
+    )
     return parser.parse_args()
 
 

@@ -24,7 +24,8 @@ reader's own and name their key instead.
 Retrying: ``is_fatal(code)`` says whether a relay's refusal is final (the same
 list as ``FATAL_JOIN_CODES`` in web/js/signaling.js; a test compares them), and
 ``Backoff`` yields jittered, capped, exponential delays and starts again after a
-successful join (``reset()``).
+successful join (``reset()``); after a relay restart the first delay is spread
+over ``RESTART_SPREAD_S``, and an HTTP 503's ``Retry-After`` is honoured.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from collections.abc import Callable, Iterator
 
 __all__ = [
     "FATAL_CODES",
+    "RESTART_SPREAD_S",
     "Backoff",
     "CallFailed",
     "DtlsFailed",
@@ -49,6 +51,11 @@ __all__ = [
     "is_fatal",
     "relay_hint",
 ]
+
+# The first reconnection after a relay restart (close 1001/1012) waits a random
+# moment in this many seconds, so that 10,000 clients do not come back in the
+# same 100 ms (web/js/signaling.js: restartSpreadMs).
+RESTART_SPREAD_S = 2.0
 
 # Join refusals that retrying cannot fix: the person must change something.
 FATAL_CODES = frozenset(
@@ -165,14 +172,27 @@ class Backoff(Iterator[float]):
 
     Attempt n waits between half and all of ``min(cap_s, base_s * 2**n)``;
     ``reset()`` after a successful join starts again from ``base_s``.
+    ``after_restart()`` is the first delay when the relay itself went away
+    (close 1001 or 1012): every client of that relay comes back at once, so
+    each picks its moment anywhere in ``restart_spread_s``. ``busy()`` is the
+    delay after an HTTP 503 with ``Retry-After`` (the relay has too many
+    handshakes in progress): between one and two times what it asks.
     """
 
     def __init__(
-        self, base_s: float = 0.5, cap_s: float = 5.0, *, jitter: Callable[[], float] | None = None
+        self,
+        base_s: float = 0.5,
+        cap_s: float = 5.0,
+        *,
+        restart_spread_s: float = RESTART_SPREAD_S,
+        jitter: Callable[[], float] | None = None,
     ) -> None:
         if base_s <= 0 or cap_s < base_s:
             raise ValueError(f"backoff: expected 0 < base_s <= cap_s, got {base_s}, {cap_s}")
+        if restart_spread_s < 0:
+            raise ValueError(f"backoff: expected restart_spread_s >= 0, got {restart_spread_s}")
         self.base_s, self.cap_s = base_s, cap_s
+        self.restart_spread_s = restart_spread_s
         self.attempt = 0
         self._jitter = jitter or random.random  # not for cryptography: S311 does not apply
 
@@ -180,6 +200,15 @@ class Backoff(Iterator[float]):
         ceiling = min(self.cap_s, self.base_s * 2 ** min(self.attempt, 30))
         self.attempt += 1
         return float(ceiling * (0.5 + 0.5 * self._jitter()))
+
+    def after_restart(self) -> float:
+        """The first delay after the relay closed with 1001/1012: anywhere in the spread."""
+        self.attempt += 1
+        return float(self.restart_spread_s * self._jitter())
+
+    def busy(self, retry_after_s: float) -> float:
+        """After HTTP 503 + Retry-After: 1 to 2 times it, never below the next backoff delay."""
+        return max(next(self), float(retry_after_s * (1 + self._jitter())))
 
     def reset(self) -> None:
         self.attempt = 0

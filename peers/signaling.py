@@ -54,6 +54,9 @@ logger = logging.getLogger(__name__)
 HINT_AFTER = 3  # failed connection attempts in a row before saying what to check
 RETRIED_STATUSES = frozenset({429, 500, 502, 503, 504})  # the relay's refusal, a proxy's
 
+# The relay went away (1001: shutting down, 1012: restarting): all its clients at once.
+RELAY_AWAY_CODES = frozenset({1001, 1012})
+
 
 class RelayClient:
     """One seat of a session, kept across signaling drops."""
@@ -121,25 +124,22 @@ class RelayClient:
                     finally:
                         beat.cancel()
             except (OSError, TimeoutError, InvalidHandshake, ConnectionClosed) as exc:
-                if (
-                    isinstance(exc, ConnectionClosed)
-                    and exc.rcvd
-                    and exc.rcvd.code == CLOSE_REPLACED
-                ):
+                closed = exc.rcvd.code if isinstance(exc, ConnectionClosed) and exc.rcvd else None
+                if closed == CLOSE_REPLACED:
                     raise Replaced("another connection took this seat over (resume)") from exc
                 if answer := _http_answer(exc):
                     raise NotWebSocket(self.url, answer) from exc
                 reason = self._dead or _why(exc)
                 if not isinstance(exc, ConnectionClosed):
                     self.failures += 1
-            else:
-                reason = "closed"
+                delay = self._delay(closed, exc)
+            else:  # a clean close (1000, 1001, 1012) ends the iteration without an error
+                reason = f"closed ({ws.close_code})"
+                delay = self._delay(ws.close_code, None)
             finally:
                 self.ws = None
                 self.connected.clear()
             self.reconnects += 1
-            # A dead connection found by the heartbeat: the first attempt goes at once.
-            delay = 0.0 if self._dead else next(self.backoff)
             self._dead = None
             logger.info("relay %s: %s; reconnecting in %.1f s", self.url, reason, delay)
             if self.failures == HINT_AFTER:
@@ -150,6 +150,18 @@ class RelayClient:
                     relay_hint(self.url),
                 )
             await asyncio.sleep(delay)
+
+    def _delay(self, closed: int | None, exc: BaseException | None) -> float:
+        """How long to wait before the next try, by how the last one ended."""
+        if self._dead:
+            return 0.0  # a dead connection found by the heartbeat: the first try at once
+        if closed in RELAY_AWAY_CODES and self.backoff.attempt == 0:
+            return self.backoff.after_restart()  # every client of the relay comes back now
+        if isinstance(exc, InvalidStatus) and exc.response.status_code == 503:
+            retry_after = exc.response.headers.get("Retry-After", "")
+            if retry_after.isascii() and retry_after.isdigit():
+                return self.backoff.busy(min(int(retry_after), 60))
+        return next(self.backoff)
 
     def _heard(self) -> None:
         self.heard_at = time.monotonic()

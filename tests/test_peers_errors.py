@@ -61,6 +61,26 @@ def test_backoff_doubles_up_to_its_cap_with_jitter_and_resets() -> None:
         Backoff(1.0, 0.5)
 
 
+def test_after_a_relay_restart_the_first_try_is_spread_and_a_503_is_waited_for() -> None:
+    """after_restart() lands anywhere in the spread; busy() waits 1-2x Retry-After, at least."""
+    low = Backoff(0.5, 5.0, restart_spread_s=2.0, jitter=lambda: 0.0)
+    high = Backoff(0.5, 5.0, restart_spread_s=2.0, jitter=lambda: 1.0)
+    assert (low.after_restart(), high.after_restart()) == (0.0, 2.0)
+    assert (low.attempt, high.attempt) == (1, 1)  # the next failure backs off as usual
+    assert (low.busy(3), high.busy(3)) == (3.0, 6.0)
+    assert Backoff(4.0, 5.0, jitter=lambda: 0.0).busy(1) == 2.0  # never below the backoff
+    with pytest.raises(ValueError, match="restart_spread_s"):
+        Backoff(restart_spread_s=-1)
+
+
+def test_the_restart_spread_is_the_browsers() -> None:
+    """RESTART_SPREAD_S is restartSpreadMs of web/js/signaling.js."""
+    text = SIGNALING_JS.read_text(encoding="utf-8")
+    found = re.search(r"restartSpreadMs: ([0-9_]+),", text)
+    assert found is not None, "restartSpreadMs not found in signaling.js"
+    assert int(found.group(1).replace("_", "")) == errors.RESTART_SPREAD_S * 1000
+
+
 @pytest.mark.asyncio
 async def test_each_retry_is_logged_at_info_with_its_delay_and_reason(
     caplog: pytest.LogCaptureFixture,

@@ -19,7 +19,9 @@ import signal
 import socket
 import ssl
 import stat
+import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ from websockets.exceptions import ConnectionClosedError, InvalidStatus
 import relay
 from tests.processes import RelayProcess
 from tests.support import (
+    TIMEOUT,
     Client,
     http_get,
     pair,
@@ -46,6 +49,8 @@ pytestmark = pytest.mark.asyncio
 MIB = 1024 * 1024
 # Limits that never refuse the load, so that the bound under test is the one that acts.
 NO_RATE_LIMIT = {"frames_per_second": 1_000_000, "burst": 1_000_000}
+# The shipped limits (pings count against the frame rate, the write buffer is bounded).
+FLOOD_LIMITS: dict[str, Any] = {}
 
 
 def rss_bytes() -> int:
@@ -91,6 +96,47 @@ PING = 0x9
 # -- 1. ping floods and slow readers ----------------------------------------------------
 
 
+async def round_trips(patient: Client, practitioner: Client, count: int) -> list[float]:
+    """Seconds for an offer to reach the practitioner and its answer to come back."""
+    loop = asyncio.get_running_loop()
+    samples = []
+    for n in range(count):
+        sent = loop.time()
+        await patient.send(type="offer", sdp=f"offer {n}")
+        await practitioner.expect("offer", sdp=f"offer {n}")
+        await practitioner.send(type="answer", sdp=f"answer {n}")
+        await patient.expect("answer", sdp=f"answer {n}")
+        samples.append(loop.time() - sent)
+    return samples
+
+
+def ping_flood(port: int, seconds: float = 60) -> tuple[int, Exception | None]:
+    """A WebSocket that sends pings and never reads; bytes sent and how it ended (blocking)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: the window
+        sock.settimeout(seconds)
+        sock.connect(("127.0.0.1", port))
+        key = base64.b64encode(os.urandom(16)).decode()
+        sock.sendall(
+            f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += sock.recv(1)  # one byte at a time: nothing after the head is read
+        assert head.startswith(b"HTTP/1.1 101"), head
+        ping = masked_frame(PING, b"p" * 125) * 64
+        sent, deadline = 0, time.monotonic() + seconds
+        try:
+            while time.monotonic() < deadline:
+                sock.sendall(ping)
+                sent += len(ping)
+        except OSError as exc:
+            return sent, exc
+    return sent, None
+
+
 async def test_a_ping_flood_that_never_reads_is_cut_and_memory_stays_bounded() -> None:
     """Pongs never read pile up to limits.write_buffer_bytes at most: the flooder is cut."""
     limits = {**NO_RATE_LIMIT, "write_buffer_bytes": 262_144}
@@ -113,6 +159,26 @@ async def test_a_ping_flood_that_never_reads_is_cut_and_memory_stays_bounded() -
         # The neighbours never noticed.
         await honest_patient.send(type="offer", sdp="still here")
         await honest_practitioner.expect("offer", sdp="still here")
+
+
+async def test_honest_neighbours_keep_their_round_trip_during_a_ping_flood() -> None:
+    """With the default limits, a pair's round-trip p50 during a ping flood stays near its own."""
+    async with running_relay(relay_config(limits=FLOOD_LIMITS)) as running:
+        patient, practitioner = await pair(running.url, "neighbours")
+        before = statistics.median(await round_trips(patient, practitioner, 30))
+        # The flooder is a thread with a blocking socket: in this event loop it
+        # would take the loop from the relay and the neighbours alike.
+        flooding = asyncio.create_task(asyncio.to_thread(ping_flood, running.port, 20))
+        during: list[float] = []
+        while not flooding.done() or len(during) < 5:
+            during += await round_trips(patient, practitioner, 1)
+        sent, _ = await flooding
+        p50 = statistics.median(during)
+        assert sent > 256 * 1024  # the flood was sent
+        assert p50 <= max(5 * before, 0.050), (
+            f"round trip p50 {p50 * 1000:.1f} ms during the flood ({len(during)} samples), "
+            f"{before * 1000:.1f} ms before"
+        )
 
 
 async def test_pings_count_against_the_frame_rate_limit() -> None:
@@ -543,6 +609,48 @@ async def test_shutdown_holds_its_bound_with_a_client_that_never_reads(tmp_path:
     assert took <= 2 + 0.5, f"shutdown took {took:.2f} s"
 
 
+async def test_shutdown_bound_is_the_process_exit_with_two_thousand_connections(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM with 2,000 connections that never answer the close: the process is gone in time."""
+    bound = 2.0
+    limits = {
+        **NO_RATE_LIMIT,
+        "shutdown_timeout_s": bound,
+        "close_timeout_s": 10,
+        "join_timeout_s": 60,
+        "write_buffer_bytes": 4 * MIB,  # the non-readers are not cut before the signal
+        "max_connections_per_address": 10_000,
+        "handshakes_per_second_per_address": 1_000_000,
+    }
+    running = RelayProcess(write_yaml(tmp_path / "c.yaml", {"limits": limits}))
+    await running.start()
+    assert running.process is not None
+    proc = running.process.proc
+    gate = asyncio.Semaphore(100)
+
+    async def one(n: int) -> asyncio.StreamWriter:
+        async with gate:  # raw: none ever reads or answers the close frame
+            _, writer = await raw_websocket(running.port, rcvbuf=4096 if n % 4 == 0 else None)
+        if n % 4 == 0:  # a quarter also leave pongs unread in full buffers
+            writer.write(masked_frame(PING, b"p" * 125) * 64)
+        return writer
+
+    writers = await within(asyncio.gather(*(one(n) for n in range(2000))), 24)
+    loop = asyncio.get_running_loop()
+    try:
+        started = loop.time()
+        proc.send_signal(signal.SIGTERM)
+        assert await within(proc.wait(), 4) == 0
+        took = loop.time() - started
+    finally:
+        for writer in writers:
+            writer.transport.abort()
+    assert took <= bound + relay.EXIT_MARGIN_S + 1.0, (
+        f"the relay exited {took:.2f} s after SIGTERM:\n" + "\n".join(running.log[-5:])
+    )
+
+
 async def test_https_answers_carry_hsts(tmp_path: Path) -> None:
     """With TLS every HTTP answer has Strict-Transport-Security; without, none."""
     cert, key = self_signed(tmp_path)
@@ -561,6 +669,32 @@ async def test_https_answers_carry_hsts(tmp_path: Path) -> None:
 
 
 # -- 11. the listen backlog ---------------------------------------------------------------------
+
+
+async def test_a_handshake_past_max_handshakes_gets_503_with_retry_after() -> None:
+    """With limits.max_handshakes in progress, a new WebSocket is answered 503 + Retry-After."""
+    async with running_relay(relay_config(limits={"max_handshakes": 1})) as running:
+        # Accepted and never sends its request: one handshake in progress.
+        _, idle = await within(asyncio.open_connection("127.0.0.1", running.port))
+        try:
+            async with asyncio.timeout(TIMEOUT):
+                while running.relay.handshaking < 1:  # noqa: ASYNC110 (the relay's counter)
+                    await asyncio.sleep(0.01)
+            with pytest.raises(InvalidStatus) as refused:
+                await within(connect(running.url))
+            response = refused.value.response
+            assert response.status_code == 503
+            assert response.headers["Retry-After"] == "3"  # 1 + 2 in progress // 1
+            assert running.state.stats.errors["busy"] == 1
+            status, _, _ = await http_get(running.port, "/health")  # plain HTTP still answers
+            assert status == 200
+        finally:
+            idle.close()
+        async with asyncio.timeout(TIMEOUT):
+            while running.relay.handshaking:  # noqa: ASYNC110 (the relay's counter)
+                await asyncio.sleep(0.01)
+        client = await Client.open(running.url)  # the queue gone, a handshake goes through
+        await client.ws.close()
 
 
 async def test_a_backlog_above_somaxconn_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:

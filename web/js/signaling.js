@@ -29,7 +29,19 @@ export const DEFAULTS = {
   joinTimeoutMs: 10_000, // no answer to join: reconnect
   backoffBaseMs: 500,
   backoffCapMs: 10_000,
+  // The first reconnection after the relay itself went away (close 1001 or
+  // 1012) waits a random moment in this window: every page of that relay
+  // comes back at once, and a few thousand in the same 100 ms would queue
+  // their handshakes past the relay's timeout (peers/errors.py RESTART_SPREAD_S).
+  restartSpreadMs: 2_000,
 };
+
+const RELAY_AWAY_CODES = new Set([1001, 1012]);
+
+/** The first delay after a relay restart: anywhere in the spread. */
+export function restartDelay({ restartSpreadMs } = DEFAULTS) {
+  return Math.round(Math.random() * restartSpreadMs);
+}
 
 /** The heartbeat's options for call.heartbeat_s seconds. */
 export function heartbeatOptions(heartbeatS) {
@@ -199,7 +211,9 @@ export class Signaling extends EventTarget {
       this.fail("replaced", reason || "replaced");
       return;
     }
-    this.scheduleRetry(`closed ${code}${reason ? ` ${reason}` : ""}`, code);
+    const away = RELAY_AWAY_CODES.has(code) && this.attempt === 0;
+    const delay = away ? restartDelay(this.options) : undefined;
+    this.scheduleRetry(`closed ${code}${reason ? ` ${reason}` : ""}`, code, delay);
   }
 
   ping() {
