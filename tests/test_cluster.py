@@ -8,14 +8,15 @@ import json
 import shutil
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import pytest_asyncio
 
 import relay
 from bench.cluster import Cluster, running_cluster
-from tests.processes import RedisServer, redis_missing, redis_server
-from tests.support import TIMEOUT, Client, http_get, relay_config
+from tests.processes import RedisServer, RelayProcess, redis_missing, redis_server
+from tests.support import TIMEOUT, Client, http_get, relay_config, write_yaml
 
 pytestmark = pytest.mark.asyncio
 
@@ -336,3 +337,102 @@ async def test_sigterm_drains_a_relay_its_clients_resume_on_the_other_through_ha
         assert seen == {"type": "peer-joined", "role": role, "resumed": True}
         await back.send(type="answer", sdp=SDP)
         await survivor.expect("answer", sdp=SDP)
+
+
+# -- no silent loss: frames left in a dead relay's inbox ----------------------------------
+
+
+@contextlib.asynccontextmanager
+async def killable_relay(
+    server: RedisServer, tmp_path: Path, seat_ttl_s: float
+) -> AsyncIterator[RelayProcess]:
+    """Relay "x" as a process of its own (for kill -9), sharing ``server`` and the resume secret."""
+    config = write_yaml(
+        tmp_path / "x.yaml",
+        {
+            "relay": {"host": "127.0.0.1", "port": 0},
+            "auth": {"resume_secret": RESUME_SECRET},
+            "cluster": {"redis_url": server.url, "node_id": "x", "seat_ttl_s": seat_ttl_s},
+        },
+    )
+    victim = RelayProcess(config)
+    try:
+        await victim.start()
+        yield victim
+    finally:
+        await victim.stop()
+
+
+async def read_through(server: RedisServer, node: str) -> None:
+    """Wait until ``node`` has recorded that it delivered the last entry of its inbox."""
+    import redis.asyncio
+
+    client = redis.asyncio.Redis.from_url(server.url)
+    try:
+        started = time.monotonic()
+        while True:
+            last = await client.xrevrange(relay.INBOX_KEY.format(node), count=1)
+            if last and await client.get(relay.INBOX_POS_KEY.format(node)) == last[0][0]:
+                return
+            assert time.monotonic() - started < TIMEOUT, "the relay never recorded its position"
+            await asyncio.sleep(0.02)
+    finally:
+        await client.aclose()
+
+
+async def kill_9(victim: RelayProcess) -> None:
+    process = victim.process
+    assert process is not None
+    process.proc.kill()  # SIGKILL by PID
+    await process.wait(TIMEOUT)
+
+
+@pytest.mark.parametrize("resume_on", ["patients-relay", "third-relay"])
+async def test_frames_sent_to_a_killed_relay_are_delivered_after_the_resume(
+    redis: RedisServer, tmp_path: Path, resume_on: str
+) -> None:
+    """kill -9 the practitioner's relay: the frames sent to it before the resume arrive after it."""
+    async with killable_relay(redis, tmp_path, 15) as victim, two_relays(redis) as (a, b):
+        patient = await Client.open(a.url)
+        await patient.join("s1", "patient")
+        practitioner = await Client.open(victim.url)
+        key = (await practitioner.join("s1", "practitioner"))["resume"]
+        await patient.expect("peer-joined", role="practitioner")
+        await patient.send(type="offer", sdp=SDP)
+        await practitioner.expect("offer", sdp=SDP)
+        await read_through(redis, "x")  # else the offer is delivered again (at least once)
+        await kill_9(victim)
+        await practitioner.closed()
+        for i in range(10):  # written to the dead relay's inbox
+            await patient.send(type="candidate", candidate=candidate(i))
+        target = a if resume_on == "patients-relay" else b
+        back = await Client.open(target.url)
+        await back.send(type="join", session="s1", role="practitioner", resume=key)
+        await back.expect("joined", resumed=True, peer=True)
+        for i in range(10):
+            await back.expect("candidate", candidate=candidate(i))
+        await patient.expect("peer-joined", role="practitioner", resumed=True)
+        await patient.send(type="candidate", candidate=candidate(10))
+        await back.expect("candidate", candidate=candidate(10))
+        await back.send(type="answer", sdp=SDP)
+        await patient.expect("answer", sdp=SDP)
+
+
+async def test_frames_sent_to_a_killed_relay_nobody_resumes_are_named_to_their_sender(
+    redis: RedisServer, tmp_path: Path
+) -> None:
+    """kill -9 the practitioner's relay, no resume: each frame sent since is named in a no-peer."""
+    async with killable_relay(redis, tmp_path, 1.5) as victim, two_relays(redis) as (a, _):
+        patient = await Client.open(a.url)
+        await patient.join("s1", "patient")
+        practitioner = await Client.open(victim.url)
+        await practitioner.join("s1", "practitioner")
+        await patient.expect("peer-joined", role="practitioner")
+        await kill_9(victim)
+        await practitioner.closed()
+        await patient.send(type="offer", sdp=SDP)
+        await patient.send(type="candidate", candidate=candidate(1))
+        for kind in ("offer", "candidate"):
+            error = await patient.expect("error", code="no-peer", frame=kind)
+            assert "not delivered" in error["message"]
+        await patient.expect("peer-left", role="practitioner", reason="disconnected")
