@@ -30,6 +30,7 @@ import asyncio
 import base64
 import collections
 import contextlib
+import contextvars
 import dataclasses
 import datetime
 import email.utils
@@ -79,6 +80,21 @@ IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # The file runs as a script, where __name__ is "__main__": name the logger.
 logger = logging.getLogger("relay")
+
+# The relay (its cluster.node_id) whose work the running code does: set where a
+# relay's tasks and callbacks start, read by NodeFilter into every log record.
+NODE: contextvars.ContextVar[str] = contextvars.ContextVar("relay_node", default="-")
+
+
+class NodeFilter(logging.Filter):
+    """Gives each log record ``node``: the id of the relay that logged it (``%(node)s``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.node = NODE.get()
+        return True
+
+
+logger.addFilter(NodeFilter())
 
 ROOT: Final = Path(__file__).resolve().parent
 ROLES: Final = ("patient", "practitioner")
@@ -2614,6 +2630,9 @@ class RelayConnection(ServerConnection):
     client_address: str = ""  # set by Relay.process_request
 
     def __init__(self, protocol: ServerProtocol, *args: Any, **kwargs: Any) -> None:
+        # Made in the listener's accept callback: the connection's task and its
+        # transport's callbacks inherit this context, and log this relay's id.
+        NODE.set(self.relay.node_id)
         super().__init__(protocol, *args, **kwargs)
         self.api_body = ApiBodyReader(protocol.reader)
         protocol.reader.read_line = self.api_body.read_line  # type: ignore[method-assign]
@@ -3022,13 +3041,15 @@ async def serve_relay(config: RelayConfig) -> AsyncIterator[RunningRelay]:
         scheme = "wss" if ssl_context else "ws"
         if config.cluster.node_id is None:
             relay.node_id = f"{shown}:{port}"
+        # This relay's lines and tasks carry its id; the caller's context gets it back.
+        node_token = NODE.set(relay.node_id)
         if config.cluster.redis_url is not None:
             directory = SeatDirectory.from_url(
                 config.cluster.redis_url, relay.node_id, config.cluster, limits
             )
             relay.cluster = Cluster(relay, directory)
             relay.cluster.start()
-            logger.info("node %s: seats shared through Redis", relay.node_id)
+            logger.info("seats shared through Redis")
         running = RunningRelay(
             relay,
             server,
@@ -3040,8 +3061,10 @@ async def serve_relay(config: RelayConfig) -> AsyncIterator[RunningRelay]:
         logger.info("relay listening on %s (event loop: %s)", running.url, loop)
         logger.info("node id %s (cluster.node_id)", relay.node_id)
         logger.info("resume keys signed with a key %s", origin)
+        NODE.reset(node_token)
         yield running
     finally:
+        NODE.set(relay.node_id)
         relay.stopping = True
         server.close(code=CLOSE_GOING_AWAY, reason="relay shutting down")
         # The bound holds: what has not closed by then (a client that never
@@ -3060,6 +3083,7 @@ async def serve_relay(config: RelayConfig) -> AsyncIterator[RunningRelay]:
         if relay.cluster is not None:
             await relay.cluster.stop()
         logger.info("relay stopped")
+        NODE.set("-")
 
 
 def _somaxconn() -> int | None:
@@ -3229,8 +3253,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format="%(asctime)s %(levelname)s %(name)s [%(node)s]: %(message)s",
     )
+    for handler in logging.getLogger().handlers:  # websockets' and redis's lines too
+        handler.addFilter(NodeFilter())
     logging.getLogger("websockets").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     try:
         config = RelayConfig.load(args.config)

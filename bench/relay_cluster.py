@@ -46,7 +46,9 @@ def rss(pid: int) -> int:
 async def joined(url: str, session: str, role: str) -> ClientConnection:
     ws = await connect(url, compression=None, max_queue=None)
     await ws.send(json.dumps({"type": "join", "session": session, "role": role}))
-    assert json.loads(await ws.recv())["type"] == "joined"
+    reply = json.loads(await ws.recv())
+    if reply["type"] != "joined":
+        raise RuntimeError(f"join {session} {role} on {url}: {reply}")
     return ws
 
 

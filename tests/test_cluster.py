@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import shutil
 import time
 from collections.abc import AsyncIterator
@@ -436,3 +437,24 @@ async def test_frames_sent_to_a_killed_relay_nobody_resumes_are_named_to_their_s
             error = await patient.expect("error", code="no-peer", frame=kind)
             assert "not delivered" in error["message"]
         await patient.expect("peer-left", role="practitioner", reason="disconnected")
+    # The relay's own log lines carry its id (cluster.node_id).
+    assert any(" [x]: conn=" in line and "joined" in line for line in victim.log), victim.log
+
+
+async def test_each_relays_log_lines_carry_its_node_id(
+    redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two relays in one process: each log record names the relay that wrote it (node)."""
+    caplog.set_level(logging.INFO, logger="relay")
+    async with two_relays(redis) as (a, b):
+        patient, practitioner = await split_pair(a, b, "s1")
+        await practitioner.close()
+        await patient.expect("peer-left", role="practitioner", reason="disconnected")
+    records = [r for r in caplog.records if r.name == "relay"]
+    nodes = {getattr(r, "node", None) for r in records}
+    assert nodes == {"a", "b"}, nodes
+    joins = {
+        r.getMessage().split(" ")[2]: r.node for r in records if "joined (peer" in r.getMessage()
+    }  # type: ignore[attr-defined]
+    assert joins == {"role=patient": "a", "role=practitioner": "b"}
+    assert {r.node for r in records if "relay stopped" in r.getMessage()} == {"a", "b"}  # type: ignore[attr-defined]
