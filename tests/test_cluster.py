@@ -453,8 +453,7 @@ async def test_each_relays_log_lines_carry_its_node_id(
     records = [r for r in caplog.records if r.name == "relay"]
     nodes = {getattr(r, "node", None) for r in records}
     assert nodes == {"a", "b"}, nodes
-    joins = {
-        r.getMessage().split(" ")[2]: r.node for r in records if "joined (peer" in r.getMessage()
-    }  # type: ignore[attr-defined]
+    lines = [(r.getMessage(), getattr(r, "node", None)) for r in records]
+    joins = {text.split(" ")[2]: node for text, node in lines if "joined (peer" in text}
     assert joins == {"role=patient": "a", "role=practitioner": "b"}
-    assert {r.node for r in records if "relay stopped" in r.getMessage()} == {"a", "b"}  # type: ignore[attr-defined]
+    assert {node for text, node in lines if text == "relay stopped"} == {"a", "b"}
