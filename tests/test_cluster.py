@@ -135,13 +135,13 @@ def candidate(i: int) -> dict[str, object]:
 
 @contextlib.asynccontextmanager
 async def two_relays(
-    server: RedisServer, **limits: object
+    server: RedisServer, auth: dict[str, object] | None = None, **limits: object
 ) -> AsyncIterator[tuple[relay.RunningRelay, relay.RunningRelay]]:
     """Relays "a" and "b" in this process, sharing ``server`` and one resume secret."""
     configs = [
         relay_config(
             cluster={"redis_url": server.url, "node_id": node, "seat_ttl_s": 1.5},
-            auth={"resume_secret": RESUME_SECRET},
+            auth={"resume_secret": RESUME_SECRET, **(auth or {})},
             limits=limits,
         )
         for node in ("a", "b")
@@ -248,6 +248,146 @@ async def test_redis_away_then_back(redis: RedisServer) -> None:
         third, fourth = await split_pair(b, a, "s4")
         await fourth.send(type="answer", sdp=SDP)
         await third.expect("answer", sdp=SDP)
+
+
+MANY = {
+    "handshakes_per_second_per_address": 10_000,
+    "max_connections_per_address": 1_000,
+    "max_sessions_per_address": 1_000,
+}
+
+
+async def test_200_sessions_split_across_two_relays_all_complete_in_order(
+    redis: RedisServer,
+) -> None:
+    """200 sessions, each with its patient on one relay and practitioner on the other, at once:
+    every offer, answer and candidate arrives, in order, and every bye."""
+    async with two_relays(redis, **MANY) as (a, b):
+        # Joins 25 at a time: 400 at once in this one process (two relays, 400
+        # clients) lag its loop past the relays' 1 s Redis timeouts on a busy
+        # machine. The frames of the 200 sessions then all flow at once.
+        joining = asyncio.Semaphore(25)
+
+        async def session(i: int) -> None:
+            one, other = (a, b) if i % 2 else (b, a)
+            async with joining:
+                patient, practitioner = await split_pair(one, other, f"s{i}")
+            await patient.send(type="offer", sdp=SDP)
+            for n in range(5):
+                await patient.send(type="candidate", candidate=candidate(n))
+            await practitioner.expect("offer", sdp=SDP)
+            await practitioner.send(type="answer", sdp=SDP)
+            for n in range(5):
+                await practitioner.expect("candidate", candidate=candidate(n))
+                await practitioner.send(type="candidate", candidate=candidate(100 + n))
+            await patient.expect("answer", sdp=SDP)
+            for n in range(5):
+                await patient.expect("candidate", candidate=candidate(100 + n))
+            await patient.send(type="bye", reason="done")
+            await practitioner.expect("bye", reason="done")
+            await practitioner.expect("peer-left", role="patient", reason="bye")
+            await patient.close()
+            await practitioner.close()
+
+        await asyncio.wait_for(asyncio.gather(*(session(i) for i in range(200))), TIMEOUT * 12)
+        assert a.state.stats.joins + b.state.stats.joins == 400
+        assert a.state.seats.session_count() == b.state.seats.session_count() == 0
+
+
+async def test_two_relays_claiming_one_seat_at_once_seat_one_of_them(redis: RedisServer) -> None:
+    """The same seat joined on both relays at once, 20 times: one joined, the other role-taken."""
+    async with two_relays(redis, **MANY) as (a, b):
+        for i in range(20):
+            one, other = await Client.open(a.url), await Client.open(b.url)
+            for client in (one, other):
+                await client.send(type="join", session=f"race{i}", role="patient")
+            replies = sorted(
+                [(await one.recv())["type"], (await other.recv())["type"]], reverse=True
+            )
+            assert replies == ["joined", "error"], replies
+
+
+async def test_seat_held_across_relays(redis: RedisServer) -> None:
+    """An unclean drop on relay b holds the seat: a join on a without its key gets seat-held
+    (closed 1013), with its key it resumes and the patient on a sees peer-joined resumed."""
+    async with two_relays(redis) as (a, b):
+        patient = await Client.open(a.url)
+        await patient.join("s1", "patient")
+        practitioner = await Client.open(b.url)
+        key = (await practitioner.join("s1", "practitioner"))["resume"]
+        await patient.expect("peer-joined", role="practitioner")
+        practitioner.ws.transport.abort()  # no close frame: an unclean drop
+        await patient.expect("peer-left", role="practitioner", reason="disconnected")
+        intruder = await Client.open(a.url)
+        await intruder.send(type="join", session="s1", role="practitioner")
+        await intruder.expect_error("seat-held")
+        assert await intruder.closed() == (1013, "seat-held")
+        back = await Client.open(a.url)
+        await back.send(type="join", session="s1", role="practitioner", resume=key)
+        await back.expect("joined", resumed=True, peer=True)
+        await patient.expect("peer-joined", role="practitioner", resumed=True)
+
+
+async def test_tokens_signed_for_the_cluster_are_checked_on_every_relay(
+    redis: RedisServer,
+) -> None:
+    """One auth.secret: a token works on either relay; one for the other role is bad-token,
+    an expired one token-expired, wherever the seat is."""
+    secret = "cluster-test-auth-secret-0123456789"
+    expiry = int(time.time()) + 600
+    async with two_relays(redis, auth={"secret": secret}) as (a, b):
+        patient = await Client.open(a.url)
+        await patient.join("s1", "patient", token=relay.mint_token(secret, "s1", "patient", expiry))
+        wrong = await Client.open(b.url)
+        token = relay.mint_token(secret, "s1", "patient", expiry)  # the patient's, not this role's
+        await wrong.send(type="join", session="s1", role="practitioner", token=token)
+        await wrong.expect_error("bad-token")
+        past = relay.mint_token(secret, "s1", "practitioner", int(time.time()) - 60)
+        await wrong.send(type="join", session="s1", role="practitioner", token=past)
+        await wrong.expect_error("token-expired")
+        token = relay.mint_token(secret, "s1", "practitioner", expiry)
+        await wrong.send(type="join", session="s1", role="practitioner", token=token)
+        await wrong.expect("joined", peer=True)
+        await patient.expect("peer-joined", role="practitioner")
+
+
+async def test_protocol_errors_of_a_split_session(redis: RedisServer) -> None:
+    """Across two relays: not-joined before join, already-joined, role-taken on either relay,
+    not-practitioner for the patient's invite, no-peer once the other seat left."""
+    async with two_relays(redis) as (a, b):
+        early = await Client.open(b.url)
+        await early.send(type="offer", sdp=SDP)
+        await early.expect_error("not-joined")
+        patient, practitioner = await split_pair(a, b, "s1")
+        await practitioner.send(type="join", session="s2", role="patient")
+        await practitioner.expect_error("already-joined")
+        for running in (a, b):
+            for role in ("patient", "practitioner"):
+                intruder = await Client.open(running.url)
+                await intruder.send(type="join", session="s1", role=role)
+                await intruder.expect_error("role-taken")
+        await patient.send(type="invite")
+        await patient.expect_error("not-practitioner")
+        await practitioner.send(type="invite")
+        await practitioner.expect("invite", session="s1", role="patient")
+        await practitioner.send(type="bye")
+        await patient.expect("bye")
+        await patient.expect("peer-left", role="practitioner", reason="bye")
+        await patient.send(type="candidate", candidate=candidate(1))
+        await patient.expect_error("no-peer")
+
+
+async def test_per_address_limits_are_per_relay(redis: RedisServer) -> None:
+    """max_sessions_per_address counts one relay's sessions: a second on a is address-limit,
+    on b it is taken (README, Scaling out)."""
+    async with two_relays(redis, max_sessions_per_address=1) as (a, b):
+        first = await Client.open(a.url)
+        await first.join("s1", "patient")
+        second = await Client.open(a.url)
+        await second.send(type="join", session="s2", role="patient")
+        await second.expect_error("address-limit")
+        elsewhere = await Client.open(b.url)
+        await elsewhere.join("s2", "patient")
 
 
 async def pair_on(running: relay.RunningRelay, session: str) -> tuple[Client, Client]:
