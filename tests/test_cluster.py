@@ -8,7 +8,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -16,8 +16,18 @@ import pytest_asyncio
 
 import relay
 from bench.cluster import Cluster, running_cluster
-from tests.processes import RedisServer, RelayProcess, redis_missing, redis_server
+from peers.netns import Network, netns_missing
+from tests.processes import (
+    Process,
+    RedisServer,
+    RelayProcess,
+    peer_argv,
+    redis_missing,
+    redis_server,
+    spawn,
+)
 from tests.support import TIMEOUT, Client, http_get, relay_config, write_yaml
+from tests.test_peers import VIDEO, assert_media_arrived, summary
 
 pytestmark = pytest.mark.asyncio
 
@@ -135,14 +145,17 @@ def candidate(i: int) -> dict[str, object]:
 
 @contextlib.asynccontextmanager
 async def two_relays(
-    server: RedisServer, auth: dict[str, object] | None = None, **limits: object
+    server: RedisServer,
+    *,
+    auth: Mapping[str, object] | None = None,
+    limits: Mapping[str, object] | None = None,
 ) -> AsyncIterator[tuple[relay.RunningRelay, relay.RunningRelay]]:
     """Relays "a" and "b" in this process, sharing ``server`` and one resume secret."""
     configs = [
         relay_config(
             cluster={"redis_url": server.url, "node_id": node, "seat_ttl_s": 1.5},
             auth={"resume_secret": RESUME_SECRET, **(auth or {})},
-            limits=limits,
+            limits=dict(limits or {}),
         )
         for node in ("a", "b")
     ]
@@ -262,7 +275,7 @@ async def test_200_sessions_split_across_two_relays_all_complete_in_order(
 ) -> None:
     """200 sessions, each with its patient on one relay and practitioner on the other, at once:
     every offer, answer and candidate arrives, in order, and every bye."""
-    async with two_relays(redis, **MANY) as (a, b):
+    async with two_relays(redis, limits=MANY) as (a, b):
         # Joins 25 at a time: 400 at once in this one process (two relays, 400
         # clients) lag its loop past the relays' 1 s Redis timeouts on a busy
         # machine. The frames of the 200 sessions then all flow at once.
@@ -296,7 +309,7 @@ async def test_200_sessions_split_across_two_relays_all_complete_in_order(
 
 async def test_two_relays_claiming_one_seat_at_once_seat_one_of_them(redis: RedisServer) -> None:
     """The same seat joined on both relays at once, 20 times: one joined, the other role-taken."""
-    async with two_relays(redis, **MANY) as (a, b):
+    async with two_relays(redis, limits=MANY) as (a, b):
         for i in range(20):
             one, other = await Client.open(a.url), await Client.open(b.url)
             for client in (one, other):
@@ -380,7 +393,7 @@ async def test_protocol_errors_of_a_split_session(redis: RedisServer) -> None:
 async def test_per_address_limits_are_per_relay(redis: RedisServer) -> None:
     """max_sessions_per_address counts one relay's sessions: a second on a is address-limit,
     on b it is taken (README, Scaling out)."""
-    async with two_relays(redis, max_sessions_per_address=1) as (a, b):
+    async with two_relays(redis, limits={"max_sessions_per_address": 1}) as (a, b):
         first = await Client.open(a.url)
         await first.join("s1", "patient")
         second = await Client.open(a.url)
@@ -597,3 +610,60 @@ async def test_each_relays_log_lines_carry_its_node_id(
     joins = {text.split(" ")[2]: node for text, node in lines if "joined (peer" in text}
     assert joins == {"role=patient": "a", "role=practitioner": "b"}
     assert {node for text, node in lines if text == "relay stopped"} == {"a", "b"}
+
+
+# -- a real call across two relays ----------------------------------------------------------
+
+
+@pytest.mark.netns
+async def test_an_aiortc_call_whose_seats_are_on_two_relays(tmp_path: Path) -> None:
+    """The patient's command line on relay a, the practitioner's on relay b: media both ways."""
+    if reason := redis_missing() or netns_missing():
+        pytest.skip(reason)
+    peers_config = write_yaml(
+        tmp_path / "peers.yaml",
+        {
+            "relay": {"open_timeout_s": 2, "join_timeout_s": 3, "reconnect_max_s": 1},
+            "media": {"video": VIDEO},
+            "ice": {"timeout_s": 10},
+        },
+    )
+    started: list[Process] = []
+    async with Network("epc-cluster") as net:
+        lan = await net.lan("198.18.0.2/24")  # Redis, both relays and both peers inside
+        server = RedisServer(netns=lan.name)
+        relays: dict[str, RelayProcess] = {}
+        try:
+            await server.start()
+            for node in ("a", "b"):
+                config = write_yaml(
+                    tmp_path / f"{node}.yaml",
+                    {
+                        "relay": {"host": "127.0.0.1", "port": 0},
+                        "auth": {"resume_secret": RESUME_SECRET},
+                        "cluster": {"redis_url": server.url, "node_id": node},
+                    },
+                )
+                relays[node] = RelayProcess(config, lan.name)
+                await relays[node].start()
+            for role, node in (("patient", "a"), ("practitioner", "b")):
+                argv = peer_argv(
+                    role, peers_config, "--relay", relays[node].url, "--session", "call",
+                    "--video", "pattern", "--audio", "tone", "--duration", "4",
+                    "--stats-json", str(tmp_path / f"{role}.json"),
+                )  # fmt: skip
+                started.append(await spawn(role, argv, lan.command()))
+            for process in started:
+                assert await process.wait(40) == 0, process.log()
+            for role in ("patient", "practitioner"):
+                assert_media_arrived(summary(tmp_path, role), 3)
+            # Each seat was on its own relay: every frame between them crossed Redis.
+            assert any("role=patient joined" in line for line in relays["a"].log)
+            assert any("role=practitioner joined" in line for line in relays["b"].log)
+            assert not any("joined" in line for line in relays["a"].log if "practitioner" in line)
+        finally:
+            for process in started:
+                await process.stop()
+            for running in relays.values():
+                await running.stop()
+            await server.stop()
