@@ -2114,6 +2114,9 @@ class Cluster:
         ]
 
     async def stop(self) -> None:
+        # The frames this relay's clients sent last go out before the writer stops.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.flush(), REDIS_READ_TIMEOUT_S)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -2411,6 +2414,8 @@ class Cluster:
         ws = self.relay.connections.get(sender_conn) if sender_conn else None
         if ws is None or isinstance(ws, RemoteSeat):
             return
+        if isinstance(ws, _Gate):
+            ws = ws.ws  # an error needs no order with a handover, and never waits for one
         self.state.stats.errors[exc.code] += 1
         with contextlib.suppress(ConnectionClosed):
             await ws.send(undelivered_frame(exc, text))
