@@ -1811,6 +1811,9 @@ REDIS_POOL_SIZE: Final = 32  # connections from one relay to Redis (one is the i
 _CLAIM_LUA: Final = """
 local cur = redis.call('HMGET', KEYS[1], 'state', 'key', 'node', 'conn')
 local prev_node, prev_conn = '', ''
+if cur[1] == 'taken' and cur[3] == ARGV[1] and cur[4] == ARGV[2] and cur[2] == ARGV[3] then
+  return {'ok', '', ''}  -- this very claim again (redis-py retried it after a timeout)
+end
 if cur[1] then
   if ARGV[4] == '' or ARGV[4] ~= cur[2] then
     if cur[1] == 'taken' then return {'role-taken'} end
@@ -2114,9 +2117,7 @@ class Cluster:
         ]
 
     async def stop(self) -> None:
-        # The frames this relay's clients sent last go out before the writer stops.
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.flush(), REDIS_READ_TIMEOUT_S)
+        await self.flush()  # the frames this relay's clients sent last go out first
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -2366,11 +2367,16 @@ class Cluster:
         self._wake.set()
 
     async def flush(self) -> None:
-        """Wait until every frame queued so far is written to Redis (or given up)."""
+        """Wait until every frame queued so far is written to Redis (or given up).
+
+        Bounded: a writer held up past twice the read timeout is not waited for.
+        """
         target = self._queued
-        while self._written < target:
-            self._progress.clear()
-            await self._progress.wait()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2 * REDIS_READ_TIMEOUT_S):
+                while self._written < target:
+                    self._progress.clear()
+                    await self._progress.wait()
 
     async def _write(self) -> None:
         """Write the queued frames, in order, on one connection: one round trip per batch."""
@@ -2404,10 +2410,16 @@ class Cluster:
                 connection = None
                 for _, _, sender_conn, text in batch:
                     await self._tell_sender(sender_conn, NOT_DELIVERED_AWAY, text)
+            except Exception:
+                logger.exception("the writer to other relays' inboxes failed; it goes on")
+                with contextlib.suppress(Exception):
+                    await connection.disconnect(nowait=True)  # type: ignore[union-attr]
+                connection = None
             else:
                 self._back()
-            self._written += len(batch)
-            self._progress.set()
+            finally:
+                self._written += len(batch)
+                self._progress.set()
 
     async def _tell_sender(self, sender_conn: int, exc: ProtocolError, text: str) -> None:
         """A frame from ``sender_conn`` (of this relay) was not delivered: an error naming it."""

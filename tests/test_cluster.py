@@ -63,6 +63,8 @@ async def test_a_seat_is_taken_cluster_wide(redis: RedisServer) -> None:
     """A seat taken on relay A is role-taken on relay B; the other seat is free on B."""
     a, b = directory(redis, "a"), directory(redis, "b")
     assert await a.claim("s1", "patient", 1, "ka", None) == ("ok", "", 0)
+    # The same claim again (redis-py retries a command whose reply timed out): still ok.
+    assert await a.claim("s1", "patient", 1, "ka", None) == ("ok", "", 0)
     assert await b.claim("s1", "patient", 7, "kb", None) == ("role-taken", "", 0)
     assert await b.claim("s1", "patient", 7, "kb", "not-the-key") == ("role-taken", "", 0)
     assert await b.claim("s1", "practitioner", 7, "kb", None) == ("ok", "", 0)
@@ -149,11 +151,12 @@ async def two_relays(
     *,
     auth: Mapping[str, object] | None = None,
     limits: Mapping[str, object] | None = None,
+    seat_ttl_s: float = 1.5,
 ) -> AsyncIterator[tuple[relay.RunningRelay, relay.RunningRelay]]:
     """Relays "a" and "b" in this process, sharing ``server`` and one resume secret."""
     configs = [
         relay_config(
-            cluster={"redis_url": server.url, "node_id": node, "seat_ttl_s": 1.5},
+            cluster={"redis_url": server.url, "node_id": node, "seat_ttl_s": seat_ttl_s},
             auth={"resume_secret": RESUME_SECRET, **(auth or {})},
             limits=dict(limits or {}),
         )
@@ -275,7 +278,9 @@ async def test_200_sessions_split_across_two_relays_all_complete_in_order(
 ) -> None:
     """200 sessions, each with its patient on one relay and practitioner on the other, at once:
     every offer, answer and candidate arrives, in order, and every bye."""
-    async with two_relays(redis, limits=MANY) as (a, b):
+    # The default time to live: 400 clients and two relays in this one process
+    # lag its loop past a 1.5 s one on a busy machine (the seats would expire).
+    async with two_relays(redis, limits=MANY, seat_ttl_s=15) as (a, b):
         # Joins 25 at a time: 400 at once in this one process (two relays, 400
         # clients) lag its loop past the relays' 1 s Redis timeouts on a busy
         # machine. The frames of the 200 sessions then all flow at once.
