@@ -30,6 +30,7 @@ import asyncio
 import base64
 import collections
 import contextlib
+import contextvars
 import dataclasses
 import datetime
 import email.utils
@@ -72,6 +73,7 @@ from websockets.streams import StreamReader
 
 if TYPE_CHECKING:  # redis is imported only by a relay of a cluster (a second at start)
     import redis.asyncio as aioredis
+    from redis.asyncio.connection import AbstractConnection
 
 __version__: Final = "0.1.0"
 
@@ -79,6 +81,21 @@ IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # The file runs as a script, where __name__ is "__main__": name the logger.
 logger = logging.getLogger("relay")
+
+# The relay (its cluster.node_id) whose work the running code does: set where a
+# relay's tasks and callbacks start, read by NodeFilter into every log record.
+NODE: contextvars.ContextVar[str] = contextvars.ContextVar("relay_node", default="-")
+
+
+class NodeFilter(logging.Filter):
+    """Gives each log record ``node``: the id of the relay that logged it (``%(node)s``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.node = NODE.get()
+        return True
+
+
+logger.addFilter(NodeFilter())
 
 ROOT: Final = Path(__file__).resolve().parent
 ROLES: Final = ("patient", "practitioner")
@@ -1807,6 +1824,9 @@ REDIS_POOL_SIZE: Final = 32  # connections from one relay to Redis (one is the i
 _CLAIM_LUA: Final = """
 local cur = redis.call('HMGET', KEYS[1], 'state', 'key', 'node', 'conn')
 local prev_node, prev_conn = '', ''
+if cur[1] == 'taken' and cur[3] == ARGV[1] and cur[4] == ARGV[2] and cur[2] == ARGV[3] then
+  return {'ok', '', ''}  -- this very claim again (redis-py retried it after a timeout)
+end
 if cur[1] then
   if ARGV[4] == '' or ARGV[4] ~= cur[2] then
     if cur[1] == 'taken' then return {'role-taken'} end
@@ -1854,6 +1874,38 @@ return n
 """
 
 
+# KEYS[1] a relay's inbox, KEYS[2] its read position (the last entry it
+# delivered, at most one batch behind); ARGV session, role, conn, how many
+# entries to scan. Takes out of the inbox (XDEL) the plain frames for that seat
+# its relay has not read, in order: {sender node, sender conn, sender key, frame}.
+_TAKE_LUA = """
+local pos = redis.call('GET', KEYS[2])
+local start = '-'
+if pos then start = '(' .. pos end
+local entries = redis.call('XRANGE', KEYS[1], start, '+', 'COUNT', ARGV[4])
+local out = {}
+for _, entry in ipairs(entries) do
+  local f, m = entry[2], {}
+  for i = 1, #f, 2 do m[f[i]] = f[i + 1] end
+  if m['s'] == ARGV[1] and m['r'] == ARGV[2] and m['c'] == ARGV[3] and m['x'] == '' then
+    redis.call('XDEL', KEYS[1], entry[1])
+    out[#out + 1] = {m['n'], m['fc'], m['k'], m['f']}
+  end
+end
+return out
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Taken:
+    """A frame taken back from a relay's inbox (``SeatDirectory.take``)."""
+
+    node: str  # the relay of its sender
+    sender: int  # the sender's connection there
+    key: str  # the sender seat's resume key
+    text: str
+
+
 @dataclass(frozen=True, slots=True)
 class SeatRecord:
     """One seat as Redis has it."""
@@ -1880,6 +1932,7 @@ class SeatDirectory:
         self._claim = client.register_script(_CLAIM_LUA)
         self._release = client.register_script(_RELEASE_LUA)
         self._refresh = client.register_script(_REFRESH_LUA)
+        self._take = client.register_script(_TAKE_LUA)
 
     @classmethod
     def from_url(cls, url: str, node: str, cluster: ClusterConfig, limits: Limits) -> SeatDirectory:
@@ -1943,6 +1996,32 @@ class SeatDirectory:
         )
         return int(count)
 
+    async def take(self, node: str, session: str, role: str, conn: int) -> list[Taken]:
+        """The frames for ``conn``'s seat that ``node`` has not read, taken out of its inbox.
+
+        The handover of a seat that moved: the frames written to its old relay's
+        inbox that this relay (or none) delivered go to the new holder instead.
+        """
+        reply = await self._take(
+            keys=[INBOX_KEY.format(node), INBOX_POS_KEY.format(node)],
+            args=[session, role, conn, HANDOVER_SCAN],
+        )
+        return [
+            Taken(sender.decode(), int(fc), key.decode(), text.decode())
+            for sender, fc, key, text in reply
+        ]
+
+    def connection(self) -> AbstractConnection:
+        """A connection of its own (the inbox's reader, the writer), outside the pool.
+
+        No socket timeout on it: each read passes its own, and a write does not
+        go through ``asyncio.wait_for`` (a task per frame).
+        """
+        pool = self.redis.connection_pool
+        kwargs = {**pool.connection_kwargs, "socket_timeout": None}
+        connection: AbstractConnection = pool.connection_class(**kwargs)
+        return connection
+
     async def seats(self, session: str) -> dict[str, SeatRecord]:
         """The session's seats, taken or held, by role."""
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -1960,30 +2039,67 @@ class SeatDirectory:
 
 
 INBOX_KEY: Final = "epc:inbox:{}"  # one Redis stream per relay: the frames for its seats
+INBOX_POS_KEY: Final = "epc:inbox-pos:{}"  # the last entry of its inbox a relay delivered
+INBOX_POS_TTL_S: Final = 86_400  # a relay gone for a day leaves no position behind
 INBOX_MAXLEN: Final = 100_000  # entries kept per inbox (trimmed approximately)
-INBOX_BLOCK_MS: Final = 500  # under the client's 1 s socket timeout
+INBOX_BLOCK_MS: Final = 500  # a blocking read's wait; its socket read waits a second more
+REDIS_READ_TIMEOUT_S: Final = 1.0  # a reply that takes longer: Redis is away
+HANDOVER_SCAN: Final = 10_000  # inbox entries scanned for a moved seat's frames
 
 
 class RemoteSeat:
-    """A seat on another relay: the core's ``Send`` to its id goes to that relay's inbox."""
+    """A seat on another relay: the core's ``Send`` to its id goes to that relay's inbox.
 
-    __slots__ = ("cluster", "conn", "node", "role", "session")
+    ``ready``: set while the frames its previous relay never read are handed
+    over to it (they go first); frames sent meanwhile wait for it.
+    """
+
+    __slots__ = ("cluster", "conn", "node", "ready", "role", "session")
 
     def __init__(self, cluster: Cluster, node: str, conn: int, session: str, role: str) -> None:
         self.cluster, self.node, self.conn = cluster, node, conn
         self.session, self.role = session, role
+        self.ready: asyncio.Event | None = None
 
     async def send(self, text: str) -> None:
-        await self.cluster.post(self, text)
+        if self.ready is not None:
+            await self.ready.wait()
+        self.cluster.post(self, text)
+
+
+class _Gate:
+    """A connection whose seat is being handed over: frames for it wait until it opens."""
+
+    __slots__ = ("opened", "ws")
+
+    def __init__(self, ws: ServerConnection) -> None:
+        self.ws = ws
+        self.opened = asyncio.Event()
+
+    async def send(self, text: str) -> None:
+        await self.opened.wait()
+        await self.ws.send(text)
+
+    async def close(self, code: int, reason: str) -> None:
+        await self.ws.close(code, reason)
 
 
 class Cluster:
     """A relay among several: seats claimed in Redis, frames to other relays' seats through it.
 
-    Each relay reads its own inbox (a Redis stream) and delivers what it finds to
-    its connections, in the order written. A frame that finds its seat gone
-    (resumed elsewhere, or left) goes back to its sender as ``no-peer``; a frame
-    that cannot be written (Redis away) is answered with ``unavailable``.
+    Each relay reads its own inbox (a Redis stream) on a connection of its own
+    and delivers what it finds to its connections, in the order written; with
+    each read it records the last entry it delivered (``epc:inbox-pos:{node}``,
+    in the same round trip). Frames for other relays are queued and written by
+    one writer task on another connection, several per round trip when they
+    come faster than Redis answers: a frame costs its sender no wait for Redis.
+
+    No silent loss: when a seat moves to another relay (a resume, after its
+    relay died or drained), the frames written to the old relay's inbox that it
+    never read are taken out of it (``SeatDirectory.take``) and delivered to the
+    new holder before any later frame. A frame that finds its seat gone goes
+    back to its sender as ``no-peer`` naming the frame; a frame that cannot be
+    written (Redis away) is answered with ``unavailable``.
     """
 
     def __init__(self, relay: Relay, directory: SeatDirectory) -> None:
@@ -1997,27 +2113,42 @@ class Cluster:
         self.problem: str | None = None  # why Redis is away, while it is
         self._tasks: list[asyncio.Task[None]] = []
         self._missing: set[int] = set()  # remote seats (their conn) not in Redis last time
+        # Entries for other relays' inboxes: (inbox, fields, sender conn, frame).
+        self._outbox: collections.deque[tuple[str, list[str | int], int, str]] = collections.deque()
+        self._queued = 0  # entries ever queued
+        self._written = 0  # entries ever written (or given up)
+        self._wake = asyncio.Event()  # something is queued
+        self._progress = asyncio.Event()  # something was written
+        self._own: dict[str, AbstractConnection] = {}  # the reader's and the writer's
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._read()), loop.create_task(self._refresh())]
+        self._tasks = [
+            loop.create_task(self._read()),
+            loop.create_task(self._write()),
+            loop.create_task(self._refresh()),
+        ]
 
     async def stop(self) -> None:
+        await self.flush()  # the frames this relay's clients sent last go out first
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        for connection in self._own.values():
+            with contextlib.suppress(Exception):
+                await connection.disconnect(nowait=True)
         await self.directory.close()
 
     def _away(self, exc: Exception) -> None:
         if self.problem is None:
-            logger.warning("node %s: Redis unavailable (%s): new joins refused", self.node, exc)
+            logger.warning("Redis unavailable (%s): new joins refused", exc)
         self.problem = f"redis unavailable: {type(exc).__name__}"
 
     def _back(self) -> None:
         if self.problem is not None:
-            logger.info("node %s: Redis is back", self.node)
+            logger.info("Redis is back")
         self.problem = None
 
     # -- frames from this relay's connections ---------------------------------
@@ -2046,24 +2177,91 @@ class Cluster:
             await self._release(before[0], before[1], conn_id, hold=False)
         if after[0] is not None and after[1] is not None:  # joined
             seat = state.sessions[after[0]][after[1]]
-            try:
-                outcome, node, previous = await self.directory.claim(
-                    after[0], after[1], conn_id, seat.resume, presented if seat.resumed else None
+            if not seat.resumed:
+                return await self._claim(
+                    conn_id, after[0], after[1], seat, presented=None, actions=actions
                 )
-            except redis.exceptions.RedisError as exc:
-                self._away(exc)
-                return claim_lost(state, conn_id, UNAVAILABLE)
-            self._back()
-            for proxy, remote in list(self.remote.items()):  # the remote seat it replaced
-                if (remote.session, remote.role) == after:
-                    del self.remote[proxy], self.relay.connections[proxy]
-            if outcome != "ok":
-                close = CLOSE_TRY_AGAIN_LATER if outcome == "seat-held" else None
-                lost = ProtocolError(outcome, CLAIM_LOST[outcome], close_code=close)
-                return claim_lost(state, conn_id, lost)
-            if node and node != self.node:
-                await self._post(node, after[0], after[1], previous, "", replaced=True)
+            # A resume may bring frames written to the seat's old relay: frames
+            # for this connection wait until they are delivered first.
+            ws = self.relay.connections[conn_id]
+            assert not isinstance(ws, RemoteSeat | _Gate)
+            gate = _Gate(ws)
+            self.relay.connections[conn_id] = gate
+            try:
+                return await self._claim(
+                    conn_id, after[0], after[1], seat, presented=presented, actions=actions
+                )
+            finally:
+                if self.relay.connections.get(conn_id) is gate:
+                    self.relay.connections[conn_id] = ws
+                gate.opened.set()
         return actions
+
+    async def _claim(
+        self,
+        conn_id: int,
+        session: str,
+        role: str,
+        seat: Seat,
+        *,
+        presented: str | None,
+        actions: list[Action],
+    ) -> list[Action]:
+        """The seat the core just gave ``conn_id``, claimed in Redis (a resume: handed over)."""
+        import redis.exceptions  # noqa: PLC0415
+
+        state = self.state
+        try:
+            outcome, node, previous = await self.directory.claim(
+                session, role, conn_id, seat.resume, presented
+            )
+        except redis.exceptions.RedisError as exc:
+            self._away(exc)
+            return claim_lost(state, conn_id, UNAVAILABLE)
+        self._back()
+        for proxy, remote in list(self.remote.items()):  # the remote seat it replaced
+            if (remote.session, remote.role) == (session, role):
+                del self.remote[proxy], self.relay.connections[proxy]
+        if outcome != "ok":
+            close = CLOSE_TRY_AGAIN_LATER if outcome == "seat-held" else None
+            lost = ProtocolError(outcome, CLAIM_LOST[outcome], close_code=close)
+            return claim_lost(state, conn_id, lost)
+        if not node or node == self.node:
+            return actions
+        self._post(node, session, role, previous, "", replaced=True)
+        # What this relay wrote to the old seat is in Redis; take what its relay
+        # never read, and deliver it right after "joined".
+        await self.flush()
+        try:
+            taken = await self.directory.take(node, session, role, previous)
+        except redis.exceptions.RedisError as exc:
+            self._away(exc)
+            logger.warning(
+                "conn=%d session=%s role=%s: the frames left on %s could not be taken back",
+                conn_id,
+                session,
+                role,
+                node,
+            )
+            return actions
+        if not taken:
+            return actions
+        gate = self.relay.connections[conn_id]
+        ws = gate.ws if isinstance(gate, _Gate) else gate
+        own = [a for a in actions if isinstance(a, Send) and a.conn == conn_id]
+        for action in own:
+            await ws.send(action.text)
+        for entry in taken:
+            await ws.send(entry.text)
+        logger.info(
+            "conn=%d session=%s role=%s: %d frames left on %s delivered after the resume",
+            conn_id,
+            session,
+            role,
+            len(taken),
+            node,
+        )
+        return [a for a in actions if not (isinstance(a, Send) and a.conn == conn_id)]
 
     async def _prejoin(self, message: str | bytes) -> str | None:
         """Before a join: the session's seats on other relays into the local view.
@@ -2100,19 +2298,25 @@ class Cluster:
             self._learn(session, seat_role, record.node, record.conn, record.key)
         return resume if isinstance(resume, str) and role in ROLES else None
 
-    def _learn(self, session: str, role: str, node: str, conn: int, key: str) -> None:
-        """The seat is held by ``conn`` on ``node``: show it in the local view."""
+    def _learn(self, session: str, role: str, node: str, conn: int, key: str) -> RemoteSeat | None:
+        """The seat is held by ``conn`` on ``node``: show it in the local view.
+
+        Returns the remote seat it replaces (the seat moved), if any.
+        """
         local = self.state.sessions.get(session, {}).get(role)
+        moved = None
         if local is not None:
             known = self.remote.get(local.conn)
             if known is not None and (known.node, known.conn) == (node, conn):
-                return
+                return None
             if known is None:
-                return  # a seat of this relay's own
+                return None  # a seat of this relay's own
+            moved = known
             self._forget(session, role)
         proxy = seat_remote(self.state, session, role, key)
         self.remote[proxy] = RemoteSeat(self, node, conn, session, role)
         self.relay.connections[proxy] = self.remote[proxy]
+        return moved
 
     def _forget(self, session: str, role: str) -> None:
         proxy = unseat_remote(self.state, session, role)
@@ -2141,31 +2345,20 @@ class Cluster:
 
     # -- frames between relays --------------------------------------------------
 
-    async def post(self, seat: RemoteSeat, text: str) -> None:
-        """Write a frame for a remote seat into its relay's inbox."""
-        import redis.exceptions  # noqa: PLC0415
-
+    def post(self, seat: RemoteSeat, text: str) -> None:
+        """Queue a frame for a remote seat, for its relay's inbox (the writer sends it)."""
         seats = self.state.sessions.get(seat.session)
         sender = None if seats is None else seats.get(OTHER_ROLE[seat.role])
-        sender_conn = 0 if sender is None or sender.conn in self.remote else sender.conn
-        key = "" if sender is None else sender.resume
-        try:
-            await self._post(
-                seat.node,
-                seat.session,
-                seat.role,
-                seat.conn,
-                text,
-                sender_conn=sender_conn,
-                key=key,
-            )
-        except redis.exceptions.RedisError as exc:
-            self._away(exc)
-            if sender_conn and (ws := self.relay.connections.get(sender_conn)) is not None:
-                with contextlib.suppress(ConnectionClosed):
-                    await ws.send(error_frame(NOT_DELIVERED_AWAY))
+        if sender is None:
+            sender_conn, key = 0, ""
+        else:
+            sender_conn = 0 if sender.conn in self.remote else sender.conn
+            key = sender.resume
+        self._post(
+            seat.node, seat.session, seat.role, seat.conn, text, sender_conn=sender_conn, key=key
+        )
 
-    async def _post(
+    def _post(
         self,
         node: str,
         session: str,
@@ -2178,41 +2371,135 @@ class Cluster:
         replaced: bool = False,
         undelivered: bool = False,
     ) -> None:
-        fields: dict[str, str | int] = {
-            "s": session, "r": role, "c": conn, "n": self.node, "fc": sender_conn, "k": key,
-            "f": text, "x": "replaced" if replaced else "undelivered" if undelivered else "",
-        }  # fmt: skip
-        await self.redis.xadd(
-            INBOX_KEY.format(node),
-            fields,  # type: ignore[arg-type]
-            maxlen=INBOX_MAXLEN,
-            approximate=True,
-        )
+        fields: list[str | int] = [
+            "s", session, "r", role, "c", conn, "n", self.node, "fc", sender_conn, "k", key,
+            "f", text, "x", "replaced" if replaced else "undelivered" if undelivered else "",
+        ]  # fmt: skip
+        self._outbox.append((INBOX_KEY.format(node), fields, sender_conn, text))
+        self._queued += 1
+        self._wake.set()
 
-    async def _read(self) -> None:
-        """Deliver this relay's inbox, in order, for as long as the relay runs."""
+    async def flush(self) -> None:
+        """Wait until every frame queued so far is written to Redis (or given up).
+
+        Bounded: a writer held up past twice the read timeout is not waited for.
+        """
+        target = self._queued
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2 * REDIS_READ_TIMEOUT_S):
+                while self._written < target:
+                    self._progress.clear()
+                    await self._progress.wait()
+
+    async def _write(self) -> None:
+        """Write the queued frames, in order, on one connection: one round trip per batch."""
         import redis.exceptions  # noqa: PLC0415
 
-        last = "$"
+        connection: AbstractConnection | None = None
+        outbox = self._outbox
+        while True:
+            if not outbox:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            batch = list(outbox)
+            outbox.clear()
+            try:
+                if connection is None:
+                    connection = self._own["writer"] = self.directory.connection()
+                commands = [
+                    ("XADD", inbox, "MAXLEN", "~", INBOX_MAXLEN, "*", *fields)
+                    for inbox, fields, _, _ in batch
+                ]
+                await connection.send_packed_command(
+                    connection.pack_commands(commands), check_health=False
+                )
+                for _ in batch:
+                    await connection.read_response(timeout=REDIS_READ_TIMEOUT_S)
+            except (redis.exceptions.RedisError, OSError) as exc:
+                self._away(exc)
+                with contextlib.suppress(Exception):
+                    await connection.disconnect(nowait=True)  # type: ignore[union-attr]
+                connection = None
+                for _, _, sender_conn, text in batch:
+                    await self._tell_sender(sender_conn, NOT_DELIVERED_AWAY, text)
+            except Exception:
+                logger.exception("the writer to other relays' inboxes failed; it goes on")
+                with contextlib.suppress(Exception):
+                    await connection.disconnect(nowait=True)  # type: ignore[union-attr]
+                connection = None
+            else:
+                self._back()
+            finally:
+                self._written += len(batch)
+                self._progress.set()
+
+    async def _tell_sender(self, sender_conn: int, exc: ProtocolError, text: str) -> None:
+        """A frame from ``sender_conn`` (of this relay) was not delivered: an error naming it."""
+        ws = self.relay.connections.get(sender_conn) if sender_conn else None
+        if ws is None or isinstance(ws, RemoteSeat):
+            return
+        if isinstance(ws, _Gate):
+            ws = ws.ws  # an error needs no order with a handover, and never waits for one
+        self.state.stats.errors[exc.code] += 1
+        with contextlib.suppress(ConnectionClosed):
+            await ws.send(undelivered_frame(exc, text))
+
+    async def _read(self) -> None:
+        """Deliver this relay's inbox, in order, for as long as the relay runs.
+
+        Each blocking read carries, in the same round trip, the position of the
+        last entry delivered: what a relay that dies has not read is known.
+        """
+        import redis.exceptions  # noqa: PLC0415
+
+        connection: AbstractConnection | None = None
+        last = recorded = b"$"
+        position = INBOX_POS_KEY.format(self.node)
         while True:
             try:
-                replies: Any = await self.redis.xread(
-                    {self.inbox: last}, block=INBOX_BLOCK_MS, count=512
+                if connection is None:
+                    connection = self._own["reader"] = self.directory.connection()
+                commands: list[tuple[str | bytes | int, ...]] = []
+                if last != recorded:
+                    commands.append(("SET", position, last, "EX", INBOX_POS_TTL_S))
+                commands.append(
+                    ("XREAD", "COUNT", 512, "BLOCK", INBOX_BLOCK_MS, "STREAMS", self.inbox, last)
                 )
-            except redis.exceptions.RedisError as exc:
+                await connection.send_packed_command(
+                    connection.pack_commands(commands), check_health=False
+                )
+                if len(commands) == 2:
+                    await connection.read_response(timeout=REDIS_READ_TIMEOUT_S)
+                    recorded = last
+                replies: Any = await connection.read_response(
+                    timeout=REDIS_READ_TIMEOUT_S + INBOX_BLOCK_MS / 1000
+                )
+            except (redis.exceptions.RedisError, OSError) as exc:
                 self._away(exc)
+                with contextlib.suppress(Exception):
+                    await connection.disconnect(nowait=True)  # type: ignore[union-attr]
+                connection = None
                 await asyncio.sleep(0.5)
                 continue
-            self._back()
-            for _, entries in replies or ():
+            if self.problem is not None:
+                self._back()
+            # RESP3 (redis-py 8's default) answers a map of streams, RESP2 a list.
+            streams = (
+                replies.values() if isinstance(replies, dict) else (e for _, e in replies or ())
+            )
+            for entries in streams:
                 for entry_id, raw in entries:
                     last = entry_id
+                    fields = {
+                        k.decode(): v.decode() for k, v in zip(raw[::2], raw[1::2], strict=True)
+                    }
                     try:
-                        await self._deliver({k.decode(): v.decode() for k, v in raw.items()})
+                        await self._deliver(fields)
                     except redis.exceptions.RedisError as exc:
                         self._away(exc)
                     except Exception:
-                        logger.exception("node %s: a frame from another relay failed", self.node)
+                        logger.exception("a frame from another relay failed")
 
     async def _deliver(self, fields: dict[str, str]) -> None:
         state = self.state
@@ -2226,19 +2513,55 @@ class Cluster:
         if ws is None or isinstance(ws, RemoteSeat):
             left = text.startswith('{"type":"peer-left"') or text.startswith('{"type":"bye"')
             if not left and not special and sender_conn:
-                await self._post(node, session, OTHER_ROLE[role], sender_conn, "", undelivered=True)
+                self._post(node, session, OTHER_ROLE[role], sender_conn, text, undelivered=True)
             return
         if special == "undelivered":
+            self.state.stats.errors[NOT_DELIVERED.code] += 1
             with contextlib.suppress(ConnectionClosed):
-                await ws.send(error_frame(NOT_DELIVERED))
+                await ws.send(undelivered_frame(NOT_DELIVERED, text))
             return
         other = OTHER_ROLE[role]
         if text.startswith('{"type":"peer-left"'):
             self._forget(session, other)
         elif sender_conn:
-            self._learn(session, other, node, sender_conn, fields["k"])
+            moved = self._learn(session, other, node, sender_conn, fields["k"])
+            if moved is not None:
+                await self._handover(moved, session, other)
         with contextlib.suppress(ConnectionClosed):
             await ws.send(text)
+
+    async def _handover(self, old: RemoteSeat, session: str, role: str) -> None:
+        """A remote seat moved: what this relay wrote to its old relay and was not read
+        goes to its new relay first, then the frames that waited."""
+        import redis.exceptions  # noqa: PLC0415
+
+        seat = self.state.sessions.get(session, {}).get(role)
+        new = None if seat is None else self.remote.get(seat.conn)
+        if new is None:
+            return
+        new.ready = ready = asyncio.Event()
+        try:
+            await self.flush()
+            taken = await self.directory.take(old.node, session, role, old.conn)
+            for entry in taken:
+                self._post(
+                    new.node, session, role, new.conn, entry.text,
+                    sender_conn=entry.sender, key=entry.key,
+                )  # fmt: skip
+            if taken:
+                logger.info(
+                    "session=%s role=%s: %d frames left on %s passed on to %s",
+                    session,
+                    role,
+                    len(taken),
+                    old.node,
+                    new.node,
+                )
+        except redis.exceptions.RedisError as exc:
+            self._away(exc)
+        finally:
+            new.ready = None
+            ready.set()
 
     async def _refresh(self) -> None:
         """Keep this relay's seats alive in Redis; drop remote seats whose relay is gone."""
@@ -2274,17 +2597,36 @@ class Cluster:
                         # not written it again yet. Missing twice: its relay is gone.
                         self._missing.add(remote.conn)
                         continue
-                    # Its relay died (the seat expired) or it dropped: the other side is told.
-                    self._forget(remote.session, remote.role)
-                    local = state.sessions.get(remote.session, {}).get(OTHER_ROLE[remote.role])
-                    if local is not None and local.conn in state.conns:
-                        gone = frame("peer-left", role=remote.role, reason="disconnected")
-                        await self.relay.perform([Send(local.conn, gone)])
+                    await self._gone(remote)
             except redis.exceptions.RedisError as exc:
                 self._away(exc)
                 was_ok = False
                 continue
             self._back()
+
+    async def _gone(self, remote: RemoteSeat) -> None:
+        """A remote seat's relay died (the seat expired) or it dropped: the other side is told,
+        first of each frame its relay never read."""
+        state = self.state
+        self._forget(remote.session, remote.role)
+        await self.flush()
+        taken = await self.directory.take(remote.node, remote.session, remote.role, remote.conn)
+        for entry in taken:
+            if entry.node == self.node:
+                await self._tell_sender(entry.sender, NOT_DELIVERED, entry.text)
+        local = state.sessions.get(remote.session, {}).get(OTHER_ROLE[remote.role])
+        if local is not None and local.conn in state.conns:
+            gone = frame("peer-left", role=remote.role, reason="disconnected")
+            await self.relay.perform([Send(local.conn, gone)])
+
+
+def undelivered_frame(exc: ProtocolError, text: str) -> str:
+    """The ``error`` for a frame that was not delivered: ``frame`` names its type."""
+    try:
+        kind = orjson.loads(text).get("type")
+    except (orjson.JSONDecodeError, AttributeError):
+        kind = None
+    return frame("error", code=exc.code, message=str(exc), frame=kind)
 
 
 UNAVAILABLE: Final = ProtocolError(
@@ -2320,6 +2662,9 @@ class RelayConnection(ServerConnection):
     accepted_at: float = 0.0  # the event loop's time at the accept
 
     def __init__(self, protocol: ServerProtocol, *args: Any, **kwargs: Any) -> None:
+        # Made in the listener's accept callback: the connection's task and its
+        # transport's callbacks inherit this context, and log this relay's id.
+        NODE.set(self.relay.node_id)
         super().__init__(protocol, *args, **kwargs)
         self.relay.live.add(self)
         self.api_body = ApiBodyReader(protocol.reader)
@@ -2360,7 +2705,7 @@ class Relay:
         self.config = config
         self.state = State(config, resume_secret=resume_secret)
         # Connections by id; in a cluster, also the remote seats (frames to another relay).
-        self.connections: dict[int, ServerConnection | RemoteSeat] = {}
+        self.connections: dict[int, ServerConnection | RemoteSeat | _Gate] = {}
         self.cluster: Cluster | None = None
         self.started = time.monotonic()
         self.registry = CollectorRegistry()
@@ -2787,13 +3132,15 @@ async def serve_relay(config: RelayConfig) -> AsyncIterator[RunningRelay]:
         scheme = "wss" if ssl_context else "ws"
         if config.cluster.node_id is None:
             relay.node_id = f"{shown}:{port}"
+        # This relay's lines and tasks carry its id; the caller's context gets it back.
+        node_token = NODE.set(relay.node_id)
         if config.cluster.redis_url is not None:
             directory = SeatDirectory.from_url(
                 config.cluster.redis_url, relay.node_id, config.cluster, limits
             )
             relay.cluster = Cluster(relay, directory)
             relay.cluster.start()
-            logger.info("node %s: seats shared through Redis", relay.node_id)
+            logger.info("seats shared through Redis")
         running = RunningRelay(
             relay,
             server,
@@ -2805,9 +3152,12 @@ async def serve_relay(config: RelayConfig) -> AsyncIterator[RunningRelay]:
         logger.info("relay listening on %s (event loop: %s)", running.url, loop)
         logger.info("node id %s (cluster.node_id)", relay.node_id)
         logger.info("resume keys signed with a key %s", origin)
+        NODE.reset(node_token)
         yield running
     finally:
+        NODE.set(relay.node_id)
         await _shut_down(relay, server, limits)
+        NODE.set("-")
 
 
 async def _shut_down(relay: Relay, server: Server, limits: Limits) -> None:
@@ -3029,8 +3379,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format="%(asctime)s %(levelname)s %(name)s [%(node)s]: %(message)s",
     )
+    for handler in logging.getLogger().handlers:  # websockets' and redis's lines too
+        handler.addFilter(NodeFilter())
     logging.getLogger("websockets").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     try:
         config = RelayConfig.load(args.config)

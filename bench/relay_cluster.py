@@ -2,7 +2,8 @@
 
 Printed, not asserted (docs/benchmarks.md, "Cluster"). For each setting: the
 frames per second that ``--pairs`` ping-ponging pairs get through for
-``--seconds``, one more pair's round trip p50/p99 measured alone, the CPU per
+``--seconds``, one probe pair's round trip p50/p99 per setting (the settings'
+round trips interleaved, so that each sees the same load), the CPU per
 relayed frame of the relays and of redis-server (utime+stime from /proc), and
 the memory per idle joined connection (RSS growth over ``--idle`` connections).
 The load generator is this Python process: the frames per second compare the
@@ -46,7 +47,9 @@ def rss(pid: int) -> int:
 async def joined(url: str, session: str, role: str) -> ClientConnection:
     ws = await connect(url, compression=None, max_queue=None)
     await ws.send(json.dumps({"type": "join", "session": session, "role": role}))
-    assert json.loads(await ws.recv())["type"] == "joined"
+    reply = json.loads(await ws.recv())
+    if reply["type"] != "joined":
+        raise RuntimeError(f"join {session} {role} on {url}: {reply}")
     return ws
 
 
@@ -67,6 +70,30 @@ async def ping_pong(a: ClientConnection, b: ClientConnection, until: float) -> i
     return trips
 
 
+async def round_trips(
+    settings: list[tuple[str, tuple[str, str]]], rounds: int
+) -> dict[str, list[float]]:
+    """One probe pair per setting; each round times one round trip on each, in turn.
+
+    Interleaved, every setting's round trips see the same moments of the
+    machine's load: a shared machine's load swings more between two settings
+    measured one after the other than the difference being measured.
+    """
+    probes = [(name, await pair(urls, f"probe-{i}")) for i, (name, urls) in enumerate(settings)]
+    rtts: dict[str, list[float]] = {name: [] for name, _ in settings}
+    for _ in range(rounds):
+        for name, (a, b) in probes:
+            started = time.perf_counter()
+            await a.send(FRAME)
+            await b.send(await b.recv())
+            await a.recv()
+            rtts[name].append((time.perf_counter() - started) * 1000)
+    for _, (a, b) in probes:
+        await a.close()
+        await b.close()
+    return rtts
+
+
 async def measure(
     name: str,
     urls: tuple[str, str],
@@ -78,14 +105,6 @@ async def measure(
     idle: int,
 ) -> dict[str, float]:
     pairs_ = [await pair(urls, f"{name}-{i}") for i in range(pairs)]
-    probe = await pair(urls, f"{name}-probe")
-    rtts = []
-    for _ in range(500):
-        started = time.perf_counter()
-        await probe[0].send(FRAME)
-        await probe[1].send(await probe[1].recv())
-        await probe[0].recv()
-        rtts.append((time.perf_counter() - started) * 1000)
     cpu0 = [cpu_s(p) for p in pids]
     redis0 = cpu_s(redis_pid) if redis_pid else 0.0
     until = time.monotonic() + seconds
@@ -97,20 +116,17 @@ async def measure(
     idle_conns = [await joined(urls[i % 2], f"{name}-idle-{i}", "patient") for i in range(idle)]
     await asyncio.sleep(1.0)
     per_conn = (sum(rss(p) for p in pids) - rss0) / idle
-    for ws in [*idle_conns, probe[0], probe[1], *(w for p in pairs_ for w in p)]:
+    for ws in [*idle_conns, *(w for p in pairs_ for w in p)]:
         await ws.close()
-    quantiles = statistics.quantiles(rtts, n=100)
     return {
         "fps": frames / seconds,
-        "p50": statistics.median(rtts),
-        "p99": quantiles[98],
         "cpu_us": cpu / frames * 1e6,
         "redis_us": redis_cpu / frames * 1e6,
         "kib": per_conn / 1024,
     }
 
 
-async def bench(pairs: int, seconds: float, idle: int) -> None:
+async def bench(pairs: int, seconds: float, idle: int, rounds: int) -> None:
     with tempfile.TemporaryDirectory(prefix="epc-bench-cluster-") as tmp:
         redis = RedisServer()
         relays: list[RelayProcess] = []
@@ -149,8 +165,10 @@ async def bench(pairs: int, seconds: float, idle: int) -> None:
                 ("one relay, Redis", (one.url, one.url), [pid(one)], redis_pid),
                 ("two relays, Redis, split", (a.url, b.url), [pid(a), pid(b)], redis_pid),
             ]
-            print(f"{pairs} pairs ping-pong for {seconds:g} s; round trips of one more pair "
-                  f"alone (500); {idle} idle joined connections")  # fmt: skip
+            print(f"{pairs} pairs ping-pong for {seconds:g} s; round trips of one probe pair "
+                  f"per setting, interleaved ({rounds} rounds); "
+                  f"{idle} idle joined connections")  # fmt: skip
+            rtts = await round_trips([(name, urls) for name, urls, _, _ in settings], rounds)
             print(
                 f"{'setting':<26} {'frames/s':>9} {'p50 ms':>7} {'p99 ms':>7} "
                 f"{'relay µs/frame':>15} {'redis µs/frame':>15} {'KiB/idle conn':>14}"
@@ -159,9 +177,15 @@ async def bench(pairs: int, seconds: float, idle: int) -> None:
                 got = await measure(
                     f"set{i}", urls, pids, rpid, pairs=pairs, seconds=seconds, idle=idle
                 )
-                print(f"{name:<26} {got['fps']:>9,.0f} {got['p50']:>7.3f} {got['p99']:>7.3f} "
+                p50 = statistics.median(rtts[name])
+                p99 = statistics.quantiles(rtts[name], n=100)[98]
+                print(f"{name:<26} {got['fps']:>9,.0f} {p50:>7.3f} {p99:>7.3f} "
                       f"{got['cpu_us']:>15.1f} {got['redis_us']:>15.1f} {got['kib']:>14.1f}",
                       flush=True)  # fmt: skip
+            added = statistics.median(rtts[settings[2][0]]) - statistics.median(
+                rtts[settings[0][0]]
+            )
+            print(f"a split frame adds {added:.3f} ms to the p50 round trip (target: at most 1 ms)")
         finally:
             for running in relays:
                 await running.stop()
@@ -173,8 +197,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--pairs", type=int, default=50)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--idle", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=1000, help="round trips per setting")
     args = parser.parse_args(argv)
-    asyncio.run(bench(args.pairs, args.seconds, args.idle))
+    asyncio.run(bench(args.pairs, args.seconds, args.idle, args.rounds))
     return 0
 
 

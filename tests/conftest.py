@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Generator
+import shutil
+import socket
+import subprocess
+from collections.abc import AsyncIterator, Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -62,3 +65,34 @@ async def browsers(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncItera
         yield running
         if failed(request.node):
             await running.save_artifacts(request.node.name)
+
+
+@pytest.fixture(scope="session")
+def shared_redis() -> Iterator[str]:
+    """One redis-server for the whole run (tests that share it flush it first): its URL."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (make redis-deps)")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    argv = [
+        "redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+        "--appendonly", "no", "--logfile", "", "--daemonize", "no",
+    ]  # fmt: skip
+    server = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert server.stdout is not None
+        for line in server.stdout:  # it exits (and the loop ends) if it cannot start
+            if "Ready to accept connections" in line:
+                break
+        else:
+            pytest.fail(f"redis-server did not start (exit status {server.wait()})")
+        server.stdout.close()  # nothing more is read: no pipe to fill
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        server.terminate()  # by its PID
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()

@@ -215,6 +215,7 @@ class RedisServer:
 
     port: int = 0
     process: Process | None = None
+    netns: str | None = None  # run inside this network namespace (on its own 127.0.0.1)
 
     @property
     def url(self) -> str:
@@ -229,7 +230,8 @@ class RedisServer:
                 "--save", "", "--appendonly", "no", "--logfile", "",
                 "--protected-mode", "yes", "--daemonize", "no",
             ]  # fmt: skip
-            self.process = await spawn("redis-server", argv)
+            prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
+            self.process = await spawn("redis-server", argv, prefix)
             try:
                 await self.process.expect("Ready to accept connections", START_TIMEOUT)
             except RuntimeError:

@@ -33,7 +33,11 @@ async def within(awaitable: Awaitable[T], units: float = 1.0) -> T:
     return await asyncio.wait_for(awaitable, TIMEOUT * units)
 
 
-# Every seat store of the relay, by name: the core's tests run against each.
+# Every seat store of the core, by name: the core's tests run against each. The
+# Redis side is not a SeatStore (it awaits, the core never does): the relay's
+# adapter claims seats there. The integration tests of seats and forwarding run
+# on it through the `relays` fixture (tests/test_relay_integration.py): two
+# relays on one shared redis-server, each pair split across them.
 SEAT_STORES: dict[str, Callable[[], relay.SeatStore]] = {"memory": relay.MemorySeats}
 
 

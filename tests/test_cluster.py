@@ -5,17 +5,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import shutil
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
 
 import pytest
 import pytest_asyncio
 
 import relay
 from bench.cluster import Cluster, running_cluster
-from tests.processes import RedisServer, redis_missing, redis_server
-from tests.support import TIMEOUT, Client, http_get, relay_config
+from peers.netns import Network, netns_missing
+from tests.processes import (
+    Process,
+    RedisServer,
+    RelayProcess,
+    peer_argv,
+    redis_missing,
+    redis_server,
+    spawn,
+)
+from tests.support import TIMEOUT, Client, http_get, relay_config, write_yaml
+from tests.test_peers import VIDEO, assert_media_arrived, summary
 
 pytestmark = pytest.mark.asyncio
 
@@ -50,6 +62,8 @@ def directory(server: RedisServer, node: str, **cluster: object) -> relay.SeatDi
 async def test_a_seat_is_taken_cluster_wide(redis: RedisServer) -> None:
     """A seat taken on relay A is role-taken on relay B; the other seat is free on B."""
     a, b = directory(redis, "a"), directory(redis, "b")
+    assert await a.claim("s1", "patient", 1, "ka", None) == ("ok", "", 0)
+    # The same claim again (redis-py retries a command whose reply timed out): still ok.
     assert await a.claim("s1", "patient", 1, "ka", None) == ("ok", "", 0)
     assert await b.claim("s1", "patient", 7, "kb", None) == ("role-taken", "", 0)
     assert await b.claim("s1", "patient", 7, "kb", "not-the-key") == ("role-taken", "", 0)
@@ -133,14 +147,18 @@ def candidate(i: int) -> dict[str, object]:
 
 @contextlib.asynccontextmanager
 async def two_relays(
-    server: RedisServer, **limits: object
+    server: RedisServer,
+    *,
+    auth: Mapping[str, object] | None = None,
+    limits: Mapping[str, object] | None = None,
+    seat_ttl_s: float = 1.5,
 ) -> AsyncIterator[tuple[relay.RunningRelay, relay.RunningRelay]]:
     """Relays "a" and "b" in this process, sharing ``server`` and one resume secret."""
     configs = [
         relay_config(
-            cluster={"redis_url": server.url, "node_id": node, "seat_ttl_s": 1.5},
-            auth={"resume_secret": RESUME_SECRET},
-            limits=limits,
+            cluster={"redis_url": server.url, "node_id": node, "seat_ttl_s": seat_ttl_s},
+            auth={"resume_secret": RESUME_SECRET, **(auth or {})},
+            limits=dict(limits or {}),
         )
         for node in ("a", "b")
     ]
@@ -248,6 +266,148 @@ async def test_redis_away_then_back(redis: RedisServer) -> None:
         await third.expect("answer", sdp=SDP)
 
 
+MANY = {
+    "handshakes_per_second_per_address": 10_000,
+    "max_connections_per_address": 1_000,
+    "max_sessions_per_address": 1_000,
+}
+
+
+async def test_200_sessions_split_across_two_relays_all_complete_in_order(
+    redis: RedisServer,
+) -> None:
+    """200 sessions, each with its patient on one relay and practitioner on the other, at once:
+    every offer, answer and candidate arrives, in order, and every bye."""
+    # The default time to live: 400 clients and two relays in this one process
+    # lag its loop past a 1.5 s one on a busy machine (the seats would expire).
+    async with two_relays(redis, limits=MANY, seat_ttl_s=15) as (a, b):
+        # Joins 25 at a time: 400 at once in this one process (two relays, 400
+        # clients) lag its loop past the relays' 1 s Redis timeouts on a busy
+        # machine. The frames of the 200 sessions then all flow at once.
+        joining = asyncio.Semaphore(25)
+
+        async def session(i: int) -> None:
+            one, other = (a, b) if i % 2 else (b, a)
+            async with joining:
+                patient, practitioner = await split_pair(one, other, f"s{i}")
+            await patient.send(type="offer", sdp=SDP)
+            for n in range(5):
+                await patient.send(type="candidate", candidate=candidate(n))
+            await practitioner.expect("offer", sdp=SDP)
+            await practitioner.send(type="answer", sdp=SDP)
+            for n in range(5):
+                await practitioner.expect("candidate", candidate=candidate(n))
+                await practitioner.send(type="candidate", candidate=candidate(100 + n))
+            await patient.expect("answer", sdp=SDP)
+            for n in range(5):
+                await patient.expect("candidate", candidate=candidate(100 + n))
+            await patient.send(type="bye", reason="done")
+            await practitioner.expect("bye", reason="done")
+            await practitioner.expect("peer-left", role="patient", reason="bye")
+            await patient.close()
+            await practitioner.close()
+
+        await asyncio.wait_for(asyncio.gather(*(session(i) for i in range(200))), TIMEOUT * 12)
+        assert a.state.stats.joins + b.state.stats.joins == 400
+        assert a.state.seats.session_count() == b.state.seats.session_count() == 0
+
+
+async def test_two_relays_claiming_one_seat_at_once_seat_one_of_them(redis: RedisServer) -> None:
+    """The same seat joined on both relays at once, 20 times: one joined, the other role-taken."""
+    async with two_relays(redis, limits=MANY) as (a, b):
+        for i in range(20):
+            one, other = await Client.open(a.url), await Client.open(b.url)
+            for client in (one, other):
+                await client.send(type="join", session=f"race{i}", role="patient")
+            replies = sorted(
+                [(await one.recv())["type"], (await other.recv())["type"]], reverse=True
+            )
+            assert replies == ["joined", "error"], replies
+
+
+async def test_seat_held_across_relays(redis: RedisServer) -> None:
+    """An unclean drop on relay b holds the seat: a join on a without its key gets seat-held
+    (closed 1013), with its key it resumes and the patient on a sees peer-joined resumed."""
+    async with two_relays(redis) as (a, b):
+        patient = await Client.open(a.url)
+        await patient.join("s1", "patient")
+        practitioner = await Client.open(b.url)
+        key = (await practitioner.join("s1", "practitioner"))["resume"]
+        await patient.expect("peer-joined", role="practitioner")
+        practitioner.ws.transport.abort()  # no close frame: an unclean drop
+        await patient.expect("peer-left", role="practitioner", reason="disconnected")
+        intruder = await Client.open(a.url)
+        await intruder.send(type="join", session="s1", role="practitioner")
+        await intruder.expect_error("seat-held")
+        assert await intruder.closed() == (1013, "seat-held")
+        back = await Client.open(a.url)
+        await back.send(type="join", session="s1", role="practitioner", resume=key)
+        await back.expect("joined", resumed=True, peer=True)
+        await patient.expect("peer-joined", role="practitioner", resumed=True)
+
+
+async def test_tokens_signed_for_the_cluster_are_checked_on_every_relay(
+    redis: RedisServer,
+) -> None:
+    """One auth.secret: a token works on either relay; one for the other role is bad-token,
+    an expired one token-expired, wherever the seat is."""
+    secret = "cluster-test-auth-secret-0123456789"
+    expiry = int(time.time()) + 600
+    async with two_relays(redis, auth={"secret": secret}) as (a, b):
+        patient = await Client.open(a.url)
+        await patient.join("s1", "patient", token=relay.mint_token(secret, "s1", "patient", expiry))
+        wrong = await Client.open(b.url)
+        token = relay.mint_token(secret, "s1", "patient", expiry)  # the patient's, not this role's
+        await wrong.send(type="join", session="s1", role="practitioner", token=token)
+        await wrong.expect_error("bad-token")
+        past = relay.mint_token(secret, "s1", "practitioner", int(time.time()) - 60)
+        await wrong.send(type="join", session="s1", role="practitioner", token=past)
+        await wrong.expect_error("token-expired")
+        token = relay.mint_token(secret, "s1", "practitioner", expiry)
+        await wrong.send(type="join", session="s1", role="practitioner", token=token)
+        await wrong.expect("joined", peer=True)
+        await patient.expect("peer-joined", role="practitioner")
+
+
+async def test_protocol_errors_of_a_split_session(redis: RedisServer) -> None:
+    """Across two relays: not-joined before join, already-joined, role-taken on either relay,
+    not-practitioner for the patient's invite, no-peer once the other seat left."""
+    async with two_relays(redis) as (a, b):
+        early = await Client.open(b.url)
+        await early.send(type="offer", sdp=SDP)
+        await early.expect_error("not-joined")
+        patient, practitioner = await split_pair(a, b, "s1")
+        await practitioner.send(type="join", session="s2", role="patient")
+        await practitioner.expect_error("already-joined")
+        for running in (a, b):
+            for role in ("patient", "practitioner"):
+                intruder = await Client.open(running.url)
+                await intruder.send(type="join", session="s1", role=role)
+                await intruder.expect_error("role-taken")
+        await patient.send(type="invite")
+        await patient.expect_error("not-practitioner")
+        await practitioner.send(type="invite")
+        await practitioner.expect("invite", session="s1", role="patient")
+        await practitioner.send(type="bye")
+        await patient.expect("bye")
+        await patient.expect("peer-left", role="practitioner", reason="bye")
+        await patient.send(type="candidate", candidate=candidate(1))
+        await patient.expect_error("no-peer")
+
+
+async def test_per_address_limits_are_per_relay(redis: RedisServer) -> None:
+    """max_sessions_per_address counts one relay's sessions: a second on a is address-limit,
+    on b it is taken (README, Scaling out)."""
+    async with two_relays(redis, limits={"max_sessions_per_address": 1}) as (a, b):
+        first = await Client.open(a.url)
+        await first.join("s1", "patient")
+        second = await Client.open(a.url)
+        await second.send(type="join", session="s2", role="patient")
+        await second.expect_error("address-limit")
+        elsewhere = await Client.open(b.url)
+        await elsewhere.join("s2", "patient")
+
+
 async def pair_on(running: relay.RunningRelay, session: str) -> tuple[Client, Client]:
     return await split_pair(running, running, session)
 
@@ -336,3 +496,179 @@ async def test_sigterm_drains_a_relay_its_clients_resume_on_the_other_through_ha
         assert seen == {"type": "peer-joined", "role": role, "resumed": True}
         await back.send(type="answer", sdp=SDP)
         await survivor.expect("answer", sdp=SDP)
+
+
+# -- no silent loss: frames left in a dead relay's inbox ----------------------------------
+
+
+@contextlib.asynccontextmanager
+async def killable_relay(
+    server: RedisServer, tmp_path: Path, seat_ttl_s: float
+) -> AsyncIterator[RelayProcess]:
+    """Relay "x" as a process of its own (for kill -9), sharing ``server`` and the resume secret."""
+    config = write_yaml(
+        tmp_path / "x.yaml",
+        {
+            "relay": {"host": "127.0.0.1", "port": 0},
+            "auth": {"resume_secret": RESUME_SECRET},
+            "cluster": {"redis_url": server.url, "node_id": "x", "seat_ttl_s": seat_ttl_s},
+        },
+    )
+    victim = RelayProcess(config)
+    try:
+        await victim.start()
+        yield victim
+    finally:
+        await victim.stop()
+
+
+async def read_through(server: RedisServer, node: str) -> None:
+    """Wait until ``node`` has recorded that it delivered the last entry of its inbox."""
+    import redis.asyncio
+
+    client = redis.asyncio.Redis.from_url(server.url)
+    try:
+        started = time.monotonic()
+        while True:
+            last = await client.xrevrange(relay.INBOX_KEY.format(node), count=1)
+            if last and await client.get(relay.INBOX_POS_KEY.format(node)) == last[0][0]:
+                return
+            assert time.monotonic() - started < TIMEOUT, "the relay never recorded its position"
+            await asyncio.sleep(0.02)
+    finally:
+        await client.aclose()
+
+
+async def kill_9(victim: RelayProcess) -> None:
+    process = victim.process
+    assert process is not None
+    process.proc.kill()  # SIGKILL by PID
+    await process.wait(TIMEOUT)
+
+
+@pytest.mark.parametrize("resume_on", ["patients-relay", "third-relay"])
+async def test_frames_sent_to_a_killed_relay_are_delivered_after_the_resume(
+    redis: RedisServer, tmp_path: Path, resume_on: str
+) -> None:
+    """kill -9 the practitioner's relay: the frames sent to it before the resume arrive after it."""
+    async with killable_relay(redis, tmp_path, 15) as victim, two_relays(redis) as (a, b):
+        patient = await Client.open(a.url)
+        await patient.join("s1", "patient")
+        practitioner = await Client.open(victim.url)
+        key = (await practitioner.join("s1", "practitioner"))["resume"]
+        await patient.expect("peer-joined", role="practitioner")
+        await patient.send(type="offer", sdp=SDP)
+        await practitioner.expect("offer", sdp=SDP)
+        await read_through(redis, "x")  # else the offer is delivered again (at least once)
+        await kill_9(victim)
+        await practitioner.closed()
+        for i in range(10):  # written to the dead relay's inbox
+            await patient.send(type="candidate", candidate=candidate(i))
+        target = a if resume_on == "patients-relay" else b
+        back = await Client.open(target.url)
+        await back.send(type="join", session="s1", role="practitioner", resume=key)
+        await back.expect("joined", resumed=True, peer=True)
+        for i in range(10):
+            await back.expect("candidate", candidate=candidate(i))
+        await patient.expect("peer-joined", role="practitioner", resumed=True)
+        await patient.send(type="candidate", candidate=candidate(10))
+        await back.expect("candidate", candidate=candidate(10))
+        await back.send(type="answer", sdp=SDP)
+        await patient.expect("answer", sdp=SDP)
+
+
+async def test_frames_sent_to_a_killed_relay_nobody_resumes_are_named_to_their_sender(
+    redis: RedisServer, tmp_path: Path
+) -> None:
+    """kill -9 the practitioner's relay, no resume: each frame sent since is named in a no-peer."""
+    async with killable_relay(redis, tmp_path, 1.5) as victim, two_relays(redis) as (a, _):
+        patient = await Client.open(a.url)
+        await patient.join("s1", "patient")
+        practitioner = await Client.open(victim.url)
+        await practitioner.join("s1", "practitioner")
+        await patient.expect("peer-joined", role="practitioner")
+        await kill_9(victim)
+        await practitioner.closed()
+        await patient.send(type="offer", sdp=SDP)
+        await patient.send(type="candidate", candidate=candidate(1))
+        for kind in ("offer", "candidate"):
+            error = await patient.expect("error", code="no-peer", frame=kind)
+            assert "not delivered" in error["message"]
+        await patient.expect("peer-left", role="practitioner", reason="disconnected")
+    # The relay's own log lines carry its id (cluster.node_id).
+    assert any(" [x]: conn=" in line and "joined" in line for line in victim.log), victim.log
+
+
+async def test_each_relays_log_lines_carry_its_node_id(
+    redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two relays in one process: each log record names the relay that wrote it (node)."""
+    caplog.set_level(logging.INFO, logger="relay")
+    async with two_relays(redis) as (a, b):
+        patient, practitioner = await split_pair(a, b, "s1")
+        await practitioner.close()
+        await patient.expect("peer-left", role="practitioner", reason="disconnected")
+    records = [r for r in caplog.records if r.name == "relay"]
+    nodes = {getattr(r, "node", None) for r in records}
+    assert nodes == {"a", "b"}, nodes
+    lines = [(r.getMessage(), getattr(r, "node", None)) for r in records]
+    joins = {text.split(" ")[2]: node for text, node in lines if "joined (peer" in text}
+    assert joins == {"role=patient": "a", "role=practitioner": "b"}
+    assert {node for text, node in lines if text == "relay stopped"} == {"a", "b"}
+
+
+# -- a real call across two relays ----------------------------------------------------------
+
+
+@pytest.mark.netns
+async def test_an_aiortc_call_whose_seats_are_on_two_relays(tmp_path: Path) -> None:
+    """The patient's command line on relay a, the practitioner's on relay b: media both ways."""
+    if reason := redis_missing() or netns_missing():
+        pytest.skip(reason)
+    peers_config = write_yaml(
+        tmp_path / "peers.yaml",
+        {
+            "relay": {"open_timeout_s": 2, "join_timeout_s": 3, "reconnect_max_s": 1},
+            "media": {"video": VIDEO},
+            "ice": {"timeout_s": 10},
+        },
+    )
+    started: list[Process] = []
+    async with Network("epc-cluster") as net:
+        lan = await net.lan("198.18.0.2/24")  # Redis, both relays and both peers inside
+        server = RedisServer(netns=lan.name)
+        relays: dict[str, RelayProcess] = {}
+        try:
+            await server.start()
+            for node in ("a", "b"):
+                config = write_yaml(
+                    tmp_path / f"{node}.yaml",
+                    {
+                        "relay": {"host": "127.0.0.1", "port": 0},
+                        "auth": {"resume_secret": RESUME_SECRET},
+                        "cluster": {"redis_url": server.url, "node_id": node},
+                    },
+                )
+                relays[node] = RelayProcess(config, lan.name)
+                await relays[node].start()
+            for role, node in (("patient", "a"), ("practitioner", "b")):
+                argv = peer_argv(
+                    role, peers_config, "--relay", relays[node].url, "--session", "call",
+                    "--video", "pattern", "--audio", "tone", "--duration", "4",
+                    "--stats-json", str(tmp_path / f"{role}.json"),
+                )  # fmt: skip
+                started.append(await spawn(role, argv, lan.command()))
+            for process in started:
+                assert await process.wait(40) == 0, process.log()
+            for role in ("patient", "practitioner"):
+                assert_media_arrived(summary(tmp_path, role), 3)
+            # Each seat was on its own relay: every frame between them crossed Redis.
+            assert any("role=patient joined" in line for line in relays["a"].log)
+            assert any("role=practitioner joined" in line for line in relays["b"].log)
+            assert not any("joined" in line for line in relays["a"].log if "practitioner" in line)
+        finally:
+            for process in started:
+                await process.stop()
+            for running in relays.values():
+                await running.stop()
+            await server.stop()

@@ -11,6 +11,7 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import itertools
 import json
 import logging
 import re
@@ -61,14 +62,63 @@ async def quiet(client: Client, seconds: float = 0.2) -> None:
 # -- seats and routing -------------------------------------------------------------
 
 
+class Relays:
+    """Where a test's clients connect: one relay with its seats in memory, or two relays
+    sharing one Redis, each new client on the next one (a pair is split across them)."""
+
+    def __init__(self, urls: list[str]) -> None:
+        self.urls = urls
+        self._turn = itertools.count()
+
+    @property
+    def url(self) -> str:
+        return self.urls[next(self._turn) % len(self.urls)]
+
+
+@pytest_asyncio.fixture(params=["memory", "redis-split"])
+async def relays(request: pytest.FixtureRequest) -> AsyncIterator[Relays]:
+    """The seat and forwarding tests run on each seat store: memory, and Redis (two relays)."""
+    if request.param == "memory":
+        async with running_relay() as running:
+            yield Relays([running.url])
+        return
+    import redis
+
+    url = request.getfixturevalue("shared_redis")
+    with redis.Redis.from_url(url) as client:
+        client.flushall()  # nothing left by the test before
+    configs = [
+        relay_config(
+            cluster={"redis_url": url, "node_id": node},
+            auth={"resume_secret": "integration-resume-secret"},
+        )
+        for node in ("a", "b")
+    ]
+    try:
+        async with relay.serve_relay(configs[0]) as a, relay.serve_relay(configs[1]) as b:
+            yield Relays([a.url, b.url])
+    finally:
+        await Client.drop_all()
+
+
+async def split(relays: Relays, session: str) -> tuple[Client, Client]:
+    """``pair``, its two clients on the next two relays."""
+    patient = await Client.open(relays.url)
+    await patient.join(session, "patient")
+    practitioner = await Client.open(relays.url)
+    await practitioner.join(session, "practitioner")
+    await patient.expect("peer-joined", role="practitioner")
+    return patient, practitioner
+
+
 @pytest.mark.parametrize("first", ["patient", "practitioner"])
-async def test_either_side_joins_first(relay_server: relay.RunningRelay, first: str) -> None:
+async def test_either_side_joins_first(relays: Relays, first: str) -> None:
     second = "practitioner" if first == "patient" else "patient"
-    a = await Client.open(relay_server.url)
+    a = await Client.open(relays.url)
     joined = await a.join("s1", first)
     assert joined["peer"] is False
     assert re.fullmatch(r"[A-Za-z0-9_-]{1,64}", joined["resume"])
-    b = await Client.open(relay_server.url)
+    b = await Client.open(relays.url)
     assert (await b.join("s1", second))["peer"] is True
     await a.expect("peer-joined", role=second, resumed=False)
     await b.send(type="offer" if second == "patient" else "answer", sdp=SDP)
@@ -77,9 +127,9 @@ async def test_either_side_joins_first(relay_server: relay.RunningRelay, first: 
 
 
 async def test_offer_answer_candidates_and_end_of_candidates_cross_verbatim(
-    relay_server: relay.RunningRelay,
+    relays: Relays,
 ) -> None:
-    patient, practitioner = await pair(relay_server.url, "s1")
+    patient, practitioner = await split(relays, "s1")
     await patient.send(type="offer", sdp=SDP, extra={"kept": [1, 2]})
     assert await practitioner.recv() == {"type": "offer", "sdp": SDP, "extra": {"kept": [1, 2]}}
     await practitioner.send(type="answer", sdp=SDP)
@@ -100,30 +150,30 @@ async def test_ping_is_answered_before_and_after_join(relay_server: relay.Runnin
 
 
 async def test_bye_is_forwarded_then_peer_left_and_the_seat_is_free(
-    relay_server: relay.RunningRelay,
+    relays: Relays,
 ) -> None:
-    patient, practitioner = await pair(relay_server.url, "s1")
+    patient, practitioner = await split(relays, "s1")
     await practitioner.send(type="bye", reason="done")
     await patient.expect("bye", reason="done")
     await patient.expect("peer-left", role="practitioner", reason="bye")
     # The connection stays open and may join again; so may somebody else.
-    newcomer = await Client.open(relay_server.url)
+    newcomer = await Client.open(relays.url)
     await newcomer.join("s1", "practitioner")
     await patient.expect("peer-joined", role="practitioner")
     await practitioner.join("s2", "practitioner")
 
 
 async def test_disconnect_frees_the_seat_with_reason_disconnected(
-    relay_server: relay.RunningRelay,
+    relays: Relays,
 ) -> None:
-    patient, practitioner = await pair(relay_server.url, "s1")
+    patient, practitioner = await split(relays, "s1")
     await practitioner.close()
     await patient.expect("peer-left", role="practitioner", reason="disconnected")
 
 
-async def test_frames_never_cross_sessions(relay_server: relay.RunningRelay) -> None:
-    a1, b1 = await pair(relay_server.url, "one")
-    a2, b2 = await pair(relay_server.url, "two")
+async def test_frames_never_cross_sessions(relays: Relays) -> None:
+    a1, b1 = await split(relays, "one")
+    a2, b2 = await split(relays, "two")
     await a1.send(type="offer", sdp="for-one")
     await a2.send(type="offer", sdp="for-two")
     await b1.expect("offer", sdp="for-one")
@@ -133,17 +183,17 @@ async def test_frames_never_cross_sessions(relay_server: relay.RunningRelay) -> 
 
 
 async def test_resume_replaces_the_stale_connection_of_its_own_seat(
-    relay_server: relay.RunningRelay,
+    relays: Relays,
 ) -> None:
-    patient, practitioner = await pair(relay_server.url, "s1")
+    patient, practitioner = await split(relays, "s1")
     # The patient's signaling "drops" without the relay noticing: it rejoins on
     # a new connection with its resume key.
-    first = await Client.open(relay_server.url)
+    first = await Client.open(relays.url)
     joined = await first.join("s9", "patient")
-    other = await Client.open(relay_server.url)
+    other = await Client.open(relays.url)
     await other.join("s9", "practitioner")
     await first.expect("peer-joined", role="practitioner")
-    again = await Client.open(relay_server.url)
+    again = await Client.open(relays.url)
     rejoined = await again.join("s9", "patient", resume=joined["resume"])
     assert rejoined["resumed"] is True
     assert rejoined["peer"] is True
@@ -160,13 +210,13 @@ async def test_resume_replaces_the_stale_connection_of_its_own_seat(
     ("session", "role"), [("s9", "practitioner"), ("s8", "patient")], ids=["role", "session"]
 )
 async def test_a_resume_key_never_opens_another_seat(
-    relay_server: relay.RunningRelay, session: str, role: str
+    relays: Relays, session: str, role: str
 ) -> None:
-    first = await Client.open(relay_server.url)
+    first = await Client.open(relays.url)
     key = (await first.join("s9", "patient"))["resume"]
-    holder = await Client.open(relay_server.url)
+    holder = await Client.open(relays.url)
     await holder.join(session, role)
-    thief = await Client.open(relay_server.url)
+    thief = await Client.open(relays.url)
     await thief.send(type="join", session=session, role=role, resume=key)
     await thief.expect_error("role-taken")
     await holder.send(type="ping")
@@ -238,8 +288,8 @@ async def test_not_joined(relay_server: relay.RunningRelay) -> None:
     await client.join("s1", "patient")
 
 
-async def test_no_peer(relay_server: relay.RunningRelay) -> None:
-    client = await Client.open(relay_server.url)
+async def test_no_peer(relays: Relays) -> None:
+    client = await Client.open(relays.url)
     await client.join("s1", "patient")
     await refused(client, json.dumps({"type": "offer", "sdp": SDP}), "no-peer")
 
@@ -271,9 +321,9 @@ async def test_bad_role(relay_server: relay.RunningRelay) -> None:
     await client.join("s1", "patient")
 
 
-async def test_role_taken(relay_server: relay.RunningRelay) -> None:
-    patient, practitioner = await pair(relay_server.url, "s1")
-    second = await Client.open(relay_server.url)
+async def test_role_taken(relays: Relays) -> None:
+    patient, practitioner = await split(relays, "s1")
+    second = await Client.open(relays.url)
     await refused(
         second, json.dumps({"type": "join", "session": "s1", "role": "patient"}), "role-taken"
     )
