@@ -23,7 +23,9 @@ the call:
   ``totalFreezesDuration``, the longest gap between two reads of
   ``framesDecoded`` 50 ms apart, the mean jitter-buffer delay in the
   ``behind`` columns (``jitterBufferDelay / jitterBufferEmittedCount``: its
-  frames are not stamped), ``concealedSamples / totalSamplesReceived``, and
+  frames are not stamped), ``concealedSamples / totalSamplesReceived``,
+  ``audio_rx_pct`` (audio ``packetsReceived`` x 20 ms of the call's length: a
+  sender that falls behind real time shows below 100 with no packet lost), and
   ``frameWidth x frameHeight``.
 
 Chromium<->Chromium is the reference column: compare ratios within one run
@@ -79,6 +81,7 @@ SETTINGS: dict[str, Any] = {
     "call": {"media_timeout_s": 10},
 }
 POLL_S = 0.05
+AUDIO_PTIME_S = 0.02  # one Opus packet per 20 ms, from aiortc and from Chromium
 
 # The practitioner page's inbound streams, summed by kind (one call at a time).
 INBOUND = """(async () => {
@@ -90,7 +93,7 @@ INBOUND = """(async () => {
     const into = out[s.kind];
     for (const key of ["framesDecoded", "freezeCount", "totalFreezesDuration",
                        "jitterBufferDelay", "jitterBufferEmittedCount", "concealedSamples",
-                       "totalSamplesReceived", "frameWidth", "frameHeight"]) {
+                       "totalSamplesReceived", "packetsReceived", "frameWidth", "frameHeight"]) {
       if (typeof s[key] === "number") into[key] = (into[key] || 0) + s[key];
     }
   }
@@ -183,6 +186,7 @@ def page_row(
         "audio_bad_pct": round(100 * delta("audio", "concealedSamples") / samples, 1)
         if samples
         else None,
+        "audio_rx_pct": round(100 * delta("audio", "packetsReceived") * AUDIO_PTIME_S / seconds),
         "resolution": f"{video.get('frameWidth', 0)}x{video.get('frameHeight', 0)}",
     }
 
@@ -201,6 +205,7 @@ def aiortc_row(summary: dict[str, Any]) -> dict[str, Any]:
         "audio_bad_pct": round(100 * (audio["missing"] + audio["concealed"]) / due, 1)
         if due
         else None,
+        "audio_rx_pct": "-",
         "resolution": f"{video['width']}x{video['height']}",
     }
 
@@ -257,8 +262,21 @@ async def cell(link: str, pairing: str, seconds: float, tmp: Path) -> dict[str, 
 COLUMNS = [
     ("link", 18), ("pairing", 20), ("fps", 5), ("freezes", 8), ("frozen_s", 9),
     ("longest_gap_s", 14), ("behind_p95_ms", 14), ("behind_max_ms", 14),
-    ("audio_bad_pct", 14), ("resolution", 11),
+    ("audio_bad_pct", 14), ("audio_rx_pct", 13), ("resolution", 11),
 ]  # fmt: skip
+
+
+def video_size(text: str) -> dict[str, int]:
+    """``--video WxH@FPS`` as the config's ``media.video`` mapping."""
+    try:
+        size, fps = text.split("@")
+        width, height = size.split("x")
+        video = {"width": int(width), "height": int(height), "fps": int(fps)}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected WxH@FPS, e.g. 320x240@15") from None
+    if min(video.values()) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: width, height and fps must be positive")
+    return video
 
 
 def median_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -282,13 +300,25 @@ async def main(argv: list[str] | None = None) -> int:
         default=list(PAIRINGS),
         help="pairings whose name contains one of these words (default: all four)",
     )
+    parser.add_argument(
+        "--video",
+        type=video_size,
+        default=VIDEO,
+        metavar="WxH@FPS",
+        help="what an aiortc patient sends (default 640x480@30; the page always sends 640x480)",
+    )
     args = parser.parse_args(argv)
+    SETTINGS["media"]["video"] = args.video
     if reason := netns_missing() or chromium_missing():
         print(f"bench-network: {reason}", file=sys.stderr)
         return 2
     pairings = [p for p in PAIRINGS if any(word in p for word in args.pairings)]
     print(f"load average before: {' '.join(f'{x:.1f}' for x in os.getloadavg())} (2 cores shared)")
-    print(f"{args.seconds:g} s calls, {args.runs} run(s) per cell, measured at the practitioner")
+    video = args.video
+    print(
+        f"{args.seconds:g} s calls, {args.runs} run(s) per cell, measured at the practitioner;"
+        f" the patient sends {video['width']}x{video['height']}@{video['fps']}"
+    )
     print("  ".join(name.ljust(width) for name, width in COLUMNS), flush=True)
     for link in args.links:
         for pairing in pairings:  # back to back, so that the columns see the same load
