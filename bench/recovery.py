@@ -6,10 +6,12 @@ For each pairing, one call in tests/recovery.py's network, then RUNS times: the
 patient's network changes (new interface and address, old one gone), and the
 time from the change to the first video frame decoded again is read on both
 sides; then a 3 s outage (everything to and from the patient dropped at the
-hub), and the time from its end to the first frame again. Chromium's frames
-are read from getStats() (framesDecoded of the page's current RTCPeerConnection)
-every 50 ms; an aiortc side's from its log line `media back after N ms`, written
-at its first video frame again. Median and worst per pairing and side, with
+hub), and the time from its end (its first DROP rule removed) to the first
+frame again. Chromium's frames are read from getStats() (framesDecoded of the
+page's current RTCPeerConnection) every 50 ms from just before the event, and
+the first one after a stall counts (``frame_after_stall``); an aiortc side's
+from its log line `media back after N ms`, written at its first video frame
+again. Median and worst per pairing and side, with
 Chromium<->Chromium (a new RTCPeerConnection, the protocol's recovery) first as
 the anchor, in the same run. call.media_timeout_s is 2 (below the outage, so
 that every side notices it), call.heartbeat_s 1 (the default).
