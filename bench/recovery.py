@@ -6,10 +6,12 @@ For each pairing, one call in tests/recovery.py's network, then RUNS times: the
 patient's network changes (new interface and address, old one gone), and the
 time from the change to the first video frame decoded again is read on both
 sides; then a 3 s outage (everything to and from the patient dropped at the
-hub), and the time from its end to the first frame again. Chromium's frames
-are read from getStats() (framesDecoded of the page's current RTCPeerConnection)
-every 50 ms; an aiortc side's from its log line `media back after N ms`, written
-at its first video frame again. Median and worst per pairing and side, with
+hub), and the time from its end (its first DROP rule removed) to the first
+frame again. Chromium's frames are read from getStats() (framesDecoded of the
+page's current RTCPeerConnection) every 50 ms from just before the event, and
+the first one after a stall counts (``frame_after_stall``); an aiortc side's
+from its log line `media back after N ms`, written at its first video frame
+again. Median and worst per pairing and side, with
 Chromium<->Chromium (a new RTCPeerConnection, the protocol's recovery) first as
 the anchor, in the same run. call.media_timeout_s is 2 (below the outage, so
 that every side notices it), call.heartbeat_s 1 (the default).
@@ -19,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import itertools
 import statistics
 import sys
 import tempfile
@@ -81,42 +85,79 @@ def pairings() -> list[Pairing]:
     ]
 
 
+Sample = tuple[float, int, float]  # time.time(), frames decoded by the call, the call's identity
+
+
+def frame_after_stall(samples: list[Sample], since: float, quiet_from: float) -> float | None:
+    """The time of the first new frame after ``since`` that follows a stall, or None yet.
+
+    A stall is STALL_S without a new frame from ``quiet_from`` on, or a new call (it
+    counts from 0). After a change, ``quiet_from`` is ``since``: frames already on
+    their way still decode just after it. During an outage nothing arrives, so it is
+    the outage's start: a page back within STALL_S of the outage's end is back then,
+    not at its next hiccup (the rule of 02:18 waited for one, and read a page back in
+    0.1-0.2 s as 10 s or never).
+    """
+    if not samples:
+        return None
+    last_new, new_call = max(samples[0][0], quiet_from), False
+    for (_, frames_before, call_before), (at, frames, call) in itertools.pairwise(samples):
+        if call != call_before:
+            new_call = True
+        if frames > (0 if call != call_before else frames_before):
+            if at > since and (new_call or at - last_new >= STALL_S):
+                return at
+            last_new, new_call = max(at, quiet_from), False
+    return None
+
+
 class Side:
     """One seat of the call: a page or an aiortc command line."""
 
     def __init__(self, page: Page | None = None, process: Process | None = None) -> None:
         self.page, self.process = page, process
         self.mark = 0
+        self.samples: list[Sample] = []
+        self.sampler: asyncio.Task[None] | None = None
 
     def before(self) -> None:
+        """Called just before the event: an aiortc side's log mark, a page's sampling starts."""
         if self.process is not None:
             self.mark = len(self.process.lines)
+        if self.page is not None:
+            self.samples = []
+            self.sampler = asyncio.create_task(self.sample(self.page))
 
-    async def first_frame_after(self, since: float) -> float:
-        """Seconds from ``since`` (time.time()) to this side's next video frame."""
+    async def sample(self, page: Page) -> None:
+        while True:
+            frames, call = await page.evaluate(FRAMES_NOW)
+            self.samples.append((time.time(), frames, call))
+            await asyncio.sleep(0.05)
+
+    async def first_frame_after(self, since: float, quiet_from: float) -> float:
+        """Seconds from ``since`` (time.time()) to this side's next video frame.
+
+        A page's frame counts after a stall from ``quiet_from`` on (``frame_after_stall``).
+        """
         if self.process is not None:
             try:
                 at, _, _ = await media_back(self.process, self.mark, LIMIT_S)
             except (TimeoutError, RuntimeError):
                 return float("inf")
             return at - since
-        assert self.page is not None
-        # Frames already on their way still decode just after a change: first the stall
-        # (no new frame for STALL_S, or a new call), then the first frame after it.
-        frames, call = await self.page.evaluate(FRAMES_NOW)
-        stalled, still = False, time.time()
-        while time.time() - since < LIMIT_S:
-            await asyncio.sleep(0.05)
-            now, now_call = await self.page.evaluate(FRAMES_NOW)
-            if now_call != call:
-                stalled, frames, call = True, 0, now_call
-            if now > frames:
-                if stalled:
-                    return time.time() - since
-                frames, still = now, time.time()
-            elif time.time() - still >= STALL_S:
-                stalled = True
-        return float("inf")
+        assert self.sampler is not None
+        # Frames already on their way still decode just after a change: the first frame
+        # that follows a stall (sampled from before the event on) is the one that counts.
+        try:
+            while time.time() - since < LIMIT_S:
+                if (back := frame_after_stall(self.samples, since, quiet_from)) is not None:
+                    return back - since
+                await asyncio.sleep(0.05)
+            return float("inf")
+        finally:
+            self.sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.sampler
 
     async def settled(self) -> None:
         if self.page is not None:
@@ -135,12 +176,17 @@ class Side:
 
 
 async def measure(
-    sides: dict[str, Side], event: Callable[[], Awaitable[float]], into: dict[str, list[float]]
+    sides: dict[str, Side],
+    event: Callable[[], Awaitable[tuple[float, float]]],
+    into: dict[str, list[float]],
 ) -> None:
+    """``event()`` returns (when a stall may begin, when the network is usable again)."""
     for side in sides.values():
         side.before()
-    since = await event()
-    times = await asyncio.gather(*(side.first_frame_after(since) for side in sides.values()))
+    quiet_from, since = await event()
+    times = await asyncio.gather(
+        *(side.first_frame_after(since, quiet_from) for side in sides.values())
+    )
     for role, seconds in zip(sides, times, strict=True):
         into[role].append(seconds)
 
@@ -172,16 +218,19 @@ async def run_pairing(pairing: Pairing, runs: int, tmp: Path) -> None:
             for _ in range(runs):
                 await settle(sides)
 
-                async def change() -> float:
-                    return await net.change("patient")
+                async def change() -> tuple[float, float]:
+                    changed = await net.change("patient")
+                    return changed, changed
 
                 await measure(sides, change, pairing.change)
                 await settle(sides)
 
-                async def outage() -> float:
+                async def outage() -> tuple[float, float]:
+                    began = time.time()
                     async with net.outage("patient"):
                         await asyncio.sleep(OUTAGE_S)
-                    return time.time()
+                    # When the first DROP rule went: media flows again while the others go.
+                    return began, net.restored_at
 
                 await measure(sides, outage, pairing.outage)
             for side in sides.values():

@@ -2,6 +2,7 @@
 
     python -m bench.recovery_trace --event outage --runs 8      # as root
     python -m bench.recovery_trace --event change --runs 4
+    python -m bench.recovery_trace --aiortc patient            # that side an aiortc peer
 
 Chromium<->Chromium in tests/recovery.py's network, as ``make bench-recovery``;
 each run is a 3 s outage of the patient (or a network change). Both pages
@@ -13,8 +14,9 @@ more within 0.6 s), when that side sent a PLI, received one, encoded and
 decoded a key frame, the lowest target bitrate of its video sender in the
 first second, and the longest gap between two samples (a page starved of
 CPU: its own figures are late by about that much). The pages' console lines
-follow, timed the same way. Printed, not asserted; ``--json DIR`` keeps the
-samples.
+follow, timed the same way. With ``--aiortc ROLE`` that side is an aiortc
+command line (the pattern and the tone) and its log lines follow instead.
+Printed, not asserted; ``--json DIR`` keeps the samples.
 """
 
 from __future__ import annotations
@@ -34,11 +36,11 @@ from typing import Any
 import yaml
 from playwright.async_api import ConsoleMessage, Page
 
-from bench.recovery import MEDIA_TIMEOUT_S, OUTAGE_S
+from bench.recovery import MEDIA_TIMEOUT_S, OUTAGE_S, VIDEO
 from peers.netns import netns_missing
 from tests.browser import Browsers, chromium_missing, join, routed_flags, wait_state
-from tests.processes import RelayProcess
-from tests.recovery import RELAY_ADDRESS, recovery_network
+from tests.processes import Process, RelayProcess, peer_argv, spawn
+from tests.recovery import RELAY_ADDRESS, log_time, recovery_network
 
 ROLES = ("patient", "practitioner")
 SAMPLER = """
@@ -117,6 +119,14 @@ def summary(samples: list[Sample], event_ms: float, quiet_ms: float) -> dict[str
     return out
 
 
+def timed(line: str, at: float) -> str:
+    """An aiortc peer's log line timed from ``at`` (a line without a time as is)."""
+    try:
+        return f"{log_time(line) - at:+6.2f} {line[24:]}"
+    except ValueError:
+        return line
+
+
 def console_line(into: list[tuple[float, str]], message: ConsoleMessage) -> None:
     into.append((time.time(), message.text))
 
@@ -126,18 +136,33 @@ def keep_run(path: Path, dump: dict[str, Any]) -> None:
     path.write_text(json.dumps(dump), encoding="utf-8")
 
 
-async def run(event: str, runs: int, query: str, keep: Path | None) -> None:
+async def run(
+    event: str, runs: int, query: str, keep: Path | None, aiortc: str | None = None
+) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="recovery-trace-"))
     config = tmp / "config.yaml"
-    settings = {"auth": {"open": True}, "call": {"media_timeout_s": MEDIA_TIMEOUT_S}}
+    settings: dict[str, Any] = {
+        "auth": {"open": True},
+        "call": {"media_timeout_s": MEDIA_TIMEOUT_S},
+    }
+    if aiortc is not None:
+        settings["media"] = {"video": VIDEO}  # the aiortc peer's pattern, as in bench-recovery
     config.write_text(yaml.safe_dump(settings), encoding="utf-8")
     lines: dict[str, list[tuple[float, str]]] = {role: [] for role in ROLES}
     async with recovery_network("epc-trace") as net, Browsers(tmp) as browsers:
         relay = RelayProcess(config, net.hub.name, host=RELAY_ADDRESS)
         await relay.start()
+        peer: Process | None = None
         try:
             pages: dict[str, Page] = {}
             for role in ("practitioner", "patient"):
+                if role == aiortc:
+                    argv = peer_argv(
+                        role, config, "--relay", relay.url, "--session", "trace",
+                        "--video", "pattern", "--audio", "tone",
+                    )  # fmt: skip
+                    peer = await spawn(role, argv, net.side(role).command())
+                    continue
                 browser = await browsers.launch(
                     netns=net.side(role).name, extra_args=routed_flags(relay.http_url)
                 )
@@ -147,14 +172,17 @@ async def run(event: str, runs: int, query: str, keep: Path | None) -> None:
                 page.on("console", functools.partial(console_line, lines[role]))
                 await join(page, "trace", role)
                 pages[role] = page
+            if peer is not None:
+                await peer.expect("call 1: media flowing", 60)
             for page in pages.values():
                 await wait_state(page, "connected", units=6)
                 await page.evaluate(SAMPLER)
             for number in range(runs):
                 await asyncio.sleep(3)
-                for role in ROLES:
-                    await pages[role].evaluate("trace.length = 0")
+                for role, page in pages.items():
+                    await page.evaluate("trace.length = 0")
                     lines[role].clear()
+                mark = len(peer.lines) if peer is not None else 0
                 began = time.time()
                 if event == "outage":
                     async with net.outage("patient"):
@@ -165,8 +193,12 @@ async def run(event: str, runs: int, query: str, keep: Path | None) -> None:
                 await asyncio.sleep(8)
                 print(f"\n{event} {number + 1}: began {began - at:+.2f} s")
                 dump: dict[str, Any] = {"event": at, "began": began}
-                for role in ROLES:
-                    samples: list[Sample] = await pages[role].evaluate("trace")
+                if peer is not None:
+                    print(f"  {aiortc} (aiortc)")
+                    for line in peer.lines[mark:]:
+                        print(f"    {timed(line, at)}")
+                for role, page in pages.items():
+                    samples: list[Sample] = await page.evaluate("trace")
                     dump[role] = samples
                     quiet = at - 1.0 if event == "outage" else at + 0.5
                     got = summary(samples, at * 1000, quiet * 1000)
@@ -178,6 +210,8 @@ async def run(event: str, runs: int, query: str, keep: Path | None) -> None:
                 for page in pages.values():
                     await wait_state(page, "connected", units=6)
         finally:
+            if peer is not None:
+                await peer.stop()
             await relay.stop()
 
 
@@ -187,11 +221,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=4)
     parser.add_argument("--query", default="", help="the pages' URL query (?recovery=ice-restart)")
     parser.add_argument("--json", type=Path, help="keep each run's samples in this folder")
+    parser.add_argument("--aiortc", choices=ROLES, help="this side is an aiortc command line")
     args = parser.parse_args(argv)
     if reason := netns_missing() or chromium_missing():
         print(f"recovery_trace: {reason}", file=sys.stderr)
         return 2
-    asyncio.run(run(args.event, args.runs, args.query, args.json))
+    asyncio.run(run(args.event, args.runs, args.query, args.json, args.aiortc))
     return 0
 
 
