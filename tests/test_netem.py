@@ -13,15 +13,13 @@ import math
 import os
 import random
 import signal
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-import pytest_asyncio
 
-from peers.netns import Netns, Network, netns_missing
+from peers.netns import Netns
 from tests import netem
-from tests.nat import iptables_missing
+from tests.mediacheck import needs_root
 from tests.netem import GilbertElliott, Impairment, Link, LinkError, Shaper
 from tests.support import within
 
@@ -123,17 +121,6 @@ def test_bad_settings_name_the_field(kwargs: dict[str, Any], message: str) -> No
 
 
 # -- through a real link (root) ----------------------------------------------------------------
-
-needs_root = pytest.mark.skipif(
-    (reason := netns_missing() or iptables_missing()) is not None, reason=reason or ""
-)
-
-
-@pytest_asyncio.fixture
-async def link_pair() -> AsyncIterator[tuple[Netns, Netns, str]]:
-    """Namespaces a (198.18.0.1) and b (198.18.0.2) on one veth; a's end of it."""
-    async with Network("netem") as net:
-        yield await netem.pair(net)
 
 
 def binomial_bounds(n: int, p: float, tail: float) -> tuple[int, int]:
