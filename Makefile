@@ -140,7 +140,7 @@ bench-turn: setup system-deps turn-deps
 
 ## netem-probe: the link emulator (tests/netem.py) measured by its probe, per setting, beside the bare link (as root)
 netem-probe: setup system-deps
-	$(PY) -m bench.netem $(ARGS)
+	$(PY) -m bench.netem $(ARGS_)
 
 ## bench-network: issue 13's table: every bad link x aiortc/Chromium pairings, at the practitioner (as root; ARGS="--seconds 10 --runs 1 --links ... --pairings ...")
 bench-network: setup system-deps browser-deps
@@ -173,7 +173,7 @@ bench-cluster: setup redis-deps
 
 ## bench-storm: 10,000 clients resume their seats at once after a relay restart (docs/benchmarks.md)
 bench-storm: setup
-	$(PY) -m bench.relay_storm $(ARGS)
+	$(PY) -m bench.relay_storm $(ARGS_)
 
 ## bench-deps: the Node `ws` load generator (npm ci from the committed lock file)
 bench-deps: bench/loadgen/node_modules/.installed

@@ -78,6 +78,14 @@ def test_hostile_args_are_words_not_commands(tmp_path: Path) -> None:
     assert "argument --duration: invalid float value: '1;touch'" in result.stderr
 
 
+def test_recipes_pass_user_variables_only_quoted() -> None:
+    """No recipe line uses $(ARGS), $(SESSION), $(CONFIG) raw: only their quoted forms."""
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    recipes = [line for line in makefile.splitlines() if line.startswith("\t")]
+    raw = [line for line in recipes if re.search(r"\$[({](ARGS|SESSION|CONFIG)[)}]", line)]
+    assert raw == []
+
+
 def test_help_lists_every_target_once() -> None:
     """`make help` has one line per documented target, and every public target is documented."""
     result = make("help")
