@@ -2112,7 +2112,7 @@ class Cluster:
         self.remote: dict[int, RemoteSeat] = {}
         self.problem: str | None = None  # why Redis is away, while it is
         self._tasks: list[asyncio.Task[None]] = []
-        self._missing: set[int] = set()  # remote seats (their conn) not in Redis last time
+        self._missing: dict[int, int] = {}  # remote seats (their conn): checks found missing
         # Entries for other relays' inboxes: (inbox, fields, sender conn, frame).
         self._outbox: collections.deque[tuple[str, list[str | int], int, str]] = collections.deque()
         self._queued = 0  # entries ever queued
@@ -2583,7 +2583,7 @@ class Cluster:
                 # Right after Redis came back, the other relays may not have
                 # written their seats again yet: judge remote seats next time.
                 checked, was_ok = (list(self.remote.values()) if was_ok else []), True
-                missing, self._missing = self._missing, set()
+                missing, self._missing = self._missing, {}
                 for remote in checked:
                     record = (await self.directory.seats(remote.session)).get(remote.role)
                     if record is not None and (record.state, record.node, record.conn) == (
@@ -2592,10 +2592,13 @@ class Cluster:
                         remote.conn,
                     ):
                         continue
-                    if record is None and remote.conn not in missing:
-                        # Missing once: Redis may have restarted empty and its relay
-                        # not written it again yet. Missing twice: its relay is gone.
-                        self._missing.add(remote.conn)
+                    seen = missing.get(remote.conn, 0) + 1
+                    if record is None and seen < MISSING_CHECKS:
+                        # Redis may have restarted empty (this relay's own reads did
+                        # not always fail meanwhile) and the seat's relay, whose first
+                        # write after it may fail on a stale connection, not written
+                        # it again yet. Missing MISSING_CHECKS times: its relay is gone.
+                        self._missing[remote.conn] = seen
                         continue
                     await self._gone(remote)
             except redis.exceptions.RedisError as exc:
@@ -2618,6 +2621,12 @@ class Cluster:
         if local is not None and local.conn in state.conns:
             gone = frame("peer-left", role=remote.role, reason="disconnected")
             await self.relay.perform([Send(local.conn, gone)])
+
+
+# Checks (a third of cluster.seat_ttl_s apart) that find a remote seat missing from
+# Redis before its relay is judged gone: a live relay rewrites its seats within two
+# of them after Redis comes back empty, even when its first write fails.
+MISSING_CHECKS: Final = 3
 
 
 def undelivered_frame(exc: ProtocolError, text: str) -> str:
