@@ -31,6 +31,7 @@ import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -319,36 +320,43 @@ async def test_nginx_redirects_http_to_https_and_logs_no_session_id(proxy: Proxy
     assert "session" not in log and "v1.x.y" not in log
 
 
-@pytest.mark.asyncio
-async def test_websocket_call_signaling_through_nginx(proxy: Proxy) -> None:
-    """wss:// through nginx: both seats join with tokens and frames cross both ways."""
+async def signals_through(proxy: Proxy, session: str) -> dict[str, Any]:
+    """wss:// through the proxy: a join without a token is refused, both seats join with
+    tokens and an offer and an answer cross. Returns the patient's ``joined``."""
     url = f"wss://127.0.0.1:{proxy.https}/ws"
     expiry = int(time.time()) + 600
     token = {
-        role: relay.mint_token(AUTH_SECRET, "clinic-1", role, expiry)
+        role: relay.mint_token(AUTH_SECRET, session, role, expiry)
         for role in ("patient", "practitioner")
     }
     patient = await Client.open(url, ssl=proxy.tls)
     practitioner = await Client.open(url, ssl=proxy.tls)
     try:
-        await patient.send(type="join", session="clinic-1", role="patient")
+        await patient.send(type="join", session=session, role="patient")
         await patient.expect_error("bad-token")  # the production config wants tokens
-        joined = await patient.join("clinic-1", "patient", token=token["patient"])
+        joined = await patient.join(session, "patient", token=token["patient"])
         assert joined["peer"] is False
-        # The TURN secret from the environment: short-lived credentials for coturn.
-        (servers,) = joined["ice_servers"]
-        assert servers["urls"][0] == "turn:turn.example.org:3478?transport=udp"
-        assert servers["username"].endswith(":clinic-1-patient")
-        await practitioner.join("clinic-1", "practitioner", token=token["practitioner"])
+        await practitioner.join(session, "practitioner", token=token["practitioner"])
         await patient.expect("peer-joined", role="practitioner")
         await patient.send(type="offer", sdp="v=0 offer")
         await practitioner.expect("offer", sdp="v=0 offer")
         await practitioner.send(type="answer", sdp="v=0 answer")
         await patient.expect("answer", sdp="v=0 answer")
+        return joined
     finally:
         for client in (patient, practitioner):
             with contextlib.suppress(Exception):
                 await client.close()
+
+
+@pytest.mark.asyncio
+async def test_websocket_call_signaling_through_nginx(proxy: Proxy) -> None:
+    """wss:// through nginx: both seats join with tokens and frames cross both ways."""
+    joined = await signals_through(proxy, "clinic-1")
+    # The TURN secret from the environment: short-lived credentials for coturn.
+    (servers,) = joined["ice_servers"]
+    assert servers["urls"][0] == "turn:turn.example.org:3478?transport=udp"
+    assert servers["username"].endswith(":clinic-1-patient")
 
 
 @pytest.mark.netns
@@ -540,26 +548,4 @@ async def test_caddy_redirects_http_and_its_access_log_drops_session_and_token(
 @pytest.mark.asyncio
 async def test_websocket_call_signaling_through_caddy(caddy_proxy: Proxy) -> None:
     """wss:// through Caddy: the upgrade passes, both seats join with tokens, frames cross."""
-    url = f"wss://127.0.0.1:{caddy_proxy.https}/ws"
-    expiry = int(time.time()) + 600
-    token = {
-        role: relay.mint_token(AUTH_SECRET, "clinic-3", role, expiry)
-        for role in ("patient", "practitioner")
-    }
-    patient = await Client.open(url, ssl=caddy_proxy.tls)
-    practitioner = await Client.open(url, ssl=caddy_proxy.tls)
-    try:
-        await patient.send(type="join", session="clinic-3", role="patient")
-        await patient.expect_error("bad-token")  # the production config wants tokens
-        joined = await patient.join("clinic-3", "patient", token=token["patient"])
-        assert joined["peer"] is False
-        await practitioner.join("clinic-3", "practitioner", token=token["practitioner"])
-        await patient.expect("peer-joined", role="practitioner")
-        await patient.send(type="offer", sdp="v=0 offer")
-        await practitioner.expect("offer", sdp="v=0 offer")
-        await practitioner.send(type="answer", sdp="v=0 answer")
-        await patient.expect("answer", sdp="v=0 answer")
-    finally:
-        for client in (patient, practitioner):
-            with contextlib.suppress(Exception):
-                await client.close()
+    await signals_through(caddy_proxy, "clinic-3")
