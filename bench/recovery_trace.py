@@ -59,10 +59,13 @@ SAMPLER = """
         if (x.selectedCandidatePairId) pair = report.get(x.selectedCandidatePairId);
       } else if (x.type === "inbound-rtp" && x.kind === "video") {
         Object.assign(s, { frames: x.framesDecoded, keyIn: x.keyFramesDecoded, pliSent: x.pliCount,
-          received: x.framesReceived, dropped: x.framesDropped });
+          received: x.framesReceived, dropped: x.framesDropped, packetsIn: x.packetsReceived,
+          nackSent: x.nackCount });
       } else if (x.type === "outbound-rtp" && x.kind === "video") {
         Object.assign(s, { keyOut: x.keyFramesEncoded, pliIn: x.pliCount,
-          target: x.targetBitrate });
+          target: x.targetBitrate, encoded: x.framesEncoded, sent: x.framesSent,
+          packetsOut: x.packetsSent, resent: x.retransmittedPacketsSent,
+          limit: x.qualityLimitationReason });
       }
     }
     if (pair) Object.assign(s, { pair: pair.state, outgoing: pair.availableOutgoingBitrate });

@@ -1,7 +1,7 @@
 // The page's flow: the start form, then one seat of a session, its calls and chat.
 // The patient is the offerer: it offers when it learns the practitioner is there.
 
-import { Call, fingerprint } from "./call.js";
+import { Call, MIN_VIDEO_KBPS, fingerprint } from "./call.js";
 import { hasKey, initialLanguage, language, setLanguage, t } from "./i18n.js";
 import { MediaError, openLocalMedia, stopMedia } from "./media.js";
 import { Precheck, TURN_TIMEOUT_MS, checkTurn, httpOk, turnServers } from "./precheck.js";
@@ -22,6 +22,11 @@ const SAME_PATH_GRACE_MS = 250;
 // Media silent this long (or half the media timeout, if shorter): ask the relay client
 // whether the relay is silent too; if so the network is gone: reconnect it at once.
 const PROBE_MS = 1000;
+// Media back after a silence this long, and no video frame decoded: ask the other side for a
+// key frame at once, and again every KEY_RETRY_MS until one decodes, KEY_ASKS times at most.
+const KEY_GAP_MS = 1000;
+const KEY_RETRY_MS = 500;
+const KEY_ASKS = 6;
 const ATTEMPT_MS = 4000; // a renegotiation with no media after this: the next one (doubling, capped)
 const ATTEMPT_CAP_MS = 16000;
 const WIDE = "(min-width: 56rem)"; // style.css's desktop layout
@@ -38,6 +43,8 @@ const app = {
   // ?recovery=ice-restart: between two browsers, recover with restartIce() on the same
   // connection instead of a new one (bench/recovery.py measures both).
   iceRestart: new URLSearchParams(location.search).get("recovery") === "ice-restart",
+  // ?min-bitrate=N: the video sender's floor in kbit/s (0: none), for measurement (call.js).
+  minVideoKbps: queryKbps("min-bitrate", MIN_VIDEO_KBPS),
   signaling: null,
   call: null,
   joinedOnce: false,
@@ -50,6 +57,7 @@ const app = {
   media: null, // {call, bytes, at}: when the call's transport last received anything
   lost: null, // the media path is lost: {call, since, detectedAt, attempts, nextAt, backAt, method}
   recoveries: [], // [{at_s, outage_ms, method}], like the peers' --stats-json
+  keyFramesAsked: 0, // key frames this page asked for when media came back (askKeyFrame)
   seatStarted: 0, // Date.now() at the join
   pendingRemote: null, // a new call's remote stream, shown once its media flows
   stats: null, // the latest summary of getStats()...
@@ -59,6 +67,12 @@ const app = {
   precheck: null, // the pre-call check of the start page
 };
 globalThis.epedicare = app; // for the tests and for debugging from the console
+
+/** A whole number of kbit/s from the URL's query, or ``fallback`` (absent or not a number). */
+function queryKbps(name, fallback) {
+  const value = new URLSearchParams(location.search).get(name);
+  return value !== null && /^\d{1,5}$/.test(value) ? Number(value) : fallback;
+}
 
 // -- start page --------------------------------------------------------------
 
@@ -364,13 +378,14 @@ function newCall({ recovering = false } = {}) {
   endCall({ recovering });
   app.signaling.clearOutbox();
   app.ended = null;
-  const call = new Call(app.rtcConfig, app.local);
+  const call = new Call(app.rtcConfig, app.local, app.minVideoKbps);
   call.number = ++app.calls;
   app.call = call;
   app.media = { call, bytes: 0, at: Date.now() };
   call.addEventListener("signal", ({ detail }) => call === app.call && app.signaling.send(detail));
   call.addEventListener("remote", ({ detail }) => call === app.call && showRemote(detail));
   call.addEventListener("state", ({ detail }) => onCallState(call, detail));
+  call.addEventListener("keyframe", ({ detail }) => detail.sent || callLog(call, `no key frame request: ${detail.error}`));
   call.addEventListener("chat", ({ detail }) => view.addChatLine(detail.text, false, OTHER[app.seat.role]));
   call.addEventListener("chatstate", ({ detail }) => call === app.call && view.setChatOpen(detail));
   app.statsTimer = setInterval(updateStats, STATS_INTERVAL_MS);
@@ -475,6 +490,7 @@ async function updateStats() {
   app.stats = summary;
   app.statsOf = call;
   watchPath(call, summary.transportBytes);
+  askKeyFrame(call, summary.inVideo.framesDecoded);
   view.renderStats(summary);
   renderStatus();
 }
@@ -490,9 +506,10 @@ function watchPath(call, bytes) {
   if (now - (media.sampledAt ?? now) > 3 * STATS_INTERVAL_MS) media.at = Math.max(media.at, now - STATS_INTERVAL_MS);
   media.sampledAt = now;
   if (bytes > media.bytes) {
-    // No key frame is forced here after a gap: the receiving side asks for one (Chromium and
-    // the aiortc peers send a PLI when they miss frames). Restarting this side's encoder for
-    // one (pausing and resuming the encoding) made it worse: measured in docs/benchmarks.md.
+    // After a gap this side, as a receiver, asks for a key frame (askKeyFrame). Forcing one
+    // from the sending side (pausing and resuming its encoding) made it worse, and is not
+    // needed: Chromium and the aiortc peers ask too (docs/benchmarks.md).
+    if (now - media.at >= KEY_GAP_MS) media.keyWanted = { asks: 0, at: 0, silentMs: now - media.at };
     media.bytes = bytes;
     media.at = now;
     if (app.lost && call.connectionState === "connected") recovered(call, now);
@@ -509,6 +526,31 @@ function watchPath(call, bytes) {
     pathLost(media.at);
   }
   if (app.lost) recover(now);
+}
+
+/**
+ * Media came back after a silence (watchPath): until a video frame decodes, ask for a key frame
+ * (Chromium's receiver would ask only 3 s after its last frame: see Call.requestKeyFrame).
+ */
+function askKeyFrame(call, framesDecoded) {
+  const media = app.media;
+  if (media.call !== call) return; // a recovery replaced the call meanwhile
+  const wanted = media.keyWanted;
+  const decoded = framesDecoded > (media.frames ?? 0);
+  media.frames = framesDecoded;
+  if (!wanted) return;
+  // Nothing decoded before (no video from the other side): nothing to restart.
+  if (decoded || framesDecoded === 0 || wanted.asks >= KEY_ASKS) {
+    if (wanted.asks > 0) callLog(call, decoded ? `video decoded again after ${wanted.asks} key frame request(s)` : "no video decoded after the key frame requests");
+    media.keyWanted = null;
+    return;
+  }
+  const now = Date.now();
+  if (now - wanted.at < KEY_RETRY_MS || !call.requestKeyFrame()) return;
+  wanted.asks += 1;
+  wanted.at = now;
+  app.keyFramesAsked += 1;
+  if (wanted.asks === 1) callLog(call, `key frame asked (media back after ${wanted.silentMs} ms without)`);
 }
 
 /** Nothing arrived since ``since`` (or ICE failed): recovering until media flows again. */

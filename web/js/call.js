@@ -7,6 +7,7 @@
 //   state       detail: the RTCPeerConnection's connectionState
 //   chat        detail: {text}: a chat message arrived
 //   chatstate   detail: true when the chat channel is open, false when closed
+//   keyframe    detail: {sent, error}: the answer to requestKeyFrame()
 
 export const CHAT_LABEL = "chat"; // one UTF-8 text message per chat line
 
@@ -17,14 +18,66 @@ export function fingerprint(sdp) {
   return match ? match[1].trim().toLowerCase() : null;
 }
 
+// The video sender's floor, in kbit/s. After an outage, Chromium's congestion controller
+// reads the outage's losses in the first feedback and drops its target to 30 kbit/s within
+// 0.2 s (its pushback floor): the key frame the receiver asks for then takes about a second
+// to crawl out. WebRTC's API has no minimum bitrate, but Chromium takes the non-standard
+// fmtp parameter x-google-min-bitrate from the REMOTE description's video codecs as its
+// bandwidth estimate's floor. 200: under issue 13's 300 kbit/s link with the audio
+// (measured in docs/benchmarks.md). The page's own SDP is sent as it is.
+export const MIN_VIDEO_KBPS = 200;
+const FLOOR_PARAM = "x-google-min-bitrate";
+const NOT_A_VIDEO_CODEC = /^(rtx|red|ulpfec|flexfec-03)$/i;
+
+/** ``sdp`` with ``x-google-min-bitrate=kbps`` on each video codec (its fmtp line's value
+ * replaced or added, a line added where the codec has none); kbps 0: unchanged. */
+export function withMinBitrate(sdp, kbps) {
+  if (!(kbps > 0)) return sdp;
+  const eol = sdp.includes("\r\n") ? "\r\n" : "\n";
+  // Split into sections at each m= line; only the video sections change.
+  const sections = [[]];
+  for (const line of sdp.split(eol)) {
+    if (line.startsWith("m=")) sections.push([]);
+    sections[sections.length - 1].push(line);
+  }
+  const floor = `${FLOOR_PARAM}=${kbps}`;
+  const out = sections.flatMap((lines) => {
+    if (!(lines[0] || "").startsWith("m=video ")) return lines;
+    const codecs = new Set(); // the payload types of the video codecs (not rtx, red, fec)
+    for (const line of lines) {
+      const m = /^a=rtpmap:(\d+) ([^/\s]+)/.exec(line);
+      if (m && !NOT_A_VIDEO_CODEC.test(m[2])) codecs.add(m[1]);
+    }
+    const withFmtp = new Set();
+    const changed = lines.map((line) => {
+      const m = /^a=fmtp:(\d+) (.*)$/.exec(line);
+      if (!m || !codecs.has(m[1])) return line;
+      withFmtp.add(m[1]);
+      const kept = m[2].split(";").filter((p) => p.trim() && !p.trim().startsWith(`${FLOOR_PARAM}=`));
+      return `a=fmtp:${m[1]} ${[...kept, floor].join(";")}`;
+    });
+    return changed.flatMap((line) => {
+      const m = /^a=rtpmap:(\d+) /.exec(line);
+      return m && codecs.has(m[1]) && !withFmtp.has(m[1]) ? [line, `a=fmtp:${m[1]} ${floor}`] : [line];
+    });
+  });
+  return out.join(eol);
+}
+
+// One worker for the page's video receivers (keyframe-worker.js), made at the first; none
+// where the browser has no RTCRtpScriptTransform (requestKeyFrame() is then false).
+let keyFrameWorker = null;
+
 export class Call extends EventTarget {
   /**
    * @param {RTCConfiguration} rtcConfig
    * @param {MediaStream | null} localStream  null: receive only
+   * @param {number} minVideoKbps  the video sender's floor (withMinBitrate); 0: none
    */
-  constructor(rtcConfig, localStream) {
+  constructor(rtcConfig, localStream, minVideoKbps = MIN_VIDEO_KBPS) {
     super();
     this.localStream = localStream;
+    this.minVideoKbps = minVideoKbps;
     this.pc = new RTCPeerConnection(rtcConfig);
     this.remoteStream = new MediaStream();
     this.pendingCandidates = []; // remote candidates that came before the remote description
@@ -34,7 +87,9 @@ export class Call extends EventTarget {
     this.everConnected = false; // reached "connected" once: its path can be lost
 
     this.pc.onicecandidate = ({ candidate }) => this.onLocalCandidate(candidate);
-    this.pc.ontrack = ({ track }) => {
+    this.keyFramePort = null; // from the video receiver's transform (keyframe-worker.js)
+    this.pc.ontrack = ({ track, receiver }) => {
+      if (track.kind === "video") this.watchKeyFrames(receiver);
       this.remoteStream.addTrack(track);
       this.emit("remote", this.remoteStream);
     };
@@ -68,7 +123,7 @@ export class Call extends EventTarget {
   /** The answerer's side: take the offer (complete or trickled), add media, answer. */
   async answer(sdp) {
     this.remoteFingerprint = fingerprint(sdp);
-    await this.pc.setRemoteDescription({ type: "offer", sdp });
+    await this.pc.setRemoteDescription({ type: "offer", sdp: this.floored(sdp) });
     this.addLocalMedia([]);
     await this.addPendingCandidates();
     await this.pc.setLocalDescription(await this.pc.createAnswer());
@@ -77,7 +132,7 @@ export class Call extends EventTarget {
 
   async accept(sdp) {
     this.remoteFingerprint = fingerprint(sdp);
-    await this.pc.setRemoteDescription({ type: "answer", sdp });
+    await this.pc.setRemoteDescription({ type: "answer", sdp: this.floored(sdp) });
     await this.addPendingCandidates();
   }
 
@@ -89,7 +144,7 @@ export class Call extends EventTarget {
 
   /** The answerer's side of an ICE restart (the offer keeps this connection's fingerprint). */
   async reanswer(sdp) {
-    await this.pc.setRemoteDescription({ type: "offer", sdp });
+    await this.pc.setRemoteDescription({ type: "offer", sdp: this.floored(sdp) });
     await this.pc.setLocalDescription(await this.pc.createAnswer());
     this.emit("signal", { type: "answer", sdp: this.pc.localDescription.sdp });
   }
@@ -107,6 +162,18 @@ export class Call extends EventTarget {
     }
   }
 
+  /**
+   * Ask the video sender for a key frame now (a PLI, through keyframe-worker.js). After an
+   * outage Chromium's receiver asks once it has decoded nothing for 3 s, in a PLI that the
+   * outage itself may swallow, and then 3 s later: the page asks as soon as media flows
+   * again (app.js). False: not possible here.
+   */
+  requestKeyFrame() {
+    if (!this.keyFramePort || this.closed) return false;
+    this.keyFramePort.postMessage("key");
+    return true;
+  }
+
   sendChat(text) {
     if (!this.channel || this.channel.readyState !== "open") return false;
     this.channel.send(text);
@@ -117,12 +184,32 @@ export class Call extends EventTarget {
     if (this.closed) return;
     this.closed = true;
     if (this.channel) this.channel.close();
+    if (this.keyFramePort) this.keyFramePort.close();
     this.pc.close();
     this.emit("state", "closed");
     this.emit("chatstate", false);
   }
 
   // -- internals --
+
+  /** The video receiver's frames through keyframe-worker.js. */
+  watchKeyFrames(receiver) {
+    if (typeof RTCRtpScriptTransform === "undefined" || this.keyFramePort) return;
+    try {
+      keyFrameWorker ??= new Worker(new URL("./keyframe-worker.js", import.meta.url));
+      const { port1, port2 } = new MessageChannel();
+      receiver.transform = new RTCRtpScriptTransform(keyFrameWorker, { port: port2 }, [port2]);
+      port1.onmessage = ({ data }) => this.emit("keyframe", data);
+      this.keyFramePort = port1;
+    } catch (err) {
+      console.warn("call: no key-frame requests:", err.message);
+    }
+  }
+
+  /** A remote description with this page's video floor (withMinBitrate). */
+  floored(sdp) {
+    return withMinBitrate(sdp, this.minVideoKbps);
+  }
 
   /** Send our tracks; for kinds we lack, still receive (wantKinds: offerer only). */
   addLocalMedia(wantKinds) {
