@@ -278,6 +278,96 @@ async def test_muted_side_is_not_lost_and_a_3s_outage_comes_back_on_the_old_path
         assert quiet(rec.browsers.problems(role)) == []
 
 
+# Every 50 ms, the video sender's targetBitrate (bit/s) of the page's current connection.
+WATCH_TARGET = """
+(() => {
+  globalThis.epcTargets = [];
+  setInterval(async () => {
+    const call = epedicare.call;
+    if (!call) return;
+    for (const x of (await call.pc.getStats()).values()) {
+      if (x.type === "outbound-rtp" && x.kind === "video" && x.targetBitrate) {
+        epcTargets.push(x.targetBitrate);
+      }
+    }
+  }, 50);
+})()
+"""
+
+# The fmtp lines of a description's video section: {payload type: parameters}, for the video
+# codecs (not rtx, red, ulpfec, flexfec).
+VIDEO_FMTP = """
+(sdp) => {
+  const video = sdp.split(/^m=/m).find((section) => section.startsWith("video "));
+  const notCodec = /^a=rtpmap:(\\d+) (rtx|red|ulpfec|flexfec-03)\\//gim;
+  const rtx = new Set([...video.matchAll(notCodec)].map((m) => m[1]));
+  const codecs = [...video.matchAll(/^a=rtpmap:(\\d+) /gm)].map((m) => m[1])
+    .filter((pt) => !rtx.has(pt));
+  const fmtp = Object.fromEntries([...video.matchAll(/^a=fmtp:(\\d+) (.*)$/gm)]
+    .map((m) => [m[1], m[2].trim()]));
+  return Object.fromEntries(codecs.map((pt) => [pt, fmtp[pt] ?? ""]));
+}
+"""
+
+
+async def video_fmtp(page: Page, which: str) -> dict[str, str]:
+    """The video codecs' fmtp parameters of the page's ``which`` description (local, remote)."""
+    sdp: str = await page.evaluate(f"epedicare.call.pc.{which}Description.sdp")
+    found: dict[str, str] = await page.evaluate(VIDEO_FMTP, sdp)
+    return found
+
+
+@pytest.mark.asyncio
+async def test_video_floor_is_in_the_remote_description_and_holds_through_a_3s_outage(
+    rec: Rec,
+) -> None:
+    """Each page floors the bitrate at 200 kbit/s (in the remote SDP only) through a 3 s outage."""
+    patient, practitioner = await connected_pair(rec, "floor")
+    for page in (patient, practitioner):
+        remote = await video_fmtp(page, "remote")
+        assert remote and all("x-google-min-bitrate=200" in p for p in remote.values()), remote
+        local = await video_fmtp(page, "local")  # what the other side got: as Chromium made it
+        assert local and not any("x-google" in p for p in local.values()), local
+        await more_frames(page, 10, units=2)
+        await page.evaluate(WATCH_TARGET)
+    async with rec.net.outage("patient"):
+        await asyncio.sleep(3)
+    await asyncio.gather(*(more_frames(page, 10, units=3) for page in (patient, practitioner)))
+    await asyncio.sleep(1)  # the controller reads the outage's losses in its first feedback
+    for page in (patient, practitioner):
+        targets: list[int] = await page.evaluate("epcTargets")
+        assert len(targets) > 40, targets  # sampled throughout
+        # The floor is the whole transport's (the audio takes its share of it): the video's
+        # target stays above 200 less the audio, 125 kbit/s measured. Without the floor it fell
+        # to 30-250 kbit/s after the outage in 6 of 10 sides (docs/benchmarks.md).
+        assert min(targets) >= 100_000, sorted(targets)[:5]
+
+
+@pytest.mark.asyncio
+async def test_a_page_asks_the_other_for_a_key_frame(rec: Rec) -> None:
+    """Call.requestKeyFrame(): the other page encodes a key frame, counted as a PLI received."""
+    patient, practitioner = await connected_pair(rec, "key")
+    await more_frames(practitioner, 10, units=2)
+    outbound = (
+        "(async () => { for (const x of (await epedicare.call.pc.getStats()).values())"
+        " if (x.type === 'outbound-rtp' && x.kind === 'video')"
+        " return [x.keyFramesEncoded, x.pliCount]; })()"
+    )
+    keys, plis = await patient.evaluate(outbound)
+    assert await practitioner.evaluate("epedicare.call.requestKeyFrame()") is True
+
+    async def answered() -> list[int]:
+        while True:
+            now: list[int] = await patient.evaluate(outbound)
+            if now[0] > keys and now[1] > plis:
+                return now
+            await asyncio.sleep(0.1)
+
+    await within(answered(), 2)
+    assert await patient.evaluate("epedicare.call.requestKeyFrame()") is True  # both ways
+    await more_frames(practitioner, 10, units=2)
+
+
 @pytest.mark.asyncio
 @pytest.mark.parametrize("rec", [{"recovery_timeout_s": 4}], indirect=True)
 async def test_gives_up_with_a_message_keeps_the_seat_and_comes_back_with_the_network(

@@ -27,8 +27,15 @@ const PROBE_MS = 1000;
 const KEY_GAP_MS = 1000;
 const KEY_RETRY_MS = 500;
 const KEY_ASKS = 6;
-const ATTEMPT_MS = 4000; // a renegotiation with no media after this: the next one (doubling, capped)
-const ATTEMPT_CAP_MS = 16000;
+// Renegotiation attempts (the patient): one with no answer after ANSWER_MS, or no media after
+// ATTEMPT_MS, is followed by the next after a backoff from BACKOFF_MS, doubling, at most
+// BACKOFF_CAP_MS: at worst attempts start at 0, 4.5, 9.5, 15.5, 23.5, 31.5... s (were 0, 4,
+// 12, 28: a change whose first attempts failed came back 14 to 20 s later); ICE failing
+// ends an attempt early. call.recovery_timeout_s bounds it all.
+const ANSWER_MS = 2000;
+const ATTEMPT_MS = 4000;
+const BACKOFF_MS = 500;
+const BACKOFF_CAP_MS = 4000;
 const WIDE = "(min-width: 56rem)"; // style.css's desktop layout
 // Failed attempts in a row before the page says what is wrong: the relay down, or its
 // HTTP side up while the WebSocket (/ws) is refused or blocked (a proxy, an origin).
@@ -55,7 +62,7 @@ const app = {
   peerAway: false, // the other seat's signaling dropped; the call may go on
   ended: null, // why the last call ended: "left" | "gave-up" | "dropped" (before any call) | null
   media: null, // {call, bytes, at}: when the call's transport last received anything
-  lost: null, // the media path is lost: {call, since, detectedAt, attempts, nextAt, backAt, method}
+  lost: null, // the media path is lost: {call, since, detectedAt, attempts, offeredAt, nextAt, backAt, method}
   recoveries: [], // [{at_s, outage_ms, method}], like the peers' --stats-json
   keyFramesAsked: 0, // key frames this page asked for when media came back (askKeyFrame)
   seatStarted: 0, // Date.now() at the join
@@ -455,7 +462,7 @@ function onCallState(call, state) {
   if (state === "failed" && (app.peerPresent || app.peerAway)) {
     // Not the end of the call while the other seat is there: the path is lost.
     if (!app.lost) pathLost(call.everConnected ? app.media.at : Date.now());
-    else if (app.lost.attempts > 0) app.lost.nextAt = Date.now(); // this attempt failed: the next
+    else if (app.lost.attempts > 0) app.lost.nextAt = Date.now() + backoffMs(app.lost.attempts); // this attempt failed
   }
   renderStatus();
 }
@@ -568,14 +575,19 @@ function recover(now) {
     giveUp(now - lost.since);
     return;
   }
-  if (app.seat.role !== "patient" || now < lost.nextAt) return;
+  if (app.seat.role !== "patient") return;
+  const call = app.call;
+  const unanswered = lost.attempts > 0 && call && !call.closed && call.pc.signalingState === "have-local-offer";
+  if (unanswered && now - lost.offeredAt >= ANSWER_MS) {
+    lost.nextAt = Math.min(lost.nextAt, lost.offeredAt + ANSWER_MS + backoffMs(lost.attempts)); // no answer
+  }
+  if (now < lost.nextAt) return;
   // No offer while the network is gone: the relay must have answered since the path went
   // quiet (a rejoin, or a pong well after it), and the other seat's signaling must be there.
   const signaling = app.signaling;
   const heard = signaling.joinedAt > lost.since || signaling.lastHeard > lost.since + 1000;
   if (signaling.state !== "joined" || !heard) return;
   if (!app.peerPresent || app.peerAway) return;
-  const call = app.call;
   const failed = !call || call.closed || call.connectionState === "failed";
   if (lost.attempts === 0 && !failed) {
     lost.backAt ??= now;
@@ -586,7 +598,8 @@ function recover(now) {
 
 function renegotiate(lost) {
   lost.attempts += 1;
-  lost.nextAt = Date.now() + Math.min(ATTEMPT_MS * 2 ** (lost.attempts - 1), ATTEMPT_CAP_MS);
+  lost.offeredAt = Date.now();
+  lost.nextAt = lost.offeredAt + ATTEMPT_MS + backoffMs(lost.attempts);
   const call = app.call;
   if (app.iceRestart && call && !call.closed && call.remoteFingerprint && remoteIsBrowser(call)) {
     lost.method = "ice-restart";
@@ -598,6 +611,11 @@ function renegotiate(lost) {
     callLog(next, `path lost; renegotiating (attempt ${lost.attempts})`);
     next.offer().catch(callFailed);
   }
+}
+
+/** The pause after failed attempt ``attempt`` (1, 2...) before the next: doubling, capped. */
+function backoffMs(attempt) {
+  return Math.min(BACKOFF_MS * 2 ** (attempt - 1), BACKOFF_CAP_MS);
 }
 
 /** aiortc has no ICE restart (aiortc issue 211); browsers announce extmap-allow-mixed. */
