@@ -107,6 +107,9 @@ class Seat:
         self.recoveries: list[dict[str, Any]] = []  # {"at_s", "outage_ms", "method"}
         self.gave_up = False
         self.ever_connected = False  # a call of this seat has connected once
+        # The other seat joined afresh (not a resume) since the last offer: its next offer is a
+        # new call (a reloaded page), not a recovery.
+        self.peer_is_new = True
         self._recovery: asyncio.Task[None] | None = None
         self._fatal: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._closing: set[asyncio.Task[None]] = set()
@@ -194,6 +197,18 @@ class Seat:
             logger.info("the %s said bye (%s)", self.other, frame.get("reason", ""))
             await self.hang_up(send_bye=False)
         elif kind == "offer" and self.role == "practitioner":
+            if (
+                call is not None
+                and call.connected_at is not None
+                and self.lost_at is None
+                and not self.peer_is_new
+            ):
+                # The patient found the path dead first (its media timeout ran out first, or
+                # this side was starved of CPU): the same recovery, or the new call's first
+                # frame would not be counted as one ("media back").
+                logger.info("%s: a new offer from the %s during the call", call.name, self.other)
+                self._path_changed(call, alive=False)
+            self.peer_is_new = False
             if self.lost_at is not None:
                 logger.info("a new offer from the %s: answering with a new call", self.other)
             call = self.new_call()
@@ -207,6 +222,7 @@ class Seat:
             logger.warning("relay: %s (%s)", frame.get("code"), frame.get("message"))
 
     async def _peer_present(self, *, resumed: bool) -> None:
+        self.peer_is_new = not resumed
         if self._recovery is not None:
             return  # the recovery offers as soon as it can
         if resumed and self.call is not None and self.call.alive:

@@ -19,7 +19,7 @@ import shutil
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -222,9 +222,14 @@ def counts() -> dict[str, int]:
 
 @contextlib.asynccontextmanager
 async def two_seats(
-    lan: Netns, ice_servers: tuple[IceServer, ...] = (), ice_policy: str = "all", **call: float
+    lan: Netns,
+    ice_servers: tuple[IceServer, ...] = (),
+    ice_policy: str = "all",
+    practitioner_media_timeout_s: float | None = None,
+    **call: float,
 ) -> AsyncIterator[Seats]:
-    """A patient and a practitioner Seat in this process, joined through the in-process relay."""
+    """A patient and a practitioner Seat in this process, joined through the in-process relay
+    (the practitioner's media timeout may differ from the patient's)."""
     async with running_relay() as relay:
         settings = PeerSettings(
             relay_url=relay.url, session="rec", ice_timeout_s=2, relay_reconnect_max_s=0.5,
@@ -232,8 +237,13 @@ async def two_seats(
             call_recovery_timeout_s=call.get("recovery_timeout_s", 60.0),
             ice_servers=ice_servers, ice_policy=ice_policy,
         )  # fmt: skip
+        own = {"patient": settings, "practitioner": settings}
+        if practitioner_media_timeout_s is not None:
+            own["practitioner"] = replace(
+                settings, call_media_timeout_s=practitioner_media_timeout_s
+            )
         seats = [
-            Seat(role, settings, Sources(PatternTrack(320, 240, FPS), ToneTrack()))
+            Seat(role, own[role], Sources(PatternTrack(320, 240, FPS), ToneTrack()))
             for role in ("patient", "practitioner")
         ]
         runs = [asyncio.create_task(seat.run()) for seat in seats]
@@ -293,6 +303,26 @@ async def test_a_dead_path_is_renegotiated_with_backoff_and_old_calls_are_closed
             for task in seats.runs:
                 assert not task.done()
         assert counts() == before
+
+
+@pytest.mark.netns
+@pytest.mark.asyncio
+async def test_an_offer_during_the_call_is_a_recovery_for_a_practitioner_that_saw_no_loss(
+    lan: Netns, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The patient renegotiates before the practitioner finds the path dead: both count it."""
+    caplog.set_level(logging.INFO, logger="peers")
+    with inside(lan):
+        # The practitioner's media timeout outlasts the outage: only the patient sees it.
+        async with two_seats(lan, practitioner_media_timeout_s=30) as seats:
+            await within(asyncio.gather(flowing(seats.patient), flowing(seats.practitioner)), 3)
+            async with udp_dropped(lan):
+                await within(_logged(caplog, "renegotiating (attempt 1)"), 3)
+            await within(_logged(caplog, "media back", count=2), 3)
+            await within(_logged(caplog, "a new offer from the patient during the call"), 1)
+            for seat in (seats.patient, seats.practitioner):
+                assert [r["method"] for r in seat.recoveries] == ["new-connection"]
+                assert seat.lost_at is None
 
 
 # coturn's relay ports in the TURN test: below Linux's ephemeral range (32768-60999), so that
