@@ -2,6 +2,7 @@
 
     python -m bench.recovery_trace --event outage --runs 8      # as root
     python -m bench.recovery_trace --event change --runs 4
+    python -m bench.recovery_trace --event both --runs 4        # change, outage, change...
     python -m bench.recovery_trace --aiortc patient            # that side an aiortc peer
 
 Chromium<->Chromium in tests/recovery.py's network, as ``make bench-recovery``;
@@ -181,20 +182,22 @@ async def run(
                 await wait_state(page, "connected", units=6)
                 await page.evaluate(SAMPLER)
             for number in range(runs):
+                # both: a change, then an outage on the new connection, and so on
+                kind = event if event != "both" else ("change", "outage")[number % 2]
                 await asyncio.sleep(3)
                 for role, page in pages.items():
                     await page.evaluate("trace.length = 0")
                     lines[role].clear()
                 mark = len(peer.lines) if peer is not None else 0
                 began = time.time()
-                if event == "outage":
+                if kind == "outage":
                     async with net.outage("patient"):
                         await asyncio.sleep(OUTAGE_S)
                     at = net.restored_at
                 else:
                     at = await net.change("patient")
                 await asyncio.sleep(8)
-                print(f"\n{event} {number + 1}: began {began - at:+.2f} s")
+                print(f"\n{kind} {number + 1}: began {began - at:+.2f} s")
                 dump: dict[str, Any] = {"event": at, "began": began}
                 if peer is not None:
                     print(f"  {aiortc} (aiortc)")
@@ -203,13 +206,13 @@ async def run(
                 for role, page in pages.items():
                     samples: list[Sample] = await page.evaluate("trace")
                     dump[role] = samples
-                    quiet = at - 1.0 if event == "outage" else at + 0.5
+                    quiet = at - 1.0 if kind == "outage" else at + 0.5
                     got = summary(samples, at * 1000, quiet * 1000)
                     print(f"  {role:<12} " + ", ".join(f"{k} {v}" for k, v in got.items()))
                     for stamp, text in lines[role]:
                         print(f"    {stamp - at:+6.2f} {text}")
                 if keep is not None:
-                    keep_run(keep / f"{event}-{number + 1}.json", dump)
+                    keep_run(keep / f"{kind}-{number + 1}.json", dump)
                 for page in pages.values():
                     await wait_state(page, "connected", units=6)
         finally:
@@ -220,7 +223,7 @@ async def run(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--event", choices=("outage", "change"), default="outage")
+    parser.add_argument("--event", choices=("outage", "change", "both"), default="outage")
     parser.add_argument("--runs", type=int, default=4)
     parser.add_argument("--query", default="", help="the pages' URL query (?recovery=ice-restart)")
     parser.add_argument("--json", type=Path, help="keep each run's samples in this folder")
