@@ -7,7 +7,8 @@ process): two ``Call``s in two namespaces (tests/inprocess.py), the patient send
 interface impaired both ways by tests/netem.py: ``--narrow`` seconds at 300 kbit/s with
 40 ms each way (a 100 ms queue), then ``--wide`` seconds on a clean link. Both variants
 carry every other patch of peers/aiortc_patches.py; "aiortc estimate" only leaves out
-peers/aiortc_rate.py. Printed per variant: frames per second received over the last 15 s of
+peers/aiortc_rate.py, "no probing" only its sender's probes (``Prober``). Printed per
+variant: frames per second received over the last 15 s of
 the narrow phase (median of 1 s windows), the resolution sent then, audio frames missing or
 concealed, the encoder's target, the time from the link widening to 640x480 sent again, and
 with ``--trace`` one line per second.
@@ -53,12 +54,14 @@ from tests.processes import Process, RelayProcess, spawn
 from tests.recovery import RELAY_ADDRESS, recovery_network
 
 NARROW = Impairment(delay_ms=40, rate_kbit=300, queue_ms=100)
-VARIANTS = ("patched", "aiortc estimate")
+VARIANTS = ("patched", "no probing", "aiortc estimate")
 LAST_S = 15
 
 
 async def cell(variant: str, narrow_s: float, wide_s: float) -> dict[str, Any]:
-    if variant != "patched":
+    if variant == "no probing":
+        aiortc_rate.PROBING = False
+    elif variant != "patched":
         aiortc_rate.install = lambda: None
     async with Network("brate") as net:
         a, b, dev = await netem.pair(net)
@@ -109,6 +112,9 @@ async def cell(variant: str, narrow_s: float, wide_s: float) -> dict[str, Any]:
                     if isinstance(control, aiortc_rate.SteadyAimd):
                         row["decreases"] = f"{control.decreases}+{control.gentle}"
                         row["held"] = estimator.held
+                probes = getattr(video_sender, "_epc_prober", None)
+                if probes is not None and isinstance(estimator, aiortc_rate.SteadyEstimator):
+                    row["probes"] = f"{probes.sent} sent, {len(estimator.probed)} taken"
                 if loss is not None:
                     row["cap_kbps"] = round(loss.cap_bps / 1000) if loss.cap_bps else None
                     row["loss_cuts"] = loss.decreases

@@ -73,12 +73,19 @@ the transport-wide sequence number extension; each video packet that carries one
 noted with its arrival time, every ``FEEDBACK_INTERVAL_S`` the receiver sends what arrived
 (RTPFB, FMT 15), and such a packet no longer feeds the REMB estimate (libwebrtc's receiver
 sends one or the other). aiortc's sender stamps no transport-wide numbers, so between two
-aiortc peers nothing would change. It is off (``TRANSPORT_CC``): see docs/benchmarks.md,
-"Chromium sending to an aiortc practitioner", for the measurement against the REMB.
+aiortc peers nothing would change. It is on (``TRANSPORT_CC``): with the kernel's arrival
+times, Chromium's own estimate from it matched what Chromium sends to Chromium in every run,
+where the REMB, probe detection and all, did in half of them (docs/benchmarks.md, "Chromium
+sending to an aiortc practitioner"). The REMB stays for senders without transport-wide
+numbers (aiortc's, with ``Prober``).
+
+And the sender's probes (``Prober``): padding-only RTX bursts at the rate the top rung of
+the ladder needs, while the ladder is below it and the link has been calm, which the
+receiver's probe detection above takes mid-call (padding only).
 
 Upstream, this would be the body of ``AimdRateControl.update`` and of
-``RemoteBitrateEstimator.add``, a loss-based cap in ``RTCRtpSender``, and a
-transport-cc feedback generator in ``RTCRtpReceiver``.
+``RemoteBitrateEstimator.add``, a loss-based cap and a prober in ``RTCRtpSender``, a
+transport-cc feedback generator in ``RTCRtpReceiver``, and receive times from aioice.
 """
 
 from __future__ import annotations
@@ -97,6 +104,7 @@ from typing import Any
 from aioice import Connection
 from aioice.ice import StunProtocol
 from aiortc import clock, codecs, rate, rtcrtpreceiver
+from aiortc.codecs import is_rtx
 from aiortc.rate import BandwidthUsage, RateControlState
 from aiortc.rtcdtlstransport import RTCDtlsTransport
 from aiortc.rtcrtpparameters import RTCRtcpFeedback, RTCRtpHeaderExtensionParameters
@@ -111,7 +119,7 @@ from aiortc.rtp import (
     unpack_remb_fci,
 )
 
-from peers.aiortc_send import FLOOR_BPS
+from peers.aiortc_send import FLOOR_BPS, Ladder
 
 __all__ = [
     "FAR_GROWTH",
@@ -266,12 +274,14 @@ class LoopWatch:
             self.task.cancel()
 
 
+PROBING = True  # the sender's probes (``Prober``); off: bench/rate.py's "no probing"
 PROBES = True  # off: the estimator as the previous session left it (bench/rate.py --chromium)
 PROBE_MIN_BYTES = 200  # libwebrtc: only packets larger than this are paced (probes)
 PROBE_WINDOW_MS = 2000  # libwebrtc's kInitialProbingInterval: probes looked for this long
 PROBE_MAX_PACKETS = 15  # kMaxProbePackets
 PROBE_MIN_CLUSTER = 4  # kMinClusterSize (deltas)
 PROBE_EXPECTED = 3  # kExpectedNumberOfProbes
+PROBE_MAX_AGE_MS = 1000  # a mid-call probe's packets are this recent
 CLUSTER_BOUND_MS = 2.5  # a send delta this close to the cluster's mean stays in it
 MIN_CLUSTER_DELTA_MS = 1.0  # kMinClusterDelta
 ABS_SEND_TIME_MS = 1000 / (1 << 18)  # abs-send-time is 6.18 fixed point seconds
@@ -347,6 +357,7 @@ class SteadyEstimator(rate.RemoteBitrateEstimator):
         self.probes_seen = 0
         self.last_send: tuple[int, float] | None = None  # (abs-send-time, unwrapped ms)
         self.probed: list[tuple[int, int]] = []  # (arrival ms, bit/s) of each probe taken
+        self.padding = False  # the packet being added is padding only (set by the receiver)
 
     def send_ms(self, abs_send_time: int) -> float:
         """The send time in ms, unwrapped across abs-send-time's 64 s wrap."""
@@ -368,18 +379,18 @@ class SteadyEstimator(rate.RemoteBitrateEstimator):
         at 3 and 6 x its 300 kbit/s start at once) stays near its start for tens of seconds.
         """
         send_ms = self.send_ms(abs_send_time)
+        padding, self.padding = self.padding, False
         if self.first_ms is None:
             self.first_ms = arrival_time_ms
         control = self.rate_control
-        if (
-            not PROBES
-            or payload_size <= PROBE_MIN_BYTES
-            or (
-                control.current_bitrate_initialized
-                and arrival_time_ms - self.first_ms >= PROBE_WINDOW_MS
-            )
-        ):
+        starting = (
+            not control.current_bitrate_initialized
+            or arrival_time_ms - self.first_ms < PROBE_WINDOW_MS
+        )
+        if not PROBES or payload_size <= PROBE_MIN_BYTES or not (starting or padding):
             return False
+        if not starting:  # a mid-call probe (``Prober``): padding only, none older than 1 s
+            self.probes = [p for p in self.probes if arrival_time_ms - p[1] < PROBE_MAX_AGE_MS]
         self.probes.append((send_ms, arrival_time_ms, payload_size))
         self.probes_seen += 1
         found = clusters(self.probes)
@@ -533,11 +544,98 @@ def _on_rtcp(sender: RTCRtpSender, packet: Any) -> None:
     target = state.target()
     if target is not None:
         encoder.target_bitrate = target  # after aiortc's own REMB handling (rtcrtpsender.py:290)
+        prober(sender).on_target(target, time.monotonic())
 
 
-# Off: measured against the REMB of SteadyEstimator on a loaded machine, Chromium's own
-# estimate from this feedback did no better (docs/benchmarks.md, "Narrow links").
-TRANSPORT_CC = False
+PROBE_EVERY_S = 3.0  # at most one probe this often
+PROBE_QUIET_S = 5.0  # no probe this soon after the target fell (the link is full)
+PROBE_PACKETS = 8  # 7 deltas: libwebrtc's clusters need 4 (PROBE_MIN_CLUSTER)
+PROBE_PADDING = 255  # bytes: the most one RTP packet's padding can say (RFC 3550 5.1)
+PROBE_ABOVE = 1.2  # x the top rung's need: the rate probed
+
+
+@dataclass
+class Prober:
+    """A video sender's probes: bursts of RTX padding that show the receiver a wider link.
+
+    libwebrtc's sender probes when the rate it may use is below what the encoder wants (its
+    ``ProbeController``: at the start, at a raised maximum, and in "ALR", sending less than
+    its estimate); the receiver measures the burst's spacing and takes its rate when the
+    packets arrived as spaced as they were sent. aiortc never probes (rtcrtpsender.py
+    sends media only, rtcrtpsender.py:357-407), so an estimate bounded by 2 x what the
+    encoder sends climbs back from a narrow link rung by rung, additively. Here, every
+    ``PROBE_EVERY_S`` while the ladder (peers/aiortc_send.py) is below its top rung, the
+    target has not fallen for ``PROBE_QUIET_S``, no loss cap holds and the target is below
+    the top rung's need: ``PROBE_PACKETS`` padding-only RTX packets at ``PROBE_ABOVE`` x
+    that need. A link too narrow spreads them and the receiver ignores the probe
+    (``best_probe``); a wide one lets the ladder climb ``UP_AFTER_S`` later.
+    """
+
+    last_fall: float = 0.0
+    last_target: int | None = None
+    sent: int = 0  # probes
+    task: asyncio.Task[None] | None = None
+
+    def on_target(self, target: int, now: float) -> None:
+        if self.last_target is not None and target < self.last_target:
+            self.last_fall = now
+        self.last_target = target
+
+    def want(self, sender: RTCRtpSender, now: float) -> float | None:
+        """The rate to probe now, in bit/s, or None."""
+        encoder = getattr(sender, "_RTCRtpSender__encoder", None)
+        ladder: Ladder | None = getattr(encoder, "_epc_ladder", None)
+        state = loss_based(sender)
+        if ladder is None or not ladder.width or ladder.rung == 0 or state.cap_bps is not None:
+            return None
+        target = state.target()
+        rate = PROBE_ABOVE * ladder.need(0)
+        if target is None or target >= rate or now - self.last_fall < PROBE_QUIET_S:
+            return None
+        return rate
+
+    async def run(self, sender: RTCRtpSender) -> None:
+        while True:
+            await asyncio.sleep(PROBE_EVERY_S)
+            rate = self.want(sender, time.monotonic())
+            rtx = getattr(sender, "_RTCRtpSender__rtx_payload_type", None)
+            if rate is None or rtx is None:
+                continue
+            self.sent += 1
+            with contextlib.suppress(ConnectionError):
+                await send_probe(sender, rtx, rate)
+
+
+async def send_probe(sender: RTCRtpSender, payload_type: int, rate_bps: float) -> None:
+    """``PROBE_PACKETS`` padding-only RTX packets spaced for ``rate_bps`` (each stamped with
+    its own abs-send-time, as rtcrtpsender.py:388 stamps media)."""
+    gap = PROBE_PADDING * 8 / rate_bps
+    start = time.monotonic()
+    for n in range(PROBE_PACKETS):
+        await asyncio.sleep(max(0.0, start + n * gap - time.monotonic()))
+        seq: int = sender._RTCRtpSender__rtx_sequence_number  # type: ignore[attr-defined]
+        sender._RTCRtpSender__rtx_sequence_number = (seq + 1) & 0xFFFF  # type: ignore[attr-defined]
+        packet = RtpPacket(payload_type=payload_type, sequence_number=seq, ssrc=sender._rtx_ssrc)
+        packet.padding_size = PROBE_PADDING
+        packet.extensions.abs_send_time = (clock.current_ntp_time() >> 14) & 0xFFFFFF
+        packet.extensions.mid = getattr(sender, "_RTCRtpSender__mid", None)
+        extensions = sender._RTCRtpSender__rtp_header_extensions_map  # type: ignore[attr-defined]
+        await sender.transport._send_rtp(packet.serialize(extensions))
+
+
+def prober(sender: RTCRtpSender) -> Prober:
+    """The sender's ``Prober`` (made, and started, on first use)."""
+    state: Prober | None = sender.__dict__.get("_epc_prober")
+    if state is None:
+        state = sender.__dict__["_epc_prober"] = Prober()
+        if PROBING:
+            state.task = asyncio.ensure_future(state.run(sender))
+    return state
+
+
+# On: with the kernel's stamps, Chromium's estimate from this feedback matched Chromium to
+# Chromium; the REMB's probe detection missed Chromium's start probes in half the runs.
+TRANSPORT_CC = True
 TRANSPORT_CC_URI = "http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc-extensions-01"
 TRANSPORT_CC_ID = 5  # aiortc uses 1-3 (codecs/__init__.py:45), shared across kinds with BUNDLE
 FEEDBACK_INTERVAL_S = 0.1  # libwebrtc's default
@@ -804,6 +902,17 @@ def install() -> None:
         _on_rtcp(self, packet)
 
     RTCRtpSender._handle_rtcp_packet = _handle_rtcp_packet  # type: ignore[method-assign]
+    original_sender_stop = RTCRtpSender.stop
+
+    async def sender_stop(self: RTCRtpSender) -> None:
+        state: Prober | None = self.__dict__.get("_epc_prober")
+        if state is not None and state.task is not None:
+            state.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await state.task
+        await original_sender_stop(self)
+
+    RTCRtpSender.stop = sender_stop  # type: ignore[method-assign]
 
     if KERNEL_STAMPS:
         install_kernel_stamps()
@@ -815,6 +924,15 @@ def install() -> None:
     async def _handle_rtp_packet(
         self: RTCRtpReceiver, packet: RtpPacket, arrival_time_ms: int
     ) -> None:
+        estimator = getattr(self, "_RTCRtpReceiver__remote_bitrate_estimator", None)
+        codec = getattr(self, "_RTCRtpReceiver__codecs", {}).get(packet.payload_type)
+        if isinstance(estimator, SteadyEstimator):  # read by the add() this packet makes
+            estimator.padding = (
+                codec is not None
+                and is_rtx(codec)
+                and not packet.payload
+                and packet.padding_size > 0
+            )  # a probe (``Prober``)
         seq = packet.extensions.transport_sequence_number
         if seq is not None and self._enabled:
             _feedback_of(self).add(seq, arrival_time_ms * 1000)

@@ -17,21 +17,29 @@ import statistics
 import struct
 import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from aiortc import clock, rate
 from aiortc.rate import BandwidthUsage
+from aiortc.rtcrtpparameters import RTCRtpHeaderExtensionParameters, RTCRtpParameters
+from aiortc.rtp import HeaderExtensionsMap, RtpPacket
 from playwright.async_api import Page
 
 from peers import aiortc_send, stats
 from peers.aiortc_rate import (
     NTP_UNIX_S,
+    PROBE_ABOVE,
     REDUCE_INTERVAL_MS,
     LossBased,
+    Prober,
     SteadyAimd,
     SteadyEstimator,
     TransportFeedback,
     kernel_stamp_ms,
+    loss_based,
+    send_probe,
 )
 from peers.aiortc_send import RUNGS
 from peers.netns import Netns
@@ -43,6 +51,7 @@ from tests.support import within
 from tests.webcall import FAKE_HEIGHT, FAKE_WIDTH, Net, aiortc_peer, grows
 
 NORMAL, OVERUSING = BandwidthUsage.NORMAL, BandwidthUsage.OVERUSING
+ABS_SEND_TIME_URI = "http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time"
 
 
 def climb(control: rate.AimdRateControl, throughput: int, start_ms: int, seconds: float) -> int:
@@ -147,6 +156,83 @@ def test_a_probe_that_arrives_spread_out_is_not_taken() -> None:
     does one that arrives bunched within the same millisecond (a stalled reader)."""
     assert all(remb is None for remb in probe_cluster(SteadyEstimator(), 4, 10)[:6])
     assert all(remb is None for remb in probe_cluster(SteadyEstimator(), 4, 0.2)[:6])
+
+
+def test_mid_call_only_padding_probes_are_taken() -> None:
+    """After the first 2 s, a cluster of padding-only packets (``Prober``'s) sent and received
+    6 ms apart raises a 200 kbit/s estimate to the probe's 340 kbit/s at once; the same
+    cluster of media packets (a frame's, a retransmission burst) leaves it alone."""
+    for padding, expected in ((True, 340_000), (False, 200_000)):
+        estimator = SteadyEstimator()
+        estimator.rate_control.set_estimate(200_000, 0)
+        estimator.first_ms = 0
+        for n in range(8):
+            at_ms = 10_000 + n * 6
+            estimator.padding = padding
+            estimator.add(at_ms, int(at_ms / 1000 * (1 << 18)), 255, 1234)
+        assert estimator.rate_control.current_bitrate == pytest.approx(expected, rel=0.02)
+        assert [bps for _, bps in estimator.estimates][-1:] == [
+            estimator.rate_control.current_bitrate
+        ]
+
+
+def fake_sender(rung: int, target: int | None) -> Any:
+    """What ``Prober.want`` reads of an RTCRtpSender: its encoder's ladder and its loss cap."""
+    ladder = aiortc_send.Ladder(width=640, height=480, fps=30, rung=rung)
+    encoder = SimpleNamespace(_epc_ladder=ladder)
+    sender = SimpleNamespace(_RTCRtpSender__encoder=encoder)
+    if target is not None:
+        loss_based(sender).on_remb(target)  # type: ignore[arg-type]
+    return sender
+
+
+def test_a_sender_below_its_top_rung_probes_for_the_top_rungs_need_when_the_link_is_calm() -> None:
+    """At 320x240 with a 200 kbit/s target, the prober asks for 1.2 x what 640x480 needs
+    (331 kbit/s), but not within 5 s of a fall of the target, not at the top rung, not while
+    the loss cap holds, and not when the target already covers it."""
+    need = aiortc_send.Ladder(width=640, height=480, fps=30).need(0)
+    calm = Prober()
+    calm.on_target(250_000, 0.0)
+    calm.on_target(200_000, 1.0)  # a fall
+    assert calm.want(fake_sender(2, 200_000), 5.0) is None
+    assert calm.want(fake_sender(2, 200_000), 6.5) == pytest.approx(PROBE_ABOVE * need)
+    assert calm.want(fake_sender(0, 200_000), 6.5) is None
+    assert calm.want(fake_sender(2, 400_000), 6.5) is None
+    capped = fake_sender(2, 200_000)
+    loss_based(capped).on_report(0.2, 6.0)
+    assert calm.want(capped, 6.5) is None
+
+
+@pytest.mark.asyncio
+async def test_a_probe_is_padding_only_rtx_spaced_for_its_rate() -> None:
+    """A probe at 340 kbit/s is 8 RTX packets with no payload and 255 bytes of padding, on
+    consecutive RTX numbers (across the wrap), each with its own abs-send-time, at least 6 ms
+    (255 bytes at 340 kbit/s) apart."""
+    sent: list[bytes] = []
+
+    class Transport:
+        async def _send_rtp(self, data: bytes) -> None:
+            sent.append(data)
+
+    extensions = HeaderExtensionsMap()
+    extensions.configure(RTCRtpParameters(headerExtensions=[
+        RTCRtpHeaderExtensionParameters(id=3, uri=ABS_SEND_TIME_URI)]))  # fmt: skip
+    sender = SimpleNamespace(
+        _rtx_ssrc=42,
+        transport=Transport(),
+        _RTCRtpSender__rtx_sequence_number=65534,
+        _RTCRtpSender__rtp_header_extensions_map=extensions,
+    )
+    await within(send_probe(sender, 97, 340_000), 2)  # type: ignore[arg-type]
+    packets = [RtpPacket.parse(data, extensions) for data in sent]
+    assert [p.sequence_number for p in packets] == [65534, 65535, 0, 1, 2, 3, 4, 5]
+    assert {(p.payload_type, p.ssrc, p.payload, p.padding_size) for p in packets} == {
+        (97, 42, b"", 255)
+    }
+    stamps = [p.extensions.abs_send_time for p in packets]
+    assert all(stamp is not None for stamp in stamps)
+    gaps = [(b - a) * 1000 / (1 << 18) for a, b in itertools.pairwise(stamps)]  # type: ignore[operator]
+    assert min(gaps) >= 0 and sum(gaps) >= 7 * 6.0 * 0.9, gaps
 
 
 def test_a_datagram_carries_the_kernels_receive_time_not_the_time_it_is_read() -> None:
