@@ -483,6 +483,7 @@ class LossBased:
     last_decrease: float | None = None
     rtt_s: float = 0.2
     decreases: int = 0
+    last_loss: float = 0.0  # the fraction lost in the last report
 
     def on_remb(self, bps: int) -> None:
         self.remb_bps = bps
@@ -490,6 +491,7 @@ class LossBased:
             self.cap_bps = float(bps)  # the cap never wanders above the receiver's estimate
 
     def on_report(self, fraction_lost: float, now: float) -> None:
+        self.last_loss = fraction_lost
         if fraction_lost > LOSS_HIGH:
             if self.last_decrease is None or now - self.last_decrease >= 0.3 + self.rtt_s:
                 start = self.cap_bps if self.cap_bps is not None else self.remb_bps
@@ -539,6 +541,7 @@ def _on_rtcp(sender: RTCRtpSender, packet: Any) -> None:
         if sender._ssrc not in ssrcs:
             return
         state.on_remb(bitrate)
+        prober(sender).on_remb(bitrate, state, time.monotonic())
     else:
         return
     target = state.target()
@@ -552,6 +555,7 @@ PROBE_QUIET_S = 5.0  # no probe this soon after the target fell (the link is ful
 PROBE_PACKETS = 8  # 7 deltas: libwebrtc's clusters need 4 (PROBE_MIN_CLUSTER)
 PROBE_PADDING = 255  # bytes: the most one RTP packet's padding can say (RFC 3550 5.1)
 PROBE_ABOVE = 1.2  # x the top rung's need: the rate probed
+PROBE_ANSWER_S = 2.0  # a REMB this soon after a probe, at its rate, answers it
 
 
 @dataclass
@@ -565,16 +569,27 @@ class Prober:
     sends media only, rtcrtpsender.py:357-407), so an estimate bounded by 2 x what the
     encoder sends climbs back from a narrow link rung by rung, additively. Here, every
     ``PROBE_EVERY_S`` while the ladder (peers/aiortc_send.py) is below its top rung, the
-    target has not fallen for ``PROBE_QUIET_S``, no loss cap holds and the target is below
-    the top rung's need: ``PROBE_PACKETS`` padding-only RTX packets at ``PROBE_ABOVE`` x
-    that need. A link too narrow spreads them and the receiver ignores the probe
-    (``best_probe``); a wide one lets the ladder climb ``UP_AFTER_S`` later.
+    target has not fallen for ``PROBE_QUIET_S``, the last report lost under ``LOSS_LOW``
+    and the target is below the top rung's need: ``PROBE_PACKETS`` padding-only RTX packets
+    at ``PROBE_ABOVE`` x that need. A link too narrow spreads them and the receiver ignores
+    the probe (``best_probe``); on a wide one the REMB that answers lifts the loss cap, as
+    libwebrtc's ``SetSendBitrate`` does with a probe's result, and the ladder climbs
+    ``UP_AFTER_S`` later.
     """
 
     last_fall: float = 0.0
     last_target: int | None = None
     sent: int = 0  # probes
     task: asyncio.Task[None] | None = None
+    probed: tuple[float, float] | None = None  # (when, bit/s) of the last probe
+
+    def on_remb(self, bps: int, state: LossBased, now: float) -> None:
+        """A REMB that answers the last probe lifts the loss cap (libwebrtc's GoogCC sets its
+        loss-based estimate to a probe's result: ``SetSendBitrate``)."""
+        probed = self.probed
+        if probed is not None and now - probed[0] < PROBE_ANSWER_S and bps >= 0.9 * probed[1]:
+            state.cap_bps = None
+            self.probed = None
 
     def on_target(self, target: int, now: float) -> None:
         if self.last_target is not None and target < self.last_target:
@@ -586,7 +601,7 @@ class Prober:
         encoder = getattr(sender, "_RTCRtpSender__encoder", None)
         ladder: Ladder | None = getattr(encoder, "_epc_ladder", None)
         state = loss_based(sender)
-        if ladder is None or not ladder.width or ladder.rung == 0 or state.cap_bps is not None:
+        if ladder is None or not ladder.width or ladder.rung == 0 or state.last_loss >= LOSS_LOW:
             return None
         target = state.target()
         rate = PROBE_ABOVE * ladder.need(0)
@@ -602,6 +617,7 @@ class Prober:
             if rate is None or rtx is None:
                 continue
             self.sent += 1
+            self.probed = time.monotonic(), rate
             with contextlib.suppress(ConnectionError):
                 await send_probe(sender, rtx, rate)
 

@@ -188,8 +188,8 @@ def fake_sender(rung: int, target: int | None) -> Any:
 
 def test_a_sender_below_its_top_rung_probes_for_the_top_rungs_need_when_the_link_is_calm() -> None:
     """At 320x240 with a 200 kbit/s target, the prober asks for 1.2 x what 640x480 needs
-    (331 kbit/s), but not within 5 s of a fall of the target, not at the top rung, not while
-    the loss cap holds, and not when the target already covers it."""
+    (331 kbit/s), but not within 5 s of a fall of the target, not at the top rung, not when
+    the last report lost 2 % or more, and not when the target already covers it."""
     need = aiortc_send.Ladder(width=640, height=480, fps=30).need(0)
     calm = Prober()
     calm.on_target(250_000, 0.0)
@@ -198,9 +198,28 @@ def test_a_sender_below_its_top_rung_probes_for_the_top_rungs_need_when_the_link
     assert calm.want(fake_sender(2, 200_000), 6.5) == pytest.approx(PROBE_ABOVE * need)
     assert calm.want(fake_sender(0, 200_000), 6.5) is None
     assert calm.want(fake_sender(2, 400_000), 6.5) is None
-    capped = fake_sender(2, 200_000)
-    loss_based(capped).on_report(0.2, 6.0)
-    assert calm.want(capped, 6.5) is None
+    losing = fake_sender(2, 200_000)
+    loss_based(losing).on_report(0.05, 6.0)
+    assert calm.want(losing, 6.5) is None
+
+
+def test_a_remb_at_the_probes_rate_lifts_the_loss_cap_and_the_ladder_climbs_to_the_top() -> None:
+    """A REMB at 0.9 x a probe's rate within 2 s of it lifts the loss cap (libwebrtc's
+    SetSendBitrate), and a target that covers 640x480 takes the ladder from 320x240 to
+    640x480 in one step, UP_AFTER_S after it came."""
+    state = LossBased()
+    state.on_remb(200_000)
+    state.on_report(0.2, 0.0)
+    assert state.cap_bps is not None
+    probes = Prober(probed=(10.0, 331_000))
+    probes.on_remb(290_000, state, 10.5)  # not the probe's answer
+    assert state.cap_bps is not None
+    state.on_remb(300_000)
+    probes.on_remb(300_000, state, 10.6)
+    assert state.cap_bps is None and state.target() == 300_000
+    ladder = aiortc_send.Ladder(width=640, height=480, fps=30, rung=2)
+    assert ladder.update(300_000, 11.0) == 2
+    assert ladder.update(300_000, 11.0 + aiortc_send.UP_AFTER_S) == 0
 
 
 @pytest.mark.asyncio
