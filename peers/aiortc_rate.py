@@ -282,6 +282,7 @@ PROBE_MAX_PACKETS = 15  # kMaxProbePackets
 PROBE_MIN_CLUSTER = 4  # kMinClusterSize (deltas)
 PROBE_EXPECTED = 3  # kExpectedNumberOfProbes
 PROBE_MAX_AGE_MS = 1000  # a mid-call probe's packets are this recent
+BURST_SLACK_MS = 2.0  # a burst arriving this much slower than sent still counts (libwebrtc: 2)
 CLUSTER_BOUND_MS = 2.5  # a send delta this close to the cluster's mean stays in it
 MIN_CLUSTER_DELTA_MS = 1.0  # kMinClusterDelta
 ABS_SEND_TIME_MS = 1000 / (1 << 18)  # abs-send-time is 6.18 fixed point seconds
@@ -391,6 +392,9 @@ class SteadyEstimator(rate.RemoteBitrateEstimator):
             return False
         if not starting:  # a mid-call probe (``Prober``): padding only, none older than 1 s
             self.probes = [p for p in self.probes if arrival_time_ms - p[1] < PROBE_MAX_AGE_MS]
+            self.probes.append((send_ms, arrival_time_ms, payload_size))
+            self.probes_seen += 1
+            return self.burst(arrival_time_ms)
         self.probes.append((send_ms, arrival_time_ms, payload_size))
         self.probes_seen += 1
         found = clusters(self.probes)
@@ -408,6 +412,35 @@ class SteadyEstimator(rate.RemoteBitrateEstimator):
         if len(found) >= PROBE_EXPECTED:
             self.probes.clear()
         return False
+
+    def burst(self, arrival_time_ms: int) -> bool:
+        """A mid-call padding burst's rate, taken when it arrived no slower than it was sent.
+
+        libwebrtc's clusters need each send delta within 2.5 ms of their mean: its pacer
+        runs on its own thread. aiortc's sender spaces the probe on its event loop, where a
+        6 ms sleep may take 15 (an encode holds the loop), so a burst is judged whole: at
+        least ``PROBE_MIN_CLUSTER`` deltas, the bytes after the first over the longer of the
+        send and the arrival spans, and the arrival span no longer than the send span +
+        ``BURST_SLACK_MS`` (a narrow link spreads the burst: no estimate).
+        """
+        probes = self.probes
+        if len(probes) <= PROBE_MIN_CLUSTER:
+            return False
+        send_span = probes[-1][0] - probes[0][0]
+        recv_span = probes[-1][1] - probes[0][1]
+        if (
+            send_span < MIN_CLUSTER_DELTA_MS * PROBE_MIN_CLUSTER
+            or recv_span > send_span + BURST_SLACK_MS
+        ):
+            return False
+        rate_bps = sum(size for _, _, size in probes[1:]) * 8000 / max(send_span, recv_span)
+        control = self.rate_control
+        if rate_bps <= control.current_bitrate:
+            return False
+        control.set_estimate(int(rate_bps), arrival_time_ms)
+        self.probed.append((arrival_time_ms, int(rate_bps)))
+        self.probes.clear()
+        return True
 
     def add(
         self, arrival_time_ms: int, abs_send_time: int, payload_size: int, ssrc: int

@@ -254,6 +254,32 @@ async def test_a_probe_is_padding_only_rtx_spaced_for_its_rate() -> None:
     assert min(gaps) >= 0 and sum(gaps) >= 7 * 6.0 * 0.9, gaps
 
 
+def padding_burst(send_gaps_ms: list[float], stretch: float) -> SteadyEstimator:
+    """A 200 kbit/s estimate after a padding burst sent with ``send_gaps_ms`` between its 255-byte
+    packets, each gap arriving ``stretch`` x as long."""
+    estimator = SteadyEstimator()
+    estimator.rate_control.set_estimate(200_000, 0)
+    estimator.first_ms = 0
+    sent, arrived = 10_000.0, 10_040.0
+    for gap in [0.0, *send_gaps_ms]:
+        sent, arrived = sent + gap, arrived + gap * stretch
+        estimator.padding = True
+        estimator.add(round(arrived), int(sent / 1000 * (1 << 18)), 255, 1234)
+    return estimator
+
+
+def test_a_padding_burst_sent_unevenly_counts_whole_and_a_spread_one_not_at_all() -> None:
+    """A burst whose sends were delayed unevenly (3-15 ms apart) but arrived as sent raises the
+    estimate once, to its rate as soon as 5 gaps came (5 x 255 bytes over about 40 ms: about
+    250 kbit/s); the same burst arriving 1.5 x as spread out (a narrow link) leaves it alone."""
+    gaps = [6.0, 15.0, 3.0, 9.0, 6.0, 12.0, 9.0]
+    taken = padding_burst(gaps, 1.0)
+    assert 230_000 <= taken.rate_control.current_bitrate <= 270_000
+    assert len(taken.probed) == 1
+    spread = padding_burst(gaps, 1.5)
+    assert spread.rate_control.current_bitrate < 210_000 and not spread.probed
+
+
 def test_a_datagram_carries_the_kernels_receive_time_not_the_time_it_is_read() -> None:
     """A datagram read 200 ms after it came is stamped (on aiortc's clock, ms from 1900) with
     the time it came, within 50 ms; aiortc's clock at the read is 200 ms later."""
