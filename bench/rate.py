@@ -7,11 +7,22 @@ process): two ``Call``s in two namespaces (tests/inprocess.py), the patient send
 interface impaired both ways by tests/netem.py: ``--narrow`` seconds at 300 kbit/s with
 40 ms each way (a 100 ms queue), then ``--wide`` seconds on a clean link. Both variants
 carry every other patch of peers/aiortc_patches.py; "aiortc estimate" only leaves out
-peers/aiortc_rate.py. Printed per variant: frames per second received over the last 15 s of
+peers/aiortc_rate.py, "no probing" only its sender's probes (``Prober``). Printed per
+variant: frames per second received over the last 15 s of
 the narrow phase (median of 1 s windows), the resolution sent then, audio frames missing or
 concealed, the encoder's target, the time from the link widening to 640x480 sent again, and
-with ``--trace`` one line per second. Figures are printed, never asserted: see
-docs/benchmarks.md.
+with ``--trace`` one line per second.
+
+``--chromium``: instead, a Chromium patient (the project's page, Chromium's fake
+camera at 640x480) on a clean link to each receiver in turn, back to back: a
+Chromium practitioner (the reference), and an aiortc practitioner with each
+estimate of ``PEER_VARIANTS`` (aiortc's REMB, the previous session's patched
+REMB, with libwebrtc's probe detection on aiortc's arrival times, the same on
+the kernel's arrival times, transport-cc). Printed per call: the seconds sampled,
+those at 640 wide, the page's mean ``targetBitrate`` over the call and over its
+second half, and the samples whose ``qualityLimitationReason`` was "bandwidth".
+
+Figures are printed, never asserted: see docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -24,24 +35,33 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
+import yaml
 from aiortc import clock
 
+from bench.network import SETTINGS, Side, first_frame, open_page, start_side
 from peers import aiortc_rate, aiortc_send
 from peers.netns import Network, netns_missing
 from tests import netem
+from tests.browser import Browsers, chromium_missing
 from tests.inprocess import LocalPair
 from tests.netem import Impairment, Link
+from tests.processes import Process, RelayProcess, spawn
+from tests.recovery import RELAY_ADDRESS, recovery_network
 
 NARROW = Impairment(delay_ms=40, rate_kbit=300, queue_ms=100)
-VARIANTS = ("patched", "aiortc estimate")
+VARIANTS = ("patched", "no probing", "aiortc estimate")
 LAST_S = 15
 
 
 async def cell(variant: str, narrow_s: float, wide_s: float) -> dict[str, Any]:
-    if variant != "patched":
+    if variant == "no probing":
+        aiortc_rate.PROBING = False
+    elif variant != "patched":
         aiortc_rate.install = lambda: None
     async with Network("brate") as net:
         a, b, dev = await netem.pair(net)
@@ -92,6 +112,9 @@ async def cell(variant: str, narrow_s: float, wide_s: float) -> dict[str, Any]:
                     if isinstance(control, aiortc_rate.SteadyAimd):
                         row["decreases"] = f"{control.decreases}+{control.gentle}"
                         row["held"] = estimator.held
+                probes = getattr(video_sender, "_epc_prober", None)
+                if probes is not None and isinstance(estimator, aiortc_rate.SteadyEstimator):
+                    row["probes"] = f"{probes.sent} sent, {len(estimator.probed)} taken"
                 if loss is not None:
                     row["cap_kbps"] = round(loss.cap_bps / 1000) if loss.cap_bps else None
                     row["loss_cuts"] = loss.decreases
@@ -112,18 +135,154 @@ async def cell(variant: str, narrow_s: float, wide_s: float) -> dict[str, Any]:
             }
 
 
+# -- Chromium sending to an aiortc practitioner on a clean link (issue 13, slice 5) -----------
+
+PEER_VARIANTS: dict[str, str] = {
+    "aiortc REMB": "aiortc 1.16's RemoteBitrateEstimator (aiortc_rate off)",
+    "patched REMB": "SteadyEstimator's REMB without probe detection (the previous session's)",
+    "probed REMB": "SteadyEstimator's REMB with libwebrtc's probe detection, aiortc's stamps",
+    "stamped REMB": "SteadyEstimator's REMB with probe detection, the kernel's stamps",
+    "transport-cc": "transport-cc feedback (Chromium's own estimate)",
+}
+RECEIVERS = ("Chromium", *PEER_VARIANTS)
+
+# The patient page's outbound video and the pair's available bitrate, every second.
+OUTBOUND = """(async () => {
+  const call = epedicare.call;
+  const out = {};
+  if (!call) return out;
+  for (const s of (await call.pc.getStats()).values()) {
+    if (s.type === "outbound-rtp" && s.kind === "video") {
+      out.width = s.frameWidth; out.target = s.targetBitrate; out.bytes = s.bytesSent;
+      out.limit = s.qualityLimitationReason;
+    } else if (s.type === "candidate-pair" && s.nominated && s.availableOutgoingBitrate) {
+      out.available = s.availableOutgoingBitrate;
+    }
+  }
+  return out;
+})()"""
+
+
+def peer_variant(variant: str) -> None:
+    """Set this process's estimate to ``variant`` (before the call starts)."""
+    if variant == "aiortc REMB":
+        aiortc_rate.install = lambda: None
+    else:
+        aiortc_rate.PROBES = variant != "patched REMB"
+        aiortc_rate.KERNEL_STAMPS = variant in ("stamped REMB", "transport-cc")
+        aiortc_rate.TRANSPORT_CC = variant == "transport-cc"
+
+
+async def chromium_cell(receiver: str, seconds: float, tmp: Path) -> dict[str, Any]:
+    """A Chromium patient sending to ``receiver`` on a clean link: its outbound video."""
+    (tmp / "config.yaml").write_text(yaml.safe_dump(SETTINGS), encoding="utf-8")
+    processes: list[Process] = []
+    async with recovery_network("epc-brc") as net, Browsers(tmp) as browsers:
+        relay = RelayProcess(tmp / "config.yaml", net.hub.name, host=RELAY_ADDRESS)
+        await relay.start()
+        try:
+            patient = await open_page("patient", net, relay, browsers)
+            if receiver == "Chromium":
+                page = await open_page("practitioner", net, relay, browsers)
+                seeing = await start_side("practitioner", page, net, relay, tmp)
+            else:
+                stats_json = tmp / "practitioner.json"
+                argv = [
+                    sys.executable, "-m", "bench.rate", "--peer", receiver, "--",
+                    "--config", str(tmp / "config.yaml"), "--relay", relay.url,
+                    "--session", "bench", "--audio", "tone", "--stats-json", str(stats_json),
+                ]  # fmt: skip
+                command = net.side("practitioner").command()
+                processes.append(process := await spawn("practitioner", argv, command))
+                seeing = Side(process=process, stats_json=stats_json)
+            await start_side("patient", patient, net, relay, tmp)
+            await first_frame(seeing)
+            start = time.monotonic()
+            samples: list[dict[str, Any]] = []
+            while (elapsed := time.monotonic() - start) < seconds:
+                sample = await patient.evaluate(OUTBOUND)
+                sample["t"] = round(elapsed, 1)
+                samples.append(sample)
+                await asyncio.sleep(max(0.0, len(samples) - (time.monotonic() - start)))
+            return chromium_row(receiver, samples)
+        finally:
+            for process in processes:
+                await process.stop()
+            await relay.stop()
+
+
+def chromium_row(receiver: str, samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """The figures of one Chromium patient's samples."""
+    targets = [s["target"] for s in samples if s.get("target")]
+    widths = [s.get("width") for s in samples]
+    wide = [i for i, w in enumerate(widths) if w == 640]
+    tail = [s["target"] for s in samples[len(samples) // 2 :] if s.get("target")]
+    return {
+        "receiver": receiver,
+        "samples": len(samples),
+        "at_640": len(wide),
+        "target_mean": round(statistics.mean(targets) / 1000) if targets else None,
+        "target_2nd_half": round(statistics.mean(tail) / 1000) if tail else None,
+        "limited": sum(1 for s in samples if s.get("limit") == "bandwidth"),
+        "trace": samples,
+    }
+
+
+CHROMIUM_COLUMNS = [("receiver", 14), ("samples", 8), ("at_640", 7), ("target_mean", 12),
+                    ("target_2nd_half", 16), ("limited", 8)]  # fmt: skip
+
+
+def chromium_main(args: argparse.Namespace) -> None:
+    if reason := netns_missing() or chromium_missing():
+        sys.exit(f"bench-rate: {reason}")
+    receivers = [r for r in RECEIVERS if not args.receivers or r in args.receivers]
+    print(f"load average before: {' '.join(f'{x:.1f}' for x in os.getloadavg())} (2 cores)")
+    print(f"Chromium patient on a clean link, {args.seconds:g} s from the first frame decoded;")
+    print("target kbit/s: the page's outbound-rtp targetBitrate, sampled every second")
+    print("  ".join(name.ljust(width) for name, width in CHROMIUM_COLUMNS), flush=True)
+    for _ in range(args.runs):
+        for receiver in receivers:  # back to back, so that the rows see the same load
+            with tempfile.TemporaryDirectory(prefix="bench-rate-") as tmp:
+                try:
+                    row = asyncio.run(chromium_cell(receiver, args.seconds, Path(tmp)))
+                except Exception as exc:  # one failed call: said, and the table goes on
+                    print(f"{receiver}: failed ({type(exc).__name__}: {exc})", flush=True)
+                    continue
+            print("  ".join(str(row[n]).ljust(w) for n, w in CHROMIUM_COLUMNS), flush=True)
+            if args.trace:
+                for s in row["trace"]:
+                    print("    " + " ".join(f"{k}={v}" for k, v in s.items()))
+    print(f"load average after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+
+
 COLUMNS = [("variant", 16), ("fps_last_15s", 13), ("sent", 12), ("target_kbps", 12),
            ("audio_bad_pct", 14), ("to_640_s", 9)]  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--peer"]:  # an aiortc practitioner with one estimate (chromium_cell)
+        from peers.cli import main as peer_main
+
+        peer_variant(argv[1])
+        sys.exit(peer_main("practitioner", argv[3:]))
     parser = argparse.ArgumentParser(prog="python -m bench.rate", description=__doc__)
     parser.add_argument("--narrow", type=float, default=40.0, help="seconds at 300 kbit/s")
     parser.add_argument("--wide", type=float, default=20.0, help="seconds on a clean link")
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--trace", action="store_true", help="one line per second")
     parser.add_argument("--cell", metavar="VARIANT", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--chromium",
+        action="store_true",
+        help="instead: a Chromium patient on a clean link to each receiver of --receivers",
+    )
+    parser.add_argument("--seconds", type=float, default=30.0, help="--chromium: each call")
+    parser.add_argument("--receivers", nargs="*", choices=RECEIVERS, help="--chromium: default all")
     args = parser.parse_args(argv)
+    if args.chromium:
+        chromium_main(args)
+        return
     if args.cell:
         print(json.dumps(asyncio.run(cell(args.cell, args.narrow, args.wide))))
         return

@@ -42,6 +42,17 @@ whose estimate the receiver sends as REMB (rtcrtpreceiver.py:490), and its
   (``LoopWatch``) holds the estimate instead of lowering it: aiortc stamps arrivals on
   that loop (rtcdtlstransport.py:668), so on a busy machine a stall reads as queueing.
 - The estimate never goes below ``MIN_BPS`` (the sender's floor, peers/aiortc_send.py).
+- Probe clusters set the estimate at once (libwebrtc's ``RemoteBitrateEstimatorAbsSendTime``
+  probe handling: ``ComputeClusters``, ``FindBestProbe``, ``ProcessClusters``): for the
+  first 2 s, and while there is no estimate, packets over 200 bytes are grouped by send
+  spacing, and a cluster of at least 4 deltas that arrived as spaced as it was sent sets
+  the estimate to its rate, sent as REMB on that packet. aiortc has none: its first
+  estimate is the throughput after 3 s, then 8 % a second, so a Chromium sender, which
+  probes at 3 and 6 x its 300 kbit/s start, was held near 300 for tens of seconds.
+- Arrival times are the kernel's (``install_kernel_stamps``: ``SIOCGSTAMPNS`` when aioice
+  reads the datagram), not the event loop's (rtcdtlstransport.py:668): on a busy machine
+  the loop reads bunches of datagrams late, which the detector reads as queueing and which
+  spoils a probe's spacing. The same stamps feed transport-cc.
 
 And on the sending side, ``RTCRtpSender._handle_rtcp_packet`` (rtcrtpsender.py:243)
 sets the encoder's target to each REMB as it comes (rtcrtpsender.py:290) and ignores
@@ -62,27 +73,40 @@ the transport-wide sequence number extension; each video packet that carries one
 noted with its arrival time, every ``FEEDBACK_INTERVAL_S`` the receiver sends what arrived
 (RTPFB, FMT 15), and such a packet no longer feeds the REMB estimate (libwebrtc's receiver
 sends one or the other). aiortc's sender stamps no transport-wide numbers, so between two
-aiortc peers nothing would change. It is off (``TRANSPORT_CC``): Chromium reads it and
-follows it, but on the shared machine its estimate from aiortc's arrival times (taken on
-a starved event loop) was no better than the REMB (docs/benchmarks.md).
+aiortc peers nothing would change. It is on (``TRANSPORT_CC``): with the kernel's arrival
+times, Chromium's own estimate from it matched what Chromium sends to Chromium in every run,
+where the REMB, probe detection and all, did in half of them (docs/benchmarks.md, "Chromium
+sending to an aiortc practitioner"). The REMB stays for senders without transport-wide
+numbers (aiortc's, with ``Prober``).
+
+And the sender's probes (``Prober``): padding-only RTX bursts at the rate the top rung of
+the ladder needs, while the ladder is below it and the link has been calm, which the
+receiver's probe detection above takes mid-call (padding only).
 
 Upstream, this would be the body of ``AimdRateControl.update`` and of
-``RemoteBitrateEstimator.add``, a loss-based cap in ``RTCRtpSender``, and a
-transport-cc feedback generator in ``RTCRtpReceiver``.
+``RemoteBitrateEstimator.add``, a loss-based cap and a prober in ``RTCRtpSender``, a
+transport-cc feedback generator in ``RTCRtpReceiver``, and receive times from aioice.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import itertools
 import math
+import socket
 import struct
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from aioice import Connection
+from aioice.ice import StunProtocol
 from aiortc import clock, codecs, rate, rtcrtpreceiver
+from aiortc.codecs import is_rtx
 from aiortc.rate import BandwidthUsage, RateControlState
+from aiortc.rtcdtlstransport import RTCDtlsTransport
 from aiortc.rtcrtpparameters import RTCRtcpFeedback, RTCRtpHeaderExtensionParameters
 from aiortc.rtcrtpreceiver import RTCRtpReceiver
 from aiortc.rtcrtpsender import RTCRtpSender
@@ -95,7 +119,7 @@ from aiortc.rtp import (
     unpack_remb_fci,
 )
 
-from peers.aiortc_send import FLOOR_BPS
+from peers.aiortc_send import FLOOR_BPS, Ladder
 
 __all__ = [
     "FAR_GROWTH",
@@ -250,8 +274,78 @@ class LoopWatch:
             self.task.cancel()
 
 
+PROBING = True  # the sender's probes (``Prober``); off: bench/rate.py's "no probing"
+PROBES = True  # off: the estimator as the previous session left it (bench/rate.py --chromium)
+PROBE_MIN_BYTES = 200  # libwebrtc: only packets larger than this are paced (probes)
+PROBE_WINDOW_MS = 2000  # libwebrtc's kInitialProbingInterval: probes looked for this long
+PROBE_MAX_PACKETS = 15  # kMaxProbePackets
+PROBE_MIN_CLUSTER = 4  # kMinClusterSize (deltas)
+PROBE_EXPECTED = 3  # kExpectedNumberOfProbes
+PROBE_MAX_AGE_MS = 1000  # a mid-call probe's packets are this recent
+BURST_SLACK_MS = 2.0  # a burst arriving this much slower than sent still counts (libwebrtc: 2)
+CLUSTER_BOUND_MS = 2.5  # a send delta this close to the cluster's mean stays in it
+MIN_CLUSTER_DELTA_MS = 1.0  # kMinClusterDelta
+ABS_SEND_TIME_MS = 1000 / (1 << 18)  # abs-send-time is 6.18 fixed point seconds
+
+
+@dataclass
+class Cluster:
+    """Probe packets sent at one rate: mean deltas (ms) and size (bytes)."""
+
+    send_ms: float = 0.0
+    recv_ms: float = 0.0
+    size: float = 0.0
+    count: int = 0
+    above_min: int = 0
+
+    def bitrate(self) -> float:
+        """libwebrtc's min(SendBitrate, RecvBitrate) of a finished cluster, bit/s."""
+        return self.size * 8000 / max(self.send_ms, self.recv_ms)
+
+
+def clusters(probes: list[tuple[float, int, int]]) -> list[Cluster]:
+    """libwebrtc's ``ComputeClusters``: ``probes`` as (send ms, arrival ms, bytes)."""
+    found: list[Cluster] = []
+    total = Cluster()
+
+    def close() -> None:
+        if total.count >= PROBE_MIN_CLUSTER and total.send_ms > 0 and total.recv_ms > 0:
+            n = total.count
+            found.append(Cluster(total.send_ms / n, total.recv_ms / n, total.size / n, n,
+                                 total.above_min))  # fmt: skip
+
+    for (send_a, recv_a, _), (send_b, recv_b, size) in itertools.pairwise(probes):
+        send_delta, recv_delta = send_b - send_a, recv_b - recv_a
+        if send_delta >= MIN_CLUSTER_DELTA_MS and recv_delta >= MIN_CLUSTER_DELTA_MS:
+            total.above_min += 1
+        if total.count and abs(send_delta - total.send_ms / total.count) >= CLUSTER_BOUND_MS:
+            close()
+            total = Cluster()
+        total.send_ms += send_delta
+        total.recv_ms += recv_delta
+        total.size += size
+        total.count += 1
+    close()
+    return found
+
+
+def best_probe(found: list[Cluster]) -> float | None:
+    """libwebrtc's ``FindBestProbe``: the highest rate of the clusters, up to a failed one."""
+    best: float | None = None
+    for cluster in found:
+        if not (
+            cluster.above_min > cluster.count / 2
+            and cluster.recv_ms - cluster.send_ms <= 2
+            and cluster.send_ms - cluster.recv_ms <= 5
+        ):
+            break  # a probe that arrived slower than sent, or bunched: the link's limit
+        best = max(best or 0.0, cluster.bitrate())
+    return best
+
+
 class SteadyEstimator(rate.RemoteBitrateEstimator):
-    """aiortc's abs-send-time estimator with ``SteadyAimd`` and libwebrtc's reduce interval."""
+    """aiortc's abs-send-time estimator with ``SteadyAimd``, libwebrtc's reduce interval and
+    libwebrtc's probe detection."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -259,6 +353,94 @@ class SteadyEstimator(rate.RemoteBitrateEstimator):
         self.estimates: list[tuple[int, int]] = []  # (arrival ms, bit/s) of each REMB value
         self.watch = LoopWatch()
         self.held = 0  # overuses not acted on: this process had just stood still
+        self.first_ms: int | None = None
+        self.probes: list[tuple[float, int, int]] = []  # (send ms, arrival ms, bytes)
+        self.probes_seen = 0
+        self.last_send: tuple[int, float] | None = None  # (abs-send-time, unwrapped ms)
+        self.probed: list[tuple[int, int]] = []  # (arrival ms, bit/s) of each probe taken
+        self.padding = False  # the packet being added is padding only (set by the receiver)
+
+    def send_ms(self, abs_send_time: int) -> float:
+        """The send time in ms, unwrapped across abs-send-time's 64 s wrap."""
+        if self.last_send is None:
+            ms = abs_send_time * ABS_SEND_TIME_MS
+        else:
+            last_abs, last_ms = self.last_send
+            delta = (abs_send_time - last_abs + 0x800000) % 0x1000000 - 0x800000
+            ms = last_ms + delta * ABS_SEND_TIME_MS
+        self.last_send = abs_send_time, ms
+        return ms
+
+    def probe(self, arrival_time_ms: int, abs_send_time: int, payload_size: int) -> bool:
+        """libwebrtc's probe handling of ``IncomingPacketInfo`` and ``ProcessClusters``: whether
+        a probe cluster just set the estimate.
+
+        aiortc has none (rate.py:522-580): its first estimate is the throughput after 3 s
+        (rate.py:74-78), then 8 % a second, so a sender that probes (Chromium sends clusters
+        at 3 and 6 x its 300 kbit/s start at once) stays near its start for tens of seconds.
+        """
+        send_ms = self.send_ms(abs_send_time)
+        padding, self.padding = self.padding, False
+        if self.first_ms is None:
+            self.first_ms = arrival_time_ms
+        control = self.rate_control
+        starting = (
+            not control.current_bitrate_initialized
+            or arrival_time_ms - self.first_ms < PROBE_WINDOW_MS
+        )
+        if not PROBES or payload_size <= PROBE_MIN_BYTES or not (starting or padding):
+            return False
+        if not starting:  # a mid-call probe (``Prober``): padding only, none older than 1 s
+            self.probes = [p for p in self.probes if arrival_time_ms - p[1] < PROBE_MAX_AGE_MS]
+            self.probes.append((send_ms, arrival_time_ms, payload_size))
+            self.probes_seen += 1
+            return self.burst(arrival_time_ms)
+        self.probes.append((send_ms, arrival_time_ms, payload_size))
+        self.probes_seen += 1
+        found = clusters(self.probes)
+        if not found:
+            if len(self.probes) >= PROBE_MAX_PACKETS:
+                del self.probes[0]
+            return False
+        best = best_probe(found)
+        if best is not None and (
+            not control.current_bitrate_initialized or best > control.current_bitrate
+        ):
+            control.set_estimate(max(MIN_BPS, int(best)), arrival_time_ms)
+            self.probed.append((arrival_time_ms, int(best)))
+            return True
+        if len(found) >= PROBE_EXPECTED:
+            self.probes.clear()
+        return False
+
+    def burst(self, arrival_time_ms: int) -> bool:
+        """A mid-call padding burst's rate, taken when it arrived no slower than it was sent.
+
+        libwebrtc's clusters need each send delta within 2.5 ms of their mean: its pacer
+        runs on its own thread. aiortc's sender spaces the probe on its event loop, where a
+        6 ms sleep may take 15 (an encode holds the loop), so a burst is judged whole: at
+        least ``PROBE_MIN_CLUSTER`` deltas, the bytes after the first over the longer of the
+        send and the arrival spans, and the arrival span no longer than the send span +
+        ``BURST_SLACK_MS`` (a narrow link spreads the burst: no estimate).
+        """
+        probes = self.probes
+        if len(probes) <= PROBE_MIN_CLUSTER:
+            return False
+        send_span = probes[-1][0] - probes[0][0]
+        recv_span = probes[-1][1] - probes[0][1]
+        if (
+            send_span < MIN_CLUSTER_DELTA_MS * PROBE_MIN_CLUSTER
+            or recv_span > send_span + BURST_SLACK_MS
+        ):
+            return False
+        rate_bps = sum(size for _, _, size in probes[1:]) * 8000 / max(send_span, recv_span)
+        control = self.rate_control
+        if rate_bps <= control.current_bitrate:
+            return False
+        control.set_estimate(int(rate_bps), arrival_time_ms)
+        self.probed.append((arrival_time_ms, int(rate_bps)))
+        self.probes.clear()
+        return True
 
     def add(
         self, arrival_time_ms: int, abs_send_time: int, payload_size: int, ssrc: int
@@ -266,6 +448,7 @@ class SteadyEstimator(rate.RemoteBitrateEstimator):
         # rate.py:445-509, with libwebrtc's TimeToReduceFurther on an overuse.
         timestamp = abs_send_time << 8
         self.ssrcs[ssrc] = arrival_time_ms
+        probed = self.probe(arrival_time_ms, abs_send_time, payload_size)
         if self.incoming_bitrate.rate(arrival_time_ms) is not None:
             self.incoming_bitrate_initialized = True
         elif self.incoming_bitrate_initialized:
@@ -295,6 +478,11 @@ class SteadyEstimator(rate.RemoteBitrateEstimator):
         if usage == BandwidthUsage.OVERUSING and self.watch.recent(arrival_time_ms):
             usage = BandwidthUsage.UNDERUSING  # hold: the queue was this process, not the link
             self.held += 1
+        if probed:  # sent at once (libwebrtc: "a probe which updated the bitrate")
+            self.last_update_ms = arrival_time_ms
+            probed_bps = self.rate_control.current_bitrate
+            self.estimates.append((arrival_time_ms, probed_bps))
+            return probed_bps, list(self.ssrcs.keys())
         due = (
             self.last_update_ms is None
             or arrival_time_ms - self.last_update_ms > self.rate_control.feedback_interval()
@@ -328,6 +516,7 @@ class LossBased:
     last_decrease: float | None = None
     rtt_s: float = 0.2
     decreases: int = 0
+    last_loss: float = 0.0  # the fraction lost in the last report
 
     def on_remb(self, bps: int) -> None:
         self.remb_bps = bps
@@ -335,6 +524,7 @@ class LossBased:
             self.cap_bps = float(bps)  # the cap never wanders above the receiver's estimate
 
     def on_report(self, fraction_lost: float, now: float) -> None:
+        self.last_loss = fraction_lost
         if fraction_lost > LOSS_HIGH:
             if self.last_decrease is None or now - self.last_decrease >= 0.3 + self.rtt_s:
                 start = self.cap_bps if self.cap_bps is not None else self.remb_bps
@@ -384,16 +574,117 @@ def _on_rtcp(sender: RTCRtpSender, packet: Any) -> None:
         if sender._ssrc not in ssrcs:
             return
         state.on_remb(bitrate)
+        prober(sender).on_remb(bitrate, state, time.monotonic())
     else:
         return
     target = state.target()
     if target is not None:
         encoder.target_bitrate = target  # after aiortc's own REMB handling (rtcrtpsender.py:290)
+        prober(sender).on_target(target, time.monotonic())
 
 
-# Off: measured against the REMB of SteadyEstimator on a loaded machine, Chromium's own
-# estimate from this feedback did no better (docs/benchmarks.md, "Narrow links").
-TRANSPORT_CC = False
+PROBE_EVERY_S = 3.0  # at most one probe this often
+PROBE_QUIET_S = 5.0  # no probe this soon after the target fell (the link is full)
+PROBE_PACKETS = 8  # 7 deltas: libwebrtc's clusters need 4 (PROBE_MIN_CLUSTER)
+PROBE_PADDING = 255  # bytes: the most one RTP packet's padding can say (RFC 3550 5.1)
+PROBE_ABOVE = 1.2  # x the top rung's need: the rate probed
+PROBE_ANSWER_S = 2.0  # a REMB this soon after a probe, at its rate, answers it
+
+
+@dataclass
+class Prober:
+    """A video sender's probes: bursts of RTX padding that show the receiver a wider link.
+
+    libwebrtc's sender probes when the rate it may use is below what the encoder wants (its
+    ``ProbeController``: at the start, at a raised maximum, and in "ALR", sending less than
+    its estimate); the receiver measures the burst's spacing and takes its rate when the
+    packets arrived as spaced as they were sent. aiortc never probes (rtcrtpsender.py
+    sends media only, rtcrtpsender.py:357-407), so an estimate bounded by 2 x what the
+    encoder sends climbs back from a narrow link rung by rung, additively. Here, every
+    ``PROBE_EVERY_S`` while the ladder (peers/aiortc_send.py) is below its top rung, the
+    target has not fallen for ``PROBE_QUIET_S``, the last report lost under ``LOSS_LOW``
+    and the target is below the top rung's need: ``PROBE_PACKETS`` padding-only RTX packets
+    at ``PROBE_ABOVE`` x that need. A link too narrow spreads them and the receiver ignores
+    the probe (``best_probe``); on a wide one the REMB that answers lifts the loss cap, as
+    libwebrtc's ``SetSendBitrate`` does with a probe's result, and the ladder climbs
+    ``UP_AFTER_S`` later.
+    """
+
+    last_fall: float = 0.0
+    last_target: int | None = None
+    sent: int = 0  # probes
+    task: asyncio.Task[None] | None = None
+    probed: tuple[float, float] | None = None  # (when, bit/s) of the last probe
+
+    def on_remb(self, bps: int, state: LossBased, now: float) -> None:
+        """A REMB that answers the last probe lifts the loss cap (libwebrtc's GoogCC sets its
+        loss-based estimate to a probe's result: ``SetSendBitrate``)."""
+        probed = self.probed
+        if probed is not None and now - probed[0] < PROBE_ANSWER_S and bps >= 0.9 * probed[1]:
+            state.cap_bps = None
+            self.probed = None
+
+    def on_target(self, target: int, now: float) -> None:
+        if self.last_target is not None and target < self.last_target:
+            self.last_fall = now
+        self.last_target = target
+
+    def want(self, sender: RTCRtpSender, now: float) -> float | None:
+        """The rate to probe now, in bit/s, or None."""
+        encoder = getattr(sender, "_RTCRtpSender__encoder", None)
+        ladder: Ladder | None = getattr(encoder, "_epc_ladder", None)
+        state = loss_based(sender)
+        if ladder is None or not ladder.width or ladder.rung == 0 or state.last_loss >= LOSS_LOW:
+            return None
+        target = state.target()
+        rate = PROBE_ABOVE * ladder.need(0)
+        if target is None or target >= rate or now - self.last_fall < PROBE_QUIET_S:
+            return None
+        return rate
+
+    async def run(self, sender: RTCRtpSender) -> None:
+        while True:
+            await asyncio.sleep(PROBE_EVERY_S)
+            rate = self.want(sender, time.monotonic())
+            rtx = getattr(sender, "_RTCRtpSender__rtx_payload_type", None)
+            if rate is None or rtx is None:
+                continue
+            self.sent += 1
+            self.probed = time.monotonic(), rate
+            with contextlib.suppress(ConnectionError):
+                await send_probe(sender, rtx, rate)
+
+
+async def send_probe(sender: RTCRtpSender, payload_type: int, rate_bps: float) -> None:
+    """``PROBE_PACKETS`` padding-only RTX packets spaced for ``rate_bps`` (each stamped with
+    its own abs-send-time, as rtcrtpsender.py:388 stamps media)."""
+    gap = PROBE_PADDING * 8 / rate_bps
+    start = time.monotonic()
+    for n in range(PROBE_PACKETS):
+        await asyncio.sleep(max(0.0, start + n * gap - time.monotonic()))
+        seq: int = sender._RTCRtpSender__rtx_sequence_number  # type: ignore[attr-defined]
+        sender._RTCRtpSender__rtx_sequence_number = (seq + 1) & 0xFFFF  # type: ignore[attr-defined]
+        packet = RtpPacket(payload_type=payload_type, sequence_number=seq, ssrc=sender._rtx_ssrc)
+        packet.padding_size = PROBE_PADDING
+        packet.extensions.abs_send_time = (clock.current_ntp_time() >> 14) & 0xFFFFFF
+        packet.extensions.mid = getattr(sender, "_RTCRtpSender__mid", None)
+        extensions = sender._RTCRtpSender__rtp_header_extensions_map  # type: ignore[attr-defined]
+        await sender.transport._send_rtp(packet.serialize(extensions))
+
+
+def prober(sender: RTCRtpSender) -> Prober:
+    """The sender's ``Prober`` (made, and started, on first use)."""
+    state: Prober | None = sender.__dict__.get("_epc_prober")
+    if state is None:
+        state = sender.__dict__["_epc_prober"] = Prober()
+        if PROBING:
+            state.task = asyncio.ensure_future(state.run(sender))
+    return state
+
+
+# On: with the kernel's stamps, Chromium's estimate from this feedback matched Chromium to
+# Chromium; the REMB's probe detection missed Chromium's start probes in half the runs.
+TRANSPORT_CC = True
 TRANSPORT_CC_URI = "http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc-extensions-01"
 TRANSPORT_CC_ID = 5  # aiortc uses 1-3 (codecs/__init__.py:45), shared across kinds with BUNDLE
 FEEDBACK_INTERVAL_S = 0.1  # libwebrtc's default
@@ -547,6 +838,100 @@ def offer_transport_cc() -> None:
             codec.rtcpFeedback.append(wanted)
 
 
+# -- arrival times from the kernel ----------------------------------------------------------------
+
+KERNEL_STAMPS = True  # off: aiortc's own stamps (bench/rate.py --chromium's "patched REMB")
+SIOCGSTAMPNS = 0x8907  # linux/sockios.h: the receive time of the last datagram read
+NTP_UNIX_S = 2208988800  # aiortc's clock counts ms from 1900 (clock.py:3)
+
+
+class _Stamped(tuple):  # type: ignore[type-arg]
+    """aioice's ``(data, component)`` queue item with the datagram's kernel receive time."""
+
+    stamp_ms: int | None = None
+
+
+def kernel_stamp_ms(sock: socket.socket) -> int | None:
+    """The kernel's receive time of the datagram just read from ``sock``, on aiortc's clock.
+
+    The first call on a socket turns its stamps on (the kernel then answers with the time of
+    the call); None where the kernel has none.
+    """
+    try:
+        raw = fcntl.ioctl(sock.fileno(), SIOCGSTAMPNS, b"\x00" * 16)
+    except OSError:
+        return None
+    seconds, nanoseconds = struct.unpack("qq", raw)
+    return int((seconds + NTP_UNIX_S) * 1000 + nanoseconds // 1_000_000)
+
+
+def arrival_ms(connection: Connection) -> int | None:
+    """The kernel receive time of the datagram ``connection.recv()`` returned last."""
+    stamp: int | None = connection.__dict__.get("_epc_stamp_ms")
+    return stamp
+
+
+def install_kernel_stamps() -> None:
+    """Stamp each datagram with its kernel receive time and give that time, not the time the
+    event loop got to it, to aiortc's estimate.
+
+    aiortc takes a packet's arrival time when ``RTCDtlsTransport._recv_next`` handles it
+    (rtcdtlstransport.py:668, ``clock.current_ms()``), after aioice's queue (ice.py:1278)
+    and DTLS, on the event loop; libwebrtc stamps on its network thread. On a busy machine
+    the loop reads seconds of datagrams at once: the estimators read that as queueing, and
+    a probe cluster's spacing is lost. Here ``StunProtocol.datagram_received`` (ice.py:284)
+    asks the kernel when the datagram came (``SIOCGSTAMPNS``, one ioctl), aioice's
+    ``Connection.data_received`` (ice.py:1277) queues that time with the datagram,
+    ``Connection.recvfrom`` (ice.py:729) notes it when it hands the datagram out, and
+    ``RTCDtlsTransport._handle_rtp_data`` (rtcdtlstransport.py:614), called with no await
+    between, takes it instead of aiortc's ``arrival_time_ms``. Only the estimate reads that
+    argument (rtcrtpreceiver.py:486). A datagram that came another way (TURN over TCP)
+    keeps aiortc's time. Upstream: ``recvmsg`` with ``SO_TIMESTAMPNS`` in aioice's
+    protocols and a ``recv`` that returns the time.
+
+    Link emulation: a packet delayed by an ingress ``NFQUEUE`` in the receiver's own
+    namespace (tests/netem.py, ``PREROUTING``) was stamped before the delay; the tests
+    and benches impair the sender's side of a video stream.
+    """
+    original_datagram = StunProtocol.datagram_received
+    original_data = Connection.data_received
+    original_recvfrom = Connection.recvfrom
+    original_rtp_data = RTCDtlsTransport._handle_rtp_data
+
+    def datagram_received(self: StunProtocol, data: bytes | str, addr: tuple[Any, ...]) -> None:
+        sock = self.transport.get_extra_info("socket")
+        stamp = kernel_stamp_ms(sock) if sock is not None else None
+        self.receiver.__dict__["_epc_rx_stamp_ms"] = stamp
+        try:
+            original_datagram(self, data, addr)
+        finally:
+            self.receiver.__dict__["_epc_rx_stamp_ms"] = None
+
+    def data_received(self: Connection, data: bytes, component: int) -> None:
+        stamp = self.__dict__.get("_epc_rx_stamp_ms")
+        if stamp is None:
+            original_data(self, data, component)
+            return
+        item = _Stamped((data, component))
+        item.stamp_ms = stamp
+        self._queue.put_nowait(item)  # ice.py:1278, with the stamp
+
+    async def recvfrom(self: Connection) -> tuple[bytes, int]:
+        result = await original_recvfrom(self)
+        self.__dict__["_epc_stamp_ms"] = getattr(result, "stamp_ms", None)
+        return result
+
+    async def _handle_rtp_data(self: RTCDtlsTransport, data: bytes, arrival_time_ms: int) -> None:
+        connection = getattr(self.transport, "_connection", None)
+        stamp = arrival_ms(connection) if connection is not None else None
+        await original_rtp_data(self, data, stamp if stamp is not None else arrival_time_ms)
+
+    StunProtocol.datagram_received = datagram_received  # type: ignore[method-assign]
+    Connection.data_received = data_received  # type: ignore[method-assign]
+    Connection.recvfrom = recvfrom  # type: ignore[method-assign]
+    RTCDtlsTransport._handle_rtp_data = _handle_rtp_data  # type: ignore[method-assign]
+
+
 _installed: list[bool] = []
 
 
@@ -566,7 +951,20 @@ def install() -> None:
         _on_rtcp(self, packet)
 
     RTCRtpSender._handle_rtcp_packet = _handle_rtcp_packet  # type: ignore[method-assign]
+    original_sender_stop = RTCRtpSender.stop
 
+    async def sender_stop(self: RTCRtpSender) -> None:
+        state: Prober | None = self.__dict__.get("_epc_prober")
+        if state is not None and state.task is not None:
+            state.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await state.task
+        await original_sender_stop(self)
+
+    RTCRtpSender.stop = sender_stop  # type: ignore[method-assign]
+
+    if KERNEL_STAMPS:
+        install_kernel_stamps()
     if TRANSPORT_CC:
         offer_transport_cc()
     original_rtp = RTCRtpReceiver._handle_rtp_packet
@@ -575,6 +973,15 @@ def install() -> None:
     async def _handle_rtp_packet(
         self: RTCRtpReceiver, packet: RtpPacket, arrival_time_ms: int
     ) -> None:
+        estimator = getattr(self, "_RTCRtpReceiver__remote_bitrate_estimator", None)
+        codec = getattr(self, "_RTCRtpReceiver__codecs", {}).get(packet.payload_type)
+        if isinstance(estimator, SteadyEstimator):  # read by the add() this packet makes
+            estimator.padding = (
+                codec is not None
+                and is_rtx(codec)
+                and not packet.payload
+                and packet.padding_size > 0
+            )  # a probe (``Prober``)
         seq = packet.extensions.transport_sequence_number
         if seq is not None and self._enabled:
             _feedback_of(self).add(seq, arrival_time_ms * 1000)

@@ -11,7 +11,8 @@ encoder as a whole. Against aiortc 1.16.0:
   vpx.py:180). Here ``Ladder`` picks a rung (scale, frame-rate divisor) whose
   need, ``width x height x fps x BITS_PER_PIXEL``, fits the target: down at once,
   up only after the target has held ``UP_MARGIN`` above the next rung's need
-  for ``UP_AFTER_S`` (each change costs a keyframe).
+  for ``UP_AFTER_S`` (each change costs a keyframe), then to the highest rung the
+  target covers (after a probe, 320x240 to 640x480 in one step).
 
 Upstream, both would be ``Vp8Encoder`` options (a minimum bitrate, and a
 ``degradation_preference`` as in WebRTC's ``RTCRtpSendParameters``).
@@ -70,7 +71,9 @@ class Ladder:
         if rung == self.rung and rung > 0 and target_bps >= UP_MARGIN * self.need(rung - 1):
             self.above_since = self.above_since if self.above_since is not None else now
             if now - self.above_since >= UP_AFTER_S:
-                rung -= 1
+                rung -= 1  # and on, to the highest rung the target covers (a probe's jump)
+                while rung > 0 and target_bps >= UP_MARGIN * self.need(rung - 1):
+                    rung -= 1
         else:
             self.above_since = None
         if rung != self.rung:

@@ -12,22 +12,34 @@ import asyncio
 import contextlib
 import itertools
 import json
+import socket
 import statistics
 import struct
 import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
-from aiortc import rate
+from aiortc import clock, rate
 from aiortc.rate import BandwidthUsage
+from aiortc.rtcrtpparameters import RTCRtpHeaderExtensionParameters, RTCRtpParameters
+from aiortc.rtp import HeaderExtensionsMap, RtpPacket
+from playwright.async_api import Page
 
 from peers import aiortc_send, stats
 from peers.aiortc_rate import (
+    NTP_UNIX_S,
+    PROBE_ABOVE,
     REDUCE_INTERVAL_MS,
     LossBased,
+    Prober,
     SteadyAimd,
     SteadyEstimator,
     TransportFeedback,
+    kernel_stamp_ms,
+    loss_based,
+    send_probe,
 )
 from peers.aiortc_send import RUNGS
 from peers.netns import Netns
@@ -39,6 +51,7 @@ from tests.support import within
 from tests.webcall import FAKE_HEIGHT, FAKE_WIDTH, Net, aiortc_peer, grows
 
 NORMAL, OVERUSING = BandwidthUsage.NORMAL, BandwidthUsage.OVERUSING
+ABS_SEND_TIME_URI = "http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time"
 
 
 def climb(control: rate.AimdRateControl, throughput: int, start_ms: int, seconds: float) -> int:
@@ -109,6 +122,182 @@ def test_an_overuse_lowers_the_estimate_every_200_ms_not_on_every_packet() -> No
     arrivals = [at for at, _ in estimator.estimates]
     assert min(b - a for a, b in itertools.pairwise(arrivals)) >= REDUCE_INTERVAL_MS
     assert patched[-1] == upstream[-1] == pytest.approx(0.85 * 300_000, rel=0.05)
+
+
+def probe_cluster(
+    estimator: rate.RemoteBitrateEstimator, send_gap_ms: float, recv_gap_ms: float
+) -> list[int | None]:
+    """Six 1000-byte probe packets sent every ``send_gap_ms`` and arriving every ``recv_gap_ms``
+    (the first at 1 s), then 2.5 s of 1000-byte packets at 300 kbit/s: the REMB after each."""
+    out = []
+    packets = [(1000 + n * send_gap_ms, 1040 + n * recv_gap_ms) for n in range(6)]
+    packets += [(1100 + n * 1000 * 8 / 300, 1140 + n * 1000 * 8 / 300) for n in range(94)]
+    for sent_ms, arrival in packets:
+        abs_send_time = int(sent_ms / 1000 * (1 << 18)) & 0xFFFFFF
+        remb = estimator.add(int(arrival), abs_send_time, 1000, 1234)
+        out.append(remb[0] if remb else None)
+    return out
+
+
+def test_a_probe_cluster_sets_the_estimate_at_once() -> None:
+    """Six packets sent and received 4 ms apart (2 Mbit/s) make the first REMB 2 Mbit/s, sent
+    on the packet that completes the cluster; aiortc's estimator sends nothing for 2.5 s, then
+    the 300 kbit/s it receives (Chromium probes at start; aiortc had no probe detection)."""
+    patched = probe_cluster(SteadyEstimator(), 4, 4)
+    upstream = probe_cluster(rate.RemoteBitrateEstimator(), 4, 4)
+    assert patched[:4] == [None] * 4
+    assert patched[4] == pytest.approx(2_000_000, rel=0.05)
+    assert upstream[:6] == [None] * 6
+    assert all(remb is None or remb < 400_000 for remb in upstream)
+
+
+def test_a_probe_that_arrives_spread_out_is_not_taken() -> None:
+    """A cluster sent 4 ms apart that arrives 10 ms apart (a narrow link) sets no estimate, nor
+    does one that arrives bunched within the same millisecond (a stalled reader)."""
+    assert all(remb is None for remb in probe_cluster(SteadyEstimator(), 4, 10)[:6])
+    assert all(remb is None for remb in probe_cluster(SteadyEstimator(), 4, 0.2)[:6])
+
+
+def test_mid_call_only_padding_probes_are_taken() -> None:
+    """After the first 2 s, a cluster of padding-only packets (``Prober``'s) sent and received
+    6 ms apart raises a 200 kbit/s estimate to the probe's 340 kbit/s at once; the same
+    cluster of media packets (a frame's, a retransmission burst) leaves it alone."""
+    for padding, expected in ((True, 340_000), (False, 200_000)):
+        estimator = SteadyEstimator()
+        estimator.rate_control.set_estimate(200_000, 0)
+        estimator.first_ms = 0
+        for n in range(8):
+            at_ms = 10_000 + n * 6
+            estimator.padding = padding
+            estimator.add(at_ms, int(at_ms / 1000 * (1 << 18)), 255, 1234)
+        assert estimator.rate_control.current_bitrate == pytest.approx(expected, rel=0.02)
+        assert [bps for _, bps in estimator.estimates][-1:] == [
+            estimator.rate_control.current_bitrate
+        ]
+
+
+def fake_sender(rung: int, target: int | None) -> Any:
+    """What ``Prober.want`` reads of an RTCRtpSender: its encoder's ladder and its loss cap."""
+    ladder = aiortc_send.Ladder(width=640, height=480, fps=30, rung=rung)
+    encoder = SimpleNamespace(_epc_ladder=ladder)
+    sender = SimpleNamespace(_RTCRtpSender__encoder=encoder)
+    if target is not None:
+        loss_based(sender).on_remb(target)  # type: ignore[arg-type]
+    return sender
+
+
+def test_a_sender_below_its_top_rung_probes_for_the_top_rungs_need_when_the_link_is_calm() -> None:
+    """At 320x240 with a 200 kbit/s target, the prober asks for 1.2 x what 640x480 needs
+    (331 kbit/s), but not within 5 s of a fall of the target, not at the top rung, not when
+    the last report lost 2 % or more, and not when the target already covers it."""
+    need = aiortc_send.Ladder(width=640, height=480, fps=30).need(0)
+    calm = Prober()
+    calm.on_target(250_000, 0.0)
+    calm.on_target(200_000, 1.0)  # a fall
+    assert calm.want(fake_sender(2, 200_000), 5.0) is None
+    assert calm.want(fake_sender(2, 200_000), 6.5) == pytest.approx(PROBE_ABOVE * need)
+    assert calm.want(fake_sender(0, 200_000), 6.5) is None
+    assert calm.want(fake_sender(2, 400_000), 6.5) is None
+    losing = fake_sender(2, 200_000)
+    loss_based(losing).on_report(0.05, 6.0)
+    assert calm.want(losing, 6.5) is None
+
+
+def test_a_remb_at_the_probes_rate_lifts_the_loss_cap_and_the_ladder_climbs_to_the_top() -> None:
+    """A REMB at 0.9 x a probe's rate within 2 s of it lifts the loss cap (libwebrtc's
+    SetSendBitrate), and a target that covers 640x480 takes the ladder from 320x240 to
+    640x480 in one step, UP_AFTER_S after it came."""
+    state = LossBased()
+    state.on_remb(200_000)
+    state.on_report(0.2, 0.0)
+    assert state.cap_bps is not None
+    probes = Prober(probed=(10.0, 331_000))
+    probes.on_remb(290_000, state, 10.5)  # not the probe's answer
+    assert state.cap_bps is not None
+    state.on_remb(300_000)
+    probes.on_remb(300_000, state, 10.6)
+    assert state.cap_bps is None and state.target() == 300_000
+    ladder = aiortc_send.Ladder(width=640, height=480, fps=30, rung=2)
+    assert ladder.update(300_000, 11.0) == 2
+    assert ladder.update(300_000, 11.0 + aiortc_send.UP_AFTER_S) == 0
+
+
+@pytest.mark.asyncio
+async def test_a_probe_is_padding_only_rtx_spaced_for_its_rate() -> None:
+    """A probe at 340 kbit/s is 8 RTX packets with no payload and 255 bytes of padding, on
+    consecutive RTX numbers (across the wrap), each with its own abs-send-time, at least 6 ms
+    (255 bytes at 340 kbit/s) apart."""
+    sent: list[bytes] = []
+
+    class Transport:
+        async def _send_rtp(self, data: bytes) -> None:
+            sent.append(data)
+
+    extensions = HeaderExtensionsMap()
+    extensions.configure(RTCRtpParameters(headerExtensions=[
+        RTCRtpHeaderExtensionParameters(id=3, uri=ABS_SEND_TIME_URI)]))  # fmt: skip
+    sender = SimpleNamespace(
+        _rtx_ssrc=42,
+        transport=Transport(),
+        _RTCRtpSender__rtx_sequence_number=65534,
+        _RTCRtpSender__rtp_header_extensions_map=extensions,
+    )
+    await within(send_probe(sender, 97, 340_000), 2)  # type: ignore[arg-type]
+    packets = [RtpPacket.parse(data, extensions) for data in sent]
+    assert [p.sequence_number for p in packets] == [65534, 65535, 0, 1, 2, 3, 4, 5]
+    assert {(p.payload_type, p.ssrc, p.payload, p.padding_size) for p in packets} == {
+        (97, 42, b"", 255)
+    }
+    stamps = [p.extensions.abs_send_time for p in packets]
+    assert all(stamp is not None for stamp in stamps)
+    gaps = [(b - a) * 1000 / (1 << 18) for a, b in itertools.pairwise(stamps)]  # type: ignore[operator]
+    assert min(gaps) >= 0 and sum(gaps) >= 7 * 6.0 * 0.9, gaps
+
+
+def padding_burst(send_gaps_ms: list[float], stretch: float) -> SteadyEstimator:
+    """A 200 kbit/s estimate after a padding burst sent with ``send_gaps_ms`` between its 255-byte
+    packets, each gap arriving ``stretch`` x as long."""
+    estimator = SteadyEstimator()
+    estimator.rate_control.set_estimate(200_000, 0)
+    estimator.first_ms = 0
+    sent, arrived = 10_000.0, 10_040.0
+    for gap in [0.0, *send_gaps_ms]:
+        sent, arrived = sent + gap, arrived + gap * stretch
+        estimator.padding = True
+        estimator.add(round(arrived), int(sent / 1000 * (1 << 18)), 255, 1234)
+    return estimator
+
+
+def test_a_padding_burst_sent_unevenly_counts_whole_and_a_spread_one_not_at_all() -> None:
+    """A burst whose sends were delayed unevenly (3-15 ms apart) but arrived as sent raises the
+    estimate once, to its rate as soon as 5 gaps came (5 x 255 bytes over about 40 ms: about
+    250 kbit/s); the same burst arriving 1.5 x as spread out (a narrow link) leaves it alone."""
+    gaps = [6.0, 15.0, 3.0, 9.0, 6.0, 12.0, 9.0]
+    taken = padding_burst(gaps, 1.0)
+    assert 230_000 <= taken.rate_control.current_bitrate <= 270_000
+    assert len(taken.probed) == 1
+    spread = padding_burst(gaps, 1.5)
+    assert spread.rate_control.current_bitrate < 210_000 and not spread.probed
+
+
+def test_a_datagram_carries_the_kernels_receive_time_not_the_time_it_is_read() -> None:
+    """A datagram read 200 ms after it came is stamped (on aiortc's clock, ms from 1900) with
+    the time it came, within 50 ms; aiortc's clock at the read is 200 ms later."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx:
+        rx.bind(("127.0.0.1", 0))
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
+            tx.sendto(b"x", rx.getsockname())
+            rx.recv(10)
+            assert kernel_stamp_ms(rx) is not None  # the first read's call turns stamps on
+            sent_ms = int((time.time() + NTP_UNIX_S) * 1000)
+            tx.sendto(b"x", rx.getsockname())
+            time.sleep(0.2)  # the event loop stood still
+            rx.recv(10)
+            read_ms = clock.current_ms()
+            stamp = kernel_stamp_ms(rx)
+    assert stamp is not None
+    assert abs(stamp - sent_ms) < 50, (stamp - sent_ms, read_ms - sent_ms)
+    assert read_ms - sent_ms >= 200
 
 
 def test_the_loss_cap_halves_the_loss_and_grows_back_8_percent_a_second() -> None:
@@ -297,3 +486,55 @@ async def test_chromium_sending_to_aiortc_reaches_640x480_as_to_chromium(
         assert await peer.stop() == 0, peer.log()
     got = json.loads((tmp_path / "practitioner.json").read_text(encoding="utf-8"))
     assert (got["video"]["width"], got["video"]["height"]) == (FAKE_WIDTH, FAKE_HEIGHT)
+
+
+TARGET = """(async () => {
+  const call = epedicare.call;
+  if (!call) return null;
+  for (const s of (await call.pc.getStats()).values()) {
+    if (s.type === "outbound-rtp" && s.kind === "video" && s.targetBitrate) return s.targetBitrate;
+  }
+  return null;
+})()"""
+TARGET_S = 10  # seconds of Chromium's target bitrate compared, from its first bytes
+TARGET_SHARE = 0.8
+
+
+async def sending_targets(page: Page) -> list[float]:
+    """Chromium's video target bitrate every half second for TARGET_S from its first bytes."""
+    await wait_state(page, "connected", units=3)
+    await page.bring_to_front()
+    await grows(page, "outVideo.bytes", 1, units=3)
+    targets = []
+    end = time.monotonic() + TARGET_S
+    while time.monotonic() < end:
+        if (target := await page.evaluate(TARGET)) is not None:
+            targets.append(target)
+        await asyncio.sleep(0.5)
+    return targets
+
+
+@pytest.mark.netns
+@pytest.mark.asyncio
+async def test_chromium_sending_to_aiortc_gets_the_bitrate_it_gets_from_chromium(
+    net: Net, tmp_path: Path
+) -> None:
+    """Over its first 10 s, a Chromium patient's mean video target bitrate to an aiortc
+    practitioner on a clean link is at least 0.8 x its mean to a Chromium practitioner,
+    measured in the same test (aiortc's REMB without probe detection: under half)."""
+    patient = await net.page("patient", "rate-ref")
+    practitioner = await net.page("practitioner", "rate-ref")
+    try:
+        reference = await sending_targets(patient)
+    finally:
+        await patient.close()
+        await practitioner.close()
+    peer = await aiortc_peer(net, "practitioner", tmp_path, "rate-bps")
+    try:
+        got = await sending_targets(await net.page("patient", "rate-bps"))
+    finally:
+        assert await peer.stop() == 0, peer.log()
+    kbits = [round(t / 1000) for t in got], [round(t / 1000) for t in reference]
+    seen = f"kbit/s to aiortc {kbits[0]}, to Chromium {kbits[1]}"
+    assert reference and got, seen
+    assert statistics.mean(got) >= TARGET_SHARE * statistics.mean(reference), seen
