@@ -67,7 +67,7 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
-from websockets.protocol import Event
+from websockets.protocol import OPEN, Event
 from websockets.server import ServerProtocol
 from websockets.streams import StreamReader
 
@@ -133,7 +133,14 @@ LINK_TTL_MAX_S: Final = 30 * 86_400  # the longest consultation link (invite, th
 REDIS_URL_ENV: Final = "EPEDICARE_REDIS_URL"
 REDIS_SCHEMES: Final = ("redis", "rediss", "unix")
 TURN_TTL_MAX_S: Final = 86_400  # the longest TURN credential the relay mints (24 h)
-BUSY_RETRY_MAX_S: Final = 10  # the longest Retry-After of a 503 past limits.max_handshakes
+BUSY_RETRY_MAX_S: Final = 60  # the longest Retry-After of a 503 (the peers cap theirs at 60 too)
+# The completed handshakes the measured rate looks back on, and how many it
+# needs before it replaces limits.reconnect_rate (see HandshakePacer).
+HANDSHAKE_WINDOW_S: Final = 2.0
+HANDSHAKE_RATE_MIN_SAMPLES: Final = 50
+# The close reason of a relay that stops: "relay shutting down; reconnect in 3.25 s".
+# peers/errors.py (restart_delay) and web/js/signaling.js read the delay back.
+RECONNECT_REASON: Final = "relay shutting down; reconnect in {:.2f} s"
 # SIGTERM to exit, at most limits.shutdown_timeout_s plus this: past it the
 # event loop's own teardown is cut short (see run()).
 EXIT_MARGIN_S: Final = 0.5
@@ -188,6 +195,11 @@ class Limits:
     # connection is answered 503 with Retry-After at once: in a reconnect storm
     # the excess backs off instead of timing out behind thousands of others.
     max_handshakes: int = 500
+    # Opening handshakes per second the relay expects to complete after a
+    # restart: when it stops, its N clients are told in their close reason to
+    # come back one after the other over N / reconnect_rate seconds, and a 503
+    # sizes its Retry-After by it until the relay has measured its own rate.
+    reconnect_rate: float = 500.0
     ping_interval_s: float = 20.0
     ping_timeout_s: float = 20.0
     close_timeout_s: float = 5.0
@@ -353,6 +365,7 @@ class RelayConfig:
             join_timeout_s=limits.number("join_timeout_s", d.join_timeout_s),
             open_timeout_s=limits.number("open_timeout_s", d.open_timeout_s),
             max_handshakes=limits.integer("max_handshakes", d.max_handshakes),
+            reconnect_rate=limits.number("reconnect_rate", d.reconnect_rate),
             ping_interval_s=limits.number("ping_interval_s", d.ping_interval_s),
             ping_timeout_s=limits.number("ping_timeout_s", d.ping_timeout_s),
             close_timeout_s=limits.number("close_timeout_s", d.close_timeout_s),
@@ -1290,6 +1303,50 @@ def admit(state: State, address: str) -> ProtocolError | None:
         state.stats.errors[exc.code] += 1
         return exc
     return None
+
+
+class HandshakePacer:
+    """How fast the relay completes opening handshakes, and when a client should come back.
+
+    ``rate(now)`` is the handshakes completed per second over the last
+    ``HANDSHAKE_WINDOW_S``, once ``HANDSHAKE_RATE_MIN_SAMPLES`` completed in
+    it (a relay under load is at its capacity); before that, it is
+    ``limits.reconnect_rate``. ``retry_after(now, in_progress)`` is the
+    ``Retry-After`` of one 503: the relay keeps a schedule of the clients it
+    sent away, one every 1 / rate seconds after the handshakes in progress,
+    and gives each the next place in it, so the excess of a storm comes back
+    as a stream the relay can take instead of as another storm.
+    ``restart_delays(n)`` are the delays its n clients are told in their close
+    when it stops: one every 1 / ``limits.reconnect_rate`` seconds.
+    """
+
+    def __init__(self, default_rate: float) -> None:
+        self.default_rate = default_rate
+        self.done: collections.deque[float] = collections.deque()
+        self.next_slot = 0.0
+
+    def completed(self, now: float) -> None:
+        self.done.append(now)
+        self._trim(now)
+
+    def _trim(self, now: float) -> None:
+        edge = now - HANDSHAKE_WINDOW_S
+        while self.done and self.done[0] < edge:
+            self.done.popleft()
+
+    def rate(self, now: float) -> float:
+        self._trim(now)
+        if len(self.done) < HANDSHAKE_RATE_MIN_SAMPLES:
+            return self.default_rate
+        return len(self.done) / max(now - self.done[0], HANDSHAKE_WINDOW_S / 4)
+
+    def retry_after(self, now: float, in_progress: int) -> int:
+        rate = self.rate(now)
+        self.next_slot = max(self.next_slot, now + in_progress / rate) + 1 / rate
+        return min(BUSY_RETRY_MAX_S, max(1, math.ceil(self.next_slot - now)))
+
+    def restart_delays(self, clients: int) -> list[float]:
+        return [n / self.default_rate for n in range(clients)]
 
 
 def connect(state: State, address: str = "") -> tuple[int, list[Action]]:
@@ -2693,6 +2750,8 @@ class RelayConnection(ServerConnection):
             await super().handshake(*args, **kwargs)
         finally:
             relay.handshaking -= 1
+        if self.protocol.state is OPEN:
+            relay.pacer.completed(asyncio.get_running_loop().time())
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.relay.live.discard(self)
@@ -2730,6 +2789,7 @@ class Relay:
         # how many are in their opening handshake: see RelayConnection.
         self.live: set[RelayConnection] = set()
         self.handshaking = 0
+        self.pacer = HandshakePacer(config.limits.reconnect_rate)
         # This relay's name in a cluster: cluster.node_id, else host:port once bound.
         self.node_id = config.cluster.node_id or f"{config.host}:{config.port}"
         # Browsers from any origin may connect on loopback when nothing is exposed.
@@ -2948,13 +3008,13 @@ class Relay:
         return waited > self.config.limits.open_timeout_s / 2
 
     def busy_response(self) -> Response:
-        """HTTP 503 past limits.max_handshakes; Retry-After grows with the queue."""
+        """HTTP 503 past limits.max_handshakes or late: Retry-After is this client's place."""
         self.state.stats.errors["busy"] += 1
-        cap = self.config.limits.max_handshakes
         response = self.http_response(
             503, b"Too many connections opening: retry later.\n", "text/plain; charset=utf-8"
         )
-        response.headers["Retry-After"] = str(min(BUSY_RETRY_MAX_S, 1 + self.handshaking // cap))
+        now = asyncio.get_running_loop().time()
+        response.headers["Retry-After"] = str(self.pacer.retry_after(now, self.handshaking))
         return response
 
     def consultations(self, ws: ServerConnection, request: Request) -> Response:
@@ -3174,7 +3234,19 @@ async def _shut_down(relay: Relay, server: Server, limits: Limits) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + limits.shutdown_timeout_s
     relay.stopping = True
-    server.close(code=CLOSE_GOING_AWAY, reason="relay shutting down")
+    # No new connection from here (a client told to come back at once must
+    # find the next relay, not this one's 503 "shutting down").
+    server.server.close()
+    # Each client is told when to come back, one every 1 / limits.reconnect_rate
+    # seconds (oldest first), so that the restarted relay sees a stream it can
+    # take rather than every client at once. These closes start before the
+    # server's own, which then passes over them (no longer OPEN).
+    open_now = sorted(
+        (ws for ws in relay.live if ws.protocol.state is OPEN), key=lambda ws: ws.conn_id
+    )
+    for ws, delay in zip(open_now, relay.pacer.restart_delays(len(open_now)), strict=True):
+        relay._spawn(ws.close(CLOSE_GOING_AWAY, RECONNECT_REASON.format(delay)))
+    server.close(code=CLOSE_GOING_AWAY, reason=RECONNECT_REASON.format(0))
     # What has not closed a second before the bound (a client that never
     # reads its close frame, a handshake still going) is aborted, leaving
     # that second for the handlers to end.
