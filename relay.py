@@ -53,7 +53,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Generator, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, Protocol, TypeAlias
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeAlias, cast
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import orjson
@@ -133,6 +133,8 @@ LINK_TTL_MAX_S: Final = 30 * 86_400  # the longest consultation link (invite, th
 REDIS_URL_ENV: Final = "EPEDICARE_REDIS_URL"
 REDIS_SCHEMES: Final = ("redis", "rediss", "unix")
 TURN_TTL_MAX_S: Final = 86_400  # the longest TURN credential the relay mints (24 h)
+WS_REQUEST_RE: Final = re.compile(rb"GET /ws[ ?]")  # a WebSocket request line, refused early
+BUSY_BODY: Final = b"Too many connections opening: retry later.\n"
 BUSY_RETRY_MAX_S: Final = 60  # the longest Retry-After of a 503 (the peers cap theirs at 60 too)
 # The completed handshakes the measured rate looks back on, and how many it
 # needs before it replaces limits.reconnect_rate (see HandshakePacer).
@@ -2724,8 +2726,11 @@ class RelayConnection(ServerConnection):
     relay: Relay  # set on the subclass that Relay makes for itself
     conn_id: int = 0  # set by Relay.handler
     client_address: str = ""  # set by Relay.process_request
-    busy: bool = False  # accepted past limits.max_handshakes: answered 503
+    held: bytes | None = None  # accepted past limits.max_handshakes: its first bytes so far
+    busy: bool = False  # a WebSocket request past limits.max_handshakes: answered 503 at once
+    counted: bool = False  # in relay.handshaking, from the accept to the end of the handshake
     accepted_at: float = 0.0  # the event loop's time at the accept
+    refusal_timer: asyncio.TimerHandle | None = None
 
     def __init__(self, protocol: ServerProtocol, *args: Any, **kwargs: Any) -> None:
         # Made in the listener's accept callback: the connection's task and its
@@ -2740,21 +2745,83 @@ class RelayConnection(ServerConnection):
         protocol.parser = protocol.parse()
         next(protocol.parser)
 
-    async def handshake(self, *args: Any, **kwargs: Any) -> None:
-        # Counted from the accept (websockets starts this task then) to the answer.
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Counted from the accept to the answer. Past limits.max_handshakes a
+        # WebSocket request is answered 503 as soon as its request line shows
+        # /ws, before websockets' handshake task and parser: a refusal costs a
+        # fraction of a handshake. Other paths (/health) are served as usual.
         relay = self.relay
         self.accepted_at = asyncio.get_running_loop().time()
-        self.busy = relay.handshaking >= relay.config.limits.max_handshakes
-        relay.handshaking += 1
+        if relay.handshaking >= relay.config.limits.max_handshakes:
+            self.transport = cast(asyncio.Transport, transport)
+            self.held = b""
+            # A client that sends no request line is cut at the open timeout.
+            self.refusal_timer = asyncio.get_running_loop().call_later(
+                relay.config.limits.open_timeout_s, self.transport.abort
+            )
+            return
+        self.start_handshake(transport)
+
+    def start_handshake(self, transport: asyncio.BaseTransport) -> None:
+        self.relay.handshaking += 1
+        self.counted = True
+        super().connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.busy:
+            return  # the rest of a refused request: read and dropped
+        if self.held is None:
+            super().data_received(data)
+            return
+        self.held += data
+        if b"\r\n" not in self.held and len(self.held) < 2048:
+            return
+        held, self.held = self.held, None
+        if self.refusal_timer is not None:
+            self.refusal_timer.cancel()
+        if WS_REQUEST_RE.match(held):
+            self.refuse_at_once()
+        else:
+            self.start_handshake(self.transport)
+            super().data_received(held)
+
+    def refuse_at_once(self) -> None:
+        """HTTP 503 + Retry-After, then read the request to its end and close (no reset)."""
+        self.busy = True
+        transport = self.transport
+        transport.write(self.relay.busy_bytes())
+        with contextlib.suppress(OSError, RuntimeError):  # not every transport half-closes
+            transport.write_eof()
+        # A client that never closes is cut after this.
+        self.refusal_timer = asyncio.get_running_loop().call_later(
+            self.relay.config.limits.close_timeout_s, transport.abort
+        )
+
+    def eof_received(self) -> None:
+        if self.busy or self.held is not None:
+            return  # refused, or gone before its request: the transport closes (falsy)
+        super().eof_received()
+
+    async def handshake(self, *args: Any, **kwargs: Any) -> None:
         try:
             await super().handshake(*args, **kwargs)
         finally:
-            relay.handshaking -= 1
+            self.uncount()
         if self.protocol.state is OPEN:
-            relay.pacer.completed(asyncio.get_running_loop().time())
+            self.relay.pacer.completed(asyncio.get_running_loop().time())
+
+    def uncount(self) -> None:
+        if self.counted:
+            self.counted = False
+            self.relay.handshaking -= 1
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.relay.live.discard(self)
+        self.uncount()  # a handshake that never ran (cancelled at shutdown)
+        if self.refusal_timer is not None:
+            self.refusal_timer.cancel()
+        if self.busy or self.held is not None:
+            return  # websockets never saw it
         super().connection_lost(exc)
 
     def pause_writing(self) -> None:
@@ -2790,6 +2857,8 @@ class Relay:
         self.live: set[RelayConnection] = set()
         self.handshaking = 0
         self.pacer = HandshakePacer(config.limits.reconnect_rate)
+        self._busy_head: bytes | None = None  # the 503 written at once, remade each second
+        self._busy_date = 0
         # This relay's name in a cluster: cluster.node_id, else host:port once bound.
         self.node_id = config.cluster.node_id or f"{config.host}:{config.port}"
         # Browsers from any origin may connect on loopback when nothing is exposed.
@@ -2939,7 +3008,7 @@ class Relay:
             ws.client_address = address
         path = urlsplit(request.path).path
         if path == "/ws":
-            if isinstance(ws, RelayConnection) and (ws.busy or self.late(ws)):
+            if isinstance(ws, RelayConnection) and self.late(ws):
                 return self.busy_response()
             if not self.origin_allowed(request):
                 self.state.stats.errors["bad-origin"] += 1
@@ -3008,14 +3077,24 @@ class Relay:
         return waited > self.config.limits.open_timeout_s / 2
 
     def busy_response(self) -> Response:
-        """HTTP 503 past limits.max_handshakes or late: Retry-After is this client's place."""
+        """HTTP 503 for a request that came late: Retry-After is this client's place."""
         self.state.stats.errors["busy"] += 1
-        response = self.http_response(
-            503, b"Too many connections opening: retry later.\n", "text/plain; charset=utf-8"
-        )
+        response = self.http_response(503, BUSY_BODY, "text/plain; charset=utf-8")
         now = asyncio.get_running_loop().time()
         response.headers["Retry-After"] = str(self.pacer.retry_after(now, self.handshaking))
         return response
+
+    def busy_bytes(self) -> bytes:
+        """The same 503 written at once, past limits.max_handshakes, before any request."""
+        self.state.stats.errors["busy"] += 1
+        now = asyncio.get_running_loop().time()
+        place = self.pacer.retry_after(now, self.handshaking)
+        head = self._busy_head
+        if head is None or self._busy_date != int(time.time()):
+            response = self.http_response(503, BUSY_BODY, "text/plain; charset=utf-8")
+            self._busy_date = int(time.time())
+            head = self._busy_head = response.serialize()
+        return head.replace(b"\r\n\r\n", f"\r\nRetry-After: {place}\r\n\r\n".encode(), 1)
 
     def consultations(self, ws: ServerConnection, request: Request) -> Response:
         """``POST /api/consultations``: a new session and its two links, for a booking system."""

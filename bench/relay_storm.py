@@ -49,6 +49,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from peers.errors import Backoff, restart_delay
+from relay import Limits
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,6 +58,7 @@ relay: {{host: 127.0.0.1, port: {port}, backlog: {backlog}}}
 auth: {{resume_secret: bench-storm-resume-secret}}
 limits:
   max_handshakes: {max_handshakes}
+  reconnect_rate: {reconnect_rate}
   max_connections: {max_connections}
   max_sessions: {max_sessions}
   join_timeout_s: 120
@@ -304,6 +306,7 @@ async def main(args: argparse.Namespace) -> int:
                     port=port,
                     backlog=args.backlog,
                     max_handshakes=cap,
+                    reconnect_rate=args.reconnect_rate,
                     max_connections=args.clients + 100,
                     max_sessions=args.clients // 2 + 100,
                 )
@@ -318,7 +321,13 @@ async def main(args: argparse.Namespace) -> int:
         try:
             started = time.monotonic()
             await open_all(seats, url, concurrency=200)
-            print(f"  joined {len(seats):,} clients in {time.monotonic() - started:.1f} s")
+            took = time.monotonic() - started
+            print(
+                f"  joined {len(seats):,} clients in {took:.1f} s ({len(seats) / took:,.0f} a "
+                f"second, 200 at a time); told to come back over "
+                f"{len(seats) / args.reconnect_rate:.1f} s (limits.reconnect_rate "
+                f"{args.reconnect_rate:g})"
+            )
             for policy in ("before", "after"):
                 print(f"storm {policy} (load average {load()}):")
                 overflows = listen_overflows()
@@ -359,6 +368,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--clients", type=int, default=10_000, help="clients (two per session)")
     parser.add_argument("--backlog", type=int, default=4096, help="relay.backlog")
     parser.add_argument("--tries", type=int, default=10, help="tries per client to rejoin")
+    parser.add_argument(
+        "--reconnect-rate",
+        type=float,
+        default=Limits.reconnect_rate,
+        help="limits.reconnect_rate of both storms (default: the relay's)",
+    )
     parser.add_argument(
         "--at-listening",
         action="store_true",
