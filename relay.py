@@ -2792,9 +2792,10 @@ class RelayConnection(ServerConnection):
         transport.write(self.relay.busy_bytes())
         with contextlib.suppress(OSError, RuntimeError):  # not every transport half-closes
             transport.write_eof()
-        # A client that never closes is cut after this.
+        # A client that never closes is cut after this (a busy client may read
+        # its answer late: cut sooner, it would lose it in the reset).
         self.refusal_timer = asyncio.get_running_loop().call_later(
-            self.relay.config.limits.close_timeout_s, transport.abort
+            self.relay.config.limits.open_timeout_s, transport.abort
         )
 
     def eof_received(self) -> None:

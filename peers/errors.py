@@ -196,7 +196,8 @@ class Backoff(Iterator[float]):
     one anywhere in ``restart_spread_s``. ``busy()`` is the delay after an
     HTTP 503 with ``Retry-After`` (the relay has too many handshakes in
     progress; the value is this client's place in its queue): what it asks,
-    plus up to a second of jitter.
+    plus up to a second or a tenth of it (whole seconds, and a cap, give many
+    clients the same value).
     """
 
     def __init__(
@@ -229,9 +230,10 @@ class Backoff(Iterator[float]):
         return float(self.restart_spread_s * self._jitter())
 
     def busy(self, retry_after_s: float) -> float:
-        """After HTTP 503 + Retry-After: what it asks (at least base_s), plus up to 1 s."""
+        """After HTTP 503 + Retry-After: what it asks (at least base_s), plus up to 1 s or 10 %."""
         self.attempt += 1
-        return float(max(retry_after_s, self.base_s) + self._jitter())
+        asked = max(retry_after_s, self.base_s)
+        return float(asked + max(1.0, asked / 10) * self._jitter())
 
     def reset(self) -> None:
         self.attempt = 0

@@ -71,6 +71,7 @@ def test_after_a_relay_restart_the_first_try_is_spread_and_a_503_is_waited_for()
     assert (low.busy(3), high.busy(3)) == (3.0, 4.0)
     assert (low.attempt, high.attempt) == (2, 2)
     assert Backoff(0.5, 5.0, jitter=lambda: 0.0).busy(0) == 0.5  # never below base_s
+    assert Backoff(0.5, 5.0, jitter=lambda: 1.0).busy(60) == 66.0  # up to a tenth more
 
 
 def test_a_relay_that_gives_its_clients_a_moment_is_obeyed() -> None:
