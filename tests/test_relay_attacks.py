@@ -779,3 +779,23 @@ async def test_a_restart_brings_every_client_back_to_its_seat_at_its_moment(
         r for r in caplog.records if r.created >= stopped_wall and "HTTP 503" in r.getMessage()
     ]
     assert len(refused) <= clients // 20, f"{len(refused)} tries answered 503 after the restart"
+
+
+async def test_past_max_handshakes_the_request_line_alone_gets_the_503() -> None:
+    """Past the cap, "GET /ws" is refused 503 from its request line, before any header is read."""
+    async with running_relay(relay_config(limits={"max_handshakes": 1})) as running:
+        _, idle = await within(asyncio.open_connection("127.0.0.1", running.port))
+        try:
+            async with asyncio.timeout(TIMEOUT):
+                while running.relay.handshaking < 1:  # noqa: ASYNC110 (the relay's counter)
+                    await asyncio.sleep(0.01)
+            reader, writer = await within(asyncio.open_connection("127.0.0.1", running.port))
+            writer.write(b"GET /ws HTTP/1.1\r\n")  # no header yet: websockets would wait for them
+            head = await within(reader.readuntil(b"\r\n\r\n"))
+            assert head.startswith(b"HTTP/1.1 503 ")
+            assert b"\r\nRetry-After: 1\r\n" in head
+            assert await within(reader.read()) == relay.BUSY_BODY  # then the relay's FIN
+            writer.close()
+            assert running.relay.handshaking == 1  # the refused one never counted
+        finally:
+            idle.close()
