@@ -53,7 +53,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Generator, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, Protocol, TypeAlias
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeAlias, cast
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import orjson
@@ -67,7 +67,7 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
-from websockets.protocol import Event
+from websockets.protocol import OPEN, Event
 from websockets.server import ServerProtocol
 from websockets.streams import StreamReader
 
@@ -133,7 +133,16 @@ LINK_TTL_MAX_S: Final = 30 * 86_400  # the longest consultation link (invite, th
 REDIS_URL_ENV: Final = "EPEDICARE_REDIS_URL"
 REDIS_SCHEMES: Final = ("redis", "rediss", "unix")
 TURN_TTL_MAX_S: Final = 86_400  # the longest TURN credential the relay mints (24 h)
-BUSY_RETRY_MAX_S: Final = 10  # the longest Retry-After of a 503 past limits.max_handshakes
+WS_REQUEST_RE: Final = re.compile(rb"GET /ws[ ?]")  # a WebSocket request line, refused early
+BUSY_BODY: Final = b"Too many connections opening: retry later.\n"
+BUSY_RETRY_MAX_S: Final = 60  # the longest Retry-After of a 503 (the peers cap theirs at 60 too)
+# The completed handshakes the measured rate looks back on, and how many it
+# needs before it replaces limits.reconnect_rate (see HandshakePacer).
+HANDSHAKE_WINDOW_S: Final = 2.0
+HANDSHAKE_RATE_MIN_SAMPLES: Final = 50
+# The close reason of a relay that stops: "relay shutting down; reconnect in 3.25 s".
+# peers/errors.py (restart_delay) and web/js/signaling.js read the delay back.
+RECONNECT_REASON: Final = "relay shutting down; reconnect in {:.2f} s"
 # SIGTERM to exit, at most limits.shutdown_timeout_s plus this: past it the
 # event loop's own teardown is cut short (see run()).
 EXIT_MARGIN_S: Final = 0.5
@@ -188,6 +197,11 @@ class Limits:
     # connection is answered 503 with Retry-After at once: in a reconnect storm
     # the excess backs off instead of timing out behind thousands of others.
     max_handshakes: int = 500
+    # Opening handshakes per second the relay expects to complete after a
+    # restart: when it stops, its N clients are told in their close reason to
+    # come back one after the other over N / reconnect_rate seconds, and a 503
+    # sizes its Retry-After by it until the relay has measured its own rate.
+    reconnect_rate: float = 500.0
     ping_interval_s: float = 20.0
     ping_timeout_s: float = 20.0
     close_timeout_s: float = 5.0
@@ -353,6 +367,7 @@ class RelayConfig:
             join_timeout_s=limits.number("join_timeout_s", d.join_timeout_s),
             open_timeout_s=limits.number("open_timeout_s", d.open_timeout_s),
             max_handshakes=limits.integer("max_handshakes", d.max_handshakes),
+            reconnect_rate=limits.number("reconnect_rate", d.reconnect_rate),
             ping_interval_s=limits.number("ping_interval_s", d.ping_interval_s),
             ping_timeout_s=limits.number("ping_timeout_s", d.ping_timeout_s),
             close_timeout_s=limits.number("close_timeout_s", d.close_timeout_s),
@@ -1290,6 +1305,50 @@ def admit(state: State, address: str) -> ProtocolError | None:
         state.stats.errors[exc.code] += 1
         return exc
     return None
+
+
+class HandshakePacer:
+    """How fast the relay completes opening handshakes, and when a client should come back.
+
+    ``rate(now)`` is the handshakes completed per second over the last
+    ``HANDSHAKE_WINDOW_S``, once ``HANDSHAKE_RATE_MIN_SAMPLES`` completed in
+    it (a relay under load is at its capacity); before that, it is
+    ``limits.reconnect_rate``. ``retry_after(now, in_progress)`` is the
+    ``Retry-After`` of one 503: the relay keeps a schedule of the clients it
+    sent away, one every 1 / rate seconds after the handshakes in progress,
+    and gives each the next place in it, so the excess of a storm comes back
+    as a stream the relay can take instead of as another storm.
+    ``restart_delays(n)`` are the delays its n clients are told in their close
+    when it stops: one every 1 / ``limits.reconnect_rate`` seconds.
+    """
+
+    def __init__(self, default_rate: float) -> None:
+        self.default_rate = default_rate
+        self.done: collections.deque[float] = collections.deque()
+        self.next_slot = 0.0
+
+    def completed(self, now: float) -> None:
+        self.done.append(now)
+        self._trim(now)
+
+    def _trim(self, now: float) -> None:
+        edge = now - HANDSHAKE_WINDOW_S
+        while self.done and self.done[0] < edge:
+            self.done.popleft()
+
+    def rate(self, now: float) -> float:
+        self._trim(now)
+        if len(self.done) < HANDSHAKE_RATE_MIN_SAMPLES:
+            return self.default_rate
+        return len(self.done) / max(now - self.done[0], HANDSHAKE_WINDOW_S / 4)
+
+    def retry_after(self, now: float, in_progress: int) -> int:
+        rate = self.rate(now)
+        self.next_slot = max(self.next_slot, now + in_progress / rate) + 1 / rate
+        return min(BUSY_RETRY_MAX_S, max(1, math.ceil(self.next_slot - now)))
+
+    def restart_delays(self, clients: int) -> list[float]:
+        return [n / self.default_rate for n in range(clients)]
 
 
 def connect(state: State, address: str = "") -> tuple[int, list[Action]]:
@@ -2667,8 +2726,11 @@ class RelayConnection(ServerConnection):
     relay: Relay  # set on the subclass that Relay makes for itself
     conn_id: int = 0  # set by Relay.handler
     client_address: str = ""  # set by Relay.process_request
-    busy: bool = False  # accepted past limits.max_handshakes: answered 503
+    held: bytes | None = None  # accepted past limits.max_handshakes: its first bytes so far
+    busy: bool = False  # a WebSocket request past limits.max_handshakes: answered 503 at once
+    counted: bool = False  # in relay.handshaking, from the accept to the end of the handshake
     accepted_at: float = 0.0  # the event loop's time at the accept
+    refusal_timer: asyncio.TimerHandle | None = None
 
     def __init__(self, protocol: ServerProtocol, *args: Any, **kwargs: Any) -> None:
         # Made in the listener's accept callback: the connection's task and its
@@ -2683,19 +2745,84 @@ class RelayConnection(ServerConnection):
         protocol.parser = protocol.parse()
         next(protocol.parser)
 
-    async def handshake(self, *args: Any, **kwargs: Any) -> None:
-        # Counted from the accept (websockets starts this task then) to the answer.
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Counted from the accept to the answer. Past limits.max_handshakes a
+        # WebSocket request is answered 503 as soon as its request line shows
+        # /ws, before websockets' handshake task and parser: a refusal costs a
+        # fraction of a handshake. Other paths (/health) are served as usual.
         relay = self.relay
         self.accepted_at = asyncio.get_running_loop().time()
-        self.busy = relay.handshaking >= relay.config.limits.max_handshakes
-        relay.handshaking += 1
+        if relay.handshaking >= relay.config.limits.max_handshakes:
+            self.transport = cast(asyncio.Transport, transport)
+            self.held = b""
+            # A client that sends no request line is cut at the open timeout.
+            self.refusal_timer = asyncio.get_running_loop().call_later(
+                relay.config.limits.open_timeout_s, self.transport.abort
+            )
+            return
+        self.start_handshake(transport)
+
+    def start_handshake(self, transport: asyncio.BaseTransport) -> None:
+        self.relay.handshaking += 1
+        self.counted = True
+        super().connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.busy:
+            return  # the rest of a refused request: read and dropped
+        if self.held is None:
+            super().data_received(data)
+            return
+        self.held += data
+        if b"\r\n" not in self.held and len(self.held) < 2048:
+            return
+        held, self.held = self.held, None
+        if self.refusal_timer is not None:
+            self.refusal_timer.cancel()
+        if WS_REQUEST_RE.match(held):
+            self.refuse_at_once()
+        else:
+            self.start_handshake(self.transport)
+            super().data_received(held)
+
+    def refuse_at_once(self) -> None:
+        """HTTP 503 + Retry-After, then read the request to its end and close (no reset)."""
+        self.busy = True
+        transport = self.transport
+        transport.write(self.relay.busy_bytes())
+        with contextlib.suppress(OSError, RuntimeError):  # not every transport half-closes
+            transport.write_eof()
+        # A client that never closes is cut after this (a busy client may read
+        # its answer late: cut sooner, it would lose it in the reset).
+        self.refusal_timer = asyncio.get_running_loop().call_later(
+            self.relay.config.limits.open_timeout_s, transport.abort
+        )
+
+    def eof_received(self) -> None:
+        if self.busy or self.held is not None:
+            return  # refused, or gone before its request: the transport closes (falsy)
+        super().eof_received()
+
+    async def handshake(self, *args: Any, **kwargs: Any) -> None:
         try:
             await super().handshake(*args, **kwargs)
         finally:
-            relay.handshaking -= 1
+            self.uncount()
+        if self.protocol.state is OPEN:
+            self.relay.pacer.completed(asyncio.get_running_loop().time())
+
+    def uncount(self) -> None:
+        if self.counted:
+            self.counted = False
+            self.relay.handshaking -= 1
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.relay.live.discard(self)
+        self.uncount()  # a handshake that never ran (cancelled at shutdown)
+        if self.refusal_timer is not None:
+            self.refusal_timer.cancel()
+        if self.busy or self.held is not None:
+            return  # websockets never saw it
         super().connection_lost(exc)
 
     def pause_writing(self) -> None:
@@ -2730,6 +2857,9 @@ class Relay:
         # how many are in their opening handshake: see RelayConnection.
         self.live: set[RelayConnection] = set()
         self.handshaking = 0
+        self.pacer = HandshakePacer(config.limits.reconnect_rate)
+        self._busy_head: bytes | None = None  # the 503 written at once, remade each second
+        self._busy_date = 0
         # This relay's name in a cluster: cluster.node_id, else host:port once bound.
         self.node_id = config.cluster.node_id or f"{config.host}:{config.port}"
         # Browsers from any origin may connect on loopback when nothing is exposed.
@@ -2879,7 +3009,7 @@ class Relay:
             ws.client_address = address
         path = urlsplit(request.path).path
         if path == "/ws":
-            if isinstance(ws, RelayConnection) and (ws.busy or self.late(ws)):
+            if isinstance(ws, RelayConnection) and self.late(ws):
                 return self.busy_response()
             if not self.origin_allowed(request):
                 self.state.stats.errors["bad-origin"] += 1
@@ -2948,14 +3078,24 @@ class Relay:
         return waited > self.config.limits.open_timeout_s / 2
 
     def busy_response(self) -> Response:
-        """HTTP 503 past limits.max_handshakes; Retry-After grows with the queue."""
+        """HTTP 503 for a request that came late: Retry-After is this client's place."""
         self.state.stats.errors["busy"] += 1
-        cap = self.config.limits.max_handshakes
-        response = self.http_response(
-            503, b"Too many connections opening: retry later.\n", "text/plain; charset=utf-8"
-        )
-        response.headers["Retry-After"] = str(min(BUSY_RETRY_MAX_S, 1 + self.handshaking // cap))
+        response = self.http_response(503, BUSY_BODY, "text/plain; charset=utf-8")
+        now = asyncio.get_running_loop().time()
+        response.headers["Retry-After"] = str(self.pacer.retry_after(now, self.handshaking))
         return response
+
+    def busy_bytes(self) -> bytes:
+        """The same 503 written at once, past limits.max_handshakes, before any request."""
+        self.state.stats.errors["busy"] += 1
+        now = asyncio.get_running_loop().time()
+        place = self.pacer.retry_after(now, self.handshaking)
+        head = self._busy_head
+        if head is None or self._busy_date != int(time.time()):
+            response = self.http_response(503, BUSY_BODY, "text/plain; charset=utf-8")
+            self._busy_date = int(time.time())
+            head = self._busy_head = response.serialize()
+        return head.replace(b"\r\n\r\n", f"\r\nRetry-After: {place}\r\n\r\n".encode(), 1)
 
     def consultations(self, ws: ServerConnection, request: Request) -> Response:
         """``POST /api/consultations``: a new session and its two links, for a booking system."""
@@ -3174,7 +3314,19 @@ async def _shut_down(relay: Relay, server: Server, limits: Limits) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + limits.shutdown_timeout_s
     relay.stopping = True
-    server.close(code=CLOSE_GOING_AWAY, reason="relay shutting down")
+    # No new connection from here (a client told to come back at once must
+    # find the next relay, not this one's 503 "shutting down").
+    server.server.close()
+    # Each client is told when to come back, one every 1 / limits.reconnect_rate
+    # seconds (oldest first), so that the restarted relay sees a stream it can
+    # take rather than every client at once. These closes start before the
+    # server's own, which then passes over them (no longer OPEN).
+    open_now = sorted(
+        (ws for ws in relay.live if ws.protocol.state is OPEN), key=lambda ws: ws.conn_id
+    )
+    for ws, delay in zip(open_now, relay.pacer.restart_delays(len(open_now)), strict=True):
+        relay._spawn(ws.close(CLOSE_GOING_AWAY, RECONNECT_REASON.format(delay)))
+    server.close(code=CLOSE_GOING_AWAY, reason=RECONNECT_REASON.format(0))
     # What has not closed a second before the bound (a client that never
     # reads its close frame, a handshake still going) is aborted, leaving
     # that second for the handlers to end.

@@ -48,7 +48,8 @@ import uvloop
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from peers.errors import Backoff
+from peers.errors import Backoff, restart_delay
+from relay import Limits
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,6 +58,7 @@ relay: {{host: 127.0.0.1, port: {port}, backlog: {backlog}}}
 auth: {{resume_secret: bench-storm-resume-secret}}
 limits:
   max_handshakes: {max_handshakes}
+  reconnect_rate: {reconnect_rate}
   max_connections: {max_connections}
   max_sessions: {max_sessions}
   join_timeout_s: 120
@@ -165,16 +167,43 @@ class Outcome:
 BUSY = "HTTP 503"
 
 
-async def storm(seats: list[Seat], url: str, listening: float, tries: int, policy: str) -> Outcome:
-    """Every seat rejoins; ``policy`` "before" (all at once) or "after" (the peers' Backoff)."""
+@dataclass
+class Restart:
+    """The relay being restarted: ``up`` is set, and ``listening`` known, once it listens."""
+
+    up: asyncio.Event = field(default_factory=asyncio.Event)
+    listening: float = 0.0
+    failed: bool = False  # the relay did not start again: the clients give up
+
+
+async def storm(
+    seats: list[Seat], url: str, restart: Restart, tries: int, policy: str, *, at_listening: bool
+) -> Outcome:
+    """Every seat rejoins; ``policy`` "before" (all at once) or "after" (the peers' Backoff).
+
+    Each client starts at its own close, as a real one does: the relay is
+    still stopping then, and a try before the new one listens is refused by
+    the kernel and backed off as any other failure. With ``at_listening``,
+    as in the previous sessions' runs, every client starts when the new
+    relay listens instead (a restart without downtime). Counted from
+    "listening": the ``tries`` and the first try (the first that started
+    once it listened).
+    """
     out = Outcome()
 
     async def one(seat: Seat) -> None:
         backoff = Backoff(0.5, 5.0)
-        if policy == "after":  # the 1001 came: the first try somewhere in the spread
-            await asyncio.sleep(backoff.after_restart())
-        for attempt in range(tries):
+        assert seat.ws is not None
+        await seat.ws.wait_closed()
+        if at_listening:  # the previous sessions' storm: every clock starts at "listening"
+            await restart.up.wait()
+        if policy == "after":  # the 1001 came: the first try when the relay said
+            await asyncio.sleep(backoff.after_restart(restart_delay(seat.ws.close_reason or "")))
+        attempt = -1
+        while attempt < tries - 1 and not restart.failed:
             retry_after: int | None = None
+            if restart.up.is_set():
+                attempt += 1
             try:
                 reply = await seat.join(url)
             except InvalidStatus as exc:
@@ -188,8 +217,8 @@ async def storm(seats: list[Seat], url: str, listening: float, tries: int, polic
             except (OSError, TimeoutError) as exc:
                 reason = type(exc).__name__
             else:
-                if reply["type"] == "joined":
-                    out.times.append(time.monotonic() - listening)
+                if reply["type"] == "joined":  # timed from "listening" below
+                    out.times.append(time.monotonic())
                     out.resumed += reply["resumed"] is True
                     return
                 reason = str(reply["code"])
@@ -200,12 +229,16 @@ async def storm(seats: list[Seat], url: str, listening: float, tries: int, polic
             if policy == "after":
                 delay = next(backoff) if retry_after is None else backoff.busy(retry_after)
             else:  # 0.25 s doubling, capped at 5 s, jittered
-                delay = min(5.0, 0.25 * 2 ** min(attempt + 1, 6)) * random.uniform(0.5, 1)
+                tried = backoff.attempt
+                backoff.attempt += 1
+                delay = min(5.0, 0.25 * 2 ** min(tried + 1, 6)) * random.uniform(0.5, 1)
             await asyncio.sleep(delay)
         out.failures[reason] = out.failures.get(reason, 0) + 1
 
     await asyncio.gather(*(one(seat) for seat in seats))
-    out.times.sort()
+    # The relay accepts a moment before this process reads its "listening" line:
+    # a client back in that moment counts 0.
+    out.times = sorted(max(0.0, t - restart.listening) for t in out.times)
     print(
         f"  rejoined {len(out.times):,} of {len(seats):,}; resumed (verified key) {out.resumed:,}"
     )
@@ -230,8 +263,22 @@ async def stop(relay: asyncio.subprocess.Process, seats: list[Seat]) -> float:
     await relay.wait()
     took = time.monotonic() - stopped
     print(f"  relay exited {took:.1f} s after SIGTERM ({len(seats):,} connections)")
-    await asyncio.gather(*(s.ws.wait_closed() for s in seats if s.ws is not None))
     return took
+
+
+async def restart_relay(
+    relay: asyncio.subprocess.Process, seats: list[Seat], config: Path, restart: Restart
+) -> tuple[asyncio.subprocess.Process, float]:
+    """Stop the relay, start it again with ``config``: the new process and the old one's exit."""
+    took = await stop(relay, seats)
+    try:
+        relay = await start_relay(config)
+    except BaseException:
+        restart.failed = True
+        raise
+    restart.listening = time.monotonic()
+    restart.up.set()
+    return relay, took
 
 
 def load() -> str:
@@ -249,7 +296,8 @@ async def main(args: argparse.Namespace) -> int:
         port = probe.getsockname()[1]
     print(
         f"{args.clients:,} clients ({args.clients // 2:,} sessions), relay.backlog "
-        f"{args.backlog} (net.core.somaxconn {somaxconn()})"
+        f"{args.backlog} (net.core.somaxconn {somaxconn()}); clients start "
+        + ("when the new relay listens" if args.at_listening else "at their close")
     )
     with tempfile.TemporaryDirectory() as tmp:
         configs = {}
@@ -260,6 +308,7 @@ async def main(args: argparse.Namespace) -> int:
                     port=port,
                     backlog=args.backlog,
                     max_handshakes=cap,
+                    reconnect_rate=args.reconnect_rate,
                     max_connections=args.clients + 100,
                     max_sessions=args.clients // 2 + 100,
                 )
@@ -274,14 +323,27 @@ async def main(args: argparse.Namespace) -> int:
         try:
             started = time.monotonic()
             await open_all(seats, url, concurrency=200)
-            print(f"  joined {len(seats):,} clients in {time.monotonic() - started:.1f} s")
+            took = time.monotonic() - started
+            print(
+                f"  joined {len(seats):,} clients in {took:.1f} s ({len(seats) / took:,.0f} a "
+                f"second, 200 at a time); told to come back over "
+                f"{len(seats) / args.reconnect_rate:.1f} s (limits.reconnect_rate "
+                f"{args.reconnect_rate:g})"
+            )
             for policy in ("before", "after"):
-                exits.append(await stop(relay, seats))
-                overflows = listen_overflows()
-                relay = await start_relay(configs[policy])
                 print(f"storm {policy} (load average {load()}):")
-                listening = time.monotonic()
-                outcomes[policy] = await storm(seats, url, listening, args.tries, policy)
+                overflows = listen_overflows()
+                restart = Restart()
+                restarting = asyncio.ensure_future(
+                    restart_relay(relay, seats, configs[policy], restart)
+                )
+                try:
+                    outcomes[policy] = await storm(
+                        seats, url, restart, args.tries, policy, at_listening=args.at_listening
+                    )
+                finally:
+                    relay, took = await restarting
+                exits.append(took)
                 print(
                     f"  listen-queue overflows during the storm: {listen_overflows() - overflows}"
                 )
@@ -308,6 +370,18 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--clients", type=int, default=10_000, help="clients (two per session)")
     parser.add_argument("--backlog", type=int, default=4096, help="relay.backlog")
     parser.add_argument("--tries", type=int, default=10, help="tries per client to rejoin")
+    parser.add_argument(
+        "--reconnect-rate",
+        type=float,
+        default=Limits.reconnect_rate,
+        help="limits.reconnect_rate of both storms (default: the relay's)",
+    )
+    parser.add_argument(
+        "--at-listening",
+        action="store_true",
+        help="every client starts when the new relay listens (the previous sessions' storm), "
+        "not at its close",
+    )
     parser.add_argument(
         "--max-handshakes", type=int, default=500, help="limits.max_handshakes of the after storm"
     )

@@ -24,13 +24,16 @@ reader's own and name their key instead.
 Retrying: ``is_fatal(code)`` says whether a relay's refusal is final (the same
 list as ``FATAL_JOIN_CODES`` in web/js/signaling.js; a test compares them), and
 ``Backoff`` yields jittered, capped, exponential delays and starts again after a
-successful join (``reset()``); after a relay restart the first delay is spread
-over ``RESTART_SPREAD_S``, and an HTTP 503's ``Retry-After`` is honoured.
+successful join (``reset()``); after a relay restart the first delay is the
+one the relay's close reason gives (``restart_delay``: "relay shutting down;
+reconnect in 3.25 s"), or, from a relay that gives none, anywhere in
+``RESTART_SPREAD_S``; an HTTP 503's ``Retry-After`` is honoured.
 """
 
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable, Iterator
 
 __all__ = [
@@ -50,12 +53,26 @@ __all__ = [
     "TurnUnavailable",
     "is_fatal",
     "relay_hint",
+    "restart_delay",
 ]
 
 # The first reconnection after a relay restart (close 1001/1012) waits a random
 # moment in this many seconds, so that 10,000 clients do not come back in the
 # same 100 ms (web/js/signaling.js: restartSpreadMs).
 RESTART_SPREAD_S = 2.0
+
+# A relay that stops tells each client when to come back, in its close reason
+# (relay.py RECONNECT_REASON; web/js/signaling.js reads it the same way). A
+# delay past RESTART_DELAY_MAX_S is taken as that.
+RESTART_DELAY_RE = re.compile(r"reconnect in ([0-9]{1,6}(?:\.[0-9]{1,3})?) s")
+RESTART_DELAY_MAX_S = 300.0
+
+
+def restart_delay(reason: str) -> float | None:
+    """The delay a relay's close reason asks before reconnecting, or None when it gives none."""
+    found = RESTART_DELAY_RE.search(reason)
+    return None if found is None else min(float(found.group(1)), RESTART_DELAY_MAX_S)
+
 
 # Join refusals that retrying cannot fix: the person must change something.
 FATAL_CODES = frozenset(
@@ -172,11 +189,15 @@ class Backoff(Iterator[float]):
 
     Attempt n waits between half and all of ``min(cap_s, base_s * 2**n)``;
     ``reset()`` after a successful join starts again from ``base_s``.
-    ``after_restart()`` is the first delay when the relay itself went away
-    (close 1001 or 1012): every client of that relay comes back at once, so
-    each picks its moment anywhere in ``restart_spread_s``. ``busy()`` is the
-    delay after an HTTP 503 with ``Retry-After`` (the relay has too many
-    handshakes in progress): between one and two times what it asks.
+    ``after_restart(delay_s)`` is the first delay when the relay itself went
+    away (close 1001 or 1012): every client of that relay comes back at
+    once, so the relay gives each its moment (``restart_delay`` of the
+    close reason) and an older relay that gives none leaves each to pick
+    one anywhere in ``restart_spread_s``. ``busy()`` is the delay after an
+    HTTP 503 with ``Retry-After`` (the relay has too many handshakes in
+    progress; the value is this client's place in its queue): what it asks,
+    plus up to a second or a tenth of it (whole seconds, and a cap, give many
+    clients the same value).
     """
 
     def __init__(
@@ -201,14 +222,18 @@ class Backoff(Iterator[float]):
         self.attempt += 1
         return float(ceiling * (0.5 + 0.5 * self._jitter()))
 
-    def after_restart(self) -> float:
-        """The first delay after the relay closed with 1001/1012: anywhere in the spread."""
+    def after_restart(self, delay_s: float | None = None) -> float:
+        """The first delay after the relay closed with 1001/1012: its own, else in the spread."""
         self.attempt += 1
+        if delay_s is not None:
+            return float(delay_s)
         return float(self.restart_spread_s * self._jitter())
 
     def busy(self, retry_after_s: float) -> float:
-        """After HTTP 503 + Retry-After: 1 to 2 times it, never below the next backoff delay."""
-        return max(next(self), float(retry_after_s * (1 + self._jitter())))
+        """After HTTP 503 + Retry-After: what it asks (at least base_s), plus up to 1 s or 10 %."""
+        self.attempt += 1
+        asked = max(retry_after_s, self.base_s)
+        return float(asked + max(1.0, asked / 10) * self._jitter())
 
     def reset(self) -> None:
         self.attempt = 0

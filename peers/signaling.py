@@ -44,7 +44,15 @@ from websockets.exceptions import (
     InvalidURI,
 )
 
-from peers.errors import Backoff, JoinRefused, NotWebSocket, Replaced, is_fatal, relay_hint
+from peers.errors import (
+    Backoff,
+    JoinRefused,
+    NotWebSocket,
+    Replaced,
+    is_fatal,
+    relay_hint,
+    restart_delay,
+)
 from relay import CLOSE_REPLACED
 
 __all__ = ["HINT_AFTER", "JoinRefused", "NotWebSocket", "RelayClient", "Replaced"]
@@ -132,10 +140,11 @@ class RelayClient:
                 reason = self._dead or _why(exc)
                 if not isinstance(exc, ConnectionClosed):
                     self.failures += 1
-                delay = self._delay(closed, exc)
+                why = exc.rcvd.reason if isinstance(exc, ConnectionClosed) and exc.rcvd else ""
+                delay = self._delay(closed, exc, why)
             else:  # a clean close (1000, 1001, 1012) ends the iteration without an error
                 reason = f"closed ({ws.close_code})"
-                delay = self._delay(ws.close_code, None)
+                delay = self._delay(ws.close_code, None, ws.close_reason or "")
             finally:
                 self.ws = None
                 self.connected.clear()
@@ -151,12 +160,13 @@ class RelayClient:
                 )
             await asyncio.sleep(delay)
 
-    def _delay(self, closed: int | None, exc: BaseException | None) -> float:
-        """How long to wait before the next try, by how the last one ended."""
+    def _delay(self, closed: int | None, exc: BaseException | None, why: str = "") -> float:
+        """How long to wait before the next try, by how the last one ended (``why``: its reason)."""
         if self._dead:
             return 0.0  # a dead connection found by the heartbeat: the first try at once
         if closed in RELAY_AWAY_CODES and self.backoff.attempt == 0:
-            return self.backoff.after_restart()  # every client of the relay comes back now
+            # Every client of the relay comes back now: at the moment the relay gave.
+            return self.backoff.after_restart(restart_delay(why))
         if isinstance(exc, InvalidStatus) and exc.response.status_code == 503:
             retry_after = exc.response.headers.get("Retry-After", "")
             if retry_after.isascii() and retry_after.isdigit():

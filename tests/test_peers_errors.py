@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import relay
 from peers import errors
 from peers.config import PeerSettings
 from peers.errors import FATAL_CODES, Backoff, JoinRefused, NotWebSocket, PeerError, is_fatal
@@ -62,13 +63,27 @@ def test_backoff_doubles_up_to_its_cap_with_jitter_and_resets() -> None:
 
 
 def test_after_a_relay_restart_the_first_try_is_spread_and_a_503_is_waited_for() -> None:
-    """after_restart() lands anywhere in the spread; busy() waits 1-2x Retry-After, at least."""
+    """after_restart() lands anywhere in the spread; busy() waits Retry-After plus up to 1 s."""
     low = Backoff(0.5, 5.0, restart_spread_s=2.0, jitter=lambda: 0.0)
     high = Backoff(0.5, 5.0, restart_spread_s=2.0, jitter=lambda: 1.0)
     assert (low.after_restart(), high.after_restart()) == (0.0, 2.0)
     assert (low.attempt, high.attempt) == (1, 1)  # the next failure backs off as usual
-    assert (low.busy(3), high.busy(3)) == (3.0, 6.0)
-    assert Backoff(4.0, 5.0, jitter=lambda: 0.0).busy(1) == 2.0  # never below the backoff
+    assert (low.busy(3), high.busy(3)) == (3.0, 4.0)
+    assert (low.attempt, high.attempt) == (2, 2)
+    assert Backoff(0.5, 5.0, jitter=lambda: 0.0).busy(0) == 0.5  # never below base_s
+    assert Backoff(0.5, 5.0, jitter=lambda: 1.0).busy(60) == 66.0  # up to a tenth more
+
+
+def test_a_relay_that_gives_its_clients_a_moment_is_obeyed() -> None:
+    """The close reason's "reconnect in S s" is the first delay; none: the spread; capped."""
+    backoff = Backoff(0.5, 5.0, restart_spread_s=2.0, jitter=lambda: 1.0)
+    delay = errors.restart_delay(relay.RECONNECT_REASON.format(7.5))
+    assert delay == 7.5
+    assert backoff.after_restart(delay) == 7.5
+    assert errors.restart_delay("relay shutting down") is None  # an older relay: the spread
+    assert Backoff(jitter=lambda: 1.0).after_restart(None) == errors.RESTART_SPREAD_S
+    assert errors.restart_delay("reconnect in 99999 s") == errors.RESTART_DELAY_MAX_S
+    assert errors.restart_delay("reconnect in -3 s") is None
     with pytest.raises(ValueError, match="restart_spread_s"):
         Backoff(restart_spread_s=-1)
 
@@ -79,6 +94,17 @@ def test_the_restart_spread_is_the_browsers() -> None:
     found = re.search(r"restartSpreadMs: ([0-9_]+),", text)
     assert found is not None, "restartSpreadMs not found in signaling.js"
     assert int(found.group(1).replace("_", "")) == errors.RESTART_SPREAD_S * 1000
+
+
+def test_the_close_reasons_delay_is_read_as_the_browsers_read_it() -> None:
+    """RESTART_DELAY_RE and its cap are those of web/js/signaling.js."""
+    text = SIGNALING_JS.read_text(encoding="utf-8")
+    found = re.search(r"const RESTART_DELAY_RE = /(.+)/;", text)
+    assert found is not None, "RESTART_DELAY_RE not found in signaling.js"
+    assert found.group(1) == errors.RESTART_DELAY_RE.pattern
+    cap = re.search(r"const restartDelayMaxMs = ([0-9_]+);", text)
+    assert cap is not None, "restartDelayMaxMs not found in signaling.js"
+    assert int(cap.group(1).replace("_", "")) == errors.RESTART_DELAY_MAX_S * 1000
 
 
 @pytest.mark.asyncio

@@ -30,6 +30,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosedError, InvalidStatus
 
 import relay
+from peers.signaling import RelayClient
 from tests.processes import RelayProcess
 from tests.support import (
     TIMEOUT,
@@ -672,20 +673,25 @@ async def test_https_answers_carry_hsts(tmp_path: Path) -> None:
 
 
 async def test_a_handshake_past_max_handshakes_gets_503_with_retry_after() -> None:
-    """With limits.max_handshakes in progress, a new WebSocket is answered 503 + Retry-After."""
-    async with running_relay(relay_config(limits={"max_handshakes": 1})) as running:
+    """Past limits.max_handshakes, each new WebSocket gets 503 + Retry-After: its own place."""
+    limits = {"max_handshakes": 1, "reconnect_rate": 1}
+    async with running_relay(relay_config(limits=limits)) as running:
         # Accepted and never sends its request: one handshake in progress.
         _, idle = await within(asyncio.open_connection("127.0.0.1", running.port))
         try:
             async with asyncio.timeout(TIMEOUT):
                 while running.relay.handshaking < 1:  # noqa: ASYNC110 (the relay's counter)
                     await asyncio.sleep(0.01)
-            with pytest.raises(InvalidStatus) as refused:
-                await within(connect(running.url))
-            response = refused.value.response
-            assert response.status_code == 503
-            assert response.headers["Retry-After"] == "3"  # 1 + 2 in progress // 1
-            assert running.state.stats.errors["busy"] == 1
+            places = []
+            for _ in range(3):
+                with pytest.raises(InvalidStatus) as refused:
+                    await within(connect(running.url))
+                response = refused.value.response
+                assert response.status_code == 503
+                places.append(response.headers["Retry-After"])
+            # 1 in progress (the idle one) at 1 a second, then one place each.
+            assert places == ["2", "3", "4"]
+            assert running.state.stats.errors["busy"] == 3
             status, _, _ = await http_get(running.port, "/health")  # plain HTTP still answers
             assert status == 200
         finally:
@@ -707,3 +713,89 @@ async def test_a_backlog_above_somaxconn_is_warned_about(caplog: pytest.LogCaptu
     async with running_relay(config):
         pass
     assert f"relay.backlog is 65535 but the kernel caps it at {somaxconn}" in caplog.text
+
+
+async def test_a_stopping_relay_tells_each_client_its_moment_to_come_back() -> None:
+    """At shutdown, the n-th oldest connection's close reason says n / limits.reconnect_rate s."""
+    limits = {"reconnect_rate": 20, "handshakes_per_second_per_address": 1000}
+    async with running_relay(relay_config(limits=limits)) as running:
+        clients = [await Client.open(running.url) for _ in range(40)]
+        async with asyncio.timeout(TIMEOUT):
+            while len(running.state.conns) < len(clients):  # noqa: ASYNC110 (the relay's count)
+                await asyncio.sleep(0.01)
+    closes = [(c.ws.close_code, c.ws.close_reason) for c in clients]
+    assert closes == [
+        (1001, f"relay shutting down; reconnect in {n / 20:.2f} s") for n in range(40)
+    ]
+
+
+async def test_a_restart_brings_every_client_back_to_its_seat_at_its_moment(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """400 peers' relay clients, relay restarted: each resumes its seat, spread, none refused."""
+    clients, rate = 400, 100.0
+    limits = {
+        **NO_RATE_LIMIT,
+        "reconnect_rate": rate,
+        "max_connections_per_address": 10_000,
+        "max_sessions_per_address": 10_000,
+        "handshakes_per_second_per_address": 1_000_000,
+    }
+    config = {"auth": {"resume_secret": "storm-test-resume-secret"}, "limits": limits}
+    running = RelayProcess(write_yaml(tmp_path / "c.yaml", config))
+    url = await running.start()
+    seats = [
+        RelayClient(url, f"s{n // 2}", ("patient", "practitioner")[n % 2], heartbeat_s=30)
+        for n in range(clients)
+    ]
+    joins: list[list[tuple[float, bool]]] = [[] for _ in seats]
+    caplog.set_level(logging.INFO, logger="peers.signaling")
+
+    async def keep(n: int) -> None:
+        async for frame in seats[n].frames():
+            if frame["type"] == "joined":
+                joins[n].append((time.monotonic(), frame.get("resumed") is True))
+
+    tasks = [asyncio.create_task(keep(n)) for n in range(clients)]
+    try:
+        async with asyncio.timeout(60):
+            while not all(joins):  # noqa: ASYNC110 (the clients' own loops)
+                await asyncio.sleep(0.05)
+            stopped, stopped_wall = time.monotonic(), time.time()
+            await running.stop()
+            await running.start()
+            while not all(len(j) == 2 for j in joins):  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await running.stop()
+    assert all(j[1][1] for j in joins), "a client joined again without its seat's resume key"
+    # Told to come back one every 1 / rate s from their close: the last, (n - 1) / rate s after.
+    assert max(j[1][0] for j in joins) - stopped >= (clients - 1) / rate
+    # (The first joins, all at once, met the count cap: only the restart counts.)
+    refused = [
+        r for r in caplog.records if r.created >= stopped_wall and "HTTP 503" in r.getMessage()
+    ]
+    assert len(refused) <= clients // 20, f"{len(refused)} tries answered 503 after the restart"
+
+
+async def test_past_max_handshakes_the_request_line_alone_gets_the_503() -> None:
+    """Past the cap, "GET /ws" is refused 503 from its request line, before any header is read."""
+    async with running_relay(relay_config(limits={"max_handshakes": 1})) as running:
+        _, idle = await within(asyncio.open_connection("127.0.0.1", running.port))
+        try:
+            async with asyncio.timeout(TIMEOUT):
+                while running.relay.handshaking < 1:  # noqa: ASYNC110 (the relay's counter)
+                    await asyncio.sleep(0.01)
+            reader, writer = await within(asyncio.open_connection("127.0.0.1", running.port))
+            writer.write(b"GET /ws HTTP/1.1\r\n")  # no header yet: websockets would wait for them
+            head = await within(reader.readuntil(b"\r\n\r\n"))
+            assert head.startswith(b"HTTP/1.1 503 ")
+            assert b"\r\nRetry-After: 1\r\n" in head
+            assert await within(reader.read()) == relay.BUSY_BODY  # then the relay's FIN
+            writer.close()
+            assert running.relay.handshaking == 1  # the refused one never counted
+        finally:
+            idle.close()

@@ -957,3 +957,44 @@ def test_the_soft_descriptor_limit_is_raised_to_the_hard_one() -> None:
         assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+# -- reconnect storms (issue 14, point 11) -------------------------------------------------------
+
+
+def test_the_pacer_assumes_reconnect_rate_until_it_has_measured_its_own() -> None:
+    """rate() is limits.reconnect_rate with few completions, then what completed per second."""
+    pacer = relay.HandshakePacer(500.0)
+    for n in range(relay.HANDSHAKE_RATE_MIN_SAMPLES - 1):
+        pacer.completed(100.0 + n / 100)
+    assert pacer.rate(100.5) == 500.0
+    for n in range(200):  # 100 a second over the window
+        pacer.completed(101.0 + n / 100)
+    assert pacer.rate(103.0) == pytest.approx(100.0, rel=0.02)
+    assert pacer.rate(200.0) == 500.0  # the window is empty again
+
+
+def test_each_refused_client_gets_the_next_place_after_those_in_progress() -> None:
+    """retry_after(): 1 / rate apart after in_progress / rate, whole seconds, 1 to 60."""
+    pacer = relay.HandshakePacer(10.0)
+    places = [pacer.retry_after(50.0, 20) for _ in range(25)]
+    # In progress: 2 s of work; then one every 0.1 s: 2.1, 2.2, ... 4.5 s, rounded up.
+    assert places == [3] * 9 + [4] * 10 + [5] * 6
+    assert pacer.retry_after(60.0, 0) == 1  # the schedule drained: at once (at least 1 s)
+    assert relay.HandshakePacer(0.01).retry_after(0.0, 100) == relay.BUSY_RETRY_MAX_S
+
+
+def test_a_stopping_relay_gives_its_clients_one_place_each() -> None:
+    """restart_delays(n): n delays 1 / reconnect_rate apart from 0; the reason says each."""
+    assert relay.HandshakePacer(4.0).restart_delays(5) == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert relay.RECONNECT_REASON.format(0.25) == "relay shutting down; reconnect in 0.25 s"
+    assert len(relay.RECONNECT_REASON.format(86_400).encode()) <= 123  # a close reason's limit
+
+
+@pytest.mark.parametrize(
+    "value", [0, -5, "fast", float("inf")], ids=["zero", "negative", "text", "inf"]
+)
+def test_reconnect_rate_must_be_a_positive_number(value: object) -> None:
+    """limits.reconnect_rate: a finite number above 0, else an error naming it."""
+    with pytest.raises(relay.ConfigError, match=r"^limits\.reconnect_rate: expected a number"):
+        relay.RelayConfig.from_mapping({"limits": {"reconnect_rate": value}})

@@ -38,8 +38,16 @@ export const DEFAULTS = {
 
 const RELAY_AWAY_CODES = new Set([1001, 1012]);
 
-/** The first delay after a relay restart: anywhere in the spread. */
-export function restartDelay({ restartSpreadMs } = DEFAULTS) {
+// A relay that stops gives each page its moment to come back in the close
+// reason, "relay shutting down; reconnect in 3.25 s" (relay.py RECONNECT_REASON,
+// peers/errors.py RESTART_DELAY_RE); past restartDelayMaxMs it waits that.
+const RESTART_DELAY_RE = /reconnect in ([0-9]{1,6}(?:\.[0-9]{1,3})?) s/;
+const restartDelayMaxMs = 300_000;
+
+/** The first delay after a relay restart: the one its close reason gives, else anywhere in the spread. */
+export function restartDelay({ restartSpreadMs } = DEFAULTS, reason = "") {
+  const found = RESTART_DELAY_RE.exec(reason);
+  if (found) return Math.min(Math.round(Number(found[1]) * 1000), restartDelayMaxMs);
   return Math.round(Math.random() * restartSpreadMs);
 }
 
@@ -212,7 +220,7 @@ export class Signaling extends EventTarget {
       return;
     }
     const away = RELAY_AWAY_CODES.has(code) && this.attempt === 0;
-    const delay = away ? restartDelay(this.options) : undefined;
+    const delay = away ? restartDelay(this.options, reason) : undefined;
     this.scheduleRetry(`closed ${code}${reason ? ` ${reason}` : ""}`, code, delay);
   }
 
