@@ -242,6 +242,29 @@ def test_fast_accept_agrees_with_the_field_checks(data: dict[str, Any]) -> None:
     assert got == expected
 
 
+@given(relayed_frames())
+def test_route_shortcut_agrees_with_the_field_checks(data: dict[str, Any]) -> None:
+    """route()'s own lines for relayed frames forward exactly what the
+    field-by-field checks accept, and refuse the rest with their code."""
+    text = json.dumps(data)
+    try:
+        relay._check_fields(data["type"], orjson.loads(text))
+        expected = None
+    except ProtocolError as exc:
+        expected = exc.code
+    state, _ = make_state()
+    patient = joined_conn(state, "s1", "patient")
+    practitioner = joined_conn(state, "s1", "practitioner")
+    got = relay.route(state, patient, text)
+    if expected is None:
+        assert got == practitioner
+        assert state.stats.frames[data["type"]] == 1
+    else:
+        assert isinstance(got, list)
+        assert error_code(got, patient) == expected
+        assert sum(state.stats.frames.values()) == 0
+
+
 def test_frame_exactly_at_limit_is_accepted() -> None:
     """The size limit is inclusive and counted in UTF-8 bytes."""
     message = json.dumps({"type": "offer", "sdp": ""})
@@ -580,6 +603,24 @@ def test_rate_limit_token_bucket() -> None:
     assert frames_to(send(state, conn, type="ping"), conn) == [{"type": "pong"}]
     assert error_code(send(state, conn, type="ping"), conn) == "rate-limited"
     assert state.stats.errors["rate-limited"] == 2
+
+
+def test_relayed_frames_and_control_frames_share_one_bucket() -> None:
+    """Relayed frames (route's own lines) and pings or pongs take from the same
+    token bucket, and a relayed frame past it is refused with rate-limited."""
+    state, clock = make_state(limits={"frames_per_second": 10, "burst": 3})
+    patient = joined_conn(state, "s1", "patient")
+    practitioner = joined_conn(state, "s1", "practitioner")
+    clock.now += 1.0  # the joins' tokens back
+    offer = json.dumps({"type": "offer", "sdp": "v=0"})
+    assert relay.route(state, patient, offer) == practitioner
+    assert relay.control_frame(state, patient) == []
+    assert relay.route(state, patient, offer) == practitioner
+    refused = relay.route(state, patient, offer)
+    assert isinstance(refused, list)
+    assert error_code(refused, patient) == "rate-limited"
+    assert relay.control_frame(state, patient) == [Close(patient, 1008, "rate-limited")]
+    assert state.stats.frames["offer"] == 2
 
 
 def test_server_full_connections() -> None:
