@@ -1082,8 +1082,9 @@ class Conn:
     """One WebSocket connection, as the core sees it."""
 
     id: int
-    allowance: float
-    last: float
+    # Its frame budget (limits.frames_per_second, limits.burst) as the time at
+    # which its bucket would be full again: see _take_token.
+    full_at: float
     session: str | None = None
     role: str | None = None
     ever_joined: bool = False
@@ -1226,6 +1227,12 @@ class State:
     ) -> None:
         self.config = config
         self.limits = config.limits
+        # The frame budget's token bucket in time (see _take_token): a frame
+        # costs frame_interval, and a bucket may run frame_slack ahead of now.
+        self.frame_interval = 1.0 / self.limits.frames_per_second
+        # A millionth of a token over the burst: float rounding of the clock
+        # never refuses a frame the bucket has.
+        self.frame_slack = (self.limits.burst - 1 + 1e-6) * self.frame_interval
         self.monotonic = monotonic
         self.wallclock = wallclock
         self.conns: dict[int, Conn] = {}
@@ -1296,9 +1303,7 @@ def connect(state: State, address: str = "") -> tuple[int, list[Action]]:
     """Register a new connection; refuse it when the relay or its address is full."""
     # Whether frames are logged is decided once per connection, as websockets does.
     debug = logger.isEnabledFor(logging.DEBUG)
-    conn = Conn(
-        state._next_id, float(state.limits.burst), state.monotonic(), debug=debug, address=address
-    )
+    conn = Conn(state._next_id, state.monotonic(), debug=debug, address=address)
     state._next_id += 1
     state.conns[conn.id] = conn
     state.stats.connections_total += 1
@@ -1411,15 +1416,13 @@ def route(state: State, conn_id: int, message: str | bytes) -> int | list[Action
         return []
     # The token bucket, as _take_token (which control frames take from).
     now = state.monotonic()
+    full_at = conn.full_at
+    if full_at < now:  # noqa: PLR1730 (an if costs a third of max())
+        full_at = now
     limits = state.limits
-    allowance = conn.allowance + (now - conn.last) * limits.frames_per_second
-    if allowance > limits.burst:  # noqa: PLR1730 (an if costs a third of min())
-        allowance = limits.burst
-    conn.last = now
-    if allowance < 1.0 - 1e-9:  # tolerate float rounding of the refill
-        conn.allowance = allowance
+    if full_at - now > state.frame_slack:
         return _error_actions(state, conn, _rate_limited(limits))
-    conn.allowance = allowance - 1.0
+    conn.full_at = full_at + state.frame_interval
     session = conn.session
     if (
         session is not None
@@ -1493,17 +1496,22 @@ def _take_token(state: State, conn: Conn) -> None:
     """The token bucket: refill for the time elapsed, then take a token or refuse.
 
     ``route`` has the same lines inline for data frames: one bucket for both.
+
+    The bucket (``limits.burst`` tokens, ``limits.frames_per_second`` back a
+    second) is kept as one time, ``full_at``, when it would be full again
+    (the generic cell rate algorithm): a frame is taken while the bucket
+    holds one token, that is while ``full_at`` is at most ``burst - 1``
+    frames ahead of now, and moves ``full_at`` one frame later. The same
+    verdicts as counting tokens, with one value read and written per frame
+    instead of two.
     """
     now = state.monotonic()
-    limits = state.limits
-    allowance = conn.allowance + (now - conn.last) * limits.frames_per_second
-    if allowance > limits.burst:  # noqa: PLR1730 (an if costs a third of min())
-        allowance = limits.burst
-    conn.last = now
-    if allowance < 1.0 - 1e-9:  # tolerate float rounding of the refill
-        conn.allowance = allowance
-        raise _rate_limited(limits)
-    conn.allowance = allowance - 1.0
+    full_at = conn.full_at
+    if full_at < now:  # noqa: PLR1730 (an if costs a third of max())
+        full_at = now
+    if full_at - now > state.frame_slack:
+        raise _rate_limited(state.limits)
+    conn.full_at = full_at + state.frame_interval
 
 
 def handle(state: State, conn: Conn, kind: str, data: dict[str, Any], text: str) -> list[Action]:

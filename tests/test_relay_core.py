@@ -9,6 +9,7 @@ import hmac
 import json
 import resource
 from collections.abc import Callable
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -621,6 +622,35 @@ def test_relayed_frames_and_control_frames_share_one_bucket() -> None:
     assert error_code(refused, patient) == "rate-limited"
     assert relay.control_frame(state, patient) == [Close(patient, 1008, "rate-limited")]
     assert state.stats.frames["offer"] == 2
+
+
+@given(
+    st.sampled_from([1, 2, 8, 64]),
+    st.integers(min_value=1, max_value=20),
+    st.lists(st.tuples(st.integers(0, 128), st.booleans()), max_size=60),
+)
+def test_frame_budget_is_a_token_bucket(
+    rate: int, burst: int, steps: list[tuple[int, bool]]
+) -> None:
+    """The frame budget kept as one time (route, _take_token) refuses exactly the
+    frames that a bucket of `burst` tokens refilled at `rate` a second refuses."""
+    state, clock = make_state(limits={"frames_per_second": rate, "burst": burst})
+    conn, _ = relay.connect(state)
+    tokens, last = Fraction(burst), Fraction(clock.now)
+    for sixty_fourths, control in steps:
+        clock.now += sixty_fourths / 64  # exact in a float, as every sum here
+        now = Fraction(clock.now)
+        tokens, last = min(Fraction(burst), tokens + (now - last) * rate), now
+        expected = tokens >= 1
+        tokens -= expected
+        if control:
+            taken = relay.control_frame(state, conn) == []
+            if not taken:
+                state.conns[conn].closing = False  # go on counting after the close
+        else:
+            actions = relay.receive(state, conn, json.dumps({"type": "ping"}))
+            taken = frames_to(actions, conn) == [{"type": "pong"}]
+        assert taken == expected
 
 
 def test_server_full_connections() -> None:
