@@ -21,6 +21,10 @@ Printed for both, and as a ratio relay/bare:
 - once per server, user-space instructions per relayed frame, counted by
   callgrind: a figure that the machine's load does not move.
 
+``--relay PATH`` adds a second relay.py (another commit's) to every run:
+the three servers take the turns, and each relay is judged against the same
+bare forwarder, so that a before/after comes from one sitting.
+
 Figures are printed, never asserted: see docs/benchmarks.md.
 """
 
