@@ -1097,8 +1097,9 @@ class Conn:
     """One WebSocket connection, as the core sees it."""
 
     id: int
-    allowance: float
-    last: float
+    # Its frame budget (limits.frames_per_second, limits.burst) as the time at
+    # which its bucket would be full again: see _take_token.
+    full_at: float
     session: str | None = None
     role: str | None = None
     ever_joined: bool = False
@@ -1241,6 +1242,12 @@ class State:
     ) -> None:
         self.config = config
         self.limits = config.limits
+        # The frame budget's token bucket in time (see _take_token): a frame
+        # costs frame_interval, and a bucket may run frame_slack ahead of now.
+        self.frame_interval = 1.0 / self.limits.frames_per_second
+        # A millionth of a token over the burst: float rounding of the clock
+        # never refuses a frame the bucket has.
+        self.frame_slack = (self.limits.burst - 1 + 1e-6) * self.frame_interval
         self.monotonic = monotonic
         self.wallclock = wallclock
         self.conns: dict[int, Conn] = {}
@@ -1355,9 +1362,7 @@ def connect(state: State, address: str = "") -> tuple[int, list[Action]]:
     """Register a new connection; refuse it when the relay or its address is full."""
     # Whether frames are logged is decided once per connection, as websockets does.
     debug = logger.isEnabledFor(logging.DEBUG)
-    conn = Conn(
-        state._next_id, float(state.limits.burst), state.monotonic(), debug=debug, address=address
-    )
+    conn = Conn(state._next_id, state.monotonic(), debug=debug, address=address)
     state._next_id += 1
     state.conns[conn.id] = conn
     state.stats.connections_total += 1
@@ -1446,20 +1451,93 @@ def control_frame(state: State, conn_id: int) -> list[Action]:
 
 def receive(state: State, conn_id: int, message: str | bytes) -> list[Action]:
     """Handle one frame from a connection: rate limit, parse, act."""
+    target = route(state, conn_id, message)
+    if isinstance(target, int):
+        assert isinstance(message, str)  # route() forwards text frames only
+        return [Send(target, message)]
+    return target
+
+
+def route(state: State, conn_id: int, message: str | bytes) -> int | list[Action]:
+    """``receive`` without an action for a relayed frame: the id of the connection
+    to forward ``message`` to as it is, or the actions of any other frame.
+
+    The adapter calls this for every frame. A well-formed candidate, offer or
+    answer with the other seat taken, nearly all the traffic, goes through
+    this function's own lines with no call but the JSON parser's and the clock's
+    (a Python call costs about as much as a field check, an action object four
+    times that, as counted by callgrind: see docs/benchmarks.md). Any other
+    frame, or any doubt, goes to ``_receive_frame``'s explicit checks, which
+    name what is wrong; a property test holds the two to the same verdicts.
+    """
     conn = state.conns[conn_id]
     if conn.closing:
         return []
+    # The token bucket, as _take_token (which control frames take from).
+    now = state.monotonic()
+    full_at = conn.full_at
+    if full_at < now:  # noqa: PLR1730 (an if costs a third of max())
+        full_at = now
+    limits = state.limits
+    if full_at - now > state.frame_slack:
+        return _error_actions(state, conn, _rate_limited(limits))
+    conn.full_at = full_at + state.frame_interval
+    session = conn.session
+    if (
+        session is not None
+        and not conn.debug
+        and type(message) is str
+        # Characters never outnumber UTF-8 bytes, nor weigh more than four.
+        and len(message) * 4 <= limits.max_frame_bytes
+    ):
+        try:
+            data = orjson.loads(message)
+        except orjson.JSONDecodeError:
+            data = None
+        if type(data) is dict:
+            kind = data.get("type")
+            # parse_frame's shortcut: exact types (JSON gives no subclasses,
+            # and true is not an integer); two compares beat a set here.
+            if kind == "candidate":
+                init = data.get("candidate")
+                well_formed = (
+                    type(init) is dict
+                    and type(init.get("candidate")) is str
+                    and type(init.get("sdpMid")) in TEXT_OR_NULL
+                    and type(init.get("sdpMLineIndex")) in INT_OR_NULL
+                )
+            else:
+                well_formed = (kind == "offer" or kind == "answer") and type(  # noqa: PLR1714
+                    data.get("sdp")
+                ) is str
+            if well_formed:
+                other = state.sessions[session].get(OTHER_ROLE[conn.role or ""])
+                if other is not None:
+                    # well_formed: kind is "candidate", "offer" or "answer"
+                    state.stats.frames[kind] += 1  # type: ignore[index]
+                    return other.conn
+    return _receive_frame(state, conn, message)
+
+
+def _rate_limited(limits: Limits) -> ProtocolError:
+    return ProtocolError(
+        "rate-limited",
+        f"More than {limits.frames_per_second:g} frames per second (burst {limits.burst}): "
+        "frame dropped.",
+    )
+
+
+def _receive_frame(state: State, conn: Conn, message: str | bytes) -> int | list[Action]:
+    """A frame that took its token: every check explicit, naming what is wrong."""
     try:
-        _take_token(state, conn)
         kind, data, text = parse_frame(message, state.limits.max_frame_bytes)
         if conn.debug:
             logger.debug("conn=%d > %s", conn.id, _redacted(kind, data, text))
         if kind in FORWARDED_TYPES and conn.session is not None:
-            # Nearly every frame: relay it to the other seat, if taken.
             other = state.sessions[conn.session].get(OTHER_ROLE[conn.role or ""])
             if other is not None:
                 state.stats.frames[kind] += 1
-                return [Send(other.conn, text)]
+                return other.conn
         return handle(state, conn, kind, data, text)
     except ProtocolError as exc:
         return _error_actions(state, conn, exc)
@@ -1474,21 +1552,25 @@ def _redacted(kind: str, data: dict[str, Any], text: str) -> str:
 
 
 def _take_token(state: State, conn: Conn) -> None:
-    """The token bucket: refill for the time elapsed, then take a token or refuse."""
+    """The token bucket: refill for the time elapsed, then take a token or refuse.
+
+    ``route`` has the same lines inline for data frames: one bucket for both.
+
+    The bucket (``limits.burst`` tokens, ``limits.frames_per_second`` back a
+    second) is kept as one time, ``full_at``, when it would be full again
+    (the generic cell rate algorithm): a frame is taken while the bucket
+    holds one token, that is while ``full_at`` is at most ``burst - 1``
+    frames ahead of now, and moves ``full_at`` one frame later. The same
+    verdicts as counting tokens, with one value read and written per frame
+    instead of two.
+    """
     now = state.monotonic()
-    limits = state.limits
-    allowance = conn.allowance + (now - conn.last) * limits.frames_per_second
-    if allowance > limits.burst:  # noqa: PLR1730 (an if costs a third of min())
-        allowance = limits.burst
-    conn.last = now
-    if allowance < 1.0 - 1e-9:  # tolerate float rounding of the refill
-        conn.allowance = allowance
-        rate = limits.frames_per_second
-        raise ProtocolError(
-            "rate-limited",
-            f"More than {rate:g} frames per second (burst {limits.burst}): frame dropped.",
-        )
-    conn.allowance = allowance - 1.0
+    full_at = conn.full_at
+    if full_at < now:  # noqa: PLR1730 (an if costs a third of max())
+        full_at = now
+    if full_at - now > state.frame_slack:
+        raise _rate_limited(state.limits)
+    conn.full_at = full_at + state.frame_interval
 
 
 def handle(state: State, conn: Conn, kind: str, data: dict[str, Any], text: str) -> list[Action]:
@@ -1766,7 +1848,8 @@ CSP: Final = (
     "base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
 )
 HSTS: Final = "max-age=31536000"
-CONTROL_OPCODES: Final = frozenset({Opcode.PING, Opcode.PONG})
+OP_TEXT, OP_CONT, OP_BINARY = Opcode.TEXT, Opcode.CONT, Opcode.BINARY
+OP_PING, OP_PONG = Opcode.PING, Opcode.PONG
 SECURITY_HEADERS: Final = (
     ("Content-Security-Policy", CSP),
     ("X-Content-Type-Options", "nosniff"),
@@ -2829,8 +2912,17 @@ class RelayConnection(ServerConnection):
         self.relay.slow_reader(self)
 
     def process_event(self, event: Event) -> None:
-        if type(event) is Frame and event.opcode in CONTROL_OPCODES:
-            self.relay.control_frame(self)
+        if type(event) is Frame:
+            opcode = event.opcode
+            if opcode is OP_TEXT or opcode is OP_CONT or opcode is OP_BINARY:
+                # A data frame, nearly every event: what ServerConnection's and
+                # Connection's process_event do with one (websockets 17.4,
+                # pinned), without their two calls. test_relay_integration's
+                # fragmented and binary frames and its pings cover the cut.
+                self.recv_messages.put(event)
+                return
+            if opcode is OP_PING or opcode is OP_PONG:
+                self.relay.control_frame(self)
         super().process_event(event)
 
 
@@ -2878,15 +2970,25 @@ class Relay:
         )
         logger.debug("conn=%d open from %s", conn_id, address)
         cluster = self.cluster
+        state, connections = self.state, self.connections
         try:
             await self.perform(actions)
             async for message in ws:
                 if cluster is None:
-                    actions = receive(self.state, conn_id, message)
+                    # A relayed frame, the common case, is sent here, with no
+                    # action object and one coroutine less than perform().
+                    target = route(state, conn_id, message)
+                    if isinstance(target, int):
+                        if (peer := connections.get(target)) is not None:
+                            try:  # noqa: SIM105 (suppress() would build an object per frame)
+                                # route() forwards text frames only: message is a str.
+                                await peer.send(message)  # type: ignore[arg-type]
+                            except ConnectionClosed:
+                                pass
+                        continue
+                    actions = target
                 else:
                     actions = await cluster.receive(conn_id, message)
-                # A relayed frame, the common case, is sent here: one coroutine
-                # less per frame than through perform().
                 if (
                     len(actions) == 1
                     and isinstance(send := actions[0], Send)

@@ -21,6 +21,10 @@ Printed for both, and as a ratio relay/bare:
 - once per server, user-space instructions per relayed frame, counted by
   callgrind: a figure that the machine's load does not move.
 
+``--relay PATH`` adds a second relay.py (another commit's) to every run:
+the three servers take the turns, and each relay is judged against the same
+bare forwarder, so that a before/after comes from one sitting.
+
 Figures are printed, never asserted: see docs/benchmarks.md.
 """
 
@@ -49,6 +53,8 @@ from bench.tables import ratio_table
 
 ROOT = Path(__file__).resolve().parent.parent
 LOADGEN = ROOT / "bench" / "loadgen" / "loadgen.mjs"
+RELAY = ROOT / "relay.py"
+OTHER = "other"  # the name of the relay given with --relay PATH, measured beside this one
 TICKS = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 SERVER_CPU, LOADGEN_CPU = 0, 1
@@ -102,13 +108,14 @@ def pinned(cpu: int) -> list[str]:
 
 @asynccontextmanager
 async def server(
-    name: str, workdir: Path, loop: str, wrapper: tuple[str, ...] = ()
+    name: str, workdir: Path, loop: str, wrapper: tuple[str, ...] = (), relay_file: Path = RELAY
 ) -> AsyncIterator[Server]:
-    if name.startswith("relay"):
+    """A fresh process of "bare", or of a relay ("relay", "relay-plain", OTHER) from relay_file."""
+    if name != "bare":
         config = workdir / "bench.yaml"
         config.write_text(BENCH_CONFIG)
         # relay-plain: the relay without ApiBodyReader (bench/relay_plain.py).
-        program = ["-m", "bench.relay_plain"] if name == "relay-plain" else [str(ROOT / "relay.py")]
+        program = ["-m", "bench.relay_plain"] if name == "relay-plain" else [str(relay_file)]
         argv = [sys.executable, *program, "--config", str(config), "--loop", loop]
         pattern = re.compile(r"relay listening on (ws://\S+)")
         stream = "stderr"
@@ -198,7 +205,7 @@ async def throughput(
     arrived. Drifts of the machine's speed, which last seconds, fall on both
     servers alike.
     """
-    targets = [f"{name}:{srv.url}" for name, srv in servers.items()]
+    targets = [f"{mode(name)}:{srv.url}" for name, srv in servers.items()]
     async with loadgen(
         "throughput", str(args.pairs), str(args.seconds), str(args.slice_ms), *targets
     ) as gen:
@@ -213,23 +220,33 @@ async def throughput(
         counted.cpu_us_per_frame = cpu[name] * 1e6 / frames
 
 
+def mode(name: str) -> str:
+    """The load generator's mode for a server: "bare", or "relay" (each pair joins a session)."""
+    return "bare" if name == "bare" else "relay"
+
+
+def relay_file(name: str, args: argparse.Namespace) -> Path:
+    """The relay.py that a server named ``name`` runs (--relay's for OTHER)."""
+    return Path(os.path.abspath(args.relay)) if name == OTHER else RELAY
+
+
 async def latency_and_memory(srv: Server, figures: Figures, args: argparse.Namespace) -> None:
     # Round trip of one pair.
-    async with loadgen(srv.name, "rtt", srv.url, str(args.rtts)) as gen:
+    async with loadgen(mode(srv.name), "rtt", srv.url, str(args.rtts)) as gen:
         samples = sorted((await line(gen))["rtt_us"])
     figures.rtt_p50_us = statistics.median(samples)
     figures.rtt_p99_us = samples[int(len(samples) * 0.99) - 1]
     # Memory per idle connection.
     await asyncio.sleep(0.5)
     rss0 = srv.rss_mib()
-    async with loadgen(srv.name, "idle", srv.url, str(args.idle)) as gen:
+    async with loadgen(mode(srv.name), "idle", srv.url, str(args.idle)) as gen:
         opened = await line(gen)
         await asyncio.sleep(1)
         rss1 = srv.rss_mib()
         await go(gen)  # close them
     figures.kib_per_idle_conn = (rss1 - rss0) * 1024 / opened["connections"]
     # Join/leave cycles.
-    async with loadgen(srv.name, "cycles", srv.url, str(args.cycles)) as gen:
+    async with loadgen(mode(srv.name), "cycles", srv.url, str(args.cycles)) as gen:
         assert (await line(gen))["mark"] == "warm"
         figures.rss_before_cycles_mib = srv.rss_mib()
         assert (await line(gen))["mark"] == "done"
@@ -243,7 +260,9 @@ async def measure(order: tuple[str, ...], args: argparse.Namespace) -> dict[str,
     with tempfile.TemporaryDirectory() as tmp:
         async with contextlib.AsyncExitStack() as stack:
             servers = {
-                name: await stack.enter_async_context(server(name, Path(tmp), args.loop))
+                name: await stack.enter_async_context(
+                    server(name, Path(tmp), args.loop, relay_file=relay_file(name, args))
+                )
                 for name in order
             }
             await throughput(servers, figures, args)
@@ -268,7 +287,9 @@ async def instructions_per_frame(name: str, args: argparse.Namespace) -> float:
             "--instr-atstart=no",
             f"--callgrind-out-file={out}",
         )
-        async with server(name, Path(tmp), args.loop, wrapper) as srv:
+        async with server(
+            name, Path(tmp), args.loop, wrapper, relay_file=relay_file(name, args)
+        ) as srv:
             pid = str(srv.proc.pid)
             seconds = args.seconds / 2  # one turn, as long as the server's in a run
             async with loadgen(
@@ -276,7 +297,7 @@ async def instructions_per_frame(name: str, args: argparse.Namespace) -> float:
                 str(CALLGRIND_PAIRS),
                 str(seconds),
                 str(seconds * 1000),
-                f"{name}:{srv.url}",
+                f"{mode(name)}:{srv.url}",
             ) as gen:
                 assert (await line(gen))["mark"] == "warm"
                 await _callgrind_control("-i", "on", pid)
@@ -375,7 +396,7 @@ def median_of(runs: list[Figures]) -> Figures:
     )
 
 
-def table(relay: Figures, bare: Figures) -> str:
+def table(relay: Figures, bare: Figures, label: str = "relay") -> str:
     rows = [
         ("ping-pong frames/s (higher is better)", "frames_per_s", "{:,.0f}"),
         ("round trip p50 (µs)", "rtt_p50_us", "{:,.0f}"),
@@ -386,7 +407,7 @@ def table(relay: Figures, bare: Figures) -> str:
         ("RSS after 10k join/leave (MiB)", "rss_after_cycles_mib", "{:.1f}"),
     ]
     return ratio_table(
-        ("figure", "relay", "bare", "relay/bare"),
+        ("figure", label, "bare", f"{label}/bare"),
         ((label, fmt, getattr(relay, attr), getattr(bare, attr)) for label, attr, fmt in rows),
         (40, 10, 10, 10),
     )
@@ -421,11 +442,14 @@ async def main(args: argparse.Namespace) -> int:
         f"{args.rtts} round trips; "
         f"{args.idle} idle connections; {args.cycles} join/leave cycles"
     )
-    runs: dict[str, list[Figures]] = {"bare": [], "relay": []}
+    names = ("bare", "relay", OTHER) if args.relay else ("bare", "relay")
+    if args.relay:
+        print(f"{OTHER}: the relay of {relay_file(OTHER, args)}, measured beside {RELAY}")
+    runs: dict[str, list[Figures]] = {name: [] for name in names}
     for n in range(args.repeat):
-        order = ("bare", "relay") if n % 2 == 0 else ("relay", "bare")  # neither always first
+        order = names[n % len(names) :] + names[: n % len(names)]  # none always first
         measured = await measure(order, args)
-        for name in ("bare", "relay"):
+        for name in names:
             figures = measured[name]
             runs[name].append(figures)
             print(
@@ -435,7 +459,8 @@ async def main(args: argparse.Namespace) -> int:
             )
     results = {name: median_of(figures) for name, figures in runs.items()}
     print(f"medians of {args.repeat} runs:")
-    print(table(results["relay"], results["bare"]))
+    for name in names[1:]:
+        print(table(results[name], results["bare"], name))
     print("spread of the runs (lowest to highest):")
     for name, samples in runs.items():
         rates = sorted(run.frames_per_s for run in samples)
@@ -444,31 +469,40 @@ async def main(args: argparse.Namespace) -> int:
             f"  {name:5} {rates[0]:,.0f} to {rates[-1]:,.0f} frames/s, "
             f"{costs[0]:.1f} to {costs[-1]:.1f} µs/frame"
         )
-    # Within a run the two servers took turns, so their ratio cancels the
+    # Within a run the servers took turns, so their ratio cancels the
     # machine's drift; the targets are judged on the median of these ratios.
-    paired = [
-        (relay.frames_per_s / bare.frames_per_s, relay.cpu_us_per_frame / bare.cpu_us_per_frame)
-        for relay, bare in zip(runs["relay"], runs["bare"], strict=True)
-    ]
-    rate_ratio = statistics.median(rate for rate, _ in paired)
-    cost_ratio = statistics.median(cost for _, cost in paired)
-    print(
-        "relay/bare run by run (frames/s, CPU per frame): "
-        + ", ".join(f"{rate:.2f}x {cost:.2f}x" for rate, cost in paired)
-        + f"; medians {rate_ratio:.2f}x and {cost_ratio:.2f}x"
-    )
+    ratios: dict[str, tuple[float, float]] = {}
+    for name in names[1:]:
+        paired = [
+            (one.frames_per_s / bare.frames_per_s, one.cpu_us_per_frame / bare.cpu_us_per_frame)
+            for one, bare in zip(runs[name], runs["bare"], strict=True)
+        ]
+        ratios[name] = (
+            statistics.median(rate for rate, _ in paired),
+            statistics.median(cost for _, cost in paired),
+        )
+        print(
+            f"{name}/bare run by run (frames/s, CPU per frame): "
+            + ", ".join(f"{rate:.2f}x {cost:.2f}x" for rate, cost in paired)
+            + f"; medians {ratios[name][0]:.2f}x and {ratios[name][1]:.2f}x"
+        )
     if shutil.which("valgrind") and shutil.which("callgrind_control"):
-        counts = {name: await instructions_per_frame(name, args) for name in ("bare", "relay")}
+        counts = {name: await instructions_per_frame(name, args) for name in names}
         print(
             f"user-space instructions per relayed frame (callgrind, {CALLGRIND_PAIRS} pairs): "
-            f"relay {counts['relay']:,.0f}, bare {counts['bare']:,.0f}, "
-            f"{counts['relay'] / counts['bare']:.2f}x"
+            + ", ".join(
+                f"{name} {counts[name]:,.0f} ({counts[name] / counts['bare']:.2f}x)"
+                for name in names[1:]
+            )
+            + f", bare {counts['bare']:,.0f}"
         )
     else:
         print("instructions per frame: not counted (no valgrind; `apt-get install valgrind`)")
-    await handshake_cost(args)
-    print("targets:")
-    print(verdict(results["relay"], rate_ratio, cost_ratio))
+    if not args.no_handshakes:
+        await handshake_cost(args)
+    for name in names[1:]:
+        print(f"targets ({name}):")
+        print(verdict(results[name], *ratios[name]))
     return 0
 
 
@@ -492,6 +526,14 @@ def parse_args() -> argparse.Namespace:
         "--handshakes-only",
         action="store_true",
         help="only the handshake figure (relay with and without ApiBodyReader; no node needed)",
+    )
+    parser.add_argument(
+        "--relay",
+        metavar="PATH",
+        help=f"a second relay.py (another commit's, say) measured in the same runs as {OTHER!r}",
+    )
+    parser.add_argument(
+        "--no-handshakes", action="store_true", help="skip the handshake figure at the end"
     )
     parser.add_argument(
         "--loop",

@@ -9,6 +9,7 @@ import hmac
 import json
 import resource
 from collections.abc import Callable
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -240,6 +241,29 @@ def test_fast_accept_agrees_with_the_field_checks(data: dict[str, Any]) -> None:
     except ProtocolError as exc:
         got = exc.code
     assert got == expected
+
+
+@given(relayed_frames())
+def test_route_shortcut_agrees_with_the_field_checks(data: dict[str, Any]) -> None:
+    """route()'s own lines for relayed frames forward exactly what the
+    field-by-field checks accept, and refuse the rest with their code."""
+    text = json.dumps(data)
+    try:
+        relay._check_fields(data["type"], orjson.loads(text))
+        expected = None
+    except ProtocolError as exc:
+        expected = exc.code
+    state, _ = make_state()
+    patient = joined_conn(state, "s1", "patient")
+    practitioner = joined_conn(state, "s1", "practitioner")
+    got = relay.route(state, patient, text)
+    if expected is None:
+        assert got == practitioner
+        assert state.stats.frames[data["type"]] == 1
+    else:
+        assert isinstance(got, list)
+        assert error_code(got, patient) == expected
+        assert sum(state.stats.frames.values()) == 0
 
 
 def test_frame_exactly_at_limit_is_accepted() -> None:
@@ -580,6 +604,53 @@ def test_rate_limit_token_bucket() -> None:
     assert frames_to(send(state, conn, type="ping"), conn) == [{"type": "pong"}]
     assert error_code(send(state, conn, type="ping"), conn) == "rate-limited"
     assert state.stats.errors["rate-limited"] == 2
+
+
+def test_relayed_frames_and_control_frames_share_one_bucket() -> None:
+    """Relayed frames (route's own lines) and pings or pongs take from the same
+    token bucket, and a relayed frame past it is refused with rate-limited."""
+    state, clock = make_state(limits={"frames_per_second": 10, "burst": 3})
+    patient = joined_conn(state, "s1", "patient")
+    practitioner = joined_conn(state, "s1", "practitioner")
+    clock.now += 1.0  # the joins' tokens back
+    offer = json.dumps({"type": "offer", "sdp": "v=0"})
+    assert relay.route(state, patient, offer) == practitioner
+    assert relay.control_frame(state, patient) == []
+    assert relay.route(state, patient, offer) == practitioner
+    refused = relay.route(state, patient, offer)
+    assert isinstance(refused, list)
+    assert error_code(refused, patient) == "rate-limited"
+    assert relay.control_frame(state, patient) == [Close(patient, 1008, "rate-limited")]
+    assert state.stats.frames["offer"] == 2
+
+
+@given(
+    st.sampled_from([1, 2, 8, 64]),
+    st.integers(min_value=1, max_value=20),
+    st.lists(st.tuples(st.integers(0, 128), st.booleans()), max_size=60),
+)
+def test_frame_budget_is_a_token_bucket(
+    rate: int, burst: int, steps: list[tuple[int, bool]]
+) -> None:
+    """The frame budget kept as one time (route, _take_token) refuses exactly the
+    frames that a bucket of `burst` tokens refilled at `rate` a second refuses."""
+    state, clock = make_state(limits={"frames_per_second": rate, "burst": burst})
+    conn, _ = relay.connect(state)
+    tokens, last = Fraction(burst), Fraction(clock.now)
+    for sixty_fourths, control in steps:
+        clock.now += sixty_fourths / 64  # exact in a float, as every sum here
+        now = Fraction(clock.now)
+        tokens, last = min(Fraction(burst), tokens + (now - last) * rate), now
+        expected = tokens >= 1
+        tokens -= expected
+        if control:
+            taken = relay.control_frame(state, conn) == []
+            if not taken:
+                state.conns[conn].closing = False  # go on counting after the close
+        else:
+            actions = relay.receive(state, conn, json.dumps({"type": "ping"}))
+            taken = frames_to(actions, conn) == [{"type": "pong"}]
+        assert taken == expected
 
 
 def test_server_full_connections() -> None:

@@ -265,6 +265,17 @@ async def test_each_bad_frame_gets_its_code_and_changes_nothing(
     await practitioner.expect("offer", sdp="still-here")
 
 
+async def test_a_fragmented_frame_is_relayed_whole(relay_server: relay.RunningRelay) -> None:
+    """A text message sent as a text frame and two continuations reaches the peer as one."""
+    patient, practitioner = await pair(relay_server.url, "s1")
+    text = json.dumps({"type": "offer", "sdp": "v=0 fragmented"})
+    await patient.ws.send([text[:5], text[5:12], text[12:]])
+    await practitioner.expect("offer", sdp="v=0 fragmented")
+    # A binary message in fragments is still refused as one binary frame.
+    await patient.ws.send([b"\x00", b"\x01"])
+    await patient.expect_error("binary-frame")
+
+
 async def test_frame_too_large(relay_server: relay.RunningRelay) -> None:
     patient, practitioner = await pair(relay_server.url, "s1")
     limit = relay_server.state.config.limits.max_frame_bytes
