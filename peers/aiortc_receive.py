@@ -9,7 +9,11 @@ installs it, and ``check_versions()`` still guards it. Against aiortc 1.16.0:
   each missing packet is NACKed again every round trip until it arrives, is
   older than the sender's history (``RTP_HISTORY_SIZE``, rtp.py:13), or was
   asked for ``NACK_RETRIES`` times. The round trip is measured from each NACK
-  to the retransmission it brings.
+  to the retransmission it brings; when retries keep going out before the
+  answers come (the estimate, 100 ms at first, below the link's round trip),
+  from the first NACK: otherwise no sample is ever unambiguous, and at 75 ms
+  each way the estimate stayed at 100 ms for the whole call, the playout delay
+  below the retransmissions' time.
 - ``FrameBuffer`` replaces the video ``JitterBuffer(capacity=512,
   is_video=True)`` (rtcrtpreceiver.py:299; jitterbuffer.py), which holds every
   frame behind a hole until 512 packets pile up (seconds), then releases one
@@ -29,7 +33,8 @@ installs it, and ``check_versions()`` still guards it. Against aiortc 1.16.0:
   backlog released at once is skipped to real time instead of played fast.
   And while packets are being recovered by NACK, frames are shown one round
   trip after the best delay (a playout delay, as libwebrtc's jitter estimate
-  adds one): without it each retransmission (150 ms away at 75 ms each way)
+  adds one), up to ``PLAYOUT_MAX_S`` (0.3 s: with ``LATE_S`` and a margin,
+  the issue's 500 ms): without it each retransmission (150 ms away at 75 ms each way)
   held the frames behind it for a freeze of 0.3 s, about one a second at 5 %
   loss.
 
@@ -64,6 +69,8 @@ __all__ = [
     "counters",
     "install",
     "is_keyframe_start",
+    "nack_rtt_s",
+    "playout_delay_s",
 ]
 
 logger = logging.getLogger(__name__)
@@ -91,7 +98,16 @@ BASELINE_S = 10.0
 # while packets are being recovered, so that a retransmission comes before its frame is due.
 PLAYOUT_AFTER_RECOVERIES = 3  # packets recovered by NACK in the last BASELINE_S
 PLAYOUT_MARGIN_S = 0.03
-PLAYOUT_MAX_S = 0.25  # with LATE_S, a frame is never more than 0.4 s behind by design
+# The cap, from the NACK arithmetic: a lost packet is NACKed at the next tick after the packet
+# behind it arrives and comes back one round trip later, so its frame is ready RTT + 10-30 ms
+# after its best time; a second try comes 1.2 RTT after the first (2.2 RTT), past any bound
+# for a 150 ms link. The issue's bound, never more than 500 ms behind, less LATE_S and
+# DECODE_MARGIN_S (decoding, and the window's best delay against the call's), leaves 300 ms:
+# the first retransmission is waited for up to a 270 ms round trip (150 ms on the link at 75 ms
+# each way; 183-311 ms in aiortc's RTCP at load 17-23, both processes' stalls in it).
+BEHIND_MAX_S = 0.5
+DECODE_MARGIN_S = 0.05
+PLAYOUT_MAX_S = BEHIND_MAX_S - LATE_S - DECODE_MARGIN_S
 
 
 @dataclass
@@ -151,8 +167,16 @@ class _InOrder:
 @dataclass
 class _Missing:
     seen: float
-    sent: float | None = None
+    sent: float | None = None  # the last NACK
+    first: float | None = None  # the first NACK
     tries: int = 0
+
+
+# Two recoveries in a row whose NACK had been sent again before they came: the round trip is
+# longer than the estimate (each retry goes out before the first answer can come back), and the
+# first NACK's time is the sample (Karn's rule would take none, and an estimate that starts
+# below the link's round trip would never learn it).
+AMBIGUOUS_IN_A_ROW = 2
 
 
 class NackList:
@@ -162,6 +186,8 @@ class NackList:
         self.history = history
         self.retries = retries
         self.rtt_s = 0.1
+        self.ambiguous = 0  # recoveries in a row that came after a retry
+        self.samples = 0
         self.max_seq: int | None = None
         self.missing: dict[int, _Missing] = {}
         self.recovered_at: collections.deque[float] = collections.deque()
@@ -189,9 +215,17 @@ class NackList:
                 self.recovered_at.append(now)
                 while self.recovered_at[0] < now - BASELINE_S:
                     self.recovered_at.popleft()
+                sent = None
                 if entry.tries == 1:  # an unambiguous round trip
-                    sample = min(max(now - entry.sent, 0.005), 1.0)
-                    self.rtt_s += (sample - self.rtt_s) / 8
+                    sent, self.ambiguous = entry.sent, 0
+                else:
+                    self.ambiguous += 1
+                    if self.ambiguous >= AMBIGUOUS_IN_A_ROW:
+                        sent = entry.first
+                if sent is not None:  # the first sample is taken whole (RFC 6298 2.2)
+                    sample = min(max(now - sent, 0.005), 1.0)
+                    self.rtt_s += (sample - self.rtt_s) / (8 if self.samples else 1)
+                    self.samples += 1
         return False
 
     def playout_delay_s(self, now: float) -> float:
@@ -220,6 +254,7 @@ class NackList:
                 if entry.sent is not None:
                     counters.nack_retries += 1
                 entry.sent = now
+                entry.first = entry.first if entry.first is not None else now
                 entry.tries += 1
                 out.append(seq)
         counters.nacks += len(out)
@@ -684,6 +719,25 @@ class _VideoPath:
                 if self._pending_pli:
                     self._pending_pli = False
                     await receiver._send_rtcp_pli(self.ssrc)
+
+
+def nack_rtt_s(pc: Any) -> float | None:
+    """The round trip a peer connection's video receive path measured (NACK to
+    retransmission), None without a video receiver."""
+    for receiver in pc.getReceivers():
+        path = getattr(receiver, "_epc_path", None)
+        if isinstance(path, _VideoPath):
+            return path.nack.rtt_s
+    return None
+
+
+def playout_delay_s(pc: Any) -> float | None:
+    """The playout delay a peer connection's video is shown with now (beyond the best delay)."""
+    for receiver in pc.getReceivers():
+        late = getattr(receiver.track, "_epc_late", None) if receiver.track else None
+        if isinstance(late, LateFrames):
+            return late.target_s
+    return None
 
 
 def concealed(track: Any) -> int:
