@@ -30,12 +30,14 @@ installs it, and ``check_versions()`` still guards it. Against aiortc 1.16.0:
   frame, however late. Here a video frame more than ``LATE_S`` behind the best
   delay seen in the last ``BASELINE_S`` is dropped when a newer frame already
   waits behind it (it was decoded, so the frames after it still decode): a
-  backlog released at once is skipped to real time instead of played fast.
+  backlog released at once is skipped to real time instead of played fast
+  (frames still waiting for the decoder count as newer ones).
   And while packets are being recovered by NACK, frames are shown one round
-  trip after the best delay (a playout delay, as libwebrtc's jitter estimate
-  adds one), up to ``PLAYOUT_MAX_S`` (0.25 s: with ``LATE_S`` and a margin,
-  the issue's 500 ms): without it each retransmission (150 ms away at 75 ms each way)
-  held the frames behind it for a freeze of 0.3 s, about one a second at 5 %
+  trip (less the 120 ms gap that is no freeze) after the best delay (a
+  playout delay, as libwebrtc's jitter estimate adds one), up to
+  ``PLAYOUT_MAX_S`` (0.25 s: with ``LATE_S`` and a margin, the issue's 500 ms):
+  without it each retransmission (150 ms away at 75 ms each way) held the
+  frames behind it for a freeze of 0.3 s, about one a second at 5 %
   loss.
 
 Upstream, ``NackList`` and ``FrameBuffer`` would take the place of the two
@@ -107,7 +109,10 @@ PLAYOUT_MARGIN_S = 0.03
 # past any bound. The other side: every frame is shown that delay behind the best one, and
 # kept up to LATE_S more, never past the issue's 500 ms; less a margin for decoding and for
 # the window's best delay against the call's (0.3 s gave 644-832 ms at p95 in the command-line
-# bench at load 6), 250 ms. The delay is RTT + 30 ms under the cap, as libwebrtc adds one RTT.
+# bench at load 6), 250 ms. The delay is RTT + 30 ms less FORGIVEN_GAP_S under the cap
+# (libwebrtc adds a whole RTT; with it, the stamps showed the aiortc call 508-569 ms behind at
+# p95 at load 3-4, against 331-335 with 130 ms, for no fewer freezes).
+FORGIVEN_GAP_S = 0.12  # a retransmission this late after its frame's time is no freeze
 BEHIND_MAX_S = 0.5
 DECODE_MARGIN_S = 0.1
 PLAYOUT_MAX_S = round(BEHIND_MAX_S - LATE_S - DECODE_MARGIN_S, 3)  # 0.25 s
@@ -232,12 +237,12 @@ class NackList:
         return False
 
     def playout_delay_s(self, now: float) -> float:
-        """The delay a frame should be held beyond the best one: a round trip (and a margin)
-        while packets are being recovered, else none."""
+        """The delay a frame should be held beyond the best one while packets are being
+        recovered (else none): a round trip and a margin, less the gap that is no freeze."""
         recent = sum(1 for t in self.recovered_at if t > now - BASELINE_S)
         if recent < PLAYOUT_AFTER_RECOVERIES:
             return 0.0
-        return min(self.rtt_s + PLAYOUT_MARGIN_S, PLAYOUT_MAX_S)
+        return min(max(self.rtt_s + PLAYOUT_MARGIN_S - FORGIVEN_GAP_S, 0.0), PLAYOUT_MAX_S)
 
     def forget_below(self, ext: int) -> None:
         """Stop asking for packets before ``ext`` (the frame buffer gave up on them)."""
@@ -572,6 +577,9 @@ class LateFrames:
 
     late_s: float = LATE_S
     target_s: float = 0.0
+    # Encoded frames waiting for the decoder (a backlog released behind a hole): newer frames
+    # too, not yet in the track's queue.
+    backlog: Callable[[], int] = lambda: 0
     recent: collections.deque[tuple[float, float]] = field(default_factory=collections.deque)
 
     def hold_s(self, media_s: float, now: float) -> float:
@@ -629,7 +637,10 @@ def install() -> None:
             if not isinstance(frame, VideoFrame) or frame.pts is None or frame.time_base is None:
                 return frame
             late: LateFrames = self.__dict__.setdefault("_epc_late", LateFrames())
-            newer = any(f is not None for f in self._queue._queue)  # type: ignore[attr-defined]
+            newer = late.backlog() > 0 or any(
+                f is not None
+                for f in self._queue._queue  # type: ignore[attr-defined]
+            )
             media_s, now = float(frame.pts * frame.time_base), time.monotonic()
             if late.keep(media_s, now, newer):
                 if (hold := late.hold_s(media_s, now)) > 0:
@@ -697,6 +708,11 @@ class _VideoPath:
     def _deliver(self, frame: JitterFrame, first: RtpPacket) -> None:
         _decode(self.receiver, frame, first)
 
+    def _backlog(self) -> int:
+        # rtcrtpreceiver.py:291: the queue.Queue the decoder thread takes encoded frames from.
+        queue: Any = self.receiver._RTCRtpReceiver__decoder_queue  # type: ignore[attr-defined]
+        return int(queue.qsize())
+
     def _request_keyframe(self) -> None:
         if self.ssrc is not None:
             self._pending_pli = True
@@ -712,6 +728,7 @@ class _VideoPath:
                 if track is not None:
                     late: LateFrames = track.__dict__.setdefault("_epc_late", LateFrames())
                     late.target_s = self.nack.playout_delay_s(now)
+                    late.backlog = self._backlog
                 if self.ssrc is None:
                     continue
                 lost = self.nack.due(now)
