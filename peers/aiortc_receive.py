@@ -30,10 +30,9 @@ installs it, and ``check_versions()`` still guards it. Against aiortc 1.16.0:
   frame, however late. Here a video frame more than ``LATE_S`` behind the best
   delay seen in the last ``BASELINE_S`` is dropped when a newer frame already
   waits behind it (it was decoded, so the frames after it still decode): a
-  backlog released at once is skipped to real time instead of played fast
-  (frames still waiting for the decoder count as newer ones).
+  backlog released at once is skipped to real time instead of played fast.
   And while packets are being recovered by NACK, frames are shown one round
-  trip (less the 120 ms gap that is no freeze) after the best delay (a
+  trip (less 60 ms of the gap that is no freeze) after the best delay (a
   playout delay, as libwebrtc's jitter estimate adds one), up to
   ``PLAYOUT_MAX_S`` (0.25 s: with ``LATE_S`` and a margin, the issue's 500 ms):
   without it each retransmission (150 ms away at 75 ms each way) held the
@@ -109,10 +108,12 @@ PLAYOUT_MARGIN_S = 0.03
 # past any bound. The other side: every frame is shown that delay behind the best one, and
 # kept up to LATE_S more, never past the 500 ms; less a margin for decoding and for
 # the window's best delay against the call's (0.3 s gave 644-832 ms at p95 in the command-line
-# bench at load 6), 250 ms. The delay is RTT + 30 ms less FORGIVEN_GAP_S under the cap
-# (libwebrtc adds a whole RTT; with it, the stamps showed the aiortc call 508-569 ms behind at
-# p95 at load 3-4, against 331-335 with 130 ms, for no fewer freezes).
-FORGIVEN_GAP_S = 0.12  # a retransmission this late after its frame's time is no freeze
+# bench at load 6), 250 ms. The delay is RTT + 30 ms less FORGIVEN_GAP_S under the cap:
+# libwebrtc adds a whole RTT; with it, the stamps showed the aiortc call 508-569 ms behind at
+# p95 at load 3-4, against 331-335 with 130 ms, for no fewer freezes; with 120 ms less, 205-220
+# ms behind but 3.8-4.9 s frozen (the frames behind a retransmission 150-190 ms late, at the
+# threshold of a freeze at 30 fps); 60 ms less leaves them 70-100 ms, well inside it.
+FORGIVEN_GAP_S = 0.06  # a retransmission this late after its frame's time is no freeze
 BEHIND_MAX_S = 0.5
 DECODE_MARGIN_S = 0.1
 PLAYOUT_MAX_S = round(BEHIND_MAX_S - LATE_S - DECODE_MARGIN_S, 3)  # 0.25 s
@@ -577,9 +578,6 @@ class LateFrames:
 
     late_s: float = LATE_S
     target_s: float = 0.0
-    # Encoded frames waiting for the decoder (a backlog released behind a hole): newer frames
-    # too, not yet in the track's queue.
-    backlog: Callable[[], int] = lambda: 0
     recent: collections.deque[tuple[float, float]] = field(default_factory=collections.deque)
 
     def hold_s(self, media_s: float, now: float) -> float:
@@ -637,10 +635,7 @@ def install() -> None:
             if not isinstance(frame, VideoFrame) or frame.pts is None or frame.time_base is None:
                 return frame
             late: LateFrames = self.__dict__.setdefault("_epc_late", LateFrames())
-            newer = late.backlog() > 0 or any(
-                f is not None
-                for f in self._queue._queue  # type: ignore[attr-defined]
-            )
+            newer = any(f is not None for f in self._queue._queue)  # type: ignore[attr-defined]
             media_s, now = float(frame.pts * frame.time_base), time.monotonic()
             if late.keep(media_s, now, newer):
                 if (hold := late.hold_s(media_s, now)) > 0:
@@ -708,11 +703,6 @@ class _VideoPath:
     def _deliver(self, frame: JitterFrame, first: RtpPacket) -> None:
         _decode(self.receiver, frame, first)
 
-    def _backlog(self) -> int:
-        # rtcrtpreceiver.py:291: the queue.Queue the decoder thread takes encoded frames from.
-        queue: Any = self.receiver._RTCRtpReceiver__decoder_queue  # type: ignore[attr-defined]
-        return int(queue.qsize())
-
     def _request_keyframe(self) -> None:
         if self.ssrc is not None:
             self._pending_pli = True
@@ -728,7 +718,6 @@ class _VideoPath:
                 if track is not None:
                     late: LateFrames = track.__dict__.setdefault("_epc_late", LateFrames())
                     late.target_s = self.nack.playout_delay_s(now)
-                    late.backlog = self._backlog
                 if self.ssrc is None:
                     continue
                 lost = self.nack.due(now)
