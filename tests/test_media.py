@@ -583,22 +583,22 @@ async def test_a_starved_vp8_encoder_steps_down_for_its_cpu_and_climbs_back(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """aiortc's Vp8Encoder, patched, at 640x480 and 15 fps with plenty of bitrate: encodes made
-    to take 120 % of the frame interval take it down a rung within 5 s (2 checks of 1 s, with
+    to take 120 % of the frame interval take it down a rung within 8 s (2 checks of 1 s, with
     room for this machine's load); fast again, it climbs back to 640x480 within 20 s."""
     aiortc_patches.steady_media()
     encoder, track = Vp8Encoder(), PatternTrack(640, 480, FPS)
     encoder.target_bitrate = 1_000_000
     try:
-        ladder = await encode_until(encoder, track, lambda ladder: ladder.width == 640, 2)
+        ladder = await encode_until(encoder, track, lambda ladder: ladder.width == 640, 5)
         assert (ladder.size(), ladder.rate_rung) == ((640, 480), 0)
         monkeypatch.setattr(aiortc_send, "vp8_encode", slowed(aiortc_send.vp8_encode, 1.2 / FPS))
-        ladder = await encode_until(encoder, track, lambda ladder: ladder.cpu.rung >= 1, 5)
-        await encode_until(encoder, track, lambda ladder: True, 1)  # a frame at the new size
+        ladder = await encode_until(encoder, track, lambda ladder: ladder.cpu.rung >= 1, 8)
+        await encode_until(encoder, track, lambda ladder: True, 3)  # a frame at the new size
         assert encoder.codec is not None and encoder.codec.width < 640, ladder
         assert aiortc_send.last_sent[-1].limitation == "cpu"
         monkeypatch.undo()
         ladder = await encode_until(encoder, track, lambda ladder: ladder.cpu.rung == 0, 20)
-        await encode_until(encoder, track, lambda ladder: True, 1)
+        await encode_until(encoder, track, lambda ladder: True, 3)
         assert (encoder.codec.width, encoder.codec.height) == (640, 480), ladder
         assert aiortc_send.last_sent[-1].limitation == "none"
     finally:
