@@ -9,11 +9,7 @@ installs it, and ``check_versions()`` still guards it. Against aiortc 1.16.0:
   each missing packet is NACKed again every round trip until it arrives, is
   older than the sender's history (``RTP_HISTORY_SIZE``, rtp.py:13), or was
   asked for ``NACK_RETRIES`` times. The round trip is measured from each NACK
-  to the retransmission it brings; when retries keep going out before the
-  answers come (the estimate, 100 ms at first, below the link's round trip),
-  from the first NACK: otherwise no sample is ever unambiguous, and at 75 ms
-  each way the estimate stayed at 100 ms for the whole call, the playout delay
-  below the retransmissions' time.
+  to the retransmission it brings.
 - ``FrameBuffer`` replaces the video ``JitterBuffer(capacity=512,
   is_video=True)`` (rtcrtpreceiver.py:299; jitterbuffer.py), which holds every
   frame behind a hole until 512 packets pile up (seconds), then releases one
@@ -32,11 +28,9 @@ installs it, and ``check_versions()`` still guards it. Against aiortc 1.16.0:
   waits behind it (it was decoded, so the frames after it still decode): a
   backlog released at once is skipped to real time instead of played fast.
   And while packets are being recovered by NACK, frames are shown one round
-  trip (less 60 ms of the gap that is no freeze) after the best delay (a
-  playout delay, as libwebrtc's jitter estimate adds one), up to
-  ``PLAYOUT_MAX_S`` (0.25 s: with ``LATE_S`` and a margin, the issue's 500 ms):
-  without it each retransmission (150 ms away at 75 ms each way) held the
-  frames behind it for a freeze of 0.3 s, about one a second at 5 %
+  trip after the best delay (a playout delay, as libwebrtc's jitter estimate
+  adds one): without it each retransmission (150 ms away at 75 ms each way)
+  held the frames behind it for a freeze of 0.3 s, about one a second at 5 %
   loss.
 
 Upstream, ``NackList`` and ``FrameBuffer`` would take the place of the two
@@ -99,24 +93,7 @@ BASELINE_S = 10.0
 # while packets are being recovered, so that a retransmission comes before its frame is due.
 PLAYOUT_AFTER_RECOVERIES = 3  # packets recovered by NACK in the last BASELINE_S
 PLAYOUT_MARGIN_S = 0.03
-# The cap, from the NACK arithmetic. A lost packet is NACKed at the next tick after the packet
-# behind it arrives and comes back one round trip later: the frames behind it are ready
-# RTT + 10-45 ms late (tick, detection within a frame interval). A gap counts as a freeze from
-# max(3 x mean, mean + 150 ms) (183 ms at 30 fps), so a delay of RTT - 140 ms already keeps the
-# first retransmission from freezing: 171 ms at the 311 ms measured at 5 % loss and 75 ms each
-# way (150 ms on the link, both processes' processing in the rest); a second try (2.2 RTT) is
-# past any bound. The other side: every frame is shown that delay behind the best one, and
-# kept up to LATE_S more, never past the issue's 500 ms; less a margin for decoding and for
-# the window's best delay against the call's (0.3 s gave 644-832 ms at p95 in the command-line
-# bench at load 6), 250 ms. The delay is RTT + 30 ms less FORGIVEN_GAP_S under the cap:
-# libwebrtc adds a whole RTT; with it, the stamps showed the aiortc call 508-569 ms behind at
-# p95 at load 3-4, against 331-335 with 130 ms, for no fewer freezes; with 120 ms less, 205-220
-# ms behind but 3.8-4.9 s frozen (the frames behind a retransmission 150-190 ms late, at the
-# threshold of a freeze at 30 fps); 60 ms less leaves them 70-100 ms, well inside it.
-FORGIVEN_GAP_S = 0.06  # a retransmission this late after its frame's time is no freeze
-BEHIND_MAX_S = 0.5
-DECODE_MARGIN_S = 0.1
-PLAYOUT_MAX_S = round(BEHIND_MAX_S - LATE_S - DECODE_MARGIN_S, 3)  # 0.25 s
+PLAYOUT_MAX_S = 0.25  # with LATE_S, a frame is never more than 0.4 s behind by design
 
 
 @dataclass
@@ -176,16 +153,8 @@ class _InOrder:
 @dataclass
 class _Missing:
     seen: float
-    sent: float | None = None  # the last NACK
-    first: float | None = None  # the first NACK
+    sent: float | None = None
     tries: int = 0
-
-
-# Two recoveries in a row whose NACK had been sent again before they came: the round trip is
-# longer than the estimate (each retry goes out before the first answer can come back), and the
-# first NACK's time is the sample (Karn's rule would take none, and an estimate that starts
-# below the link's round trip would never learn it).
-AMBIGUOUS_IN_A_ROW = 2
 
 
 class NackList:
@@ -195,8 +164,6 @@ class NackList:
         self.history = history
         self.retries = retries
         self.rtt_s = 0.1
-        self.ambiguous = 0  # recoveries in a row that came after a retry
-        self.samples = 0
         self.max_seq: int | None = None
         self.missing: dict[int, _Missing] = {}
         self.recovered_at: collections.deque[float] = collections.deque()
@@ -224,26 +191,18 @@ class NackList:
                 self.recovered_at.append(now)
                 while self.recovered_at[0] < now - BASELINE_S:
                     self.recovered_at.popleft()
-                sent = None
                 if entry.tries == 1:  # an unambiguous round trip
-                    sent, self.ambiguous = entry.sent, 0
-                else:
-                    self.ambiguous += 1
-                    if self.ambiguous >= AMBIGUOUS_IN_A_ROW:
-                        sent = entry.first
-                if sent is not None:  # the first sample is taken whole (RFC 6298 2.2)
-                    sample = min(max(now - sent, 0.005), 1.0)
-                    self.rtt_s += (sample - self.rtt_s) / (8 if self.samples else 1)
-                    self.samples += 1
+                    sample = min(max(now - entry.sent, 0.005), 1.0)
+                    self.rtt_s += (sample - self.rtt_s) / 8
         return False
 
     def playout_delay_s(self, now: float) -> float:
-        """The delay a frame should be held beyond the best one while packets are being
-        recovered (else none): a round trip and a margin, less the gap that is no freeze."""
+        """The delay a frame should be held beyond the best one: a round trip (and a margin)
+        while packets are being recovered, else none."""
         recent = sum(1 for t in self.recovered_at if t > now - BASELINE_S)
         if recent < PLAYOUT_AFTER_RECOVERIES:
             return 0.0
-        return min(max(self.rtt_s + PLAYOUT_MARGIN_S - FORGIVEN_GAP_S, 0.0), PLAYOUT_MAX_S)
+        return min(self.rtt_s + PLAYOUT_MARGIN_S, PLAYOUT_MAX_S)
 
     def forget_below(self, ext: int) -> None:
         """Stop asking for packets before ``ext`` (the frame buffer gave up on them)."""
@@ -263,7 +222,6 @@ class NackList:
                 if entry.sent is not None:
                     counters.nack_retries += 1
                 entry.sent = now
-                entry.first = entry.first if entry.first is not None else now
                 entry.tries += 1
                 out.append(seq)
         counters.nacks += len(out)
@@ -731,8 +689,8 @@ class _VideoPath:
 
 
 def nack_rtt_s(pc: Any) -> float | None:
-    """The round trip a peer connection's video receive path measured (NACK to
-    retransmission), None without a video receiver."""
+    """The round trip a peer connection's video receive path uses (NACK to retransmission),
+    None without a video receiver."""
     for receiver in pc.getReceivers():
         path = getattr(receiver, "_epc_path", None)
         if isinstance(path, _VideoPath):

@@ -184,25 +184,6 @@ def test_a_lost_packet_is_given_up_after_the_retries_or_the_senders_history() ->
     assert nack.due(4.0) == list(range(172, 300))
 
 
-def test_a_round_trip_longer_than_the_first_estimate_is_learnt() -> None:
-    """At a 300 ms round trip every NACK is sent again (at 1.2 x the first 100 ms estimate)
-    before its answer comes; from the second such recovery in a row the first NACK's time is
-    the sample, and the estimate climbs to the link's (without it, it stayed at 100 ms)."""
-    nack, clock = NackList(), [0.0]
-    nack._now = lambda: clock[0]
-    nack.add(vp8(0, 0))
-    for k in range(40):
-        base = 1.0 * k
-        clock[0] = base
-        nack.add(vp8(2 * k + 2, 0))  # 2k + 1 lost
-        assert nack.due(base) == [(2 * k + 1) & 0xFFFF]
-        if 1.2 * nack.rtt_s < 0.3:
-            assert nack.due(base + 1.2 * nack.rtt_s + 1e-6)  # the retry, before the answer
-        clock[0] = base + 0.3
-        nack.add(vp8(2 * k + 1, 0))  # the answer to the first NACK
-    assert 0.28 < nack.rtt_s < 0.31, nack.rtt_s
-
-
 def test_a_late_frame_is_skipped_only_when_a_newer_one_waits() -> None:
     """A frame later than the best recent delay by more than LATE_S is dropped if a newer frame
     waits behind it; the newest frame is always shown (dropping never freezes the picture)."""
@@ -218,9 +199,8 @@ def test_a_late_frame_is_skipped_only_when_a_newer_one_waits() -> None:
 
 def test_frames_are_held_a_round_trip_while_packets_are_being_recovered() -> None:
     """Once 3 packets were recovered by NACK in the last 10 s, frames are due a round trip (and
-    a margin, less 60 ms of the gap that is no freeze) after the best delay: one that came at once
-    is held until then, and one that late is not dropped as late; with no recovery in 10 s, no
-    delay."""
+    a margin) after the best delay: one that came at once is held until then, and one that
+    late is not dropped as late; with no recovery in 10 s, no delay."""
     nack, clock = NackList(), [0.0]
     nack.rtt_s = 0.15
     nack._now = lambda: clock[0]
@@ -232,7 +212,7 @@ def test_frames_are_held_a_round_trip_while_packets_are_being_recovered() -> Non
     nack.add(vp8(4, 0))
     assert nack.playout_delay_s(0.15) == 0.0
     nack.add(vp8(6, 0))
-    assert nack.playout_delay_s(0.15) == pytest.approx(nack.rtt_s + 0.03 - 0.06)
+    assert nack.playout_delay_s(0.15) == pytest.approx(nack.rtt_s + 0.03)
     assert nack.playout_delay_s(10.2) == 0.0
 
     late = LateFrames(target_s=0.18)
