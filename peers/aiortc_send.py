@@ -160,6 +160,10 @@ class Ladder:
     frames: int = 0  # frames offered, for the frame-rate divisor
     history: list[tuple[float, int]] = field(default_factory=list)  # (when, rung) at each change
 
+    def __post_init__(self) -> None:
+        # A ladder made on a rung (``Ladder(rung=2)``) is there for its bitrate.
+        self.rate_rung = max(self.rate_rung, self.rung)
+
     def need(self, rung: int) -> float:
         scale, divisor = RUNGS[rung]
         return self.width * self.height * scale * scale * self.fps / divisor * BITS_PER_PIXEL
