@@ -64,6 +64,8 @@ __all__ = [
     "counters",
     "install",
     "is_keyframe_start",
+    "nack_rtt_s",
+    "playout_delay_s",
 ]
 
 logger = logging.getLogger(__name__)
@@ -684,6 +686,25 @@ class _VideoPath:
                 if self._pending_pli:
                     self._pending_pli = False
                     await receiver._send_rtcp_pli(self.ssrc)
+
+
+def nack_rtt_s(pc: Any) -> float | None:
+    """The round trip a peer connection's video receive path uses (NACK to retransmission),
+    None without a video receiver."""
+    for receiver in pc.getReceivers():
+        path = getattr(receiver, "_epc_path", None)
+        if isinstance(path, _VideoPath):
+            return path.nack.rtt_s
+    return None
+
+
+def playout_delay_s(pc: Any) -> float | None:
+    """The playout delay a peer connection's video is shown with now (beyond the best delay)."""
+    for receiver in pc.getReceivers():
+        late = getattr(receiver.track, "_epc_late", None) if receiver.track else None
+        if isinstance(late, LateFrames):
+            return late.target_s
+    return None
 
 
 def concealed(track: Any) -> int:

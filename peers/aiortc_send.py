@@ -9,18 +9,44 @@ encoder as a whole. Against aiortc 1.16.0:
 - Resolution, then frame rate, from the target bitrate: aiortc encodes every
   frame at the source's size whatever the estimate (``Vp8Encoder.encode``,
   vpx.py:180). Here ``Ladder`` picks a rung (scale, frame-rate divisor) whose
-  need, ``width x height x fps x BITS_PER_PIXEL``, fits the target: down at once,
+  need, ``width x height x fps x BITS_PER_PIXEL`` (``fps`` the source's, from the
+  frames' media time), fits the target: down at once,
   up only after the target has held ``UP_MARGIN`` above the next rung's need
   for ``UP_AFTER_S`` (each change costs a keyframe), then to the highest rung the
   target covers (after a probe, 320x240 to 640x480 in one step).
 
-Upstream, both would be ``Vp8Encoder`` options (a minimum bitrate, and a
-``degradation_preference`` as in WebRTC's ``RTCRtpSendParameters``).
+- CPU overuse: aiortc has no signal that encoding is too slow for the frame
+  rate. ``RTCRtpSender._next_encoded_frame`` (rtcrtpsender.py:318) awaits
+  ``Vp8Encoder.encode`` in the loop's thread executor and sends whatever comes
+  back, however late: a starved process keeps encoding 640x480 at 30 fps, and
+  its frames leave late and in bursts. Here ``CpuOveruse``, after libwebrtc's
+  ``OveruseFrameDetector``, measures the time each encode takes (wall clock, in
+  the executor's thread, scaling included) against the time it covers: above
+  ``HIGH_USAGE`` for ``OVER_CHECKS`` checks in a row, one rung down; below
+  ``LOW_USAGE`` for ``CPU_UP_AFTER_S``, one rung up (that wait doubles when a
+  climb is followed by an overuse within ``OSCILLATION_S``). It moves the same
+  ladder as the bitrate; the lower of the two wins. It takes resolution only
+  (down to ``CPU_MAX_RUNG``), as Chromium does for a camera
+  (``DegradationPreference::MAINTAIN_FRAMERATE``); the frame rate is left to
+  the bitrate. ``Sent.limitation`` says which one holds the sender down (the
+  W3C ``qualityLimitationReason``: ``cpu``, ``bandwidth`` or ``none``).
+
+Audio is not held behind video encoding: each sender runs its own task
+(``RTCRtpSender._run_rtp``) and each encode is a separate executor job; FFmpeg's
+``avcodec_send_frame`` and ``sws_scale`` run without the GIL (av 18.1
+``codec/context.py:541``, ``video/reformatter.py``), so a slow VP8 encode holds
+neither the event loop nor the Opus encode (tests/test_media.py checks it with
+an encoder slowed to a third of real time).
+
+Upstream, these would be ``Vp8Encoder`` options (a minimum bitrate, and a
+``degradation_preference`` as in WebRTC's ``RTCRtpSendParameters``) and an
+overuse detector in ``RTCRtpSender``.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,14 +55,21 @@ from av import VideoFrame
 
 __all__ = [
     "BITS_PER_PIXEL",
+    "CPU_MAX_RUNG",
+    "CPU_UP_AFTER_S",
     "FLOOR_BPS",
+    "HIGH_USAGE",
+    "LOW_USAGE",
     "RUNGS",
+    "CpuOveruse",
     "Ladder",
     "Sent",
+    "encoder_ladder",
     "install",
     "ladder_of",
     "last_sent",
     "sent_video",
+    "vp8_encode",
 ]
 
 FLOOR_BPS = 30_000
@@ -45,30 +78,103 @@ RUNGS = ((1.0, 1), (0.75, 1), (0.5, 1), (0.5, 2), (0.5, 3))  # (scale, keep 1 fr
 UP_MARGIN = 1.0  # the next rung needs 1.8-2.25 x the pixels: hysteresis enough
 UP_AFTER_S = 3.0
 
+# CPU overuse, after libwebrtc's OveruseFrameDetector (overuse_frame_detector.cc): the encode
+# usage thresholds are its own (high_encode_usage_threshold_percent 85, low 42: one rung down
+# needs 0.56 x the pixels, so a usage just above 85 % lands between the two); it checks every
+# 5 s (kCheckForOveruseIntervalMs) and climbs after 10 s (kQuickRampUpDelayMs), which on a
+# call of 30 s is most of it: here every second, and 5 s.
+HIGH_USAGE = 0.85  # encode time / time covered
+LOW_USAGE = 0.42
+CPU_CHECK_S = 1.0
+OVER_CHECKS = 2  # libwebrtc: high_threshold_consecutive_count
+CPU_UP_AFTER_S = 5.0
+CPU_UP_AFTER_MAX_S = 40.0  # libwebrtc: kMaxRampUpDelayMs is 240 s
+OSCILLATION_S = 30.0  # an overuse this soon after a climb doubles the next climb's wait
+CPU_MAX_RUNG = 2  # resolution only: 320x240 of 640x480 at the full frame rate
+
+
+@dataclass
+class CpuOveruse:
+    """The rung a video sender's encode time asks for (0: none; see the module docstring)."""
+
+    rung: int = 0
+    usage: float = 0.0  # at the last check
+    window_start: float | None = None
+    busy_s: float = 0.0
+    over: int = 0  # checks in a row above HIGH_USAGE
+    under_since: float | None = None  # below LOW_USAGE since
+    up_after_s: float = CPU_UP_AFTER_S
+    last_climb: float | None = None
+    overuses: int = 0
+
+    def reset(self) -> None:
+        """Start measuring again (the encoder's size changed: its cost did too)."""
+        self.window_start, self.busy_s, self.over, self.under_since = None, 0.0, 0, None
+
+    def sample(self, start: float, end: float) -> int:
+        """Note one encode that ran from ``start`` to ``end`` (monotonic s); the rung asked for."""
+        if self.window_start is None:
+            self.window_start = start
+        self.busy_s += max(end - start, 0.0)
+        elapsed = end - self.window_start
+        if elapsed >= CPU_CHECK_S:
+            self.usage = self.busy_s / elapsed
+            self._check(self.window_start, end)
+            self.window_start, self.busy_s = end, 0.0
+        return self.rung
+
+    def _check(self, since: float, now: float) -> None:
+        if self.usage > HIGH_USAGE:
+            self.under_since = None
+            self.over += 1
+            if self.over >= OVER_CHECKS and self.rung < CPU_MAX_RUNG:
+                if self.last_climb is not None and now - self.last_climb < OSCILLATION_S:
+                    self.up_after_s = min(2 * self.up_after_s, CPU_UP_AFTER_MAX_S)
+                    self.last_climb = None  # once per climb
+                self.rung += 1
+                self.overuses += 1
+                self.over = 0
+        elif self.usage < LOW_USAGE:
+            self.over = 0
+            self.under_since = since if self.under_since is None else self.under_since
+            if self.rung > 0 and now - self.under_since >= self.up_after_s:
+                self.rung -= 1
+                self.last_climb = now
+                self.under_since = None
+        else:
+            self.over, self.under_since = 0, None
+
 
 @dataclass
 class Ladder:
-    """The rung a video sender is on, from its target bitrate."""
+    """The rung a video sender is on: the lower of its target bitrate's and its CPU's."""
 
     width: int = 0
     height: int = 0
     fps: float = 30.0
-    rung: int = 0
+    rung: int = 0  # the one encoded: max(rate_rung, cpu.rung)
+    rate_rung: int = 0  # the target bitrate's
+    cpu: CpuOveruse = field(default_factory=CpuOveruse)
     above_since: float | None = None
+    last_pts_s: float | None = None  # media time of the last frame offered
     changes: int = 0
     frames: int = 0  # frames offered, for the frame-rate divisor
     history: list[tuple[float, int]] = field(default_factory=list)  # (when, rung) at each change
+
+    def __post_init__(self) -> None:
+        # A ladder made on a rung (``Ladder(rung=2)``) is there for its bitrate.
+        self.rate_rung = max(self.rate_rung, self.rung)
 
     def need(self, rung: int) -> float:
         scale, divisor = RUNGS[rung]
         return self.width * self.height * scale * scale * self.fps / divisor * BITS_PER_PIXEL
 
     def update(self, target_bps: float, now: float) -> int:
-        """The rung for ``target_bps`` now (hysteresis upwards)."""
-        rung = self.rung
+        """The rung for ``target_bps`` now (hysteresis upwards), or the CPU's if lower."""
+        rung = self.rate_rung
         while rung < len(RUNGS) - 1 and target_bps < self.need(rung):
             rung += 1
-        if rung == self.rung and rung > 0 and target_bps >= UP_MARGIN * self.need(rung - 1):
+        if rung == self.rate_rung and rung > 0 and target_bps >= UP_MARGIN * self.need(rung - 1):
             self.above_since = self.above_since if self.above_since is not None else now
             if now - self.above_since >= UP_AFTER_S:
                 rung -= 1  # and on, to the highest rung the target covers (a probe's jump)
@@ -76,12 +182,38 @@ class Ladder:
                     rung -= 1
         else:
             self.above_since = None
+        if rung != self.rate_rung:
+            self.rate_rung = rung
+            self.above_since = None
+        return self._settle(now)
+
+    def offered(self, pts_s: float) -> None:
+        """Note a frame's media time: ``fps`` follows the source's frame rate (a 15 fps camera
+        needs half the bitrate of a 30 fps one at the same size)."""
+        if self.last_pts_s is not None and 0 < pts_s - self.last_pts_s < 1:
+            self.fps += (1 / (pts_s - self.last_pts_s) - self.fps) / 8
+        self.last_pts_s = pts_s
+
+    def encoded(self, start: float, end: float) -> int:
+        """Note how long one frame's encode took (monotonic s); the rung from now on."""
+        self.cpu.sample(start, end)
+        return self._settle(end)
+
+    def _settle(self, now: float) -> int:
+        rung = max(self.rate_rung, self.cpu.rung)
         if rung != self.rung:
             self.rung = rung
-            self.above_since = None
             self.changes += 1
             self.history.append((now, rung))
+            self.cpu.reset()
         return rung
+
+    def limitation(self) -> str:
+        """What holds the sender below the top rung: ``cpu``, ``bandwidth`` or ``none``
+        (the W3C ``RTCOutboundRtpStreamStats.qualityLimitationReason``)."""
+        if self.rung == 0:
+            return "none"
+        return "cpu" if self.cpu.rung >= self.rate_rung else "bandwidth"
 
     def size(self) -> tuple[int, int]:
         scale = RUNGS[self.rung][0]
@@ -101,12 +233,18 @@ class Sent:
     height: int
     target_bps: int
     frame_divisor: int
+    limitation: str = "none"  # the W3C qualityLimitationReason: cpu, bandwidth or none
 
 
 # The last frame this process encoded (a peer's command line has one call at a time; the
 # stats read it when the call is already closed and its encoder gone).
 last_sent: list[Sent] = []
 _installed: list[bool] = []
+
+# aiortc's own ``Vp8Encoder.encode`` (vpx.py:180), taken before ``install()`` wraps it: the
+# ladder's wrapper calls and times it. A test may put a slower one in its place, to starve the
+# encoder alone.
+vp8_encode: Callable[..., tuple[list[bytes], int]] = vpx.Vp8Encoder.encode
 
 
 def install() -> None:
@@ -115,7 +253,6 @@ def install() -> None:
         return
     _installed.append(True)
     vpx.MIN_BITRATE = FLOOR_BPS  # read by the target_bitrate setter (vpx.py:254)
-    original = vpx.Vp8Encoder.encode
 
     def encode(
         self: vpx.Vp8Encoder, frame: Any, force_keyframe: bool = False
@@ -123,9 +260,12 @@ def install() -> None:
         ladder: Ladder | None = self.__dict__.get("_epc_ladder")
         if ladder is None:
             ladder = self.__dict__["_epc_ladder"] = Ladder()
+        start = time.monotonic()  # in the executor's thread, as aiortc calls it
         if isinstance(frame, VideoFrame):
             if (frame.width, frame.height) != (ladder.width, ladder.height):
                 ladder.width, ladder.height = frame.width, frame.height
+            if frame.pts is not None and frame.time_base is not None:
+                ladder.offered(float(frame.pts * frame.time_base))
             ladder.update(self.target_bitrate, time.monotonic())
             if not ladder.keep() and not force_keyframe:
                 return [], 0  # the sender sends nothing for an empty list (rtcrtpsender.py:326)
@@ -134,8 +274,10 @@ def install() -> None:
                 scaled = frame.reformat(width=width, height=height, format="yuv420p")
                 scaled.pts, scaled.time_base = frame.pts, frame.time_base
                 frame = scaled
-            last_sent[:] = [Sent(width, height, self.target_bitrate, RUNGS[ladder.rung][1])]
-        payloads, timestamp = original(self, frame, force_keyframe)
+        payloads, timestamp = vp8_encode(self, frame, force_keyframe)
+        if isinstance(frame, VideoFrame):
+            ladder.encoded(start, time.monotonic())
+            last_sent[:] = [sent_by(self, ladder)]
         return payloads, timestamp
 
     vpx.Vp8Encoder.encode = encode  # type: ignore[method-assign]
@@ -146,9 +288,14 @@ def ladder_of(pc: Any) -> Ladder | None:
     for sender in pc.getSenders():
         encoder = getattr(sender, "_RTCRtpSender__encoder", None)
         if sender.kind == "video" and encoder is not None:
-            ladder: Ladder | None = getattr(encoder, "_epc_ladder", None)
-            return ladder
+            return encoder_ladder(encoder)
     return None
+
+
+def encoder_ladder(encoder: Any) -> Ladder | None:
+    """The ladder of a ``Vp8Encoder`` (None before it encodes)."""
+    ladder: Ladder | None = getattr(encoder, "_epc_ladder", None)
+    return ladder
 
 
 def sent_video(pc: Any) -> Sent | None:
@@ -168,6 +315,13 @@ def sent_video(pc: Any) -> Sent | None:
         ladder = getattr(encoder, "_epc_ladder", None)
         if encoder is None or ladder is None or not ladder.width:
             continue
-        width, height = ladder.size()
-        return Sent(width, height, int(encoder.target_bitrate), RUNGS[ladder.rung][1])
+        return sent_by(encoder, ladder)
     return last_sent[-1] if last_sent and pc.connectionState == "closed" else None
+
+
+def sent_by(encoder: Any, ladder: Ladder) -> Sent:
+    """What ``encoder`` sends now, on ``ladder``'s rung."""
+    width, height = ladder.size()
+    return Sent(
+        width, height, int(encoder.target_bitrate), RUNGS[ladder.rung][1], ladder.limitation()
+    )

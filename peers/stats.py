@@ -78,6 +78,7 @@ class StatsLine:
         encoder = aiortc_send.sent_video(call.pc)
         sending = (
             f"sending {encoder.width}x{encoder.height} at {encoder.target_bps / 1000:.0f} kbit/s"
+            + (f" (limited by {encoder.limitation})" if encoder.limitation != "none" else "")
             if encoder is not None
             else "sending -"
         )
@@ -181,5 +182,6 @@ def media_summary(call: Call) -> dict[str, Any]:
             "height": sent.height,
             "target_kbps": round(sent.target_bps / 1000, 1),
             "frame_divisor": sent.frame_divisor,
+            "limitation": sent.limitation,
         },
     }

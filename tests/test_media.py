@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import itertools
 import time
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from aiortc.codecs.opus import OpusEncoder
@@ -28,7 +30,15 @@ from peers.aiortc_receive import (
     NackList,
     is_keyframe_start,
 )
-from peers.aiortc_send import RUNGS, UP_AFTER_S, UP_MARGIN, Ladder
+from peers.aiortc_send import (
+    CPU_MAX_RUNG,
+    CPU_UP_AFTER_S,
+    RUNGS,
+    UP_AFTER_S,
+    UP_MARGIN,
+    CpuOveruse,
+    Ladder,
+)
 from peers.media import PatternTrack, Received, ToneTrack
 from peers.netns import Netns
 from tests.inprocess import LocalPair
@@ -471,3 +481,127 @@ def test_the_vp8_encoder_sends_320x240_at_100_kbits() -> None:
     assert (encoder.codec.width, encoder.codec.height) == (320, 240)
     assert payloads
     assert (aiortc_send.last_sent[-1].width, aiortc_send.last_sent[-1].height) == (320, 240)
+
+
+# -- the sender on a starved CPU ------------------------------------------------------------------
+
+
+def encodes(overuse: CpuOveruse, start: float, seconds: float, fps: float, busy_s: float) -> float:
+    """Feed ``overuse`` ``seconds`` of encodes at ``fps``, each taking ``busy_s``; the end."""
+    t = start
+    for _ in range(round(seconds * fps)):
+        overuse.sample(t, t + busy_s)
+        t += 1 / fps
+    return t
+
+
+def test_an_encoder_over_85_percent_of_the_frame_interval_steps_down_and_back_up() -> None:
+    """Encodes taking 90 % of the frame interval for two checks take one rung down; under 42 %
+    for CPU_UP_AFTER_S, one rung up; 60 % moves nothing; never below CPU_MAX_RUNG."""
+    overuse = CpuOveruse()
+    t = encodes(overuse, 0.0, 1.5, 30, 0.9 / 30)
+    assert overuse.rung == 0  # one check over: not yet
+    t = encodes(overuse, t, 1.0, 30, 0.9 / 30)
+    assert (overuse.rung, round(overuse.usage, 2)) == (1, 0.9)
+    t = encodes(overuse, t, 10.0, 30, 0.6 / 30)
+    assert overuse.rung == 1
+    t = encodes(overuse, t, CPU_UP_AFTER_S - 1.5, 30, 0.1 / 30)
+    assert overuse.rung == 1
+    t = encodes(overuse, t, 1.5, 30, 0.1 / 30)
+    assert overuse.rung == 0
+    t = encodes(overuse, t, 30.0, 30, 2.0 / 30)  # falling further behind each frame
+    assert overuse.rung == CPU_MAX_RUNG
+    assert overuse.up_after_s == 2 * CPU_UP_AFTER_S  # it had climbed 5 s before: slower up
+
+
+def test_the_ladder_takes_the_lower_of_the_bitrate_and_the_cpu_and_says_which() -> None:
+    """The rung encoded is the lower of the bitrate's and the CPU's; ``limitation`` names the
+    one holding it (``cpu`` on a tie), and a change of rung restarts the CPU's measure."""
+    ladder = Ladder(width=640, height=480)
+    assert (ladder.update(1_000_000, 0.0), ladder.limitation()) == (0, "none")
+    ladder.cpu.rung = 1
+    assert (ladder.encoded(0.0, 0.01), ladder.size(), ladder.limitation()) == (
+        1,
+        (480, 360),
+        "cpu",
+    )
+    assert ladder.cpu.window_start is None  # measured again at the new size
+    assert (ladder.update(100_000, 1.0), ladder.limitation()) == (2, "bandwidth")
+    ladder.cpu.rung = 2
+    assert (ladder.update(100_000, 2.0), ladder.limitation()) == (2, "cpu")
+    assert RUNGS[CPU_MAX_RUNG][1] == 1  # the CPU takes resolution, never frames
+
+
+def slowed(real: Any, vga_s: float) -> Any:
+    """``real`` (aiortc's Vp8Encoder.encode) made to take ``vga_s`` more per 640x480 frame, in
+    proportion to the pixels: the cost of a slow CPU, which a smaller picture relieves."""
+
+    def encode(encoder: Vp8Encoder, frame: Any, force_keyframe: bool = False) -> Any:
+        time.sleep(vga_s * frame.width * frame.height / (640 * 480))  # releases the GIL
+        return real(encoder, frame, force_keyframe)
+
+    return encode
+
+
+async def encode_until(
+    encoder: Vp8Encoder, track: PatternTrack, wanted: Callable[[Ladder], bool], seconds: float
+) -> Ladder:
+    """Encode ``track``'s frames as aiortc's sender does (one executor job per frame,
+    rtcrtpsender.py:318) until the encoder's ladder is ``wanted``; TimeoutError after
+    ``seconds``."""
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(seconds):
+        while True:
+            await loop.run_in_executor(None, encoder.encode, await track.recv(), False)
+            ladder = aiortc_send.encoder_ladder(encoder)
+            if ladder is not None and wanted(ladder):
+                return ladder
+
+
+@pytest.mark.asyncio
+async def test_a_starved_vp8_encoder_steps_down_for_its_cpu_and_climbs_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """aiortc's Vp8Encoder, patched, at 640x480 and 15 fps with plenty of bitrate: encodes made
+    to take 120 % of the frame interval take it down a rung within 8 s (2 checks of 1 s, with
+    room for this machine's load); fast again, it climbs back to 640x480 within 20 s."""
+    aiortc_patches.steady_media()
+    encoder, track = Vp8Encoder(), PatternTrack(640, 480, FPS)
+    encoder.target_bitrate = 1_000_000
+    try:
+        ladder = await encode_until(encoder, track, lambda ladder: ladder.width == 640, 5)
+        assert (ladder.size(), ladder.rate_rung) == ((640, 480), 0)
+        monkeypatch.setattr(aiortc_send, "vp8_encode", slowed(aiortc_send.vp8_encode, 1.2 / FPS))
+        ladder = await encode_until(encoder, track, lambda ladder: ladder.cpu.rung >= 1, 8)
+        await encode_until(encoder, track, lambda ladder: True, 3)  # a frame at the new size
+        assert encoder.codec is not None and encoder.codec.width < 640, ladder
+        assert aiortc_send.last_sent[-1].limitation == "cpu"
+        monkeypatch.undo()
+        ladder = await encode_until(encoder, track, lambda ladder: ladder.cpu.rung == 0, 20)
+        await encode_until(encoder, track, lambda ladder: True, 3)
+        assert (encoder.codec.width, encoder.codec.height) == (640, 480), ladder
+        assert aiortc_send.last_sent[-1].limitation == "none"
+    finally:
+        track.stop()
+
+
+@needs_root
+@pytest.mark.netns
+@pytest.mark.asyncio
+async def test_audio_keeps_real_time_while_the_video_encoder_is_starved(
+    link_pair: tuple[Netns, Netns, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sender whose VP8 encodes take 3 times the frame interval still sends its audio in
+    real time (each sender is its own task and VP8 encodes off the event loop): over 4 s, the
+    practitioner gets at least 80 % of the audio frames due."""
+    a, b, _ = link_pair
+    pair = LocalPair(namespaces=(a, b), width=640, height=480, fps=FPS, video=(True, False))
+    async with contextlib.aclosing(pair):
+        await within(pair.connect(), 2)
+        await within(pair.b.receiver.frames(FPS, 10), 4)
+        monkeypatch.setattr(aiortc_send, "vp8_encode", slowed(aiortc_send.vp8_encode, 3 / FPS))
+        got = pair.b.receiver.received
+        before, started = got.audio_frames, time.monotonic()
+        await asyncio.sleep(4)
+        elapsed = time.monotonic() - started
+        assert got.audio_frames - before >= 50 * elapsed * 0.8, got.audio_frames - before
