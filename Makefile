@@ -142,7 +142,7 @@ bench-turn: setup system-deps turn-deps
 netem-probe: setup system-deps
 	$(PY) -m bench.netem $(ARGS_)
 
-## bench-network: issue 13's table: every bad link x aiortc/Chromium pairings, at the practitioner (as root; ARGS="--seconds 10 --runs 1 --links ... --pairings ...")
+## bench-network: issue 13's table: every bad link x aiortc/Chromium pairings, at the practitioner (as root; ARGS="--seconds 10 --runs 1 --links 75 --pairings aiortc")
 bench-network: setup system-deps browser-deps
 	$(PY) -m bench.network $(ARGS_)
 
