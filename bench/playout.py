@@ -46,13 +46,7 @@ LINK = Impairment(delay_ms=75, loss=0.05)
 def frozen_s(times: list[float], lag: LoopLag | None) -> float:
     """Seconds frozen between frames shown, as Chromium counts freezes (peers/media.py)."""
     gaps = [b - a - (lag.between(a, b) if lag else 0.0) for a, b in itertools.pairwise(times)]
-    total = 0.0
-    for i, gap in enumerate(gaps):
-        recent = gaps[max(0, i + 1 - media.FREEZE_MEAN_OF) : i + 1]
-        mean = sum(recent) / len(recent)
-        if len(recent) >= media.FREEZE_MIN_GAPS and gap >= max(3 * mean, mean + 0.150):
-            total += gap
-    return total
+    return media.frozen_seconds(gaps)
 
 
 def behind_ms(got: Received, since: float, lag: LoopLag | None) -> list[float]:

@@ -20,6 +20,7 @@ import math
 import statistics
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -230,6 +231,21 @@ def _player(flag: str, source: str, fmt: str | None, options: dict[str, str]) ->
 # -- what arrives ------------------------------------------------------------------------------
 
 
+def is_freeze(gap: float, recent: Sequence[float]) -> bool:
+    """Chromium's rule (video_quality_observer2.cc): ``recent`` are the last gaps, ``gap`` last."""
+    mean = sum(recent) / len(recent)
+    return len(recent) >= FREEZE_MIN_GAPS and gap >= max(3 * mean, mean + 0.150)
+
+
+def frozen_seconds(gaps: Sequence[float]) -> float:
+    """Seconds frozen among these gaps between frames shown, as Received counts them."""
+    return sum(
+        gap
+        for i, gap in enumerate(gaps)
+        if is_freeze(gap, gaps[max(0, i + 1 - FREEZE_MEAN_OF) : i + 1])
+    )
+
+
 @dataclass
 class Received:
     """Counters of one direction's received media."""
@@ -286,8 +302,7 @@ class Received:
         # is in the mean it is judged against, and nothing is judged before 5 gaps.
         self.gaps.append(gap)
         del self.gaps[:-FREEZE_MEAN_OF]
-        mean = sum(self.gaps) / len(self.gaps)
-        if len(self.gaps) >= FREEZE_MIN_GAPS and gap >= max(3 * mean, mean + 0.150):
+        if is_freeze(gap, self.gaps):
             self.freezes += 1
             self.frozen_s += gap
 

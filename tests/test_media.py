@@ -366,14 +366,7 @@ def frozen(entries: list[tuple[float, float, int]], lag: LoopLag) -> float:
     """Seconds frozen, as Chromium counts freezes (peers/media.py), between frames shown, each
     gap less this process's stalls within it."""
     times = [t for t, _, _ in entries]
-    gaps = [b - a - lag.between(a, b) for a, b in itertools.pairwise(times)]
-    total = 0.0
-    for i, gap in enumerate(gaps):
-        recent = gaps[max(0, i + 1 - media.FREEZE_MEAN_OF) : i + 1]
-        mean = sum(recent) / len(recent)
-        if len(recent) >= media.FREEZE_MIN_GAPS and gap >= max(3 * mean, mean + 0.150):
-            total += gap
-    return total
+    return media.frozen_seconds([b - a - lag.between(a, b) for a, b in itertools.pairwise(times)])
 
 
 @needs_root
@@ -605,3 +598,16 @@ async def test_audio_keeps_real_time_while_the_video_encoder_is_starved(
         await asyncio.sleep(4)
         elapsed = time.monotonic() - started
         assert got.audio_frames - before >= 50 * elapsed * 0.8, got.audio_frames - before
+
+
+def test_frozen_seconds_counts_as_the_receiver_counts_while_a_call_runs() -> None:
+    """media.frozen_seconds over a call's gaps equals what Received counted frame by frame."""
+    gaps = [0.033] * 40 + [0.4] + [0.033] * 10 + [0.1] * 3 + [1.2] + [0.033] * 35 + [0.17]
+    got = media.Received()
+    now = 0.0
+    got._video_gap(now)
+    for gap in gaps:
+        now += gap
+        got._video_gap(now)
+    assert got.freezes == 2  # 0.4 s and 1.2 s; 0.1 s and the last 0.17 s are not freezes
+    assert media.frozen_seconds(gaps) == pytest.approx(got.frozen_s) == pytest.approx(1.6)
