@@ -2828,6 +2828,14 @@ class RelayConnection(ServerConnection):
         # reader's own read_line bound in: start it again (no byte has come yet).
         protocol.parser = protocol.parse()
         next(protocol.parser)
+        relay = self.relay
+        if relay.handshaking >= relay.config.limits.max_handshakes:
+            # Held: its first bytes go through held_data_received. Every other
+            # connection reads with websockets' own data_received and no call
+            # of ours per read (the hot path); an instance attribute, set
+            # before the transport exists, as uvloop binds it once.
+            self.held = b""
+            self.data_received = self.held_data_received  # type: ignore[method-assign]
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # Counted from the accept to the answer. Past limits.max_handshakes a
@@ -2836,9 +2844,8 @@ class RelayConnection(ServerConnection):
         # fraction of a handshake. Other paths (/health) are served as usual.
         relay = self.relay
         self.accepted_at = asyncio.get_running_loop().time()
-        if relay.handshaking >= relay.config.limits.max_handshakes:
+        if self.held is not None:
             self.transport = cast(asyncio.Transport, transport)
-            self.held = b""
             # A client that sends no request line is cut at the open timeout.
             self.refusal_timer = asyncio.get_running_loop().call_later(
                 relay.config.limits.open_timeout_s, self.transport.abort
@@ -2851,7 +2858,8 @@ class RelayConnection(ServerConnection):
         self.counted = True
         super().connection_made(transport)
 
-    def data_received(self, data: bytes) -> None:
+    def held_data_received(self, data: bytes) -> None:
+        """data_received of a connection accepted past limits.max_handshakes."""
         if self.busy:
             return  # the rest of a refused request: read and dropped
         if self.held is None:
