@@ -3188,23 +3188,25 @@ class Relay:
         waited = asyncio.get_running_loop().time() - ws.accepted_at
         return waited > self.config.limits.open_timeout_s / 2
 
+    def _busy_place(self) -> int:
+        """Count one 503; its Retry-After: this client's place in the pacer's schedule."""
+        self.state.stats.errors["busy"] += 1
+        return self.pacer.retry_after(asyncio.get_running_loop().time(), self.handshaking)
+
     def busy_response(self) -> Response:
         """HTTP 503 for a request that came late: Retry-After is this client's place."""
-        self.state.stats.errors["busy"] += 1
         response = self.http_response(503, BUSY_BODY, "text/plain; charset=utf-8")
-        now = asyncio.get_running_loop().time()
-        response.headers["Retry-After"] = str(self.pacer.retry_after(now, self.handshaking))
+        response.headers["Retry-After"] = str(self._busy_place())
         return response
 
     def busy_bytes(self) -> bytes:
         """The same 503 written at once, past limits.max_handshakes, before any request."""
-        self.state.stats.errors["busy"] += 1
-        now = asyncio.get_running_loop().time()
-        place = self.pacer.retry_after(now, self.handshaking)
+        place = self._busy_place()
+        second = int(time.time())
         head = self._busy_head
-        if head is None or self._busy_date != int(time.time()):
+        if head is None or self._busy_date != second:
             response = self.http_response(503, BUSY_BODY, "text/plain; charset=utf-8")
-            self._busy_date = int(time.time())
+            self._busy_date = second
             head = self._busy_head = response.serialize()
         return head.replace(b"\r\n\r\n", f"\r\nRetry-After: {place}\r\n\r\n".encode(), 1)
 
