@@ -223,18 +223,24 @@ def relayed_frames(draw: st.DrawFn) -> dict[str, Any]:
     return data
 
 
+def field_checks_verdict(kind: str, text: str) -> str | None:
+    """The error code of the field-by-field checks for this frame, None if they accept it.
+
+    They see what the relay's parser reads (orjson turns an integer beyond 64 bits into
+    a float), as parse_frame and route do."""
+    try:
+        relay._check_fields(kind, orjson.loads(text))
+    except ProtocolError as exc:
+        return exc.code
+    return None
+
+
 @given(relayed_frames())
 def test_fast_accept_agrees_with_the_field_checks(data: dict[str, Any]) -> None:
     """parse_frame's shortcut for well-formed relayed frames accepts exactly
     what the field-by-field checks accept, which name what is wrong otherwise."""
     text = json.dumps(data)
-    try:
-        # The checks see what the relay's parser reads (orjson turns an integer
-        # beyond 64 bits into a float), as parse_frame does.
-        relay._check_fields(data["type"], orjson.loads(text))
-        expected = None
-    except ProtocolError as exc:
-        expected = exc.code
+    expected = field_checks_verdict(data["type"], text)
     try:
         relay.parse_frame(text, 65_536)
         got = None
@@ -248,11 +254,7 @@ def test_route_shortcut_agrees_with_the_field_checks(data: dict[str, Any]) -> No
     """route()'s own lines for relayed frames forward exactly what the
     field-by-field checks accept, and refuse the rest with their code."""
     text = json.dumps(data)
-    try:
-        relay._check_fields(data["type"], orjson.loads(text))
-        expected = None
-    except ProtocolError as exc:
-        expected = exc.code
+    expected = field_checks_verdict(data["type"], text)
     state, _ = make_state()
     patient = joined_conn(state, "s1", "patient")
     practitioner = joined_conn(state, "s1", "practitioner")
