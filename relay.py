@@ -53,7 +53,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Generator, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, Protocol, TypeAlias, cast
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, Protocol, TypeAlias, cast
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import orjson
@@ -1960,17 +1960,19 @@ class ApiBodyReader:
 SEAT_KEY: Final = "epc:seat:{}:{}"
 REDIS_POOL_SIZE: Final = 32  # connections from one relay to Redis (one is the inbox's reader)
 
-# KEYS[1] the seat; ARGV node, conn, new key, presented key ('' none or
-# unverified), ttl ms. Returns {'ok', previous node, previous conn} (the
-# connection a resume replaces, '' for none), {'role-taken'} or
-# {'seat-held', ms left}.
+# KEYS[1] the seat, KEYS[2] the other seat of its session; ARGV node, conn,
+# new key, presented key ('' none or unverified), ttl ms. Returns {'ok',
+# previous node, previous conn, then the other seat's state, node, conn and
+# key ('' each where it has none)}: the connection a resume replaces ('' for
+# none), and the other seat as it is when this claim is made, so that of two
+# joins on two relays at once, the second learns of the first even where
+# neither saw the other before its claim. Else {'role-taken'} or {'seat-held',
+# ms left}.
 _CLAIM_LUA: Final = """
 local cur = redis.call('HMGET', KEYS[1], 'state', 'key', 'node', 'conn')
 local prev_node, prev_conn = '', ''
-if cur[1] == 'taken' and cur[3] == ARGV[1] and cur[4] == ARGV[2] and cur[2] == ARGV[3] then
-  return {'ok', '', ''}  -- this very claim again (redis-py retried it after a timeout)
-end
-if cur[1] then
+local again = cur[1] == 'taken' and cur[3] == ARGV[1] and cur[4] == ARGV[2] and cur[2] == ARGV[3]
+if cur[1] and not again then  -- not this very claim again (redis-py retried it after a timeout)
   if ARGV[4] == '' or ARGV[4] ~= cur[2] then
     if cur[1] == 'taken' then return {'role-taken'} end
     return {'seat-held', tostring(redis.call('PTTL', KEYS[1]))}
@@ -1978,9 +1980,12 @@ if cur[1] then
   if cur[1] == 'taken' then prev_node, prev_conn = cur[3], cur[4] end
   redis.call('DEL', KEYS[1])
 end
-redis.call('HSET', KEYS[1], 'state', 'taken', 'node', ARGV[1], 'conn', ARGV[2], 'key', ARGV[3])
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
-return {'ok', prev_node, prev_conn}
+if not again then
+  redis.call('HSET', KEYS[1], 'state', 'taken', 'node', ARGV[1], 'conn', ARGV[2], 'key', ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], ARGV[5])
+end
+local peer = redis.call('HMGET', KEYS[2], 'state', 'node', 'conn', 'key')
+return {'ok', prev_node, prev_conn, peer[1] or '', peer[2] or '', peer[3] or '', peer[4] or ''}
 """
 
 # KEYS[1] the seat; ARGV node, conn, hold ms ('0': free it at once).
@@ -2059,6 +2064,15 @@ class SeatRecord:
     key: str
 
 
+class Claim(NamedTuple):
+    """What ``SeatDirectory.claim`` did."""
+
+    outcome: str  # "ok", "role-taken" or "seat-held"
+    node: str  # "ok": the relay of the connection the claim replaced ("" none)
+    previous: int  # "ok": that connection (0 none); "seat-held": ms left
+    peer: SeatRecord | None = None  # "ok": the session's other seat at the claim
+
+
 class SeatDirectory:
     """The cluster's seats in Redis: claimed, released, held and refreshed atomically.
 
@@ -2102,23 +2116,26 @@ class SeatDirectory:
 
     async def claim(
         self, session: str, role: str, conn: int, key: str, presented: str | None
-    ) -> tuple[str, str, int]:
+    ) -> Claim:
         """Take the seat for ``conn``: ("ok", node, conn) of the connection it replaces
-        ("", 0 for none), ("role-taken", "", 0), or ("seat-held", "", ms left).
+        ("", 0 for none), ("role-taken", "", 0), or ("seat-held", "", ms left); with
+        "ok", the session's other seat as Redis has it at that moment (None: empty).
 
         ``presented``: a resume key the caller has verified, else None.
         """
         reply = await self._claim(
-            keys=[SEAT_KEY.format(session, role)],
+            keys=[SEAT_KEY.format(session, role), SEAT_KEY.format(session, OTHER_ROLE[role])],
             args=[self.node, conn, key, presented or "", self.ttl_ms],
         )
         outcome = reply[0].decode()
         if outcome == "ok":
             node, previous = reply[1].decode(), reply[2].decode()
-            return outcome, node, int(previous) if previous else 0
+            state, peer_node, peer_conn, peer_key = (field.decode() for field in reply[3:7])
+            peer = SeatRecord(state, peer_node, int(peer_conn), peer_key) if state else None
+            return Claim(outcome, node, int(previous) if previous else 0, peer)
         if outcome == "seat-held":
-            return outcome, "", max(0, int(reply[1]))
-        return outcome, "", 0
+            return Claim(outcome, "", max(0, int(reply[1])))
+        return Claim(outcome, "", 0)
 
     async def release(self, session: str, role: str, conn: int, *, hold: bool) -> bool:
         """Free the seat (``hold``: keep it for its key alone a while), if still ``conn``'s."""
@@ -2355,7 +2372,7 @@ class Cluster:
 
         state = self.state
         try:
-            outcome, node, previous = await self.directory.claim(
+            outcome, node, previous, peer = await self.directory.claim(
                 session, role, conn_id, seat.resume, presented
             )
         except redis.exceptions.RedisError as exc:
@@ -2369,6 +2386,8 @@ class Cluster:
             close = CLOSE_TRY_AGAIN_LATER if outcome == "seat-held" else None
             lost = ProtocolError(outcome, CLAIM_LOST[outcome], close_code=close)
             return claim_lost(state, conn_id, lost)
+        if peer is not None:
+            actions = self._met_at_claim(conn_id, seat, peer, actions)
         if not node or node == self.node:
             return actions
         self._post(node, session, role, previous, "", replaced=True)
@@ -2405,6 +2424,41 @@ class Cluster:
             node,
         )
         return [a for a in actions if not (isinstance(a, Send) and a.conn == conn_id)]
+
+    def _met_at_claim(
+        self, conn_id: int, seat: Seat, peer: SeatRecord, actions: list[Action]
+    ) -> list[Action]:
+        """The other seat was taken on another relay between this join's look (``_prejoin``)
+        and its claim: two joins at once on two relays, each told it was alone. Of the two
+        claims Redis serves one after the other, the second sees the first: its ``joined``
+        says the peer is there, and the first hears ``peer-joined`` through its relay."""
+        conn = self.state.conns[conn_id]
+        session, role = conn.session, conn.role
+        assert session is not None and role is not None
+        other = OTHER_ROLE[role]
+        seen = self.state.sessions.get(session, {}).get(other)
+        if peer.state != "taken" or peer.node == self.node or seen is not None:
+            return actions  # no seat on another relay, or the core saw it already
+        self._learn(session, other, peer.node, peer.conn, peer.key)
+        met: list[Action] = []
+        for action in actions:
+            if isinstance(action, Send) and action.conn == conn_id:
+                fields = json.loads(action.text)
+                if fields.pop("type") == "joined":
+                    met.append(Send(conn_id, frame("joined", **{**fields, "peer": True})))
+                    continue
+            met.append(action)
+        proxy = self.state.sessions[session][other].conn
+        met.append(Send(proxy, frame("peer-joined", role=role, resumed=seat.resumed)))
+        logger.info(
+            "conn=%d session=%s role=%s: the %s joined on %s at the same moment",
+            conn_id,
+            session,
+            role,
+            other,
+            peer.node,
+        )
+        return met
 
     async def _prejoin(self, message: str | bytes) -> str | None:
         """Before a join: the session's seats on other relays into the local view.

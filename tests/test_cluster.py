@@ -62,12 +62,14 @@ def directory(server: RedisServer, node: str, **cluster: object) -> relay.SeatDi
 async def test_a_seat_is_taken_cluster_wide(redis: RedisServer) -> None:
     """A seat taken on relay A is role-taken on relay B; the other seat is free on B."""
     a, b = directory(redis, "a"), directory(redis, "b")
-    assert await a.claim("s1", "patient", 1, "ka", None) == ("ok", "", 0)
+    assert await a.claim("s1", "patient", 1, "ka", None) == ("ok", "", 0, None)
     # The same claim again (redis-py retries a command whose reply timed out): still ok.
-    assert await a.claim("s1", "patient", 1, "ka", None) == ("ok", "", 0)
-    assert await b.claim("s1", "patient", 7, "kb", None) == ("role-taken", "", 0)
-    assert await b.claim("s1", "patient", 7, "kb", "not-the-key") == ("role-taken", "", 0)
-    assert await b.claim("s1", "practitioner", 7, "kb", None) == ("ok", "", 0)
+    assert await a.claim("s1", "patient", 1, "ka", None) == ("ok", "", 0, None)
+    assert await b.claim("s1", "patient", 7, "kb", None) == ("role-taken", "", 0, None)
+    assert await b.claim("s1", "patient", 7, "kb", "not-the-key") == ("role-taken", "", 0, None)
+    # The other seat as it was at the claim: a join at the same moment on A is not missed.
+    peer = relay.SeatRecord("taken", "a", 1, "ka")
+    assert await b.claim("s1", "practitioner", 7, "kb", None) == ("ok", "", 0, peer)
     seats = await b.seats("s1")
     assert seats == {
         "patient": relay.SeatRecord("taken", "a", 1, "ka"),
@@ -81,7 +83,7 @@ async def test_resume_on_another_relay_names_the_connection_it_replaces(
     """The seat's key takes it on relay B and names A's stale connection; A frees nothing after."""
     a, b = directory(redis, "a"), directory(redis, "b")
     await a.claim("s1", "patient", 1, "ka", None)
-    assert await b.claim("s1", "patient", 9, "kb", "ka") == ("ok", "a", 1)
+    assert await b.claim("s1", "patient", 9, "kb", "ka") == ("ok", "a", 1, None)
     assert await a.release("s1", "patient", 1, hold=False) is False  # no longer A's
     assert (await b.seats("s1"))["patient"] == relay.SeatRecord("taken", "b", 9, "kb")
 
@@ -91,9 +93,9 @@ async def test_an_unclean_drop_holds_the_seat_for_its_key_alone(redis: RedisServ
     a, b = directory(redis, "a"), directory(redis, "b")
     await a.claim("s1", "patient", 1, "ka", None)
     assert await a.release("s1", "patient", 1, hold=True) is True
-    outcome, _, left_ms = await b.claim("s1", "patient", 5, "kb", None)
+    outcome, _, left_ms, _ = await b.claim("s1", "patient", 5, "kb", None)
     assert outcome == "seat-held" and 29_000 < left_ms <= 30_000
-    assert await b.claim("s1", "patient", 5, "kb", "ka") == ("ok", "", 0)  # nobody to replace
+    assert await b.claim("s1", "patient", 5, "kb", "ka") == ("ok", "", 0, None)  # nobody to replace
     assert await b.release("s1", "patient", 5, hold=False) is True
     assert await a.seats("s1") == {}
 
@@ -323,6 +325,29 @@ async def test_two_relays_claiming_one_seat_at_once_seat_one_of_them(redis: Redi
                 [(await one.recv())["type"], (await other.recv())["type"]], reverse=True
             )
             assert replies == ["joined", "error"], replies
+
+
+async def test_the_two_seats_joined_on_two_relays_at_once_meet(redis: RedisServer) -> None:
+    """Patient on a, practitioner on b, both joins sent at once, 20 times: each side hears of
+    the other (``joined`` with peer, or ``peer-joined``), and an offer crosses."""
+    async with two_relays(redis, limits=MANY) as (a, b):
+        for i in range(20):
+            patient, practitioner = await Client.open(a.url), await Client.open(b.url)
+            await asyncio.gather(
+                patient.send(type="join", session=f"meet{i}", role="patient"),
+                practitioner.send(type="join", session=f"meet{i}", role="practitioner"),
+            )
+            told = []
+            for client, other in ((patient, "practitioner"), (practitioner, "patient")):
+                joined = await client.expect("joined")
+                if not joined["peer"]:
+                    await client.expect("peer-joined", role=other)
+                told.append(joined["peer"])
+            assert sorted(told) == [False, True]  # the later claim was told at its join
+            await patient.send(type="offer", sdp=SDP)
+            await practitioner.expect("offer", sdp=SDP)
+            await patient.close()
+            await practitioner.close()
 
 
 async def test_seat_held_across_relays(redis: RedisServer) -> None:

@@ -282,22 +282,28 @@ def test_a_padding_burst_sent_unevenly_counts_whole_and_a_spread_one_not_at_all(
 
 def test_a_datagram_carries_the_kernels_receive_time_not_the_time_it_is_read() -> None:
     """A datagram read 200 ms after it came is stamped (on aiortc's clock, ms from 1900) with
-    the time it came, within 50 ms; aiortc's clock at the read is 200 ms later."""
+    the time it came, within 50 ms; aiortc's clock at the read is 200 ms later. The kernel
+    may turn stamps on a moment after the first call (net_enable_timestamp defers it to a
+    work queue when no socket had them): a datagram before that is stamped at the call."""
+    late: list[tuple[int, int]] = []
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx:
         rx.bind(("127.0.0.1", 0))
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
             tx.sendto(b"x", rx.getsockname())
             rx.recv(10)
             assert kernel_stamp_ms(rx) is not None  # the first read's call turns stamps on
-            sent_ms = int((time.time() + NTP_UNIX_S) * 1000)
-            tx.sendto(b"x", rx.getsockname())
-            time.sleep(0.2)  # the event loop stood still
-            rx.recv(10)
-            read_ms = clock.current_ms()
-            stamp = kernel_stamp_ms(rx)
-    assert stamp is not None
-    assert abs(stamp - sent_ms) < 50, (stamp - sent_ms, read_ms - sent_ms)
-    assert read_ms - sent_ms >= 200
+            for _ in range(10):
+                sent_ms = int((time.time() + NTP_UNIX_S) * 1000)
+                tx.sendto(b"x", rx.getsockname())
+                time.sleep(0.2)  # the event loop stood still
+                rx.recv(10)
+                read_ms = clock.current_ms()
+                stamp = kernel_stamp_ms(rx)
+                assert stamp is not None and read_ms - sent_ms >= 200
+                if abs(stamp - sent_ms) < 50:
+                    return
+                late.append((stamp - sent_ms, read_ms - sent_ms))
+    raise AssertionError(f"10 datagrams stamped at their read, not their arrival: {late}")
 
 
 def test_the_loss_cap_halves_the_loss_and_grows_back_8_percent_a_second() -> None:
