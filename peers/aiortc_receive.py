@@ -6,10 +6,11 @@ installs it, and ``check_versions()`` still guards it. Against aiortc 1.16.0:
 
 - ``NackList`` replaces ``NackGenerator`` (rtcrtpreceiver.py:97-138), which
   NACKs a lost packet once, when the hole is first seen, and never again: here
-  each missing packet is NACKed again every round trip until it arrives, is
-  older than the sender's history (``RTP_HISTORY_SIZE``, rtp.py:13), or was
-  asked for ``NACK_RETRIES`` times. The round trip is measured from each NACK
-  to the retransmission it brings.
+  each missing packet is NACKed again ``NACK_REPEAT_S`` later whatever the
+  round trip, then every round trip, until it arrives, is older than the
+  sender's history (``RTP_HISTORY_SIZE``, rtp.py:13), or was asked for
+  ``NACK_RETRIES`` times. The round trip is the median time from a packet's
+  first NACK to its arrival.
 - ``FrameBuffer`` replaces the video ``JitterBuffer(capacity=512,
   is_video=True)`` (rtcrtpreceiver.py:299; jitterbuffer.py), which holds every
   frame behind a hole until 512 packets pile up (seconds), then releases one
@@ -27,11 +28,12 @@ installs it, and ``check_versions()`` still guards it. Against aiortc 1.16.0:
   delay seen in the last ``BASELINE_S`` is dropped when a newer frame already
   waits behind it (it was decoded, so the frames after it still decode): a
   backlog released at once is skipped to real time instead of played fast.
-  And while packets are being recovered by NACK, frames are shown one round
-  trip after the best delay (a playout delay, as libwebrtc's jitter estimate
-  adds one): without it each retransmission (150 ms away at 75 ms each way)
-  held the frames behind it for a freeze of 0.3 s, about one a second at 5 %
-  loss.
+  And while packets are being recovered by NACK, frames are shown later than
+  the best delay (a playout delay; libwebrtc's jitter estimate adds a round
+  trip): by what the frames that waited on a retransmission were late, less
+  the gap that is not yet a freeze. Without it each retransmission (150 ms
+  away at 75 ms each way) held the frames behind it for a freeze of 0.3 s,
+  about one a second at 5 % loss.
 
 Upstream, ``NackList`` and ``FrameBuffer`` would take the place of the two
 classes, with ``RTCRtpReceiver`` running their timer; the late-frame rule would
@@ -44,6 +46,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -71,13 +74,22 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 NACK_RETRIES = 10  # as libwebrtc's NackRequester (kMaxNackRetries)
-NACK_MIN_INTERVAL_S = 0.02
+# When a missing packet is asked for again (libwebrtc's NackRequester::GetNackBatch: once
+# ``now - sent_at >= rtt``, its rtt 100 ms until RTCP gives one). Here a second NACK follows
+# the first after NACK_REPEAT_S whatever the round trip: a lost NACK or a lost retransmission
+# (about 10 % of them at 5 % loss each way) then costs 50 ms, not a whole round trip, which
+# at 75 ms each way made each such packet a freeze. Later ones every round trip, at least
+# NACK_RETRY_MIN_S.
+NACK_REPEAT_S = 0.05
+NACK_RETRY_MIN_S = 0.1
+RTT_DEFAULT_S = 0.1  # libwebrtc's kDefaultRtt, until a retransmission has answered
+RTT_SAMPLES = 15  # the round trip is the median of the last answers (first NACK to packet)
 TICK_S = 0.01
 KEYFRAME_RETRY_S = 0.3  # at least; 2 round trips when longer (the keyframe is on its way)
-# A hole is waited for three NACK tries (sent at 0, 1.2 and 2.4 RTT, the last answered at
-# 3.4 RTT) before it is given up: giving up costs more (a keyframe's round trip, and at 5 %
-# loss a 640x480 keyframe of ~25 packets loses one 70 % of the time).
-HOLE_WAIT_RTTS = 3.4
+# A hole is waited for three rounds of NACKs (at 0 and NACK_REPEAT_S, then each round trip)
+# before it is given up: giving up costs more (a keyframe's round trip, and at 5 % loss a
+# 640x480 keyframe of ~25 packets loses one 70 % of the time).
+HOLE_WAIT_RTTS = 3
 HOLE_WAIT_MIN_S, HOLE_WAIT_MAX_S = 0.15, 0.6
 KEY_HOLE_MAX_S = 1.5  # a keyframe's hole is waited for this long while no newer keyframe starts
 MAX_SPAN_S = 1.0  # a hole spanning more media time than this is given up at once (an outage;
@@ -86,14 +98,25 @@ MAX_SPAN_S = 1.0  # a hole spanning more media time than this is given up at onc
 AUDIO_WAIT_S = 0.03  # a missing audio packet waited for this long (reordering), then concealed
 MAX_CONCEAL = 10  # at most this many audio packets in a row (200 ms) made up
 MAX_HELD = 2000  # packets held while waiting for a keyframe, at most
-LATE_S = 0.15  # a frame this much later than the best recent delay is skipped if a newer one waits
-BASELINE_S = 10.0
-# Playout delay, as libwebrtc's jitter estimate adds one round trip once NACKs have been needed
-# (VCMJitterEstimator, kNackLimit = 3): frames are shown one round trip after the best delay
-# while packets are being recovered, so that a retransmission comes before its frame is due.
-PLAYOUT_AFTER_RECOVERIES = 3  # packets recovered by NACK in the last BASELINE_S
-PLAYOUT_MARGIN_S = 0.03
-PLAYOUT_MAX_S = 0.25  # with LATE_S, a frame is never more than 0.4 s behind by design
+MAX_ARRIVALS = 300  # arrival times of frames kept for LateFrames, at most
+LATE_S = 0.15  # a frame this much later than it is due is skipped if a newer one waits
+LATE_MAX_S = 0.3  # ... and one this much later than the best recent delay, whatever the delay
+BASELINE_S = 10.0  # how long recovered frames keep the playout delay up
+# The best delay (arrival against media time) is the best of the last BEST_DELAY_S: long
+# enough to hold a frame that came at once, short enough that a path that became slower
+# (75 ms more each way, a queue) is the new best within seconds, not taken for lateness.
+BEST_DELAY_S = 3.0
+# Playout delay. libwebrtc's jitter estimate adds one round trip once NACKs have been needed
+# (VCMJitterEstimator, kNackLimit = 3): here the delay is what the frames that waited on a
+# retransmission in the last BASELINE_S were late by (PLAYOUT_QUANTILE of them), less the gap
+# that is not yet a freeze as Chromium counts one (video_quality_observer2.cc: at least
+# max(3 x mean, mean + 150 ms)), plus a margin. A whole round trip (and the wait to see the
+# hole, a frame interval) put every frame 300 ms behind at 75 ms each way; this is 150 ms less
+# behind, and a recovered packet is a short stutter, not a freeze.
+PLAYOUT_QUANTILE = 0.8
+PLAYOUT_MARGIN_S = 0.04
+PLAYOUT_MAX_S = 0.2  # with LATE_MAX_S, a frame waiting behind another is never shown later
+FREEZE_OVER_MEAN_S = 0.15  # Chromium's freeze rule (peers/media.py's is_freeze)
 
 
 @dataclass
@@ -154,19 +177,21 @@ class _InOrder:
 class _Missing:
     seen: float
     sent: float | None = None
+    first: float | None = None  # when the first NACK went
     tries: int = 0
 
 
 class NackList:
-    """Missing packets, each NACKed every round trip until it arrives or is given up."""
+    """Missing packets, each NACKed twice at once then every round trip, until it arrives or
+    is given up; the round trip learnt from the answers."""
 
     def __init__(self, history: int = RTP_HISTORY_SIZE, retries: int = NACK_RETRIES) -> None:
         self.history = history
         self.retries = retries
-        self.rtt_s = 0.1
+        self.rtt_s = RTT_DEFAULT_S
+        self.answers: collections.deque[float] = collections.deque(maxlen=RTT_SAMPLES)
         self.max_seq: int | None = None
         self.missing: dict[int, _Missing] = {}
-        self.recovered_at: collections.deque[float] = collections.deque()
         self._unwrap = _Unwrapper()
         self._now: Callable[[], float] = time.monotonic
 
@@ -186,23 +211,15 @@ class NackList:
             self.max_seq = ext
         else:
             entry = self.missing.pop(ext, None)
-            if entry is not None and entry.sent is not None:
+            if entry is not None and entry.first is not None:
                 counters.recovered += 1
-                self.recovered_at.append(now)
-                while self.recovered_at[0] < now - BASELINE_S:
-                    self.recovered_at.popleft()
-                if entry.tries == 1:  # an unambiguous round trip
-                    sample = min(max(now - entry.sent, 0.005), 1.0)
-                    self.rtt_s += (sample - self.rtt_s) / 8
+                # From the first NACK: the answer to the repeat when the first was lost (the
+                # median keeps those out), and no Karn ambiguity to leave the estimate unlearnt
+                # (aiortc 1.16's NackGenerator learns none; retrying at 1.2 RTT, before any
+                # answer, a sample only from packets NACKed once never came at 75 ms each way).
+                self.answers.append(min(max(now - entry.first, 0.005), 1.0))
+                self.rtt_s = statistics.median(self.answers)
         return False
-
-    def playout_delay_s(self, now: float) -> float:
-        """The delay a frame should be held beyond the best one: a round trip (and a margin)
-        while packets are being recovered, else none."""
-        recent = sum(1 for t in self.recovered_at if t > now - BASELINE_S)
-        if recent < PLAYOUT_AFTER_RECOVERIES:
-            return 0.0
-        return min(self.rtt_s + PLAYOUT_MARGIN_S, PLAYOUT_MAX_S)
 
     def forget_below(self, ext: int) -> None:
         """Stop asking for packets before ``ext`` (the frame buffer gave up on them)."""
@@ -213,15 +230,19 @@ class NackList:
         """The 16-bit sequence numbers to NACK now (each marked sent)."""
         if self.max_seq is None:
             return []
-        interval = max(self.rtt_s * 1.2, NACK_MIN_INTERVAL_S)
+        later = max(self.rtt_s, NACK_RETRY_MIN_S)
         out = []
         for seq, entry in list(self.missing.items()):
             if self.max_seq - seq > self.history or entry.tries >= self.retries:
                 del self.missing[seq]
-            elif entry.sent is None or now - entry.sent >= interval:
+            elif entry.sent is None or now - entry.sent >= (
+                NACK_REPEAT_S if entry.tries == 1 else later
+            ):
                 if entry.sent is not None:
                     counters.nack_retries += 1
                 entry.sent = now
+                if entry.first is None:
+                    entry.first = now
                 entry.tries += 1
                 out.append(seq)
         counters.nacks += len(out)
@@ -261,6 +282,25 @@ def is_keyframe_start(mime_type: str, payload: bytes) -> bool:
     return True
 
 
+class _MediaTime:
+    """32-bit RTP timestamps to seconds of media time from the first one."""
+
+    def __init__(self, clock_rate: int) -> None:
+        self.clock_rate = clock_rate
+        self.last: tuple[int, float] | None = None
+
+    def __call__(self, timestamp: int) -> float:
+        if self.last is None:
+            self.last = (timestamp, 0.0)
+            return 0.0
+        delta = (timestamp - self.last[0]) & 0xFFFFFFFF
+        if delta >= 0x80000000:
+            delta -= 0x100000000
+        seconds = self.last[1] + delta / self.clock_rate
+        self.last = (timestamp, seconds)
+        return seconds
+
+
 class FrameBuffer(_InOrder):
     """Encoded video frames out as soon as complete and in order; a hole waited for a bounded time.
 
@@ -275,6 +315,10 @@ class FrameBuffer(_InOrder):
     keyframe is asked for then, and whichever is complete first is decoded
     (the held one once its retransmission comes, or a newer one), up to
     ``KEY_HOLE_MAX_S``.
+
+    Each frame released after waiting on a hole is timed against the best delay
+    (release time against media time) of the last ``BEST_DELAY_S``: what those
+    were late by sets ``playout_delay_s()``.
     """
 
     def __init__(
@@ -303,6 +347,12 @@ class FrameBuffer(_InOrder):
         self.last_timestamp: int | None = None  # of the last frame released
         self.clock_rate = clock_rate
         self.key_at: int | None = None  # the keyframe decoding resumes at, until it is released
+        self._media_time = _MediaTime(clock_rate)
+        self.interval_s = 1 / 30  # between frames, in media time (a running mean)
+        self._last_media_s: float | None = None
+        self._timed_any = False  # an interval measured (the first replaces the guess)
+        self.offsets: collections.deque[tuple[float, float]] = collections.deque()  # best first
+        self.waited: collections.deque[tuple[float, float]] = collections.deque()  # (when, late)
 
     # aiortc's call site: ``pli_flag, encoded_frame = self.__jitter_buffer.add(packet)``
     def add(self, packet: RtpPacket, now: float | None = None) -> tuple[bool, None]:
@@ -421,6 +471,7 @@ class FrameBuffer(_InOrder):
                 logger.debug("hole at %s spans over %.1f s: given up", self.next_seq, MAX_SPAN_S)
                 self._skip(now)
                 continue
+            self._timed(frame[0].timestamp, now, waited=self.hole_since is not None)
             self.hole_since = None
             self.last_request = None
             self.key_at = None
@@ -428,6 +479,37 @@ class FrameBuffer(_InOrder):
             # ``_data``: the depayloaded bytes aiortc sets at rtcrtpreceiver.py:543.
             data = b"".join(p._data for p in frame)  # type: ignore[attr-defined]
             self.deliver(JitterFrame(data=data, timestamp=frame[0].timestamp), frame[0])
+
+    def _timed(self, timestamp: int, now: float, waited: bool) -> None:
+        """Note a frame's release: the frame interval, the best delay, and how late it is if it
+        waited on a hole."""
+        media_s = self._media_time(timestamp)
+        if self._last_media_s is not None and 0 < media_s - self._last_media_s < 0.5:
+            step = media_s - self._last_media_s
+            self.interval_s += (step - self.interval_s) / (8 if self._timed_any else 1)
+            self._timed_any = True
+        self._last_media_s = media_s
+        offset = now - media_s  # the sender's clock against ours, plus the path's delay
+        while self.offsets and self.offsets[-1][1] >= offset:
+            self.offsets.pop()
+        self.offsets.append((now, offset))
+        while self.offsets[0][0] < now - BEST_DELAY_S:
+            self.offsets.popleft()
+        if waited:
+            self.waited.append((now, offset - self.offsets[0][1]))
+
+    def playout_delay_s(self, now: float) -> float:
+        """How long after the best delay frames should be shown so that a frame that waits on a
+        retransmission, as late as PLAYOUT_QUANTILE of them were in the last BASELINE_S, is not
+        a freeze; none without such frames."""
+        while self.waited and self.waited[0][0] < now - BASELINE_S:
+            self.waited.popleft()
+        if not self.waited:
+            return 0.0
+        late = sorted(seconds for _, seconds in self.waited)
+        typical = late[min(len(late) - 1, int(PLAYOUT_QUANTILE * len(late)))]
+        not_a_freeze = max(2 * self.interval_s, FREEZE_OVER_MEAN_S)
+        return min(max(typical - not_a_freeze + PLAYOUT_MARGIN_S, 0.0), PLAYOUT_MAX_S)
 
     def _complete(self) -> list[RtpPacket] | None:
         """The frame at ``next_seq`` if all its packets are here (removed from the buffer)."""
@@ -523,20 +605,28 @@ class LateFrames:
     """Drops a video frame that is late and already has a newer one waiting behind it; holds
     an early one until it is due.
 
-    Late: shown more than ``target_s + late_s`` after the best delay (arrival
-    against media time) seen in the last ``BASELINE_S``. The newest frame is
-    always shown, so dropping never freezes the picture; it only skips a
-    backlog, as a player catching up does, instead of playing it fast.
+    Late: shown more than ``target_s + late_s`` (at most ``LATE_MAX_S``) after
+    the best delay (arrival against media time) seen in the last
+    ``BEST_DELAY_S``. The newest frame (none waiting behind it, in the track's
+    queue or for the decoder) is always shown, so dropping never freezes the
+    picture; it only skips a backlog, as a player catching up does, instead of
+    playing it fast.
 
     Due (``hold_s``): ``target_s`` after the best delay, the playout delay the
-    receive path sets (``NackList.playout_delay_s``): frames that came at once
-    wait for it, so that the frames held behind a retransmitted packet are not
-    a freeze but on time.
+    receive path sets (``FrameBuffer.playout_delay_s``): frames that came at
+    once wait for it, so that a frame held behind a retransmitted packet is a
+    stutter, not a freeze.
     """
 
     late_s: float = LATE_S
     target_s: float = 0.0
     recent: collections.deque[tuple[float, float]] = field(default_factory=collections.deque)
+    # Whether newer frames wait to be decoded: newer too (the receive path sets it).
+    decoding: Callable[[], bool] = lambda: False
+    # When each frame (by pts) left the frame buffer, complete: its arrival (the receive path
+    # fills it). The best delay is taken from arrivals, never from when ``recv`` got a frame,
+    # which a frame held before it delays: that crept the best delay up by the playout delay.
+    arrivals: dict[int, float] = field(default_factory=dict)
 
     def hold_s(self, media_s: float, now: float) -> float:
         """How long to hold a frame kept by ``keep`` before it is due (0 to ``target_s``)."""
@@ -545,14 +635,21 @@ class LateFrames:
         due = media_s + self.recent[0][1] + self.target_s
         return min(max(due - now, 0.0), self.target_s)
 
-    def keep(self, media_s: float, now: float, newer_waiting: bool) -> bool:
-        offset = now - media_s  # the sender's clock against ours, plus the path's delay
+    def keep(
+        self, media_s: float, now: float, newer_waiting: bool, arrived: float | None = None
+    ) -> bool:
+        """Whether to show a frame of media time ``media_s`` now (``arrived``: when it came)."""
+        # The sender's clock against ours, plus the path's delay.
+        offset = (now if arrived is None else arrived) - media_s
         while self.recent and self.recent[-1][1] >= offset:
             self.recent.pop()
         self.recent.append((now, offset))
-        while self.recent[0][0] < now - BASELINE_S:
+        while self.recent[0][0] < now - BEST_DELAY_S:
             self.recent.popleft()
-        if not newer_waiting or offset - self.recent[0][1] <= self.target_s + self.late_s:
+        late = now - media_s - self.recent[0][1]
+        if late <= min(self.target_s + self.late_s, LATE_MAX_S):
+            return True
+        if not newer_waiting and not self.decoding():
             return True
         counters.late_dropped += 1
         return False
@@ -595,7 +692,7 @@ def install() -> None:
             late: LateFrames = self.__dict__.setdefault("_epc_late", LateFrames())
             newer = any(f is not None for f in self._queue._queue)  # type: ignore[attr-defined]
             media_s, now = float(frame.pts * frame.time_base), time.monotonic()
-            if late.keep(media_s, now, newer):
+            if late.keep(media_s, now, newer, late.arrivals.pop(frame.pts, None)):
                 if (hold := late.hold_s(media_s, now)) > 0:
                     await asyncio.sleep(hold)
                 return frame
@@ -628,7 +725,7 @@ class _VideoPath:
         receiver._RTCRtpReceiver__nack_generator = self.nack  # type: ignore[attr-defined]
 
     def _hole_wait_s(self) -> float:
-        wait = HOLE_WAIT_RTTS * self.nack.rtt_s + 0.05
+        wait = NACK_REPEAT_S + HOLE_WAIT_RTTS * self.nack.rtt_s + 0.05
         return min(max(wait, HOLE_WAIT_MIN_S), HOLE_WAIT_MAX_S)
 
     def _keyframe_retry_s(self) -> float:
@@ -659,7 +756,16 @@ class _VideoPath:
             self.ssrc = packet.ssrc
 
     def _deliver(self, frame: JitterFrame, first: RtpPacket) -> None:
-        _decode(self.receiver, frame, first)
+        if _decode(self.receiver, frame, first) and (track := self.receiver._track) is not None:
+            late: LateFrames = track.__dict__.setdefault("_epc_late", LateFrames())
+            late.arrivals[frame.timestamp] = time.monotonic()  # the pts it decodes to
+            while len(late.arrivals) > MAX_ARRIVALS:  # frames that never decoded
+                del late.arrivals[next(iter(late.arrivals))]
+
+    def _decoding(self) -> bool:
+        """Whether frames wait for the decoder (queued behind the one being shown)."""
+        queue = self.receiver._RTCRtpReceiver__decoder_queue  # type: ignore[attr-defined]
+        return bool(queue.qsize())
 
     def _request_keyframe(self) -> None:
         if self.ssrc is not None:
@@ -675,7 +781,8 @@ class _VideoPath:
                 track = receiver._track
                 if track is not None:
                     late: LateFrames = track.__dict__.setdefault("_epc_late", LateFrames())
-                    late.target_s = self.nack.playout_delay_s(now)
+                    late.target_s = self.buffer.playout_delay_s(now)
+                    late.decoding = self._decoding
                 if self.ssrc is None:
                     continue
                 lost = self.nack.due(now)
