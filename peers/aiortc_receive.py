@@ -85,6 +85,7 @@ NACK_RETRY_MIN_S = 0.1
 RTT_DEFAULT_S = 0.1  # libwebrtc's kDefaultRtt, until a retransmission has answered
 RTT_SAMPLES = 15  # the round trip is the median of the last answers (first NACK to packet)
 TICK_S = 0.01
+STALL_S = 0.05  # a tick this much later than due: the event loop stood still
 KEYFRAME_RETRY_S = 0.3  # at least; 2 round trips when longer (the keyframe is on its way)
 # A hole is waited for three rounds of NACKs (at 0 and NACK_REPEAT_S, then each round trip)
 # before it is given up: giving up costs more (a keyframe's round trip, and at 5 % loss a
@@ -410,6 +411,14 @@ class FrameBuffer(_InOrder):
             self._release(now)
         elif self.need_keyframe and self.last_request is not None and self._retry_due(now):
             self._ask(now)  # (none asked yet: the first packets are waited for, above)
+
+    def paused(self, seconds: float) -> None:
+        """The receive path stood still ``seconds`` (its event loop stalled): that is no wait on
+        a hole nor on a keyframe, whose packets may be read only now."""
+        if self.hole_since is not None:
+            self.hole_since += seconds
+        if self.last_request is not None:
+            self.last_request += seconds
 
     def _keyframe_hole(self, now: float, waited: float) -> None:
         """The keyframe waited on has a hole: a newer keyframe, once one starts, is taken instead;
@@ -773,10 +782,15 @@ class _VideoPath:
 
     async def _run(self) -> None:
         receiver = self.receiver
+        last = time.monotonic()
         with contextlib.suppress(asyncio.CancelledError):
             while receiver._RTCRtpReceiver__decoder_thread is not None:  # type: ignore[attr-defined]
                 await asyncio.sleep(TICK_S)
                 now = time.monotonic()
+                # A stall of the loop: the packets that came meanwhile are read after this tick.
+                if (stalled := now - last - STALL_S) > 0:
+                    self.buffer.paused(stalled)
+                last = now
                 self.buffer.tick(now)
                 track = receiver._track
                 if track is not None:

@@ -144,6 +144,24 @@ def test_a_hole_is_given_up_after_the_wait_and_a_keyframe_asked_for() -> None:
     assert frames.out == [0, 12000, 15000]
 
 
+def test_time_the_receive_path_stood_still_is_no_wait_on_a_hole_nor_on_a_keyframe() -> None:
+    """A stall of the event loop (``paused``) is not counted in a hole's wait (the packets that
+    came meanwhile are read after it) nor in the wait before a keyframe is asked for again."""
+    frames = Frames(wait_s=0.2)
+    frames.buffer.add(vp8(10, 0, key=True), now=0.0)
+    frames.buffer.add(vp8(12, 6000), now=0.05)  # 11 lost
+    frames.buffer.paused(0.5)
+    frames.buffer.tick(0.6)
+    assert (frames.out, frames.requests) == ([0], 0)
+    frames.buffer.tick(0.76)
+    assert (frames.out, frames.requests) == ([0], 1)  # given up 0.2 s after, stall aside
+    frames.buffer.paused(0.3)
+    frames.buffer.tick(1.3)  # 0.54 s since asked, 0.24 s of it running: not yet again
+    assert frames.requests == 1
+    frames.buffer.tick(1.37)
+    assert frames.requests == 2
+
+
 def test_a_keyframe_with_a_hole_is_kept_while_another_is_asked_for() -> None:
     """A hole in the keyframe decoding waits on is not given up after the wait: another keyframe
     is asked for, the held one decodes when its retransmission comes, or a newer one instead."""
