@@ -470,7 +470,13 @@ class FrameBuffer(_InOrder):
             frame = self._complete()
             if frame is None:
                 # A packet after the one awaited (or after the frame's missing one): a hole.
-                if max(self.packets, default=self.next_seq) <= self.next_seq:
+                newest = max(self.packets, default=self.next_seq)
+                if newest <= self.next_seq:
+                    self.hole_since = None
+                    return
+                if sum(1 for s in self.packets if s >= self.next_seq) > newest - self.next_seq:
+                    # All here up to the newest: a frame still coming (a sender that paces its
+                    # packets, as Chromium does), no hole to wait on or time as one.
                     self.hole_since = None
                     return
                 if not self._stale(self.last_timestamp):

@@ -9,6 +9,7 @@ far behind the best delay of the call a frame is shown.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import itertools
@@ -112,6 +113,17 @@ def test_a_frame_leaves_as_soon_as_its_marker_arrives() -> None:
     assert frames.out == []
     frames.buffer.add(vp8(11, 0, start=False), now=0.0)
     assert frames.out == [0]
+
+
+def test_a_frame_whose_packets_are_still_coming_is_no_hole() -> None:
+    """A frame whose packets arrive spread out (a pacing sender) is not waited on as a hole:
+    not given up after the wait, and not timed as a frame recovered late."""
+    frames = Frames(wait_s=0.2)
+    frames.buffer.add(vp8(10, 0, key=True, marker=False), now=0.0)
+    frames.buffer.add(vp8(11, 0, start=False, marker=False), now=0.01)
+    frames.buffer.tick(0.5)
+    frames.buffer.add(vp8(12, 0, start=False), now=0.55)
+    assert (frames.out, frames.requests, frames.buffer.waited) == ([0], 0, collections.deque())
 
 
 def test_frames_behind_a_filled_hole_leave_at_once_in_order() -> None:
