@@ -622,10 +622,12 @@ class LateFrames:
 
     Late: shown more than ``target_s + late_s`` (at most ``LATE_MAX_S``) after
     the best delay (arrival against media time) seen in the last
-    ``BEST_DELAY_S``. The newest frame (none waiting behind it, in the track's
-    queue or for the decoder) is always shown, so dropping never freezes the
-    picture; it only skips a backlog, as a player catching up does, instead of
-    playing it fast.
+    ``BEST_DELAY_S``. The newest frame (none decoded behind it) is always
+    shown, so dropping never freezes the picture; it only skips a backlog, as a
+    player catching up does, instead of playing it fast. (Frames still waiting
+    for the decoder do not count: when the decoder is what is slow, dropping
+    the frame before them only adds their decoding time to a gap; at 640x480
+    on a loaded machine, 17 fps shown of 28 and 12 s frozen of 30.)
 
     Due (``hold_s``): ``target_s`` after the best delay, the playout delay the
     receive path sets (``FrameBuffer.playout_delay_s``): frames that came at
@@ -636,8 +638,6 @@ class LateFrames:
     late_s: float = LATE_S
     target_s: float = 0.0
     recent: collections.deque[tuple[float, float]] = field(default_factory=collections.deque)
-    # Whether newer frames wait to be decoded: newer too (the receive path sets it).
-    decoding: Callable[[], bool] = lambda: False
     # When each frame (by pts) left the frame buffer, complete: its arrival (the receive path
     # fills it). The best delay is taken from arrivals, never from when ``recv`` got a frame,
     # which a frame held before it delays: that crept the best delay up by the playout delay.
@@ -664,7 +664,7 @@ class LateFrames:
         late = now - media_s - self.recent[0][1]
         if late <= min(self.target_s + self.late_s, LATE_MAX_S):
             return True
-        if not newer_waiting and not self.decoding():
+        if not newer_waiting:
             return True
         counters.late_dropped += 1
         return False
@@ -777,11 +777,6 @@ class _VideoPath:
             while len(late.arrivals) > MAX_ARRIVALS:  # frames that never decoded
                 del late.arrivals[next(iter(late.arrivals))]
 
-    def _decoding(self) -> bool:
-        """Whether frames wait for the decoder (queued behind the one being shown)."""
-        queue = self.receiver._RTCRtpReceiver__decoder_queue  # type: ignore[attr-defined]
-        return bool(queue.qsize())
-
     def _request_keyframe(self) -> None:
         if self.ssrc is not None:
             self._pending_pli = True
@@ -802,7 +797,6 @@ class _VideoPath:
                 if track is not None:
                     late: LateFrames = track.__dict__.setdefault("_epc_late", LateFrames())
                     late.target_s = self.buffer.playout_delay_s(now)
-                    late.decoding = self._decoding
                 if self.ssrc is None:
                     continue
                 lost = self.nack.due(now)

@@ -280,11 +280,11 @@ def test_the_playout_delay_is_what_recovered_frames_were_late_by_less_a_stutter(
     assert frames.buffer.playout_delay_s(1.9 + BASELINE_S) == 0.0
 
 
-def test_frames_are_held_until_due_and_late_ones_dropped_behind_newer_or_decoding_ones() -> None:
+def test_frames_are_held_until_due_and_late_ones_dropped_behind_newer_ones() -> None:
     """With a playout delay, a frame that came at once is held until it is due; one later than
-    due + LATE_S (at most LATE_MAX_S) is dropped when a newer frame waits in the track's queue
-    or for the decoder; the best delay is taken from arrivals, not from when a held frame's
-    successor was shown (that crept it up by the delay)."""
+    due + LATE_S (at most LATE_MAX_S) is dropped when a newer decoded frame waits; the best
+    delay is taken from arrivals, not from when a held frame's successor was shown (that crept
+    it up by the delay)."""
     late = LateFrames(target_s=0.18)
     assert late.keep(0.0, 0.1, newer_waiting=False)  # the best delay: 0.1
     assert late.hold_s(1.0, 1.1) == pytest.approx(0.18)
@@ -295,8 +295,6 @@ def test_frames_are_held_until_due_and_late_ones_dropped_behind_newer_or_decodin
     late.target_s = 0.0
     assert not late.keep(2.0, 2.4, newer_waiting=True)  # without the delay: late, dropped
     assert late.keep(2.1, 2.45, newer_waiting=False)  # the newest: shown
-    late.decoding = lambda: True
-    assert not late.keep(2.2, 2.5, newer_waiting=False)  # one waits for the decoder: dropped
     # Shown 0.28 s after media time for 5 s (each held), arrived 0.1 after: the best stays 0.1.
     late = LateFrames(target_s=0.18)
     for k in range(75):
