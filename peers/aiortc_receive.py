@@ -331,6 +331,7 @@ class FrameBuffer(_InOrder):
         hole_wait_s: Callable[[], float] = lambda: HOLE_WAIT_MAX_S,
         keyframe_retry_s: Callable[[], float] = lambda: KEYFRAME_RETRY_S,
         forget: Callable[[int], None] = lambda ext: None,
+        superseded: Callable[[int], None] = lambda timestamp: None,
         clock_rate: int = 90_000,
     ) -> None:
         super().__init__()
@@ -340,6 +341,8 @@ class FrameBuffer(_InOrder):
         self.keyframe = keyframe
         self.hole_wait_s = hole_wait_s
         self.forget = forget
+        self.superseded = superseded
+        self._burst: list[tuple[int, float]] = []  # (timestamp, late by) of frames released
         self.packets: dict[int, RtpPacket] = {}
         self.need_keyframe = True  # nothing decodes before a keyframe
         self.hole_since: float | None = None
@@ -446,6 +449,16 @@ class FrameBuffer(_InOrder):
         self.request_keyframe()
 
     def _release(self, now: float) -> None:
+        """Release what is complete; of the frames released together, those already later than
+        LATE_MAX_S with a newer one behind them are ``superseded`` (decoded, never shown: the
+        newer one is ready; the decoder, not yet done with it, must not let them show late)."""
+        self._burst = []
+        self._release_frames(now)
+        for timestamp, late in self._burst[:-1]:
+            if late > LATE_MAX_S:
+                self.superseded(timestamp)
+
+    def _release_frames(self, now: float) -> None:
         assert self.next_seq is not None
         while True:
             if self.need_keyframe:
@@ -486,7 +499,8 @@ class FrameBuffer(_InOrder):
                 logger.debug("hole at %s spans over %.1f s: given up", self.next_seq, MAX_SPAN_S)
                 self._skip(now)
                 continue
-            self._timed(frame[0].timestamp, now, waited=self.hole_since is not None)
+            late = self._timed(frame[0].timestamp, now, waited=self.hole_since is not None)
+            self._burst.append((frame[0].timestamp, late))
             self.hole_since = None
             self.last_request = None
             self.key_at = None
@@ -495,9 +509,9 @@ class FrameBuffer(_InOrder):
             data = b"".join(p._data for p in frame)  # type: ignore[attr-defined]
             self.deliver(JitterFrame(data=data, timestamp=frame[0].timestamp), frame[0])
 
-    def _timed(self, timestamp: int, now: float, waited: bool) -> None:
+    def _timed(self, timestamp: int, now: float, waited: bool) -> float:
         """Note a frame's release: the frame interval, the best delay, and how late it is if it
-        waited on a hole."""
+        waited on a hole; how late it is."""
         media_s = self._media_time(timestamp)
         if self._last_media_s is not None and 0 < media_s - self._last_media_s < 0.5:
             step = media_s - self._last_media_s
@@ -510,8 +524,10 @@ class FrameBuffer(_InOrder):
         self.offsets.append((now, offset))
         while self.offsets[0][0] < now - BEST_DELAY_S:
             self.offsets.popleft()
+        late = offset - self.offsets[0][1]
         if waited:
-            self.waited.append((now, offset - self.offsets[0][1]))
+            self.waited.append((now, late))
+        return late
 
     def playout_delay_s(self, now: float) -> float:
         """How long after the best delay frames should be shown so that a frame that waits on a
@@ -642,6 +658,8 @@ class LateFrames:
     # fills it). The best delay is taken from arrivals, never from when ``recv`` got a frame,
     # which a frame held before it delays: that crept the best delay up by the playout delay.
     arrivals: dict[int, float] = field(default_factory=dict)
+    # Frames (by pts) the frame buffer released already too late with a newer one.
+    superseded: set[int] = field(default_factory=set)
 
     def hold_s(self, media_s: float, now: float) -> float:
         """How long to hold a frame kept by ``keep`` before it is due (0 to ``target_s``)."""
@@ -706,6 +724,9 @@ def install() -> None:
                 return frame
             late: LateFrames = self.__dict__.setdefault("_epc_late", LateFrames())
             newer = any(f is not None for f in self._queue._queue)  # type: ignore[attr-defined]
+            if frame.pts in late.superseded:
+                late.superseded.discard(frame.pts)
+                newer = True  # released with a newer frame, still being decoded
             media_s, now = float(frame.pts * frame.time_base), time.monotonic()
             if late.keep(media_s, now, newer, late.arrivals.pop(frame.pts, None)):
                 if (hold := late.hold_s(media_s, now)) > 0:
@@ -733,7 +754,9 @@ class _VideoPath:
             hole_wait_s=self._hole_wait_s,
             keyframe_retry_s=self._keyframe_retry_s,
             forget=self._forget,
+            superseded=self._superseded,
         )
+        self.pts: dict[int, int] = {}  # RTP timestamp -> pts, of the frames just delivered
         receiver._epc_path = self  # type: ignore[attr-defined]
         # rtcrtpreceiver.py:299-300: the two parts replaced (used at :535 and :551).
         receiver._RTCRtpReceiver__jitter_buffer = self.buffer  # type: ignore[attr-defined]
@@ -770,12 +793,24 @@ class _VideoPath:
         if codec is not None and not codec.mimeType.lower().endswith("/rtx"):
             self.ssrc = packet.ssrc
 
+    def _late(self) -> LateFrames | None:
+        track = self.receiver._track
+        return None if track is None else track.__dict__.setdefault("_epc_late", LateFrames())
+
     def _deliver(self, frame: JitterFrame, first: RtpPacket) -> None:
-        if _decode(self.receiver, frame, first) and (track := self.receiver._track) is not None:
-            late: LateFrames = track.__dict__.setdefault("_epc_late", LateFrames())
+        timestamp = frame.timestamp
+        if _decode(self.receiver, frame, first) and (late := self._late()) is not None:
             late.arrivals[frame.timestamp] = time.monotonic()  # the pts it decodes to
-            while len(late.arrivals) > MAX_ARRIVALS:  # frames that never decoded
-                del late.arrivals[next(iter(late.arrivals))]
+            self.pts[timestamp] = frame.timestamp
+            for kept in (late.arrivals, self.pts):
+                while len(kept) > MAX_ARRIVALS:  # frames that never decoded
+                    del kept[next(iter(kept))]
+            if len(late.superseded) > MAX_ARRIVALS:
+                late.superseded.clear()
+
+    def _superseded(self, timestamp: int) -> None:
+        if (late := self._late()) is not None and (pts := self.pts.get(timestamp)) is not None:
+            late.superseded.add(pts)
 
     def _request_keyframe(self) -> None:
         if self.ssrc is not None:

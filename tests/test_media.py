@@ -280,6 +280,26 @@ def test_the_playout_delay_is_what_recovered_frames_were_late_by_less_a_stutter(
     assert frames.buffer.playout_delay_s(1.9 + BASELINE_S) == 0.0
 
 
+def test_frames_released_together_already_past_late_max_are_superseded() -> None:
+    """When a filled hole releases several frames at once, those already later than LATE_MAX_S
+    with a newer one behind them are marked superseded (decoded, never shown); the newest and
+    the ones within LATE_MAX_S are not."""
+    marked: list[int] = []
+    frames = Frames()
+    frames.buffer.superseded = marked.append
+    step = 3000  # 30 fps
+    frames.buffer.add(vp8(0, 0, key=True), now=0.05)
+    frames.buffer.add(vp8(2, 2 * step), now=2 / 30 + 0.05)  # 1 lost
+    frames.buffer.add(vp8(3, 3 * step), now=3 / 30 + 0.05)
+    frames.buffer.add(vp8(4, 4 * step), now=4 / 30 + 0.05)
+    frames.buffer.add(vp8(1, step), now=1 / 30 + 0.4)  # 350 ms late: 1, 2 over LATE_MAX_S
+    assert frames.out == [0, step, 2 * step, 3 * step, 4 * step]
+    assert marked == [step, 2 * step]
+    frames.buffer.add(vp8(6, 6 * step), now=6 / 30 + 0.05)  # 5 lost
+    frames.buffer.add(vp8(5, 5 * step), now=5 / 30 + 0.3)  # 250 ms late: shown
+    assert marked == [step, 2 * step]
+
+
 def test_frames_are_held_until_due_and_late_ones_dropped_behind_newer_ones() -> None:
     """With a playout delay, a frame that came at once is held until it is due; one later than
     due + LATE_S (at most LATE_MAX_S) is dropped when a newer decoded frame waits; the best
