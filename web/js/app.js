@@ -693,9 +693,14 @@ function renderStatus() {
 
 function callStatus(other) {
   const call = app.call;
-  const recovering = app.lost || app.awaitingFrame; // until the video shows a frame again
-  if (recovering) {
-    const seconds = Math.floor((Date.now() - recovering.since) / 1000);
+  // Lost (or back, until the video shows a frame again); or ICE says nothing arrives on the
+  // path (disconnected) before the media timeout calls it lost: not "connecting" meanwhile.
+  let since = app.lost ? app.lost.since : app.awaitingFrame ? app.awaitingFrame.since : null;
+  if (since === null && call && call.everConnected && call.connectionState === "disconnected") {
+    since = app.media.at;
+  }
+  if (since !== null) {
+    const seconds = Math.floor((Date.now() - since) / 1000);
     return { state: "recovering", key: "state.recovering", params: { seconds } };
   }
   if (call && call.connectionState === "connected") {
