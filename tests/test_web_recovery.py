@@ -56,9 +56,9 @@ COUNT_PEER_CONNECTIONS = """
 
 
 # While the page says "reconnecting", samples what shows the other person every 100 ms: the
-# remote video, or the drawing of its last frame over it (#remote-frozen) once a recovery has
-# closed the old connection. Its size, whether it is shown, and the brightest pixel of a small
-# copy of it (0: black, as a video whose tracks ended).
+# remote video, or the drawing of its last frame over it (#remote-frozen) once the page has
+# found the path lost (a recovery may close the old connection, whose video then turns black).
+# Its size, whether it is shown, and the brightest pixel of a small copy of it (0: black).
 WATCH_LAST_FRAME = """
 (() => {
   const canvas = document.createElement("canvas");
@@ -189,10 +189,14 @@ async def watch_last_frame(page: Page) -> str:
     return size
 
 
-async def last_frame_kept(page: Page, size: str) -> None:
-    """Every sample taken during "reconnecting" showed a frame of ``size``, shown, not black."""
+async def last_frame_kept(page: Page, size: str | None) -> None:
+    """Every sample taken during "reconnecting" showed a frame of ``size``, shown, not black
+    (size None: of one size, whichever the last frame had)."""
     samples: list[dict[str, Any]] = await page.evaluate("epcLastFrame")
     assert samples, "no sample taken while reconnecting"
+    if size is None:
+        size = samples[0]["size"]
+        assert not size.startswith("0x"), samples[:3]
     kept = {"size": size, "shown": True}
     bad = [s for s in samples if {k: s[k] for k in kept} != kept or s["brightest"] < 16]
     assert bad == [], f"{len(bad)} of {len(samples)} samples: {bad[:3]}"
@@ -330,10 +334,10 @@ async def test_an_offer_while_the_call_still_flows_is_a_recovery(rec: Rec) -> No
     """The patient's new offer reaches a practitioner page whose media still flows: it says
     "reconnecting", keeps the last frame, closes the old connection, counts one recovery."""
     patient, practitioner = await connected_pair(rec, "offer-first")
-    sizes, marks = {}, {}
+    marks = {}
     for page in (patient, practitioner):
         await more_frames(page, 10, units=2)
-        sizes[page] = await watch_last_frame(page)
+        await watch_last_frame(page)
         marks[page] = await status_mark(page)
     logged = len(rec.browsers.logs["practitioner"])
     async with patient_deaf(rec):
@@ -350,7 +354,9 @@ async def test_an_offer_while_the_call_still_flows_is_a_recovery(rec: Rec) -> No
         assert await peer_connections(page) == {"made": 2, "open": 1}
         assert [r["method"] for r in await recoveries(page)] == ["new-connection"]
         assert await page.inner_text('[data-stat="recoveries"]') == "1"
-        await last_frame_kept(page, sizes[page])
+        # Its size is the one at the loss: the patient's encoder may scale down while it
+        # hears nothing (no feedback), before it offers (480x360 from 640x480, seen once).
+        await last_frame_kept(page, None)
         assert quiet(rec.browsers.problems(role)) == []
 
 
