@@ -10,6 +10,7 @@ counts from 0 again), and an init script counts the page's RTCPeerConnections.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import time
@@ -27,7 +28,7 @@ from peers.netns import command_missing, netns_missing
 from tests.browser import Browsers, join, notice, routed_flags, wait_state
 from tests.processes import Process, RelayProcess, peer_argv, spawn
 from tests.recovery import RELAY_ADDRESS, RecoveryNetwork, media_back, recovery_network
-from tests.support import TIMEOUT, within
+from tests.support import within
 
 pytestmark = pytest.mark.netns
 
@@ -55,9 +56,9 @@ COUNT_PEER_CONNECTIONS = """
 
 
 # While the page says "reconnecting", samples what shows the other person every 100 ms: the
-# remote video, or the drawing of its last frame over it (#remote-frozen) once a recovery has
-# closed the old connection. Its size, whether it is shown, and the brightest pixel of a small
-# copy of it (0: black, as a video whose tracks ended).
+# remote video, or the drawing of its last frame over it (#remote-frozen) once the page has
+# found the path lost (a recovery may close the old connection, whose video then turns black).
+# Its size, whether it is shown, and the brightest pixel of a small copy of it (0: black).
 WATCH_LAST_FRAME = """
 (() => {
   const canvas = document.createElement("canvas");
@@ -188,10 +189,14 @@ async def watch_last_frame(page: Page) -> str:
     return size
 
 
-async def last_frame_kept(page: Page, size: str) -> None:
-    """Every sample taken during "reconnecting" showed a frame of ``size``, shown, not black."""
+async def last_frame_kept(page: Page, size: str | None) -> None:
+    """Every sample taken during "reconnecting" showed a frame of ``size``, shown, not black
+    (size None: of one size, whichever the last frame had)."""
     samples: list[dict[str, Any]] = await page.evaluate("epcLastFrame")
     assert samples, "no sample taken while reconnecting"
+    if size is None:
+        size = samples[0]["size"]
+        assert not size.startswith("0x"), samples[:3]
     kept = {"size": size, "shown": True}
     bad = [s for s in samples if {k: s[k] for k in kept} != kept or s["brightest"] < 16]
     assert bad == [], f"{len(bad)} of {len(samples)} samples: {bad[:3]}"
@@ -210,23 +215,93 @@ def quiet(problems: list[str]) -> list[str]:
 RECOVERING = re.compile(r"^Connection lost, reconnecting… \(\d+ s\)$")
 
 
+async def status_mark(page: Page) -> tuple[int, int]:
+    """The page's status log's last entry number now (0: none), and the page's clock (ms)."""
+    mark: list[int] = await page.evaluate(
+        "[epedicare.statusLog.length ? epedicare.statusLog.at(-1).n : 0, Date.now()]"
+    )
+    return mark[0], mark[1]
+
+
+async def said(page: Page, mark: int) -> list[dict[str, Any]]:
+    """What the page's status line said after entry ``mark`` (epedicare.statusLog)."""
+    entries: list[dict[str, Any]] = await page.evaluate(
+        "(mark) => epedicare.statusLog.filter((entry) => entry.n > mark)", mark
+    )
+    return entries
+
+
+async def wait_said(page: Page, mark: int, states: list[str], units: float) -> None:
+    """Wait until the status line has said ``states`` in this order after entry ``mark``, past
+    the "connected" it said until then (read from its log: a state shorter than a poll is
+    not missed)."""
+
+    async def poll() -> None:
+        while True:
+            if states_after(await said(page, mark))[: len(states)] == states:
+                return
+            await asyncio.sleep(0.1)
+
+    try:
+        await within(poll(), units)
+    except TimeoutError:
+        raise AssertionError(f"not {states}: {await said(page, mark)}") from None
+
+
+def states_of(entries: list[dict[str, Any]]) -> list[str]:
+    """The call states of status log entries, each repeat of one state said once."""
+    states: list[str] = []
+    for entry in entries:
+        if not states or states[-1] != entry["state"]:
+            states.append(entry["state"])
+    return states
+
+
+def states_after(entries: list[dict[str, Any]]) -> list[str]:
+    """states_of() less the "connected" said first (until the page finds the path lost)."""
+    states = states_of(entries)
+    return states[1:] if states[:1] == ["connected"] else states
+
+
+async def said_reconnecting(page: Page, mark: int, since: int, limit_ms: int) -> None:
+    """After entry ``mark`` the page said "reconnecting" (with the seconds) within ``limit_ms``
+    of ``since`` (the page's clock), then "connected", and nothing else."""
+    entries = await said(page, mark)
+    assert states_after(entries) == ["recovering", "connected"], entries
+    recovering = [e for e in entries if e["state"] == "recovering"]
+    assert all(RECOVERING.match(e["text"]) for e in recovering), recovering
+    assert recovering[0]["at"] - since < limit_ms, (recovering[0]["at"] - since, entries)
+
+
+def frame_shown(browsers: Browsers, role: str, mark: int) -> None:
+    """After console line ``mark``, the page saw a video frame again (not the wait's bound)."""
+    lines = browsers.logs[role][mark:]
+    assert any("video shown again" in line for line in lines), lines
+    assert not any("no video frame shown" in line for line in lines), lines
+
+
 @pytest.mark.asyncio
 async def test_network_change_brings_video_back_on_a_new_connection(rec: Rec) -> None:
     """The patient's link is replaced (new address, old gone): last frame kept, then video."""
     patient, practitioner = await connected_pair(rec, "change")
-    sizes = {}
-    for page in (patient, practitioner):
+    sizes, marks, logs = {}, {}, {}
+    for role, page in (("patient", patient), ("practitioner", practitioner)):
         await more_frames(page, 10, units=2)
         sizes[page] = await watch_last_frame(page)
+        marks[page] = await status_mark(page)
+        logs[page] = (role, len(rec.browsers.logs[role]))
     changed = time.monotonic()
     await rec.net.change("patient")
-    status = practitioner.locator('#status[data-state="recovering"] .status-call')
-    await status.filter(has_text=RECOVERING).wait_for(timeout=TIMEOUT * 2000)
     back = await asyncio.gather(
         *(more_frames(page, 10, units=4) for page in (patient, practitioner))
     )
     for page in (patient, practitioner):
-        await wait_state(page, "connected", units=3)
+        await wait_said(page, marks[page][0], ["recovering", "connected"], units=3)
+        # Each page said so to its user from the loss (found by either side first) until the
+        # video showed a frame of the new call: within 10 s of the change (twice issue 12's
+        # 5 s budget, for a loaded test machine), and nothing else (not "connecting").
+        await said_reconnecting(page, *marks[page], limit_ms=10_000)
+        frame_shown(rec.browsers, *logs[page])
         assert await peer_connections(page) == {"made": 2, "open": 1}
         assert [r["method"] for r in await recoveries(page)] == ["new-connection"]
         assert await page.inner_text('[data-stat="recoveries"]') == "1"
@@ -239,6 +314,52 @@ async def test_network_change_brings_video_back_on_a_new_connection(rec: Rec) ->
         assert quiet(rec.browsers.problems(role)) == []
 
 
+@contextlib.asynccontextmanager
+async def patient_deaf(rec: Rec) -> AsyncIterator[None]:
+    """No UDP reaches the patient during the block: its media path dies on its side only (the
+    practitioner still receives), and its relay connection (TCP) lives on."""
+    rule = ["FORWARD", "-o", rec.net.links["patient"][1], "-p", "udp", "-j", "DROP"]
+    await rec.net.net.run(rec.net.hub, "iptables", "-w", "-I", *rule)
+    try:
+        yield
+    finally:
+        await rec.net.net.run(rec.net.hub, "iptables", "-w", "-D", *rule)
+
+
+PATH_LOST = re.compile(r"call 1: path lost \(nothing received for (\d+) ms\)")
+
+
+@pytest.mark.asyncio
+async def test_an_offer_while_the_call_still_flows_is_a_recovery(rec: Rec) -> None:
+    """The patient's new offer reaches a practitioner page whose media still flows: it says
+    "reconnecting", keeps the last frame, closes the old connection, counts one recovery."""
+    patient, practitioner = await connected_pair(rec, "offer-first")
+    marks = {}
+    for page in (patient, practitioner):
+        await more_frames(page, 10, units=2)
+        await watch_last_frame(page)
+        marks[page] = await status_mark(page)
+    logged = len(rec.browsers.logs["practitioner"])
+    async with patient_deaf(rec):
+        # The patient finds its path lost (media_timeout_s) and offers: the practitioner,
+        # still receiving, takes the offer as the loss.
+        await wait_said(practitioner, marks[practitioner][0], ["recovering"], units=4)
+    await asyncio.gather(*(more_frames(page, 10, units=4) for page in (patient, practitioner)))
+    lines = rec.browsers.logs["practitioner"][logged:]
+    lost = [int(m.group(1)) for line in lines if (m := PATH_LOST.search(line))]
+    assert len(lost) == 1 and lost[0] < MEDIA_TIMEOUT_S * 1000, lines  # not found by itself
+    for role, page in (("patient", patient), ("practitioner", practitioner)):
+        await wait_said(page, marks[page][0], ["recovering", "connected"], units=3)
+        await said_reconnecting(page, *marks[page], limit_ms=15_000)
+        assert await peer_connections(page) == {"made": 2, "open": 1}
+        assert [r["method"] for r in await recoveries(page)] == ["new-connection"]
+        assert await page.inner_text('[data-stat="recoveries"]') == "1"
+        # Its size is the one at the loss: the patient's encoder may scale down while it
+        # hears nothing (no feedback), before it offers (480x360 from 640x480, seen once).
+        await last_frame_kept(page, None)
+        assert quiet(rec.browsers.problems(role)) == []
+
+
 @pytest.mark.asyncio
 async def test_muted_side_is_not_lost_and_a_3s_outage_comes_back_on_the_old_path(
     rec: Rec,
@@ -248,25 +369,30 @@ async def test_muted_side_is_not_lost_and_a_3s_outage_comes_back_on_the_old_path
     for page in (patient, practitioner):
         await more_frames(page, 10, units=2)
     # The patient mutes both: RTCP (and black frames) keep the path alive.
+    muted = await status_mark(practitioner)
     await patient.click("#camera")
     await patient.click("#mic")
     await asyncio.sleep(MEDIA_TIMEOUT_S + 1.5)  # longer than the media timeout
     assert await recoveries(practitioner) == []
     assert await practitioner.get_attribute("#status", "data-state") == "connected"
+    assert states_of(await said(practitioner, muted[0])) in ([], ["connected"])  # not once lost
     await patient.click("#camera")
     await patient.click("#mic")
     await more_frames(practitioner, 10, units=2)  # the camera's pattern again, not black
     sizes = {page: await watch_last_frame(page) for page in (patient, practitioner)}
+    marks = {page: await status_mark(page) for page in (patient, practitioner)}
 
     async with rec.net.outage("patient"):
         began = time.monotonic()
-        await wait_state(practitioner, "recovering", units=2)
+        await wait_said(practitioner, marks[practitioner][0], ["recovering"], units=2)
         await asyncio.sleep(max(0.0, 3 - (time.monotonic() - began)))  # the outage itself
     restored = time.monotonic()
     back = await asyncio.gather(
         *(more_frames(page, 10, units=3) for page in (patient, practitioner))
     )
     for page in (patient, practitioner):
+        await wait_said(page, marks[page][0], ["recovering", "connected"], units=3)
+        await said_reconnecting(page, *marks[page], limit_ms=10_000)
         await wait_state(page, "connected", units=3)
         assert await peer_connections(page) == {"made": 1, "open": 1}  # no new negotiation
         assert [r["method"] for r in await recoveries(page)] == ["same-path"]
@@ -403,15 +529,18 @@ async def test_browser_and_aiortc_come_back_after_a_network_change_and_a_3s_outa
         await more_frames(page, 10, units=2)
 
         mark = len(peer.lines)
+        status = await status_mark(page)
         changed = time.monotonic()
         await rec.net.change("patient")
         page_back = await more_frames(page, 10, units=4)
         method = await peer_back(peer, mark)
         assert method == "new-connection"
         assert page_back - changed < 10, round(page_back - changed, 1)  # 5 s budget, loaded CI
-        await wait_state(page, "connected", units=2)
+        await wait_said(page, status[0], ["recovering", "connected"], units=2)
+        await said_reconnecting(page, *status, limit_ms=10_000)
 
         mark = len(peer.lines)
+        status = await status_mark(page)
         async with rec.net.outage("patient"):
             await asyncio.sleep(3)
         restored = time.monotonic()
@@ -424,6 +553,8 @@ async def test_browser_and_aiortc_come_back_after_a_network_change_and_a_3s_outa
         assert flowing - restored < 5, round(flowing - restored, 1)
         assert [r["method"] for r in await recoveries(page)] == ["new-connection", "same-path"]
         assert await peer_connections(page) == {"made": 2, "open": 1}
+        await wait_said(page, status[0], ["recovering", "connected"], units=2)
+        await said_reconnecting(page, *status, limit_ms=10_000)
         await more_frames(page, 10, units=2)
     finally:
         assert await peer.stop() == 0, peer.log()

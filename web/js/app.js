@@ -27,6 +27,10 @@ const PROBE_MS = 1000;
 const KEY_GAP_MS = 1000;
 const KEY_RETRY_MS = 500;
 const KEY_ASKS = 6;
+// Media back after a loss: the page says "reconnecting" over the last frame until the other's
+// video shows a frame again; none this long after the media came back: it says so, and
+// stops waiting (the other side may send no video).
+const FRAME_WAIT_MS = 5000;
 // Renegotiation attempts (the patient): one with no answer after ANSWER_MS, or no media after
 // ATTEMPT_MS, is followed by the next after a backoff from BACKOFF_MS, doubling, at most
 // BACKOFF_CAP_MS: at worst attempts start at 0, 4.5, 9.5, 15.5, 23.5, 31.5... s (were 0, 4,
@@ -63,7 +67,9 @@ const app = {
   ended: null, // why the last call ended: "left" | "gave-up" | "dropped" (before any call) | null
   media: null, // {call, bytes, at}: when the call's transport last received anything
   lost: null, // the media path is lost: {call, since, detectedAt, attempts, offeredAt, nextAt, backAt, method}
+  awaitingFrame: null, // media is back after a loss, no video frame shown yet: {call, since, at}
   recoveries: [], // [{at_s, outage_ms, method}], like the peers' --stats-json
+  statusLog: view.statusLog, // what the status line said, in order (view.js)
   keyFramesAsked: 0, // key frames this page asked for when media came back (askKeyFrame)
   seatStarted: 0, // Date.now() at the join
   pendingRemote: null, // a new call's remote stream, shown once its media flows
@@ -446,6 +452,7 @@ function endCall({ recovering = false } = {}) {
   app.pendingRemote = null;
   if (recovering) return;
   app.lost = null;
+  app.awaitingFrame = null;
   els.remoteVideo.srcObject = null;
   els.remoteFrozen.hidden = true;
   view.setChatOpen(false);
@@ -498,6 +505,10 @@ async function updateStats() {
   app.statsOf = call;
   watchPath(call, summary.transportBytes);
   askKeyFrame(call, summary.inVideo.framesDecoded);
+  if (app.awaitingFrame && Date.now() - app.awaitingFrame.at >= FRAME_WAIT_MS) {
+    callLog(call, `no video frame shown ${FRAME_WAIT_MS} ms after media came back`);
+    frameShown(app.awaitingFrame, false);
+  }
   view.renderStats(summary);
   renderStatus();
 }
@@ -564,6 +575,10 @@ function askKeyFrame(call, framesDecoded) {
 function pathLost(since, method = null) {
   const now = Date.now();
   app.lost = { call: app.call, since, detectedAt: now, attempts: 0, nextAt: 0, backAt: null, method };
+  app.awaitingFrame = null;
+  // The last frame stays until the video shows a new one (frameShown), whatever brings it
+  // back: the old path, a new connection, an ICE restart.
+  view.freezeRemote();
   callLog(app.call, `path lost (nothing received for ${now - since} ms)`);
   renderStatus();
 }
@@ -633,9 +648,24 @@ function recovered(call, now) {
   callLog(call, `media back after ${recovery.outage_ms} ms (${method})`);
   if (app.pendingRemote) showRemote(app.pendingRemote);
   app.pendingRemote = null;
-  view.thawRemote();
   view.renderRecoveries(app.recoveries.length);
+  if (view.remoteFrozen()) {
+    // Media flows; the user sees it when the video shows a frame: "reconnecting" until then.
+    const wait = { call, since: lost.since, at: now };
+    app.awaitingFrame = wait;
+    view.whenRemoteFrame(() => frameShown(wait));
+  }
   if (els.notice.dataset.key === "call.gave-up") view.clearNotice();
+}
+
+/** The video shows a frame again after a recovery (shown), or FRAME_WAIT_MS passed: the last
+ * frame goes, and the status says what the call does. */
+function frameShown(wait, shown = true) {
+  if (app.awaitingFrame !== wait) return; // lost again, or the call ended, meanwhile
+  app.awaitingFrame = null;
+  view.thawRemote();
+  if (shown) callLog(wait.call, `video shown again ${Date.now() - wait.since} ms after the loss`);
+  renderStatus();
 }
 
 /** recovery_timeout_s without media: say so; the seat stays (a reload or a new offer still works). */
@@ -663,8 +693,14 @@ function renderStatus() {
 
 function callStatus(other) {
   const call = app.call;
-  if (app.lost) {
-    const seconds = Math.floor((Date.now() - app.lost.since) / 1000);
+  // Lost (or back, until the video shows a frame again); or ICE says nothing arrives on the
+  // path (disconnected) before the media timeout calls it lost: not "connecting" meanwhile.
+  let since = app.lost ? app.lost.since : app.awaitingFrame ? app.awaitingFrame.since : null;
+  if (since === null && call && call.everConnected && call.connectionState === "disconnected") {
+    since = app.media.at;
+  }
+  if (since !== null) {
+    const seconds = Math.floor((Date.now() - since) / 1000);
     return { state: "recovering", key: "state.recovering", params: { seconds } };
   }
   if (call && call.connectionState === "connected") {

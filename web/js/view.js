@@ -63,18 +63,21 @@ export function freezeRemote() {
   canvas.hidden = false;
 }
 
-/** The video shows frames again: the drawn last frame goes (at the video's next frame). */
+/** Is the last frame drawn over the remote video (freezeRemote)? */
+export function remoteFrozen() {
+  return !els.remoteFrozen.hidden;
+}
+
+/** The drawn last frame goes: the video shows what it has. */
 export function thawRemote() {
-  const canvas = els.remoteFrozen;
-  if (canvas.hidden) return;
+  els.remoteFrozen.hidden = true;
+}
+
+/** ``callback()`` when the remote video next presents a frame (at once where it cannot say). */
+export function whenRemoteFrame(callback) {
   const video = els.remoteVideo;
-  if (video.srcObject && video.requestVideoFrameCallback) {
-    video.requestVideoFrameCallback(() => {
-      canvas.hidden = true;
-    });
-  } else {
-    canvas.hidden = true;
-  }
+  if (video.srcObject && video.requestVideoFrameCallback) video.requestVideoFrameCallback(() => callback());
+  else callback();
 }
 
 export function showStart() {
@@ -110,6 +113,13 @@ export function clearNotice() {
   delete els.notice.dataset.key;
 }
 
+// What the status line said, in order: {n, at, state, server, text} (text: the call's words),
+// the last STATUS_LOG_MAX; n counts from 1. For the tests and for debugging: a state that
+// lasts less than a poll is still seen (epedicare.statusLog).
+export const statusLog = [];
+const STATUS_LOG_MAX = 1000;
+let statusCount = 0;
+
 /**
  * The status line: what the call is doing, then the server's state when it matters.
  * call: {state, key, params}; server: {state, key, params} or null.
@@ -131,6 +141,9 @@ export function renderStatus(call, server) {
     setText(span, part.key, part.params || {});
     els.status.append(span);
   }
+  const text = els.status.querySelector(".status-call").textContent;
+  statusLog.push({ n: ++statusCount, at: Date.now(), state: call.state, server: els.status.dataset.server, text });
+  if (statusLog.length > STATUS_LOG_MAX) statusLog.shift();
 }
 
 /** The statistics sheet; summary null: nothing measured (no call, or it ended). */
