@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 import pytest
-from aiortc import RTCRtpCodecParameters, rtcrtpreceiver
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpCodecParameters, rtcrtpreceiver
 from aiortc.codecs.opus import OpusDecoder, OpusEncoder
 from aiortc.codecs.vpx import Vp8Decoder, Vp8Encoder
 from aiortc.jitterbuffer import JitterFrame
@@ -509,6 +509,25 @@ def test_the_receivers_decoder_thread_decodes_opus_with_fec() -> None:
     vp8_codec = RTCRtpCodecParameters(mimeType="video/VP8", clockRate=90_000)
     assert isinstance(rtcrtpreceiver.get_decoder(opus_codec), aiortc_opus.FecOpusDecoder)  # type: ignore[attr-defined]
     assert isinstance(rtcrtpreceiver.get_decoder(vp8_codec), Vp8Decoder)  # type: ignore[attr-defined]
+
+
+@pytest.mark.asyncio
+async def test_the_opus_codec_says_its_decoder_uses_in_band_fec() -> None:
+    """An aiortc offer, once patched, says useinbandfec=1 on Opus (RFC 7587), which is what
+    makes Chromium send FEC to an aiortc receiver; aiortc's own said nothing."""
+    aiortc_patches.steady_media()
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    try:
+        pc.addTransceiver("audio", direction="recvonly")
+        offer = await pc.createOffer()
+    finally:
+        await pc.close()
+    opus_type = next(
+        line.split()[0].split(":")[1]
+        for line in offer.sdp.splitlines()
+        if line.startswith("a=rtpmap:") and "opus/48000" in line
+    )
+    assert f"a=fmtp:{opus_type} useinbandfec=1" in offer.sdp.splitlines()
 
 
 def test_opus_is_sent_at_32_kbits_with_in_band_fec() -> None:
