@@ -155,7 +155,7 @@ class ToneTrack(AudioStreamTrack):
     def __init__(self) -> None:
         super().__init__()
         samples = int(self.RATE * AUDIO_PTIME)
-        self._period = [  # one pulse: 440 Hz repeats every 1/4 s at 48 kHz (110 periods)
+        period = [  # one pulse: 440 Hz repeats every 1/4 s at 48 kHz (110 periods)
             int(
                 8000
                 * math.sin(2 * math.pi * self.FREQUENCY * n / self.RATE)
@@ -163,6 +163,9 @@ class ToneTrack(AudioStreamTrack):
             )
             for n in range(self.RATE // self.PULSES)
         ]
+        self._period = len(period)
+        # s16 little-endian, twice over: a frame is one slice, wherever in the pulse it starts.
+        self._pcm = b"".join(s.to_bytes(2, "little", signed=True) for s in period) * 2
         self._samples = samples
         self._pts = 0
         self._begin: float | None = None
@@ -173,10 +176,9 @@ class ToneTrack(AudioStreamTrack):
             self._begin = time.monotonic()
         due = self._begin + self._pts / self.RATE
         await asyncio.sleep(max(0.0, due - time.monotonic()))
-        offset = self._pts % len(self._period)
-        chunk = (self._period[offset:] + self._period)[: self._samples]
+        offset = 2 * (self._pts % self._period)
         frame = AudioFrame(format="s16", layout="mono", samples=self._samples)
-        frame.planes[0].update(b"".join(s.to_bytes(2, "little", signed=True) for s in chunk))
+        frame.planes[0].update(self._pcm[offset : offset + 2 * self._samples])
         frame.sample_rate = self.RATE
         frame.pts = self._pts
         frame.time_base = self._time_base
