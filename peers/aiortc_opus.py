@@ -83,10 +83,10 @@ def _first_frame(packet: bytes) -> bytes:
     if code == 1:
         return packet[1 : 1 + (size - 1) // 2]
     if code == 2:
-        if size < 2:
+        if size < 2 or (packet[1] >= 252 and size < 3):
             return b""
         length, offset = (packet[1], 2) if packet[1] < 252 else (packet[1] + 4 * packet[2], 3)
-        return packet[offset : offset + length] if size >= 3 else b""
+        return packet[offset : offset + length]
     if size < 2:
         return b""
     count, vbr, padded = packet[1] & 0x3F, packet[1] & 0x80, packet[1] & 0x40

@@ -25,6 +25,8 @@ from aiortc.codecs.vpx import Vp8Decoder, Vp8Encoder
 from aiortc.jitterbuffer import JitterFrame
 from aiortc.rtp import RtpPacket
 from av import AudioFrame
+from hypothesis import given
+from hypothesis import strategies as st
 
 from peers import aiortc_opus, aiortc_patches, aiortc_receive, aiortc_send, media, stats
 from peers.aiortc_receive import (
@@ -377,6 +379,7 @@ def silk(first: int, *, config: int = 9, stereo: bool = False, code: int = 0) ->
         pytest.param(bytes([9 << 3 | 3, 0x42, 1, 0b1100_0000, 0, 0]), True, id="cbr-padded"),
         pytest.param(bytes([9 << 3 | 3, 0x82, 1, 0b1100_0000, 0x55]), True, id="vbr"),
         pytest.param(bytes([9 << 3 | 3, 0x80]), False, id="no-frames"),
+        pytest.param(bytes([9 << 3 | 2, 252]), False, id="two-frames-length-cut-short"),
         pytest.param(bytes([9 << 3]), False, id="toc-only"),
     ],
 )
@@ -384,6 +387,13 @@ def test_in_band_fec_is_told_from_the_lbrr_flag(packet: bytes, fec: bool) -> Non
     """has_fec reads the LBRR flag of a SILK or hybrid packet's first frame, after its VAD
     flags (one per 20 ms), mid or side channel; a CELT packet or a malformed one has none."""
     assert aiortc_opus.has_fec(packet) is fec
+
+
+@given(st.binary(max_size=40))
+def test_in_band_fec_is_told_of_any_bytes_without_raising(packet: bytes) -> None:
+    """has_fec answers for any payload a peer may send: an exception would end the audio
+    path's timer, and with it the audio."""
+    assert aiortc_opus.has_fec(packet) in (True, False)
 
 
 TONE_FRAMES = 100  # 2 s of the patient's tone
