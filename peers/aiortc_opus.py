@@ -172,6 +172,8 @@ class FecOpusDecoder(Decoder):
                 "Opus packet at %s not decoded: libopus error %s", encoded_frame.timestamp, samples
             )
             return []
+        if not samples:
+            return []
         frame = AudioFrame(format="s16", layout="stereo", samples=samples)
         frame.planes[0].update(ctypes.string_at(self._pcm, samples * CHANNELS * 2))
         frame.sample_rate = SAMPLE_RATE
