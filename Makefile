@@ -50,10 +50,11 @@ define apt_install
 	fi
 endef
 
-## system-deps: Debian packages for calls in network namespaces (iproute2, iptables), and
-## libnetfilter-queue-dev, which the link emulator's NetfilterQueue (requirements.txt) builds against
+## system-deps: Debian packages for calls in network namespaces (iproute2, iptables),
+## libnetfilter-queue-dev, which the link emulator's NetfilterQueue (requirements.txt) builds against,
+## and libopus0, which the receiver's Opus decoder (opuslib-next, requirements.txt) loads
 system-deps:
-	$(call apt_install,iproute2 iptables libnetfilter-queue-dev)
+	$(call apt_install,iproute2 iptables libnetfilter-queue-dev libopus0)
 
 ## turn-deps: Debian's coturn (turnserver) for `make turn` and the TURN tests
 turn-deps:

@@ -16,8 +16,9 @@ the call:
   frames per second, freezes and their total (peers/media.py, counted as
   Chromium counts them), the longest gap, time behind the call's best delay
   from the stamps (p95 and max; a Chromium patient sends no stamps: ``-``),
-  audio frames missing or concealed of the media time, the resolution last
-  received;
+  audio frames missing or concealed of the media time, those rebuilt from the
+  next packet's in-band FEC (``audio_fec_pct``: not concealed, as Chromium
+  does not count them either), the resolution last received;
 - a Chromium practitioner (the project's page, getStats() of its inbound
   streams): ``framesDecoded`` per second, ``freezeCount`` and
   ``totalFreezesDuration``, the longest gap between two reads of
@@ -187,6 +188,7 @@ def page_row(
         if samples
         else None,
         "audio_rx_pct": round(100 * delta("audio", "packetsReceived") * AUDIO_PTIME_S / seconds),
+        "audio_fec_pct": "-",
         "resolution": f"{video.get('frameWidth', 0)}x{video.get('frameHeight', 0)}",
     }
 
@@ -206,6 +208,7 @@ def aiortc_row(summary: dict[str, Any]) -> dict[str, Any]:
         if due
         else None,
         "audio_rx_pct": "-",
+        "audio_fec_pct": round(100 * audio.get("recovered", 0) / due, 1) if due else None,
         "resolution": f"{video['width']}x{video['height']}",
     }
 
@@ -262,7 +265,7 @@ async def cell(link: str, pairing: str, seconds: float, tmp: Path) -> dict[str, 
 COLUMNS = [
     ("link", 18), ("pairing", 20), ("fps", 5), ("freezes", 8), ("frozen_s", 9),
     ("longest_gap_s", 14), ("behind_p95_ms", 14), ("behind_max_ms", 14),
-    ("audio_bad_pct", 14), ("audio_rx_pct", 13), ("resolution", 11),
+    ("audio_bad_pct", 14), ("audio_rx_pct", 13), ("audio_fec_pct", 14), ("resolution", 11),
 ]  # fmt: skip
 
 

@@ -34,9 +34,11 @@ The patches:
   the only place that says why a DTLS handshake failed (rtcdtlstransport.py:423,
   429, 449, 466); upstream, the W3C ``RTCDtlsTransport.onerror`` with the cause.
 - ``opus_settings``: Opus at 32 kbit/s with in-band FEC instead of aiortc's fixed
-  96 kbit/s without (codecs/opus.py:34, :37).
+  96 kbit/s without (codecs/opus.py:34, :37), and ``useinbandfec=1`` in its SDP
+  (codecs/__init__.py:33-35), now that the receiver decodes FEC (``peers/aiortc_opus.py``).
 - ``steady_media``: the media path that holds on lossy links and narrow ones, from
-  the siblings ``peers/aiortc_receive.py`` and ``peers/aiortc_send.py`` (the VP8
+  the siblings ``peers/aiortc_receive.py`` (with ``peers/aiortc_opus.py``, the Opus
+  decoder with FEC and loss concealment) and ``peers/aiortc_send.py`` (the VP8
   floor and the resolution / frame-rate ladder) and ``peers/aiortc_rate.py`` (the
   receiver's bandwidth estimate, sent as REMB) (whole replacements of aiortc's ``NackGenerator``,
   its video ``JitterBuffer`` and ``RemoteStreamTrack.recv``; the lines it
@@ -58,7 +60,7 @@ import aioice.stun
 from aioice import Connection, stun
 from aioice.ice import CandidatePair, StunProtocol
 from aioice.turn import TurnClientMixin, TurnTransport
-from aiortc import RTCDtlsTransport, RTCIceTransport, RTCRtpReceiver, RTCRtpSender
+from aiortc import RTCDtlsTransport, RTCIceTransport, RTCRtpReceiver, RTCRtpSender, codecs
 from aiortc.codecs import opus
 
 from peers import aiortc_rate, aiortc_receive, aiortc_send
@@ -142,9 +144,16 @@ def opus_settings(bitrate: int = OPUS_BITRATE, expected_loss: int = OPUS_EXPECTE
     ``bit_rate = 96000`` and ``options = {"application": "voip"}`` (aiortc
     codecs/opus.py:34 and :37). 96 kbit/s of a 300 kbit/s link starves video;
     FEC lets a receiver that can use it (Chromium's NetEq) rebuild a lost
-    packet from the next one. The aiortc receiver cannot: FFmpeg's libopus
-    decoder has no FEC decoding and av 18.1 exposes none, so it conceals instead.
+    packet from the next one. aiortc's own receiver cannot (FFmpeg's libopus
+    decoder has no FEC decoding and av 18.1 exposes none); the decoder of
+    ``peers/aiortc_opus.py`` takes its place, and does. So the Opus codec's SDP
+    says ``useinbandfec=1`` (RFC 7587 6.1: this side's decoder uses FEC; aiortc
+    gives the codec no parameters, codecs/__init__.py:33-35), which is what makes
+    Chromium send FEC to an aiortc peer.
     """
+    for codec in codecs.CODECS["audio"]:
+        if codec.mimeType.lower() == "audio/opus":
+            codec.parameters["useinbandfec"] = 1
     if getattr(opus.OpusEncoder.__init__, "_epc_opus", None) == (bitrate, expected_loss):
         return
     original = getattr(opus.OpusEncoder.__init__, "_epc_original", opus.OpusEncoder.__init__)

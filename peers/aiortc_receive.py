@@ -58,6 +58,8 @@ from aiortc.rtcrtpreceiver import RemoteStreamTrack, RTCRtpReceiver
 from aiortc.rtp import RTP_HISTORY_SIZE, RtpPacket
 from av import VideoFrame
 
+from peers import aiortc_opus
+
 __all__ = [
     "AudioBuffer",
     "FrameBuffer",
@@ -69,6 +71,7 @@ __all__ = [
     "is_keyframe_start",
     "nack_rtt_s",
     "playout_delay_s",
+    "recovered",
 ]
 
 logger = logging.getLogger(__name__)
@@ -96,7 +99,7 @@ KEY_HOLE_MAX_S = 1.5  # a keyframe's hole is waited for this long while no newer
 MAX_SPAN_S = 1.0  # a hole spanning more media time than this is given up at once (an outage;
 # above HOLE_WAIT_MAX_S with room for a stall of the sender: 0.45 gave up holes that NACKs at
 # 150 ms RTT were still filling)
-AUDIO_WAIT_S = 0.03  # a missing audio packet waited for this long (reordering), then concealed
+AUDIO_WAIT_S = 0.03  # a missing audio packet waited for this long (reordering), then filled
 MAX_CONCEAL = 10  # at most this many audio packets in a row (200 ms) made up
 MAX_HELD = 2000  # packets held while waiting for a keyframe, at most
 MAX_ARRIVALS = 300  # arrival times of frames kept for LateFrames, at most
@@ -130,7 +133,8 @@ class ReceiveCounters:
     keyframe_requests: int = 0
     holes_skipped: int = 0
     late_dropped: int = 0
-    audio_concealed: int = 0
+    audio_concealed: int = 0  # lost audio packets concealed (libopus's PLC)
+    audio_recovered: int = 0  # lost audio packets rebuilt from the next one's in-band FEC
 
 
 counters = ReceiveCounters()
@@ -565,24 +569,33 @@ class FrameBuffer(_InOrder):
 
 
 class AudioBuffer(_InOrder):
-    """Audio packets to the decoder in order, none that arrived thrown away; a loss concealed.
+    """Audio packets to the decoder in order, none that arrived thrown away; a loss rebuilt from
+    the next packet's FEC, or concealed.
 
     A packet is passed on as soon as the one before it was; behind a hole,
     packets wait ``AUDIO_WAIT_S`` for a reordered one, then each missing packet
-    (up to ``MAX_CONCEAL`` in a row; beyond, an outage, nothing is made up) is
-    handed to ``conceal(previous, timestamp)``: the receiver decodes the last
-    packet again at the missing time, a repetition the ear forgives better than
-    a gap. Only a packet that comes after its slot was concealed is dropped.
+    (up to ``MAX_CONCEAL`` in a row; beyond, an outage, nothing is made up)
+    fills its slot: the last one before the packet that came is handed to
+    ``recover(following, timestamp, samples)`` when ``has_fec(following)``
+    (Opus in-band FEC: the packet carries a coarser copy of the one before it),
+    every other one to ``conceal(previous, timestamp, samples)`` (libopus's
+    loss concealment). As Chromium counts them (NetEq's concealedSamples counts
+    only its expansion), a slot rebuilt from FEC is recovered, not concealed.
+    Only a packet that comes after its slot was filled is dropped.
     """
 
     def __init__(
         self,
         deliver: Callable[[JitterFrame, RtpPacket], None],
-        conceal: Callable[[RtpPacket, int], None],
+        conceal: Callable[[RtpPacket, int, int], None],
+        recover: Callable[[RtpPacket, int, int], None],
+        has_fec: Callable[[RtpPacket], bool] = lambda packet: False,
     ) -> None:
         super().__init__()
         self.deliver = deliver
         self.conceal = conceal
+        self.recover = recover
+        self.has_fec = has_fec
         self.packets: dict[int, RtpPacket] = {}
         self.previous: RtpPacket | None = None
         self.hole_since: float | None = None
@@ -599,7 +612,7 @@ class AudioBuffer(_InOrder):
         return False, None
 
     def tick(self, now: float) -> None:
-        """Conceal a hole waited for ``AUDIO_WAIT_S``."""
+        """Fill a hole waited for ``AUDIO_WAIT_S``."""
         if self.hole_since is None or now - self.hole_since < AUDIO_WAIT_S:
             return
         assert self.next_seq is not None
@@ -609,9 +622,16 @@ class AudioBuffer(_InOrder):
         if previous is not None and missing <= MAX_CONCEAL:
             following = self.packets[resume]
             step = ((following.timestamp - previous.timestamp) & 0xFFFFFFFF) // (missing + 1)
+            samples = aiortc_opus.fec_samples(step)
+            fec = self.has_fec(following)
             for k in range(1, missing + 1):
-                self.conceal(previous, (previous.timestamp + k * step) & 0xFFFFFFFF)
-            counters.audio_concealed += missing
+                timestamp = (previous.timestamp + k * step) & 0xFFFFFFFF
+                if k == missing and fec:
+                    self.recover(following, timestamp, samples)
+                else:
+                    self.conceal(previous, timestamp, samples)
+            counters.audio_recovered += int(fec)
+            counters.audio_concealed += missing - int(fec)
         self.next_seq = resume
         self.hole_since = None
         self._release(now)
@@ -698,6 +718,7 @@ def install() -> None:
     if _installed:
         return
     _installed.append(True)
+    aiortc_opus.install()  # the Opus decoder that AudioBuffer's lost slots are decoded by
     original_init = RTCRtpReceiver.__init__
     original_handle = RTCRtpReceiver._handle_rtp_packet
     original_recv = RemoteStreamTrack.recv
@@ -864,8 +885,15 @@ def playout_delay_s(pc: Any) -> float | None:
 
 
 def concealed(track: Any) -> int:
-    """Audio frames made up for lost packets so far on a remote track (0 for any other)."""
+    """Audio frames made up for lost packets so far on a remote track (libopus's concealment;
+    0 for any other track)."""
     return int(getattr(track, "_epc_concealed", 0))
+
+
+def recovered(track: Any) -> int:
+    """Audio frames rebuilt from the next packet's in-band FEC so far on a remote track (0 for
+    any other track)."""
+    return int(getattr(track, "_epc_recovered", 0))
 
 
 class _AudioPath:
@@ -874,7 +902,7 @@ class _AudioPath:
     def __init__(self, receiver: RTCRtpReceiver) -> None:
         self.receiver = receiver
         self.task: asyncio.Task[None] | None = None
-        self.buffer = AudioBuffer(self._deliver, self._conceal)
+        self.buffer = AudioBuffer(self._deliver, self._conceal, self._recover, self._has_fec)
         receiver._epc_path = self  # type: ignore[attr-defined]
         # rtcrtpreceiver.py:295: JitterBuffer(capacity=16, prefetch=4), which drops packets
         # it received once 16 pile up behind a hole (smart_remove, jitterbuffer.py:53).
@@ -887,12 +915,33 @@ class _AudioPath:
     def _deliver(self, frame: JitterFrame, packet: RtpPacket) -> None:
         _decode(self.receiver, frame, packet)
 
-    def _conceal(self, previous: RtpPacket, timestamp: int) -> None:
-        data = previous._data  # type: ignore[attr-defined]
-        if _decode(self.receiver, JitterFrame(data=data, timestamp=timestamp), previous):
-            track = self.receiver._track
-            if track is not None:
-                track._epc_concealed = concealed(track) + 1  # type: ignore[attr-defined]
+    def _opus(self, packet: RtpPacket) -> bool:
+        codecs: dict[int, Any] = self.receiver._RTCRtpReceiver__codecs  # type: ignore[attr-defined]
+        codec = codecs.get(packet.payload_type)
+        return codec is not None and codec.mimeType.lower() == "audio/opus"
+
+    def _has_fec(self, packet: RtpPacket) -> bool:
+        return self._opus(packet) and aiortc_opus.has_fec(packet._data)  # type: ignore[attr-defined]
+
+    def _count(self, name: str) -> None:
+        track = self.receiver._track
+        if track is not None:
+            setattr(track, name, int(getattr(track, name, 0)) + 1)
+
+    def _conceal(self, previous: RtpPacket, timestamp: int, samples: int) -> None:
+        frame: JitterFrame
+        if self._opus(previous):  # aiortc_opus.FecOpusDecoder: libopus conceals
+            frame = aiortc_opus.LostFrame(b"", timestamp, samples, fec=False)
+        else:  # another codec has no concealment: the packet before, again, in the slot
+            frame = JitterFrame(data=previous._data, timestamp=timestamp)  # type: ignore[attr-defined]
+        if _decode(self.receiver, frame, previous):
+            self._count("_epc_concealed")
+
+    def _recover(self, following: RtpPacket, timestamp: int, samples: int) -> None:
+        data = following._data  # type: ignore[attr-defined]
+        frame = aiortc_opus.LostFrame(data, timestamp, samples, fec=True)
+        if _decode(self.receiver, frame, following):
+            self._count("_epc_recovered")
 
     async def _run(self) -> None:
         receiver = self.receiver

@@ -1,0 +1,200 @@
+"""The receiver's Opus decoder, with libopus's in-band FEC and loss concealment (imported by
+peers/aiortc_receive.py).
+
+A sibling of ``aiortc_receive`` (which installs it; ``check_versions()`` still
+guards it). Against aiortc 1.16.0, ``OpusDecoder`` (codecs/opus.py:17-29),
+which ``get_decoder`` (codecs/__init__.py:153-154) hands the receiver's decoder
+thread (rtcrtpreceiver.py:72), decodes through FFmpeg's ``libopus`` decoder:
+it has neither in-band FEC decoding (``opus_decode`` with ``decode_fec=1`` on
+the packet after a loss) nor libopus's own loss concealment (``opus_decode``
+with no data), and av 18.1 exposes neither. ``FecOpusDecoder`` takes its
+place for Opus: one libopus decoder state per stream, through ``opuslib_next``
+(ctypes on Debian's ``libopus0``), so that packets, FEC recoveries and
+concealments are decoded in order on the state that decodes the stream, as
+libopus requires. Its frames are the ones aiortc's decoder gives (s16 stereo
+48 kHz, ``pts`` the RTP timestamp, ``time_base`` 1/48000).
+
+The receive path asks for a lost packet with a ``LostFrame`` in its slot:
+with the next packet's bytes when that packet carries FEC (``has_fec``: its
+SILK layer's LBRR flag), else with none, for libopus's concealment.
+
+Why opuslib-next and not opuslib 3.0.1 (2018): the latter's ``is not 0``
+(api/decoder.py:73) is a SyntaxWarning since Python 3.8, an import error under
+the project's ``filterwarnings = error`` wherever its bytecode is not cached.
+And its ``decode()`` copies the PCM through a Python list (about 240 us per
+20 ms frame here, more than the decoding): this module calls the binding's own
+``libopus_decode`` (its ctypes prototype) into one buffer per decoder instead.
+
+Upstream, ``OpusDecoder`` would decode with libopus directly and take a lost
+frame (FEC or concealment) from the jitter buffer.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fractions
+import logging
+from typing import Any
+
+from aiortc import rtcrtpreceiver
+from aiortc.codecs import get_decoder as aiortc_get_decoder
+from aiortc.codecs.base import Decoder
+from aiortc.jitterbuffer import JitterFrame
+from av import AudioFrame
+from av.frame import Frame
+from opuslib_next.api import c_int16_pointer  # type: ignore[import-untyped]
+from opuslib_next.api import decoder as binding
+
+__all__ = [
+    "CHANNELS",
+    "MAX_SAMPLES",
+    "SAMPLE_RATE",
+    "FecOpusDecoder",
+    "LostFrame",
+    "fec_samples",
+    "has_fec",
+    "install",
+]
+
+logger = logging.getLogger(__name__)
+
+SAMPLE_RATE = 48_000
+CHANNELS = 2  # as aiortc's decoder: stereo whatever was sent (codecs/opus.py:21)
+MAX_SAMPLES = 5760  # 120 ms, the longest Opus packet
+TIME_BASE = fractions.Fraction(1, SAMPLE_RATE)
+SILK_FRAME = 960  # 20 ms at 48 kHz
+
+
+class LostFrame(JitterFrame):
+    """A lost packet's slot: ``samples`` at ``timestamp``, rebuilt from the next packet's FEC
+    (``data``, when ``fec``) or concealed by libopus (no data)."""
+
+    def __init__(self, data: bytes, timestamp: int, samples: int, *, fec: bool) -> None:
+        super().__init__(data=data, timestamp=timestamp)
+        self.samples = samples
+        self.fec = fec
+
+
+def _first_frame(packet: bytes) -> bytes:
+    """The first Opus frame of a packet (RFC 6716 3.2), empty if the packet is malformed."""
+    code, size = packet[0] & 0x3, len(packet)
+    if code == 0:
+        return packet[1:]
+    if code == 1:
+        return packet[1 : 1 + (size - 1) // 2]
+    if code == 2:
+        if size < 2 or (packet[1] >= 252 and size < 3):
+            return b""
+        length, offset = (packet[1], 2) if packet[1] < 252 else (packet[1] + 4 * packet[2], 3)
+        return packet[offset : offset + length]
+    if size < 2:
+        return b""
+    count, vbr, padded = packet[1] & 0x3F, packet[1] & 0x80, packet[1] & 0x40
+    offset, padding = 2, 0
+    while padded and offset < size:
+        padding += 254 if packet[offset] == 255 else packet[offset]
+        padded = packet[offset] == 255
+        offset += 1
+    if not count:
+        return b""
+    if not vbr:
+        return packet[offset : offset + (size - offset - padding) // count]
+    lengths = []
+    for _ in range(count - 1):
+        if offset >= size:
+            return b""
+        if packet[offset] < 252:
+            lengths.append(packet[offset])
+            offset += 1
+        else:
+            lengths.append(packet[offset] + 4 * packet[offset + 1] if offset + 1 < size else 0)
+            offset += 2
+    return packet[offset : offset + lengths[0]] if lengths else packet[offset : size - padding]
+
+
+def has_fec(packet: bytes) -> bool:
+    """Whether an Opus packet carries in-band FEC for the packet before it: a SILK or hybrid
+    packet whose first frame has its LBRR flag set (RFC 6716 4.2.3; libopus 1.5's
+    ``opus_packet_has_lbrr``, which Debian's libopus 1.3 lacks)."""
+    if len(packet) < 2:
+        return False
+    config = packet[0] >> 3
+    if config >= 16:  # CELT only: no SILK layer, no LBRR
+        return False
+    samples = (480, 960, 1920, 2880)[config % 4] if config < 12 else (480, 960)[config % 2]
+    frames = max(1, samples // SILK_FRAME)  # SILK frames of 20 ms in an Opus frame
+    first = _first_frame(packet)
+    if not first:
+        return False
+    # The first bits of the range coder: each SILK frame's VAD flag, then the LBRR flag, for
+    # the mid channel, then the same for the side channel of a stereo packet.
+    lbrr = (first[0] >> (7 - frames)) & 1
+    if packet[0] & 0x4:
+        lbrr |= (first[0] >> (6 - 2 * frames)) & 1
+    return bool(lbrr)
+
+
+def fec_samples(step: int) -> int:
+    """The duration (samples at 48 kHz) to rebuild or conceal for a slot ``step`` long: libopus
+    takes multiples of 2.5 ms up to 120 ms; anything else is taken for 20 ms."""
+    return step if 0 < step <= MAX_SAMPLES and step % 120 == 0 else SILK_FRAME
+
+
+class FecOpusDecoder(Decoder):
+    """One stream's libopus decoder: packets, FEC recoveries and concealments on one state."""
+
+    def __init__(self) -> None:
+        self._binding: Any = binding  # kept for __del__, which may run at interpreter exit
+        self._state: Any = binding.create_state(SAMPLE_RATE, CHANNELS)
+        self._pcm = (ctypes.c_int16 * (MAX_SAMPLES * CHANNELS))()
+        self._out = ctypes.cast(self._pcm, c_int16_pointer)
+        self.errors = 0
+
+    def __del__(self) -> None:
+        state = getattr(self, "_state", None)
+        if state is not None:
+            self._state = None
+            self._binding.destroy(state)
+
+    def decode(self, encoded_frame: JitterFrame) -> list[Frame]:
+        data: bytes | None = encoded_frame.data
+        frame_size, fec = MAX_SAMPLES, 0
+        if isinstance(encoded_frame, LostFrame):
+            frame_size = encoded_frame.samples
+            fec = int(encoded_frame.fec)
+            data = encoded_frame.data if fec else None  # no data: libopus conceals
+        samples = self._binding.libopus_decode(
+            self._state, data, len(data) if data else 0, self._out, frame_size, fec
+        )
+        if samples < 0:
+            self.errors += 1
+            logger.warning(
+                "Opus packet at %s not decoded: libopus error %s", encoded_frame.timestamp, samples
+            )
+            return []
+        if not samples:
+            return []
+        frame = AudioFrame(format="s16", layout="stereo", samples=samples)
+        frame.planes[0].update(ctypes.string_at(self._pcm, samples * CHANNELS * 2))
+        frame.sample_rate = SAMPLE_RATE
+        frame.pts = encoded_frame.timestamp
+        frame.time_base = TIME_BASE
+        return [frame]
+
+
+_installed: list[bool] = []
+
+
+def install() -> None:
+    """Have each receiver's decoder thread decode Opus with ``FecOpusDecoder`` (once)."""
+    if _installed:
+        return
+    _installed.append(True)
+
+    def get_decoder(codec: Any) -> Decoder:
+        if codec.mimeType.lower() == "audio/opus":
+            return FecOpusDecoder()
+        return aiortc_get_decoder(codec)
+
+    # rtcrtpreceiver.py:16 imports get_decoder; its decoder thread calls it at :72.
+    rtcrtpreceiver.get_decoder = get_decoder  # type: ignore[attr-defined]
