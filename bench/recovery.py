@@ -79,6 +79,8 @@ def pairings() -> list[Pairing]:
     return [
         Pairing("Chromium<->Chromium, new RTCPeerConnection (anchor)", kinds(c, c)),
         Pairing("Chromium<->Chromium, restartIce()", kinds(c, c), "?recovery=ice-restart"),
+        # The anchor as the page was before it dropped the stale frames after an outage.
+        Pairing("Chromium<->Chromium, stale frames kept", kinds(c, c), "?stale-frames=keep"),
         Pairing("Chromium patient<->aiortc practitioner", kinds(c, a)),
         Pairing("aiortc patient<->Chromium practitioner", kinds(a, c)),
         Pairing("aiortc<->aiortc", kinds(a, a)),
