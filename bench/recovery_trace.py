@@ -68,7 +68,8 @@ SAMPLER = """
       } else if (x.type === "inbound-rtp" && x.kind === "video") {
         Object.assign(s, { frames: x.framesDecoded, keyIn: x.keyFramesDecoded, pliSent: x.pliCount,
           received: x.framesReceived, dropped: x.framesDropped, packetsIn: x.packetsReceived,
-          nackSent: x.nackCount });
+          nackSent: x.nackCount, jbDelay: x.jitterBufferDelay, jbTarget: x.jitterBufferTargetDelay,
+          jbEmitted: x.jitterBufferEmittedCount, freezes: x.freezeCount });
       } else if (x.type === "outbound-rtp" && x.kind === "video") {
         Object.assign(s, { keyOut: x.keyFramesEncoded, pliIn: x.pliCount,
           target: x.targetBitrate, encoded: x.framesEncoded, sent: x.framesSent,
@@ -168,6 +169,8 @@ async def run(
     *,
     aiortc: str | None = None,
     chrome_log: Path | None = None,
+    settle: float = 3.0,
+    after: float = 8.0,
 ) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="recovery-trace-"))
     config = tmp / "config.yaml"
@@ -211,7 +214,7 @@ async def run(
             for number in range(runs):
                 # both: a change, then an outage on the new connection, and so on
                 kind = event if event != "both" else ("change", "outage")[number % 2]
-                await asyncio.sleep(3)
+                await asyncio.sleep(settle)
                 for role, page in pages.items():
                     await page.evaluate("trace.length = 0")
                     lines[role].clear()
@@ -223,7 +226,7 @@ async def run(
                     at = net.restored_at
                 else:
                     at = await net.change("patient")
-                await asyncio.sleep(8)
+                await asyncio.sleep(after)
                 print(f"\n{kind} {number + 1}: began {began - at:+.2f} s")
                 dump: dict[str, Any] = {"event": at, "began": began}
                 if peer is not None:
@@ -256,6 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="keep each run's samples in this folder")
     parser.add_argument("--aiortc", choices=ROLES, help="this side is an aiortc command line")
     parser.add_argument(
+        "--settle", type=float, default=3.0, help="seconds of media before each event"
+    )
+    parser.add_argument("--after", type=float, default=8.0, help="seconds sampled after each event")
+    parser.add_argument(
         "--chrome-log", type=Path, help="each Chromium's log (libwebrtc's lines) in this folder"
     )
     args = parser.parse_args(argv)
@@ -270,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
             args.json,
             aiortc=args.aiortc,
             chrome_log=args.chrome_log,
+            settle=args.settle,
+            after=args.after,
         )
     )
     return 0

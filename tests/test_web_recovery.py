@@ -342,6 +342,28 @@ async def test_a_page_asks_the_other_for_a_key_frame(rec: Rec) -> None:
     await more_frames(practitioner, 10, units=2)
 
 
+# The video frames the page's worker saw (keyframe-worker.js): {passed, dropped}.
+WORKER_FRAMES = """
+new Promise((ok) => {
+  const call = epedicare.call;
+  call.addEventListener("framecount", ({ detail }) => ok(detail), { once: true });
+  call.keyFramePort.postMessage("count");
+})
+"""
+
+
+@pytest.mark.asyncio
+async def test_both_pages_video_frames_go_through_the_worker(rec: Rec) -> None:
+    """The offerer's received video passes through keyframe-worker.js as the answerer's does
+    (a transform set in ontrack on the offerer got no frames: its stale frames were kept)."""
+    patient, practitioner = await connected_pair(rec, "worker")
+    for page in (patient, practitioner):
+        decoded = await page.evaluate(FRAMES)
+        await more_frames(page, 10, units=2)
+        seen = await within(page.evaluate(WORKER_FRAMES), 1)
+        assert seen["passed"] >= decoded + 10 and seen["dropped"] == 0, (decoded, seen)
+
+
 @pytest.mark.asyncio
 @pytest.mark.parametrize("rec", [{"recovery_timeout_s": 4}], indirect=True)
 async def test_gives_up_with_a_message_keeps_the_seat_and_comes_back_with_the_network(

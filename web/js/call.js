@@ -11,6 +11,8 @@
 //               (requestKeyFrame()) or "stale" (the receiver dropped stale frames)
 //   stale       detail: {dropped, worstMs}: stale video frames dropped after an outage
 //               (keyframe-worker.js), told once frames pass again
+//   framecount  detail: {passed, dropped}: the video frames the worker saw, when
+//               keyFramePort was sent "count" (tests)
 
 export const CHAT_LABEL = "chat"; // one UTF-8 text message per chat line
 
@@ -121,6 +123,11 @@ export class Call extends EventTarget {
   /** The offerer's side: media, the chat channel, then the offer. */
   async offer() {
     this.addLocalMedia(["audio", "video"]);
+    // The offerer's receivers exist now: a transform set later, in ontrack, would get no
+    // frames at all in Chromium (only its key frame requests would work).
+    for (const { receiver } of this.pc.getTransceivers()) {
+      if (receiver.track.kind === "video") this.watchKeyFrames(receiver);
+    }
     this.useChannel(this.pc.createDataChannel(CHAT_LABEL));
     await this.pc.setLocalDescription(await this.pc.createOffer());
     this.emit("signal", { type: "offer", sdp: this.pc.localDescription.sdp });
@@ -206,7 +213,11 @@ export class Call extends EventTarget {
       const { port1, port2 } = new MessageChannel();
       const options = { port: port2, dropStale: this.dropStale };
       receiver.transform = new RTCRtpScriptTransform(keyFrameWorker, options, [port2]);
-      port1.onmessage = ({ data }) => (data.stale ? this.emit("stale", data.stale) : this.emit("keyframe", data));
+      port1.onmessage = ({ data }) => {
+        if (data.stale) this.emit("stale", data.stale);
+        else if (data.count) this.emit("framecount", data.count);
+        else this.emit("keyframe", data);
+      };
       this.keyFramePort = port1;
     } catch (err) {
       console.warn("call: no key-frame requests:", err.message);

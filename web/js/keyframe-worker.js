@@ -4,13 +4,15 @@
 // RTCRtpScriptTransformer.sendKeyFrameRequest() (a PLI or a FIR), the only way a page has.
 // To the page, on its port: {sent, error, why} for each key frame request (why: "page" when
 // the page asked with a message, "stale" when stale frames were dropped), and {stale:
-// {dropped, worstMs}} when frames pass again after a burst was dropped. options.dropStale
+// {dropped, worstMs}} when frames pass again after a burst was dropped; the message "count"
+// is answered with {count: {passed, dropped}}, the frames seen so far. options.dropStale
 // false: every frame passes (to measure what the dropping changes).
 import { StaleFrames } from "./stale-frames.js";
 
 self.onrtctransform = ({ transformer }) => {
   const { port, dropStale } = transformer.options;
   const stale = new StaleFrames();
+  const count = { passed: 0, dropped: 0 }; // frames seen, for the page's tests ("count")
   const ask = (why) =>
     transformer.sendKeyFrameRequest().then(
       () => port.postMessage({ sent: true, why }),
@@ -23,12 +25,16 @@ self.onrtctransform = ({ transformer }) => {
       const received = meta.receiveTime ?? performance.now();
       const verdict = dropStale ? stale.judge(frame.type === "key", meta.rtpTimestamp, received) : "pass";
       if (verdict.endsWith("+ask")) ask("stale");
-      if (!verdict.startsWith("pass")) return;
+      if (!verdict.startsWith("pass")) {
+        count.dropped += 1;
+        return;
+      }
+      count.passed += 1;
       const burst = stale.takeBurst();
       if (burst) port.postMessage({ stale: burst });
       out.enqueue(frame);
     },
   });
   transformer.readable.pipeThrough(sieve).pipeTo(transformer.writable).catch(() => {}); // ends with its connection
-  port.onmessage = () => ask("page");
+  port.onmessage = ({ data }) => (data === "count" ? port.postMessage({ count }) : ask("page"));
 };
