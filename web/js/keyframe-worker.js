@@ -20,10 +20,15 @@ self.onrtctransform = ({ transformer }) => {
     );
   const sieve = new TransformStream({
     transform(frame, out) {
-      const meta = frame.getMetadata();
-      // receiveTime: when its last packet arrived (Chromium); else now, a little later.
-      const received = meta.receiveTime ?? performance.now();
-      const verdict = dropStale ? stale.judge(frame.type === "key", meta.rtpTimestamp, received) : "pass";
+      let verdict = "pass";
+      try {
+        const meta = frame.getMetadata();
+        // receiveTime: when its last packet arrived (Chromium); else now, a little later.
+        const received = meta.receiveTime ?? performance.now();
+        if (dropStale) verdict = stale.judge(frame.type === "key", meta.rtpTimestamp ?? frame.timestamp, received);
+      } catch (err) {
+        console.warn("keyframe-worker: frame passed unjudged:", err.message); // never stop the video
+      }
       if (verdict.endsWith("+ask")) ask("stale");
       if (!verdict.startsWith("pass")) {
         count.dropped += 1;
