@@ -13,8 +13,11 @@ the first one after a stall counts (``frame_after_stall``); an aiortc side's
 from its log line `media back after N ms`, written at its first video frame
 again. Median and worst per pairing and side, with
 Chromium<->Chromium (a new RTCPeerConnection, the protocol's recovery) first as
-the anchor, in the same run. call.media_timeout_s is 2 (below the outage, so
-that every side notices it), call.heartbeat_s 1 (the default).
+the anchor, in the same run; then restartIce() between the two pages, and the
+pages with ``?stale-frames=keep`` (the stale frames after an outage reach
+Chromium's receiver: the page as it was before it dropped them).
+call.media_timeout_s is 2 (below the outage, so that every side notices it),
+call.heartbeat_s 1 (the default).
 """
 
 from __future__ import annotations
@@ -79,6 +82,8 @@ def pairings() -> list[Pairing]:
     return [
         Pairing("Chromium<->Chromium, new RTCPeerConnection (anchor)", kinds(c, c)),
         Pairing("Chromium<->Chromium, restartIce()", kinds(c, c), "?recovery=ice-restart"),
+        # The anchor as the page was before it dropped the stale frames after an outage.
+        Pairing("Chromium<->Chromium, stale frames kept", kinds(c, c), "?stale-frames=keep"),
         Pairing("Chromium patient<->aiortc practitioner", kinds(c, a)),
         Pairing("aiortc patient<->Chromium practitioner", kinds(a, c)),
         Pairing("aiortc<->aiortc", kinds(a, a)),

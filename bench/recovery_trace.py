@@ -4,6 +4,7 @@
     python -m bench.recovery_trace --event change --runs 4
     python -m bench.recovery_trace --event both --runs 4        # change, outage, change...
     python -m bench.recovery_trace --aiortc patient            # that side an aiortc peer
+    python -m bench.recovery_trace --query "?stale-frames=keep" --chrome-log DIR
 
 Chromium<->Chromium in tests/recovery.py's network, as ``make bench-recovery``;
 each run is a 3 s outage of the patient (or a network change). Both pages
@@ -17,7 +18,10 @@ first second, and the longest gap between two samples (a page starved of
 CPU: its own figures are late by about that much). The pages' console lines
 follow, timed the same way. With ``--aiortc ROLE`` that side is an aiortc
 command line (the pattern and the tone) and its log lines follow instead.
-Printed, not asserted; ``--json DIR`` keeps the samples.
+Printed, not asserted; ``--json DIR`` keeps the samples, ``--chrome-log DIR``
+each Chromium's libwebrtc lines (INFO and VERBOSE1: the receiver's key frame
+requests, the first packet after a gap and its RTP timestamp, the sender's
+pacer and encoder; about 1 MB a minute per side).
 """
 
 from __future__ import annotations
@@ -37,13 +41,16 @@ from typing import Any
 import yaml
 from playwright.async_api import ConsoleMessage, Page
 
+import tests.browser
 from bench.recovery import MEDIA_TIMEOUT_S, OUTAGE_S, VIDEO
 from peers.netns import netns_missing
-from tests.browser import Browsers, chromium_missing, join, routed_flags, wait_state
+from tests.browser import CHROMIUM, Browsers, chromium_missing, join, routed_flags, wait_state
 from tests.processes import Process, RelayProcess, peer_argv, spawn
 from tests.recovery import RELAY_ADDRESS, log_time, recovery_network
 
 ROLES = ("patient", "practitioner")
+# libwebrtc's own lines in Chromium's log (--chrome-log): its INFO level is VLOG 1 there.
+WEBRTC_VMODULE = "*/webrtc/*=1"
 SAMPLER = """
 (() => {
   globalThis.trace = [];
@@ -61,7 +68,8 @@ SAMPLER = """
       } else if (x.type === "inbound-rtp" && x.kind === "video") {
         Object.assign(s, { frames: x.framesDecoded, keyIn: x.keyFramesDecoded, pliSent: x.pliCount,
           received: x.framesReceived, dropped: x.framesDropped, packetsIn: x.packetsReceived,
-          nackSent: x.nackCount });
+          nackSent: x.nackCount, jbDelay: x.jitterBufferDelay, jbTarget: x.jitterBufferTargetDelay,
+          jbEmitted: x.jitterBufferEmittedCount, freezes: x.freezeCount });
       } else if (x.type === "outbound-rtp" && x.kind === "video") {
         Object.assign(s, { keyOut: x.keyFramesEncoded, pliIn: x.pliCount,
           target: x.targetBitrate, encoded: x.framesEncoded, sent: x.framesSent,
@@ -135,13 +143,34 @@ def console_line(into: list[tuple[float, str]], message: ConsoleMessage) -> None
     into.append((time.time(), message.text))
 
 
+def logged_chromium(folder: Path, role: str, tmp: Path) -> tuple[str, ...]:
+    """The flags for libwebrtc's lines in ``folder/ROLE.log``, and the next Chromium launched
+    (tests.browser.CHROMIUM) a wrapper that writes its stderr there: the renderer, where
+    libwebrtc runs, writes its log to stderr only (--log-file keeps the browser process's)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    wrapper = tmp / f"chromium-logged-{role}"
+    log = folder.resolve() / f"{role}.log"
+    wrapper.write_text(f'#!/bin/sh\nexec {CHROMIUM} "$@" 2>>{log}\n', encoding="utf-8")
+    wrapper.chmod(0o755)
+    tests.browser.CHROMIUM = wrapper
+    return ("--enable-logging=stderr", "--v=0", f"--vmodule={WEBRTC_VMODULE}")
+
+
 def keep_run(path: Path, dump: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(dump), encoding="utf-8")
 
 
 async def run(
-    event: str, runs: int, query: str, keep: Path | None, aiortc: str | None = None
+    event: str,
+    runs: int,
+    query: str,
+    keep: Path | None,
+    *,
+    aiortc: str | None = None,
+    chrome_log: Path | None = None,
+    settle: float = 3.0,
+    after: float = 8.0,
 ) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="recovery-trace-"))
     config = tmp / "config.yaml"
@@ -167,9 +196,10 @@ async def run(
                     )  # fmt: skip
                     peer = await spawn(role, argv, net.side(role).command())
                     continue
-                browser = await browsers.launch(
-                    netns=net.side(role).name, extra_args=routed_flags(relay.http_url)
-                )
+                extra = routed_flags(relay.http_url)
+                if chrome_log is not None:
+                    extra += logged_chromium(chrome_log, role, tmp)
+                browser = await browsers.launch(netns=net.side(role).name, extra_args=extra)
                 page = await browsers.open(
                     role, f"{relay.http_url}/{query}", browser=browser, locale="en-US"
                 )
@@ -184,7 +214,7 @@ async def run(
             for number in range(runs):
                 # both: a change, then an outage on the new connection, and so on
                 kind = event if event != "both" else ("change", "outage")[number % 2]
-                await asyncio.sleep(3)
+                await asyncio.sleep(settle)
                 for role, page in pages.items():
                     await page.evaluate("trace.length = 0")
                     lines[role].clear()
@@ -196,7 +226,7 @@ async def run(
                     at = net.restored_at
                 else:
                     at = await net.change("patient")
-                await asyncio.sleep(8)
+                await asyncio.sleep(after)
                 print(f"\n{kind} {number + 1}: began {began - at:+.2f} s")
                 dump: dict[str, Any] = {"event": at, "began": began}
                 if peer is not None:
@@ -228,11 +258,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--query", default="", help="the pages' URL query (?recovery=ice-restart)")
     parser.add_argument("--json", type=Path, help="keep each run's samples in this folder")
     parser.add_argument("--aiortc", choices=ROLES, help="this side is an aiortc command line")
+    parser.add_argument(
+        "--settle", type=float, default=3.0, help="seconds of media before each event"
+    )
+    parser.add_argument("--after", type=float, default=8.0, help="seconds sampled after each event")
+    parser.add_argument(
+        "--chrome-log", type=Path, help="each Chromium's log (libwebrtc's lines) in this folder"
+    )
     args = parser.parse_args(argv)
     if reason := netns_missing() or chromium_missing():
         print(f"recovery_trace: {reason}", file=sys.stderr)
         return 2
-    asyncio.run(run(args.event, args.runs, args.query, args.json, args.aiortc))
+    asyncio.run(
+        run(
+            args.event,
+            args.runs,
+            args.query,
+            args.json,
+            aiortc=args.aiortc,
+            chrome_log=args.chrome_log,
+            settle=args.settle,
+            after=args.after,
+        )
+    )
     return 0
 
 

@@ -397,8 +397,11 @@ async def test_muted_side_is_not_lost_and_a_3s_outage_comes_back_on_the_old_path
         assert await peer_connections(page) == {"made": 1, "open": 1}  # no new negotiation
         assert [r["method"] for r in await recoveries(page)] == ["same-path"]
         await last_frame_kept(page, sizes[page])
-    # Issue 12's budget is 1 s after the network returns; Chromium's receiver needs a key
-    # frame first (bench-recovery measures it): a loose bound here, on a loaded machine.
+    # Issue 12's budget is 1 s after the network returns. Measured here, 10 runs at load 4 to
+    # 20 (from the last DROP rule's removal, sampled every 0.1 s): the later side back after
+    # 0.24 to 1.03 s, once 2.04 s (docs/benchmarks.md); the bound stays loose for a loaded
+    # machine. What brought it there is tested on its own: test_web_stale_frames.py and
+    # test_both_pages_video_frames_go_through_the_worker.
     assert max(back) - restored < 5, [round(t - restored, 1) for t in back]
     for role in ("patient", "practitioner"):
         assert quiet(rec.browsers.problems(role)) == []
@@ -466,6 +469,30 @@ async def test_a_page_asks_the_other_for_a_key_frame(rec: Rec) -> None:
     await within(answered(), 2)
     assert await patient.evaluate("epedicare.call.requestKeyFrame()") is True  # both ways
     await more_frames(practitioner, 10, units=2)
+
+
+# The video frames the page's worker saw (keyframe-worker.js): {passed, dropped}.
+WORKER_FRAMES = """
+new Promise((ok) => {
+  const call = epedicare.call;
+  call.addEventListener("framecount", ({ detail }) => ok(detail), { once: true });
+  call.keyFramePort.postMessage("count");
+})
+"""
+
+
+@pytest.mark.asyncio
+async def test_both_pages_video_frames_go_through_the_worker(rec: Rec) -> None:
+    """The offerer's received video passes through keyframe-worker.js as the answerer's does
+    (a transform set in ontrack on the offerer got no frames: its stale frames were kept)."""
+    patient, practitioner = await connected_pair(rec, "worker")
+    for page in (patient, practitioner):
+        decoded = await page.evaluate(FRAMES)
+        await more_frames(page, 10, units=2)
+        seen = await within(page.evaluate(WORKER_FRAMES), 1)
+        # Not asserted: dropped == 0. Under load a call's first frames can come 1 s later than
+        # its very first (once, at load 13: one frame dropped as stale at the start).
+        assert seen["passed"] >= decoded + 10, (decoded, seen)
 
 
 @pytest.mark.asyncio

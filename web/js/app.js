@@ -56,6 +56,9 @@ const app = {
   iceRestart: new URLSearchParams(location.search).get("recovery") === "ice-restart",
   // ?min-bitrate=N: the video sender's floor in kbit/s (0: none), for measurement (call.js).
   minVideoKbps: queryKbps("min-bitrate", MIN_VIDEO_KBPS),
+  // ?stale-frames=keep: the video receiver keeps the stale frames that follow an outage
+  // (keyframe-worker.js drops them), for measurement (bench/recovery.py).
+  dropStale: new URLSearchParams(location.search).get("stale-frames") !== "keep",
   signaling: null,
   call: null,
   joinedOnce: false,
@@ -391,7 +394,7 @@ function newCall({ recovering = false } = {}) {
   endCall({ recovering });
   app.signaling.clearOutbox();
   app.ended = null;
-  const call = new Call(app.rtcConfig, app.local, app.minVideoKbps);
+  const call = new Call(app.rtcConfig, app.local, app.minVideoKbps, app.dropStale);
   call.number = ++app.calls;
   app.call = call;
   app.media = { call, bytes: 0, at: Date.now() };
@@ -399,6 +402,7 @@ function newCall({ recovering = false } = {}) {
   call.addEventListener("remote", ({ detail }) => call === app.call && showRemote(detail));
   call.addEventListener("state", ({ detail }) => onCallState(call, detail));
   call.addEventListener("keyframe", ({ detail }) => detail.sent || callLog(call, `no key frame request: ${detail.error}`));
+  call.addEventListener("stale", ({ detail }) => callLog(call, `${detail.dropped} stale video frame(s) dropped (up to ${detail.worstMs} ms late); key frame asked`));
   call.addEventListener("chat", ({ detail }) => view.addChatLine(detail.text, false, OTHER[app.seat.role]));
   call.addEventListener("chatstate", ({ detail }) => call === app.call && view.setChatOpen(detail));
   app.statsTimer = setInterval(updateStats, STATS_INTERVAL_MS);

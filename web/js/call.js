@@ -7,7 +7,12 @@
 //   state       detail: the RTCPeerConnection's connectionState
 //   chat        detail: {text}: a chat message arrived
 //   chatstate   detail: true when the chat channel is open, false when closed
-//   keyframe    detail: {sent, error}: the answer to requestKeyFrame()
+//   keyframe    detail: {sent, error, why}: a key frame request went (or not); why: "page"
+//               (requestKeyFrame()) or "stale" (the receiver dropped stale frames)
+//   stale       detail: {dropped, worstMs}: stale video frames dropped after an outage
+//               (keyframe-worker.js), told once frames pass again
+//   framecount  detail: {passed, dropped}: the video frames the worker saw, when
+//               keyFramePort was sent "count" (tests)
 
 export const CHAT_LABEL = "chat"; // one UTF-8 text message per chat line
 
@@ -73,11 +78,14 @@ export class Call extends EventTarget {
    * @param {RTCConfiguration} rtcConfig
    * @param {MediaStream | null} localStream  null: receive only
    * @param {number} minVideoKbps  the video sender's floor (withMinBitrate); 0: none
+   * @param {boolean} dropStale  drop the stale video frames that follow an outage
+   *   (keyframe-worker.js); false only to measure what that changes
    */
-  constructor(rtcConfig, localStream, minVideoKbps = MIN_VIDEO_KBPS) {
+  constructor(rtcConfig, localStream, minVideoKbps = MIN_VIDEO_KBPS, dropStale = true) {
     super();
     this.localStream = localStream;
     this.minVideoKbps = minVideoKbps;
+    this.dropStale = dropStale;
     this.pc = new RTCPeerConnection(rtcConfig);
     this.remoteStream = new MediaStream();
     this.pendingCandidates = []; // remote candidates that came before the remote description
@@ -115,6 +123,11 @@ export class Call extends EventTarget {
   /** The offerer's side: media, the chat channel, then the offer. */
   async offer() {
     this.addLocalMedia(["audio", "video"]);
+    // The offerer's receivers exist now: a transform set later, in ontrack, would get no
+    // frames at all in Chromium (only its key frame requests would work).
+    for (const { receiver } of this.pc.getTransceivers()) {
+      if (receiver.track.kind === "video") this.watchKeyFrames(receiver);
+    }
     this.useChannel(this.pc.createDataChannel(CHAT_LABEL));
     await this.pc.setLocalDescription(await this.pc.createOffer());
     this.emit("signal", { type: "offer", sdp: this.pc.localDescription.sdp });
@@ -196,10 +209,15 @@ export class Call extends EventTarget {
   watchKeyFrames(receiver) {
     if (typeof RTCRtpScriptTransform === "undefined" || this.keyFramePort) return;
     try {
-      keyFrameWorker ??= new Worker(new URL("./keyframe-worker.js", import.meta.url));
+      keyFrameWorker ??= new Worker(new URL("./keyframe-worker.js", import.meta.url), { type: "module" });
       const { port1, port2 } = new MessageChannel();
-      receiver.transform = new RTCRtpScriptTransform(keyFrameWorker, { port: port2 }, [port2]);
-      port1.onmessage = ({ data }) => this.emit("keyframe", data);
+      const options = { port: port2, dropStale: this.dropStale };
+      receiver.transform = new RTCRtpScriptTransform(keyFrameWorker, options, [port2]);
+      port1.onmessage = ({ data }) => {
+        if (data.stale) this.emit("stale", data.stale);
+        else if (data.count) this.emit("framecount", data.count);
+        else this.emit("keyframe", data);
+      };
       this.keyFramePort = port1;
     } catch (err) {
       console.warn("call: no key-frame requests:", err.message);
