@@ -30,6 +30,7 @@ from av import AudioFrame
 from hypothesis import given
 from hypothesis import strategies as st
 
+import bench.opus
 from peers import aiortc_opus, aiortc_patches, aiortc_receive, aiortc_send, media, stats
 from peers.aiortc_receive import (
     AUDIO_WAIT_S,
@@ -499,17 +500,7 @@ TONE_FRAMES = 100  # 2 s of the patient's tone
 @functools.cache
 def tone_packets() -> tuple[tuple[bytes, int], ...]:
     """The patient's tone encoded as the sender encodes it: (payload, timestamp) each 20 ms."""
-    aiortc_patches.opus_settings()
-    encoder, tone = OpusEncoder(), ToneTrack()
-    packets: list[tuple[bytes, int]] = []
-    loop = asyncio.new_event_loop()
-    try:
-        for _ in range(TONE_FRAMES):
-            payloads, timestamp = encoder.encode(loop.run_until_complete(tone.recv()))
-            packets += [(payload, timestamp) for payload in payloads]
-    finally:
-        loop.close()
-    return tuple(packets)
+    return tuple(bench.opus.tone_packets(TONE_FRAMES))
 
 
 def pcm(frames: list[Any]) -> list[int]:
