@@ -2387,7 +2387,7 @@ class Cluster:
             lost = ProtocolError(outcome, CLAIM_LOST[outcome], close_code=close)
             return claim_lost(state, conn_id, lost)
         if peer is not None:
-            actions = self._met_at_claim(conn_id, seat, peer, actions)
+            actions = self._met_at_claim(conn_id, session, role, seat, peer=peer, actions=actions)
         if not node or node == self.node:
             return actions
         self._post(node, session, role, previous, "", replaced=True)
@@ -2426,15 +2426,19 @@ class Cluster:
         return [a for a in actions if not (isinstance(a, Send) and a.conn == conn_id)]
 
     def _met_at_claim(
-        self, conn_id: int, seat: Seat, peer: SeatRecord, actions: list[Action]
+        self,
+        conn_id: int,
+        session: str,
+        role: str,
+        seat: Seat,
+        *,
+        peer: SeatRecord,
+        actions: list[Action],
     ) -> list[Action]:
         """The other seat was taken on another relay between this join's look (``_prejoin``)
         and its claim: two joins at once on two relays, each told it was alone. Of the two
         claims Redis serves one after the other, the second sees the first: its ``joined``
         says the peer is there, and the first hears ``peer-joined`` through its relay."""
-        conn = self.state.conns[conn_id]
-        session, role = conn.session, conn.role
-        assert session is not None and role is not None
         other = OTHER_ROLE[role]
         seen = self.state.sessions.get(session, {}).get(other)
         if peer.state != "taken" or peer.node == self.node or seen is not None:
