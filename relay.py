@@ -2455,7 +2455,7 @@ class Cluster:
         proxy = self.state.sessions[session][other].conn
         met.append(Send(proxy, frame("peer-joined", role=role, resumed=seat.resumed)))
         logger.info(
-            "conn=%d session=%s role=%s: the %s joined on %s at the same moment",
+            "conn=%d session=%s role=%s: met the %s of %s, whose claim came at the same moment",
             conn_id,
             session,
             role,
