@@ -72,6 +72,7 @@ class Pairing:
     change: dict[str, list[float]] = field(default_factory=lambda: {r: [] for r in ROLES})
     outage: dict[str, list[float]] = field(default_factory=lambda: {r: [] for r in ROLES})
     methods: list[str] = field(default_factory=list)
+    events: list[str] = field(default_factory=list)  # what happened when (for --logs)
 
 
 def pairings() -> list[Pairing]:
@@ -196,7 +197,7 @@ async def measure(
         into[role].append(seconds)
 
 
-async def run_pairing(pairing: Pairing, runs: int, tmp: Path) -> None:
+async def run_pairing(pairing: Pairing, runs: int, tmp: Path, logs: Path | None = None) -> None:
     config = tmp / "config.yaml"
     settings = {
         "auth": {"open": True},
@@ -225,6 +226,7 @@ async def run_pairing(pairing: Pairing, runs: int, tmp: Path) -> None:
 
                 async def change() -> tuple[float, float]:
                     changed = await net.change("patient")
+                    pairing.events.append(f"{stamp(changed)} network change")
                     return changed, changed
 
                 await measure(sides, change, pairing.change)
@@ -234,6 +236,8 @@ async def run_pairing(pairing: Pairing, runs: int, tmp: Path) -> None:
                     began = time.time()
                     async with net.outage("patient"):
                         await asyncio.sleep(OUTAGE_S)
+                    pairing.events.append(f"{stamp(began)} outage from")
+                    pairing.events.append(f"{stamp(net.restored_at)} outage to")
                     # When the first DROP rule went: media flows again while the others go.
                     return began, net.restored_at
 
@@ -244,6 +248,31 @@ async def run_pairing(pairing: Pairing, runs: int, tmp: Path) -> None:
             for process in processes:
                 await process.stop()
             await relay.stop()
+            if logs is not None:
+                keep_logs(logs, pairing, processes, relay, browsers)
+
+
+def stamp(at: float) -> str:
+    """``at`` (time.time()) as the peers' log lines write it."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at)) + f",{int(at % 1 * 1000):03d}"
+
+
+def keep_logs(
+    folder: Path,
+    pairing: Pairing,
+    processes: list[Process],
+    relay: RelayProcess,
+    browsers: Browsers,
+) -> None:
+    """Every log line of the pairing's run under ``folder``: aiortc sides, pages, the relay."""
+    name = "".join(c if c.isalnum() else "-" for c in pairing.name.split(",")[0]).strip("-")
+    folder.mkdir(parents=True, exist_ok=True)
+    texts = {f"{process.name}.log": process.lines for process in processes}
+    texts |= {f"{role}.console.log": lines for role, lines in browsers.logs.items()}
+    texts["relay.log"] = relay.log
+    texts["events.log"] = pairing.events
+    for file, lines in texts.items():
+        (folder / f"{name}.{file}").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 async def start_side(
@@ -302,6 +331,9 @@ async def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--only", help="run the pairings whose name contains this text")
+    parser.add_argument(
+        "--logs", type=Path, help="keep every log (aiortc sides, pages, relay) in this folder"
+    )
     args = parser.parse_args(argv)
     if reason := netns_missing() or chromium_missing():
         print(f"bench-recovery: {reason}", file=sys.stderr)
@@ -310,7 +342,7 @@ async def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-recovery-") as tmp:
         for pairing in chosen:
             print(f"{pairing.name}: {args.runs} runs...", flush=True)
-            await run_pairing(pairing, args.runs, Path(tmp))
+            await run_pairing(pairing, args.runs, Path(tmp), args.logs)
     report(chosen, args.runs)
     return 0
 

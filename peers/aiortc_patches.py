@@ -16,6 +16,10 @@ The patches:
 - ``turn_client``: ``TurnTransport.__inner_protocol`` (aioice turn.py:426).
 - ``relay_protocols``: ``Connection._protocols`` (aioice ice.py:451).
 - ``nominated_pair``: ``Connection._nominated`` (aioice ice.py:449).
+- ``local_address``: the address a pair's packets leave from, read from its
+  ``StunProtocol.transport`` (aioice ice.py:266) or, for a relayed candidate, from
+  its TURN client's (``TurnTransport.__inner_protocol``, turn.py:426), whose own
+  ``get_extra_info("sockname")`` is the relayed address (turn.py:452).
 - ``set_check_retries``: the module global ``aioice.stun.RETRY_MAX`` (aioice stun.py:20),
   read by every ``stun.Transaction`` (stun.py:358) that has no explicit count.
 - ``use_tls_context``: ``Connection.turn_ssl`` is typed bool (ice.py:427) but is
@@ -224,6 +228,25 @@ def nominated_pair(connection: Connection) -> CandidatePair | None:
     """
     nominated = connection._nominated
     return nominated.get(1) or next(iter(nominated.values()), None)
+
+
+def local_address(pair: CandidatePair) -> str | None:
+    """The local IP address the pair's packets leave from (its socket's), None if unknown.
+
+    Upstream: a ``CandidatePair.local_address`` reading the socket of
+    ``pair.protocol`` (``StunProtocol.transport``, aioice ice.py:266); for a relayed
+    candidate, the socket of its TURN client (``TurnTransport.__inner_protocol``,
+    turn.py:426), since ``TurnTransport.get_extra_info("sockname")`` is the relayed
+    address on the server (turn.py:452).
+    """
+    client = turn_client(pair.protocol)
+    transport = (
+        client.transport if client is not None else getattr(pair.protocol, "transport", None)
+    )
+    if transport is None:
+        return None
+    sockname = transport.get_extra_info("sockname")
+    return str(sockname[0]) if sockname else None
 
 
 def set_check_retries(retries: int) -> None:

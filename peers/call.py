@@ -129,6 +129,9 @@ class Call:
         self.failed = asyncio.Event()  # on_failed was called
         self.heard_at = time.monotonic()  # when bytes last arrived (watched once connected)
         self.path_dead = False
+        self._dtls_watched: list[Any] = []  # the transports whose bytes the path watch counts
+        self._bytes_seen = -1
+        self._gap = False  # nothing received for GAP_S: a keyframe is asked for at the next bytes
         self._send = send
         self._pending: list[dict[str, Any] | None] = []
         self._path: IcePath | None = None
@@ -343,30 +346,39 @@ class Call:
 
     async def _watch_path(self) -> None:
         """Tell ``on_path`` when bytes stop coming for ``media_timeout_s``, and when they resume."""
-        timeout = self.options.media_timeout_s
-        every = min(0.1, timeout / 5)
-        dtls = self._dtls_transports()
-        seen, gap = -1, False
+        every = min(0.1, self.options.media_timeout_s / 5)
+        self._dtls_watched = self._dtls_transports()
         self.heard_at = time.monotonic()
         while True:
-            now = time.monotonic()
-            total = sum(aiortc_patches.bytes_received(t) for t in dtls)
-            if total != seen:
-                if gap:
-                    gap = False
-                    self._ask_keyframe(now - self.heard_at)
-                seen, self.heard_at = total, now
-                if self.path_dead:
-                    self.path_dead = False
-                    self._tell_path(alive=True)
-            elif not gap and now - self.heard_at >= GAP_S:
-                # The video frame buffer (peers/aiortc_receive.py) gives up the
-                # gap's hole itself; a keyframe is asked for when bytes come back.
-                gap = True
-            if not self.path_dead and total == seen and now - self.heard_at >= timeout:
-                self.path_dead = True
-                self._tell_path(alive=False)
+            self.check_path()
             await asyncio.sleep(every)
+
+    def check_path(self) -> bool:
+        """Look at the bytes received now (the watch does every 0.1 s): True if they flow.
+
+        Also called by the owner before it gives up on the path, so that bytes that came
+        since the watch last looked count (a starved loop may run the watch late).
+        """
+        if self.connected_at is None or self._closing is not None:
+            return False
+        now = time.monotonic()
+        total = sum(aiortc_patches.bytes_received(t) for t in self._dtls_watched)
+        if total != self._bytes_seen:
+            if self._gap:
+                self._gap = False
+                self._ask_keyframe(now - self.heard_at)
+            self._bytes_seen, self.heard_at = total, now
+            if self.path_dead:
+                self.path_dead = False
+                self._tell_path(alive=True)
+        elif not self._gap and now - self.heard_at >= GAP_S:
+            # The video frame buffer (peers/aiortc_receive.py) gives up the
+            # gap's hole itself; a keyframe is asked for when bytes come back.
+            self._gap = True
+        if not self.path_dead and now - self.heard_at >= self.options.media_timeout_s:
+            self.path_dead = True
+            self._tell_path(alive=False)
+        return not self.path_dead
 
     def _ask_keyframe(self, gap_s: float) -> None:
         """After a gap, ask for a keyframe now rather than after the frame buffer's hole wait.

@@ -6,15 +6,17 @@ timeout that the stack itself honours.
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import logging
+import socket
 from collections.abc import Sequence
 from typing import Any
 
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection
 from aiortc.rtcconfiguration import RTCIceTransportPolicy
 
-from peers.aiortc_patches import set_check_retries
+from peers.aiortc_patches import ice_connection, local_address, nominated_pair, set_check_retries
 from peers.config import PeerSettings
 from peers.turnclient import IcePath, first_turn_server, selected_path
 
@@ -106,6 +108,31 @@ def path_of(pc: RTCPeerConnection) -> IcePath | None:
         if with_path is not None:
             return with_path
     return None
+
+
+def path_address_gone(pc: RTCPeerConnection) -> bool:
+    """The address the selected pair's packets leave from is no longer this machine's.
+
+    A network change (the old interface and its address gone): that path cannot come
+    back, whatever the other signals say. Unknown, or still there: False.
+    """
+    for transport in ice_transports(pc):
+        pair = nominated_pair(ice_connection(transport))
+        address = None if pair is None else local_address(pair)
+        if address is not None and not address_present(address):
+            return True
+    return False
+
+
+def address_present(address: str) -> bool:
+    """``address`` is still assigned here: a socket can be bound to it (else EADDRNOTAVAIL)."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((address, 0))
+        except OSError as exc:
+            return exc.errno != errno.EADDRNOTAVAIL
+    return True
 
 
 async def unresolvable(servers: Sequence[RTCIceServer], timeout_s: float = 3.0) -> str | None:

@@ -61,6 +61,12 @@ logger = logging.getLogger(__name__)
 
 OTHER = {"patient": "practitioner", "practitioner": "patient"}
 ANSWER_WAIT_S = 3.0  # a renegotiation whose answer does not come by then is tried again
+# The signaling back after a silence of its own (the network under it was gone: an outage,
+# or a change): the old path may come back with the network, a round trip and the watch's
+# 0.1 s later, and the relay's reconnection may be first (its SYN retransmitted just as the
+# network returned). Its bytes are given this long before the patient renegotiates, unless
+# the path's local address is gone (a change: it cannot come back) or its ICE failed.
+SAME_PATH_GRACE_S = 0.5
 
 __all__ = ["OTHER", "Seat"]
 
@@ -404,6 +410,8 @@ class Seat:
         attempt = 0
         while True:
             await self._signaling_back()
+            if attempt == 0 and not await self._old_path_stays_dead():
+                return  # it came back: _path_changed ended the recovery (same-path)
             attempt += 1
             call = self.new_call()
             logger.warning("%s: path lost; renegotiating (attempt %d)", call.name, attempt)
@@ -421,6 +429,30 @@ class Seat:
             why = call.failure or ("no answer" if not call.answered.is_set() else "no media")
             logger.info("%s: renegotiation %d: %s; again in %.1f s", call.name, attempt, why, delay)
             await asyncio.sleep(delay)
+
+    async def _old_path_stays_dead(self) -> bool:
+        """False when the old path's bytes come back within the grace (SAME_PATH_GRACE_S).
+
+        Only when the signaling itself was away during this loss (heard again after a
+        silence: the network may just have returned, and the path with it) and the path
+        can come back: its call not failed, its local address still this machine's. A
+        signaling that never left (the other side's network changed) or an address gone
+        (this side's changed) renegotiates at once.
+        """
+        call, lost_at = self.call, self.lost_at
+        if call is None or lost_at is None or self.relay.back_at < lost_at:
+            return True
+        if not call.alive or call.failure is not None or ice.path_address_gone(call.pc):
+            return True
+        logger.info(
+            "%s: signaling back after a silence: %.1f s for the old path to come back",
+            call.name,
+            SAME_PATH_GRACE_S,
+        )
+        await asyncio.sleep(SAME_PATH_GRACE_S)
+        if call is self.call:
+            call.check_path()  # bytes that came since the watch last looked (a starved loop)
+        return self.lost_at is not None  # None: back on the same path, the recovery ended
 
     async def _signaling_back(self) -> None:
         """Until the relay was heard from after the path was found dead, and the peer is there."""

@@ -22,7 +22,11 @@ The heartbeat: a ``ping`` frame every ``heartbeat_s`` (the relay answers
 connection is dead (a network gone under it sends no FIN): it is dropped and
 the client reconnects at once, without waiting for TCP or websockets'
 keepalive (about 40 s). ``heard_at`` is when the relay was last heard from, so
-that a seat can tell that the signaling is back after a silence.
+that a seat can tell that the signaling is back after a silence; ``back_at``
+when it was heard again after a silence of more than ``SILENT_HEARTBEATS``
+heartbeats (a pong missed at least: the network under it was gone, or the
+relay; a reconnection's ``joined`` included), so that a seat can tell "the
+network may just have come back" from "the signaling never left".
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ __all__ = ["HINT_AFTER", "JoinRefused", "NotWebSocket", "RelayClient", "Replaced
 logger = logging.getLogger(__name__)
 
 HINT_AFTER = 3  # failed connection attempts in a row before saying what to check
+SILENT_HEARTBEATS = 1.5  # nothing from the relay this many heartbeats: it was away (a pong missed)
 RETRIED_STATUSES = frozenset({429, 500, 502, 503, 504})  # the relay's refusal, a proxy's
 
 # The relay went away (1001: shutting down, 1012: restarting): all its clients at once.
@@ -93,6 +98,7 @@ class RelayClient:
         self.failures = 0  # connection attempts failed in a row (reset by a join)
         self.heartbeat_s = heartbeat_s
         self.heard_at = time.monotonic()  # the last frame from the relay (a pong included)
+        self.back_at = 0.0  # the first frame after a silence of over SILENT_HEARTBEATS heartbeats
         self.heard = asyncio.Event()  # set at every frame from the relay; readers clear it
         self._dead: str | None = None  # why the heartbeat dropped the connection
 
@@ -174,7 +180,10 @@ class RelayClient:
         return next(self.backoff)
 
     def _heard(self) -> None:
-        self.heard_at = time.monotonic()
+        now = time.monotonic()
+        if now - self.heard_at > self.heartbeat_s * SILENT_HEARTBEATS:
+            self.back_at = now
+        self.heard_at = now
         self.heard.set()
 
     async def _heartbeat(self, ws: ClientConnection) -> None:

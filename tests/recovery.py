@@ -37,7 +37,14 @@ from dataclasses import dataclass, field
 from peers.netns import Netns, Network, command_missing
 from tests.processes import Process
 
-__all__ = ["RELAY_ADDRESS", "RecoveryNetwork", "log_time", "media_back", "recovery_network"]
+__all__ = [
+    "RELAY_ADDRESS",
+    "Outage",
+    "RecoveryNetwork",
+    "log_time",
+    "media_back",
+    "recovery_network",
+]
 
 RELAY_ADDRESS = "198.18.0.1"
 MEDIA_BACK = re.compile(r"media back after (\d+) ms \(([a-z-]+)")
@@ -75,19 +82,40 @@ class RecoveryNetwork:
         return time.time()
 
     @contextlib.asynccontextmanager
-    async def outage(self, name: str) -> AsyncIterator[None]:
-        """Nothing passes to or from ``name`` during the block (its addresses stay)."""
+    async def outage(self, name: str) -> AsyncIterator[Outage]:
+        """Nothing passes to or from ``name`` during the block (its addresses stay).
+
+        ``Outage.relay_back()`` lets the relay's traffic (to the hub itself) through
+        before the block ends, the media to the other side still dropped.
+        """
         dev = self.links[name][1]
-        rules = [["FORWARD", "-i", dev], ["FORWARD", "-o", dev], ["INPUT", "-i", dev]]
-        rules.append(["OUTPUT", "-o", dev])
-        for rule in rules:
+        cut = Outage(self, [["FORWARD", "-i", dev], ["FORWARD", "-o", dev]])
+        cut.relay_rules = [["INPUT", "-i", dev], ["OUTPUT", "-o", dev]]
+        for rule in cut.media_rules + cut.relay_rules:
             await self.net.run(self.hub, "iptables", "-w", "-I", *rule, "-j", "DROP")
         try:
-            yield
+            yield cut
         finally:
             self.restored_at = time.time()  # the first rule removed lets packets through
-            for rule in rules:
+            for rule in cut.media_rules + cut.relay_rules:
                 await self.net.run(self.hub, "iptables", "-w", "-D", *rule, "-j", "DROP")
+
+
+@dataclass
+class Outage:
+    """The DROP rules of one ``RecoveryNetwork.outage()``: the media's and the relay's."""
+
+    net: RecoveryNetwork
+    media_rules: list[list[str]]
+    relay_rules: list[list[str]] = field(default_factory=list)
+    relay_back_at = 0.0  # time.time() when relay_back() removed the first of its rules
+
+    async def relay_back(self) -> None:
+        """The side reaches the relay again; the media between the sides stays dropped."""
+        rules, self.relay_rules = self.relay_rules, []
+        self.relay_back_at = time.time()
+        for rule in rules:
+            await self.net.net.run(self.net.hub, "iptables", "-w", "-D", *rule, "-j", "DROP")
 
 
 @contextlib.asynccontextmanager

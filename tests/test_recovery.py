@@ -530,6 +530,8 @@ async def test_a_network_change_brings_media_back_within_5_s(world: World, side:
     assert await patient.wait(30) == 0, patient.log()
     assert await practitioner.wait(30) == 0, practitioner.log()
     assert any("renegotiating (attempt 1)" in line for line in patient.lines), patient.log()
+    # No wait for the old path: the patient's address is gone, or its signaling never left.
+    assert not any("s for the old path" in line for line in patient.lines), patient.log()
     for role in ("patient", "practitioner"):
         got = world.summary(role)
         assert_frames_before_and_after(got, 2, 3)
@@ -555,6 +557,33 @@ async def test_a_3_s_outage_comes_back_on_the_same_path_within_1_s(world: World)
         got = world.summary(role)
         assert_frames_before_and_after(got, 1, 6)
         assert [r["method"] for r in got["recoveries"]] == ["same-path"]
+
+
+@pytest.mark.netns
+@pytest.mark.asyncio
+async def test_a_3_s_outage_whose_relay_connection_is_back_first_stays_on_the_same_path(
+    world: World,
+) -> None:
+    """The patient's relay connection back before the media (its reconnection's SYN resent just
+    as the network returned, 1 outage in 8 to 16): the old path still comes back, no offer."""
+    patient, practitioner = await call_up(world, 12)
+    marks = [len(patient.lines), len(practitioner.lines)]
+    async with world.net.outage("patient") as cut:
+        await asyncio.sleep(3)  # the heartbeat has dropped the relay connection (2.5 s)
+        await cut.relay_back()
+        await patient.expect(r"joined session rec as patient \(resumed\)", 10, start=marks[0])
+        rejoined = time.time()
+    ended = world.net.restored_at
+    results = await back((patient, practitioner), ended, marks)
+    print(f"media let through {ended - rejoined:.2f} s after the patient's rejoin was read")
+    assert [method for _, method in results] == ["same-path"] * 2, (results, patient.log())
+    assert all(seconds < 1 for seconds, _ in results), results
+    assert await patient.wait(30) == 0, patient.log()
+    assert await practitioner.wait(30) == 0, practitioner.log()
+    assert not any("renegotiating" in line for line in patient.lines), patient.log()
+    assert any("s for the old path" in line for line in patient.lines), patient.log()
+    for role in ("patient", "practitioner"):
+        assert [r["method"] for r in world.summary(role)["recoveries"]] == ["same-path"]
 
 
 @pytest.mark.netns

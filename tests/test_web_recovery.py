@@ -561,7 +561,7 @@ async def test_browser_and_aiortc_come_back_after_a_network_change_and_a_3s_outa
         await rec.net.change("patient")
         page_back = await more_frames(page, 10, units=4)
         method = await peer_back(peer, mark)
-        assert method == "new-connection"
+        assert method == "new-connection", "\n".join(peer.lines[mark:])
         assert page_back - changed < 10, round(page_back - changed, 1)  # 5 s budget, loaded CI
         await wait_said(page, status[0], ["recovering", "connected"], units=2)
         await said_reconnecting(page, *status, limit_ms=10_000)
@@ -575,7 +575,7 @@ async def test_browser_and_aiortc_come_back_after_a_network_change_and_a_3s_outa
         # 5 s of the network's return (measured: first 0.12-0.32 s, 20th 0.32-1.22 s, load 23).
         page_back, flowing = await frames_back(page, 20, units=3)
         method = await peer_back(peer, mark)
-        assert method == "same-path"
+        assert method == "same-path", "\n".join(peer.lines[mark:])
         assert page_back - restored < 5, round(page_back - restored, 1)  # see the Chromium test
         assert flowing - restored < 5, round(flowing - restored, 1)
         assert [r["method"] for r in await recoveries(page)] == ["new-connection", "same-path"]
