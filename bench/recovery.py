@@ -72,6 +72,10 @@ class Pairing:
     change: dict[str, list[float]] = field(default_factory=lambda: {r: [] for r in ROLES})
     outage: dict[str, list[float]] = field(default_factory=lambda: {r: [] for r in ROLES})
     methods: list[str] = field(default_factory=list)
+    # event ("change", "outage"): role: each event's recoveries on that side, e.g. "same-path"
+    by_event: dict[str, dict[str, list[str]]] = field(
+        default_factory=lambda: {e: {r: [] for r in ROLES} for e in ("change", "outage")}
+    )
     events: list[str] = field(default_factory=list)  # what happened when (for --logs)
 
 
@@ -185,8 +189,10 @@ async def measure(
     sides: dict[str, Side],
     event: Callable[[], Awaitable[tuple[float, float]]],
     into: dict[str, list[float]],
+    methods: dict[str, list[str]],
 ) -> None:
     """``event()`` returns (when a stall may begin, when the network is usable again)."""
+    counts = {role: len(await side.methods()) for role, side in sides.items()}
     for side in sides.values():
         side.before()
     quiet_from, since = await event()
@@ -195,6 +201,18 @@ async def measure(
     )
     for role, seconds in zip(sides, times, strict=True):
         into[role].append(seconds)
+    for role, side in sides.items():
+        methods[role].append("+".join(await recorded_since(side, counts[role])) or "none")
+
+
+async def recorded_since(side: Side, count: int, wait: float = 3.0) -> list[str]:
+    """The recoveries ``side`` recorded after its first ``count`` (a page records one at its
+    next 250 ms sample, possibly after the frame that ended the measure): waits for one."""
+    deadline = time.monotonic() + wait
+    # Polled: a page's list is read through evaluate().
+    while len(got := await side.methods()) <= count and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.1)
+    return got[count:]
 
 
 async def run_pairing(pairing: Pairing, runs: int, tmp: Path, logs: Path | None = None) -> None:
@@ -229,7 +247,7 @@ async def run_pairing(pairing: Pairing, runs: int, tmp: Path, logs: Path | None 
                     pairing.events.append(f"{stamp(changed)} network change")
                     return changed, changed
 
-                await measure(sides, change, pairing.change)
+                await measure(sides, change, pairing.change, pairing.by_event["change"])
                 await settle(sides)
 
                 async def outage() -> tuple[float, float]:
@@ -241,7 +259,7 @@ async def run_pairing(pairing: Pairing, runs: int, tmp: Path, logs: Path | None 
                     # When the first DROP rule went: media flows again while the others go.
                     return began, net.restored_at
 
-                await measure(sides, outage, pairing.outage)
+                await measure(sides, outage, pairing.outage, pairing.by_event["outage"])
             for side in sides.values():
                 pairing.methods.extend(await side.methods())
         finally:
@@ -325,6 +343,10 @@ def report(done: list[Pairing], runs: int) -> None:
             print(row(f"3 s outage's end -> {role}", pairing.outage[role]))
         counts = {m: pairing.methods.count(m) for m in sorted(set(pairing.methods))}
         print(f"  recoveries logged by both sides: {counts}")
+        for event, sides in pairing.by_event.items():
+            for role, methods in sides.items():
+                tally = {m: methods.count(m) for m in sorted(set(methods))}
+                print(f"  each {event}, {role}: {tally}")
 
 
 async def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,7 @@ import gc
 import json
 import logging
 import shutil
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -33,6 +34,7 @@ from aiortc import RTCIceTransport, RTCPeerConnection
 from peers.call import CallOptions
 from peers.config import IceServer, PeerSettings
 from peers.errors import DtlsFailed
+from peers.ice import address_present
 from peers.media import PatternTrack, Sources, ToneTrack
 from peers.netns import Netns, Network, inside, netns_missing
 from peers.seat import Seat
@@ -107,6 +109,7 @@ async def test_a_silent_relay_connection_is_dropped_and_rejoined_with_resume() -
         try:
             first = await within(anext(frames))
             assert first["type"] == "joined" and not first["resumed"]
+            assert client.back_at == 0.0  # a first join is no return
             proxy.silent = True  # the network under the connection is gone
             silent_at = time.monotonic()
             rejoined = asyncio.ensure_future(anext(frames))
@@ -118,8 +121,18 @@ async def test_a_silent_relay_connection_is_dropped_and_rejoined_with_resume() -
             frame = await within(rejoined)
             assert frame["type"] == "joined" and frame["resumed"] is True
             assert client.reconnects >= 1
+            # Back after a silence: a seat may wait for its old media path (Seat).
+            assert client.back_at > silent_at + heartbeat * 2.5
         finally:
             await frames.aclose()
+
+
+def test_an_address_that_is_gone_is_told_from_one_that_is_there() -> None:
+    """What tells a network change (the path's local address gone) from an outage."""
+    assert address_present("127.0.0.1")
+    assert address_present("::1") or not socket.has_ipv6
+    assert not address_present("192.0.2.77")  # TEST-NET-1: never a machine's address
+    assert address_present("0.0.0.0")  # unknown: not "gone"
 
 
 # -- Seats and Calls in this process ----------------------------------------------------------
