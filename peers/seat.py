@@ -19,7 +19,10 @@ not the end. Both sides say ``path lost``. Media coming back on the same path
 first (a short outage) ends it: nothing is renegotiated. Otherwise the patient,
 once the signaling is back (heard from after the path went dead) and the
 practitioner is there, builds a new Call and offers (``path lost;
-renegotiating (attempt N)``), with backoff between attempts; the practitioner
+renegotiating (attempt N)``), with backoff between attempts. When the signaling
+was away too and has just come back, the old path gets ``SAME_PATH_GRACE_S``
+first (the relay's reconnection may land just before the old path's bytes),
+unless its local address is gone or its ICE failed; the practitioner
 answers any new offer with a new Call. After ``call.recovery_timeout_s`` the
 side gives up with one line; the call is closed and the seat stays joined, so
 that a new offer or a new peer still makes a call. ``recoveries`` lists each
