@@ -10,8 +10,8 @@ encoder as a whole. Against aiortc 1.16.0:
   (vpx.py:178) until the first REMB, which an aiortc receiver sends after its first
   overuse, a start probe or 3 s of throughput. 500 kbit/s puts 640x480 on the ladder's
   top rung: the pattern's 290 kbit/s and the audio overran a 300 kbit/s link with a
-  100 ms buffer, 57-61 % of the packets were dropped (the NACKs' retransmissions too)
-  and video froze 1.4-1.6 s, in the runs where no early estimate came (2 of 5, traced:
+  100 ms buffer, 48-61 % of the packets were dropped (the NACKs' retransmissions too)
+  and video froze 0.9-1.6 s, in the calls where no early estimate came (8 of 13, traced:
   docs/benchmarks.md, "The start on a narrow link"). Here ``START_BPS``, which the
   ladder maps to 480x360 (a link of unknown capacity: libwebrtc starts at 300 kbit/s
   with a pacer and probes of its own); the estimate and the probes (peers/aiortc_rate.py)
