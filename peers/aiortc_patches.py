@@ -43,7 +43,7 @@ The patches:
 - ``steady_media``: the media path that holds on lossy links and narrow ones, from
   the siblings ``peers/aiortc_receive.py`` (with ``peers/aiortc_opus.py``, the Opus
   decoder with FEC and loss concealment) and ``peers/aiortc_send.py`` (the VP8
-  floor and the resolution / frame-rate ladder) and ``peers/aiortc_rate.py`` (the
+  floor and start and the resolution / frame-rate ladder) and ``peers/aiortc_rate.py`` (the
   receiver's bandwidth estimate, sent as REMB) (whole replacements of aiortc's ``NackGenerator``,
   its video ``JitterBuffer`` and ``RemoteStreamTrack.recv``; the lines it
   replaces are named there).

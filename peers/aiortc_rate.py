@@ -504,6 +504,13 @@ class SteadyEstimator(rate.RemoteBitrateEstimator):
 
 LOSS_HIGH, LOSS_LOW = 0.10, 0.02  # libwebrtc's kDefaultHighLossThreshold / LowLossThreshold
 LOSS_GROWTH = 1.08  # per second under LOSS_LOW, + 1 kbit/s (libwebrtc)
+# The queue's overflow: a report of LOSS_LOW or more within OVERFLOW_S of a fall of the REMB
+# (the receiver's detector saw the queue grow: this loss is the queue's, not the link's noise)
+# sets a ceiling at CEILING_BELOW x the highest target of the CEILING_LOOKBACK_S before it.
+OVERFLOW_S = 2.0
+CEILING_BELOW = 0.85
+CEILING_LOOKBACK_S = 3.0
+CEILING_GROWTH = 1.02  # per second: back to where the queue overflowed in about 8 s
 
 
 @dataclass
@@ -517,17 +524,77 @@ class LossBased:
     rtt_s: float = 0.2
     decreases: int = 0
     last_loss: float = 0.0  # the fraction lost in the last report
+    # Where a drop-tail queue overflowed (see ``on_report``): the target stays below it.
+    ceiling_bps: float | None = None
+    ceiling_growth_at: float | None = None
+    ceilings: int = 0
+    remb_fell_at: float | None = None
+    mean_loss: float = 0.0  # of the reports so far (a running mean over about 8)
+    targets: list[tuple[float, int]] = field(default_factory=list)  # (when, target) sent
 
-    def on_remb(self, bps: int) -> None:
+    def on_remb(self, bps: int, now: float | None = None) -> None:
+        if now is not None and self.remb_bps is not None and bps < self.remb_bps:
+            self.remb_fell_at = now
         self.remb_bps = bps
         if self.cap_bps is not None and self.cap_bps > bps:
             self.cap_bps = float(bps)  # the cap never wanders above the receiver's estimate
 
-    def on_report(self, fraction_lost: float, now: float) -> None:
+    def note_target(self, bps: int, now: float) -> None:
+        """The encoder's target set at ``now`` (for the ceiling's look back)."""
+        self.targets.append((now, bps))
+        while self.targets and self.targets[0][0] < now - CEILING_LOOKBACK_S:
+            del self.targets[0]
+
+    def _overflowed(self, fraction_lost: float, now: float) -> None:
+        """A drop-tail queue's overflow: the REMB fell, and packets were lost with it.
+
+        A delay-based estimate (aiortc's REMB) sees a short buffer late: 100 ms of queue at
+        300 kbit/s is 3.75 kB, full before the detector says "overusing", so every climb of
+        the estimate past the link ends in a tail drop (a lost packet, a frame held for its
+        retransmission: a freeze of 0.2-0.6 s), every 3-6 s in the traced calls. libwebrtc's
+        loss rule holds between 2 and 10 % lost, but its estimate is at most the REMB, which
+        has fallen by then and climbs again. Here the rate at which the queue overflowed is
+        remembered: the target stays under ``CEILING_BELOW`` x the highest it was in the
+        ``CEILING_LOOKBACK_S`` before, and nears it again by ``CEILING_GROWTH`` a second (a
+        link that widened is found again, sooner by a probe: ``Prober.on_remb``). Random loss
+        with no fall of the REMB, or no more than the link's usual (a lossy link), sets none.
+        """
+        usual, self.mean_loss = (
+            self.mean_loss,
+            self.mean_loss + (fraction_lost - self.mean_loss) / 8,
+        )
+        if fraction_lost < max(LOSS_LOW, 2 * usual) or self.remb_fell_at is None:
+            return  # no loss, or no more than this link's usual (random loss is no queue)
+        if now - self.remb_fell_at > OVERFLOW_S or not self.targets:
+            return
+        highest = max(bps for _, bps in self.targets)
+        ceiling = CEILING_BELOW * highest
+        if self.ceiling_bps is None or ceiling < self.ceiling_bps:
+            self.ceiling_bps = max(float(MIN_BPS), ceiling)
+            self.ceiling_growth_at = now
+            self.ceilings += 1
+        self.remb_fell_at = None  # one fall, one ceiling
+
+    def _grow_ceiling(self, now: float) -> None:
+        if self.ceiling_bps is None or self.ceiling_growth_at is None:
+            return
+        elapsed = min(now - self.ceiling_growth_at, 1.0)
+        self.ceiling_bps *= CEILING_GROWTH**elapsed
+        self.ceiling_growth_at = now
+        if self.remb_bps is not None and self.ceiling_bps >= 2 * self.remb_bps:
+            self.ceiling_bps = None  # far above what the receiver allows: of no use
+
+    def on_report(self, fraction_lost: float, now: float, sending_bps: int | None = None) -> None:
+        """A receiver report's fraction lost; ``sending_bps``, the encoder's target, is where the
+        cap starts from while no REMB has come (libwebrtc's ``SendSideBandwidthEstimation``
+        starts from its start bitrate; here the loss before the first REMB was ignored)."""
         self.last_loss = fraction_lost
+        self._grow_ceiling(now)
+        self._overflowed(fraction_lost, now)
         if fraction_lost > LOSS_HIGH:
             if self.last_decrease is None or now - self.last_decrease >= 0.3 + self.rtt_s:
                 start = self.cap_bps if self.cap_bps is not None else self.remb_bps
+                start = start if start is not None else sending_bps
                 if start is not None:
                     self.cap_bps = start * (1 - 0.5 * fraction_lost)
                     self.last_decrease = self.last_growth = now
@@ -542,9 +609,11 @@ class LossBased:
             self.last_growth = now
 
     def target(self) -> int | None:
+        ceiling = self.ceiling_bps if self.ceiling_bps is not None else math.inf
         if self.remb_bps is None:
-            return None if self.cap_bps is None else int(self.cap_bps)
-        return int(min(self.remb_bps, self.cap_bps if self.cap_bps is not None else math.inf))
+            return None if self.cap_bps is None else int(min(self.cap_bps, ceiling))
+        cap = self.cap_bps if self.cap_bps is not None else math.inf
+        return int(min(self.remb_bps, cap, ceiling))
 
 
 def loss_based(sender: RTCRtpSender) -> LossBased:
@@ -565,7 +634,9 @@ def _on_rtcp(sender: RTCRtpSender, packet: Any) -> None:
         rtt = getattr(sender, "_RTCRtpSender__rtt", None)
         if rtt is not None:
             state.rtt_s = rtt
-        state.on_report(reports[0].fraction_lost / 256, time.monotonic())
+        state.on_report(
+            reports[0].fraction_lost / 256, time.monotonic(), int(encoder.target_bitrate)
+        )
     elif isinstance(packet, RtcpPsfbPacket) and packet.fmt == RTCP_PSFB_APP:
         try:
             bitrate, ssrcs = unpack_remb_fci(packet.fci)
@@ -573,13 +644,14 @@ def _on_rtcp(sender: RTCRtpSender, packet: Any) -> None:
             return
         if sender._ssrc not in ssrcs:
             return
-        state.on_remb(bitrate)
+        state.on_remb(bitrate, time.monotonic())
         prober(sender).on_remb(bitrate, state, time.monotonic())
     else:
         return
     target = state.target()
     if target is not None:
         encoder.target_bitrate = target  # after aiortc's own REMB handling (rtcrtpsender.py:290)
+        state.note_target(target, time.monotonic())
         prober(sender).on_target(target, time.monotonic())
 
 
@@ -622,6 +694,7 @@ class Prober:
         probed = self.probed
         if probed is not None and now - probed[0] < PROBE_ANSWER_S and bps >= 0.9 * probed[1]:
             state.cap_bps = None
+            state.ceiling_bps = None  # the link is wider than where its queue overflowed
             self.probed = None
 
     def on_target(self, target: int, now: float) -> None:

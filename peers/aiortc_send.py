@@ -6,6 +6,16 @@ encoder as a whole. Against aiortc 1.16.0:
 - The floor: ``MIN_BITRATE = 250000`` (codecs/vpx.py:17), which the encoder's
   ``target_bitrate`` setter (vpx.py:254) clamps every estimate to, so that on a
   300 kbit/s link video alone overruns what audio leaves. Here ``FLOOR_BPS``.
+- The start: ``DEFAULT_BITRATE = 500000`` (vpx.py:16), the target of a new encoder
+  (vpx.py:178) until the first REMB, which an aiortc receiver sends after its first
+  overuse, a start probe or 3 s of throughput. 500 kbit/s puts 640x480 on the ladder's
+  top rung: the pattern's 290 kbit/s and the audio overran a 300 kbit/s link with a
+  100 ms buffer, 48-61 % of the packets were dropped (the NACKs' retransmissions too)
+  and video froze 0.9-1.6 s, in the calls where no early estimate came (8 of 13, traced:
+  docs/benchmarks.md, "The start on a narrow link"). Here ``START_BPS``, which the
+  ladder maps to 480x360 (a link of unknown capacity: libwebrtc starts at 300 kbit/s
+  with a pacer and probes of its own); the estimate and the probes (peers/aiortc_rate.py)
+  take it to 640x480 on a wider link.
 - Resolution, then frame rate, from the target bitrate: aiortc encodes every
   frame at the source's size whatever the estimate (``Vp8Encoder.encode``,
   vpx.py:180). Here ``Ladder`` picks a rung (scale, frame-rate divisor) whose
@@ -61,6 +71,7 @@ __all__ = [
     "HIGH_USAGE",
     "LOW_USAGE",
     "RUNGS",
+    "START_BPS",
     "CpuOveruse",
     "Ladder",
     "Sent",
@@ -73,6 +84,7 @@ __all__ = [
 ]
 
 FLOOR_BPS = 30_000
+START_BPS = 200_000  # 480x360 (needs 155 kbit/s), ~180 kbit/s sent: fits 300 with the audio
 BITS_PER_PIXEL = 0.03  # per frame: 640x480 at 30 fps needs 276 kbit/s, 320x240 69 kbit/s
 RUNGS = ((1.0, 1), (0.75, 1), (0.5, 1), (0.5, 2), (0.5, 3))  # (scale, keep 1 frame in n)
 UP_MARGIN = 1.0  # the next rung needs 1.8-2.25 x the pixels: hysteresis enough
@@ -248,11 +260,13 @@ vp8_encode: Callable[..., tuple[list[bytes], int]] = vpx.Vp8Encoder.encode
 
 
 def install() -> None:
-    """Lower the VP8 floor and wrap ``Vp8Encoder.encode`` with the ladder (once per process)."""
+    """Lower the VP8 floor and start, and wrap ``Vp8Encoder.encode`` with the ladder (once per
+    process)."""
     if _installed:
         return
     _installed.append(True)
     vpx.MIN_BITRATE = FLOOR_BPS  # read by the target_bitrate setter (vpx.py:254)
+    vpx.DEFAULT_BITRATE = START_BPS  # read by Vp8Encoder.__init__ (vpx.py:178)
 
     def encode(
         self: vpx.Vp8Encoder, frame: Any, force_keyframe: bool = False

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
 from collections.abc import AsyncIterator
 
@@ -79,3 +80,24 @@ def audio_counts(got: Received) -> tuple[int, int, int]:
     Media time, not frames counted on arrival: under load audio arrives late, not lost.
     """
     return (got.audio_pts or 0) // 960, got.audio_missing, got.audio_concealed
+
+
+def after(got: Received, since: float) -> list[tuple[float, float, int]]:
+    """The stamped frames shown from ``since`` on."""
+    return [entry for entry in got.history if entry[0] >= since]
+
+
+def longest_gap(entries: list[tuple[float, float, int]], lag: LoopLag) -> float:
+    """The longest time between two frames shown, less this process's stalls within it."""
+    times = [t for t, _, _ in entries]
+    return max((b - a - lag.between(a, b) for a, b in itertools.pairwise(times)), default=0.0)
+
+
+def most_behind(got: Received, entries: list[tuple[float, float, int]], lag: LoopLag) -> float:
+    """How far behind the call's best delay a frame was shown (ms), less this process's stalls
+    while it travelled."""
+    best = min(latency for _, latency, _ in got.history)
+    return max(
+        (latency - best - 1000 * lag.between(t - latency / 1000, t) for t, latency, _ in entries),
+        default=0.0,
+    )

@@ -55,10 +55,17 @@ from peers.aiortc_send import (
     CpuOveruse,
     Ladder,
 )
-from peers.media import PatternTrack, Received, ToneTrack
+from peers.media import PatternTrack, ToneTrack
 from peers.netns import Netns
 from tests.inprocess import LocalPair
-from tests.mediacheck import LoopLag, audio_counts, needs_root
+from tests.mediacheck import (
+    LoopLag,
+    after,
+    audio_counts,
+    longest_gap,
+    most_behind,
+    needs_root,
+)
 from tests.netem import Impairment, Link
 from tests.support import within
 
@@ -648,26 +655,6 @@ def test_opus_is_sent_at_32_kbits_with_in_band_fec() -> None:
 
 
 # -- calls through the link emulator (root) -------------------------------------------------------
-
-
-def after(got: Received, since: float) -> list[tuple[float, float, int]]:
-    return [entry for entry in got.history if entry[0] >= since]
-
-
-def longest_gap(entries: list[tuple[float, float, int]], lag: LoopLag) -> float:
-    """The longest time between two frames shown, less this process's stalls within it."""
-    times = [t for t, _, _ in entries]
-    return max((b - a - lag.between(a, b) for a, b in itertools.pairwise(times)), default=0.0)
-
-
-def most_behind(got: Received, entries: list[tuple[float, float, int]], lag: LoopLag) -> float:
-    """How far behind the call's best delay a frame was shown (ms), less this process's stalls
-    while it travelled."""
-    best = min(latency for _, latency, _ in got.history)
-    return max(
-        (latency - best - 1000 * lag.between(t - latency / 1000, t) for t, latency, _ in entries),
-        default=0.0,
-    )
 
 
 @needs_root

@@ -22,13 +22,15 @@ from typing import Any
 
 import pytest
 from aiortc import clock, rate
+from aiortc.codecs.vpx import Vp8Encoder
 from aiortc.rate import BandwidthUsage
 from aiortc.rtcrtpparameters import RTCRtpHeaderExtensionParameters, RTCRtpParameters
 from aiortc.rtp import HeaderExtensionsMap, RtpPacket
 from playwright.async_api import Page
 
-from peers import aiortc_send, stats
+from peers import aiortc_patches, aiortc_send, stats
 from peers.aiortc_rate import (
+    CEILING_GROWTH,
     NTP_UNIX_S,
     PROBE_ABOVE,
     REDUCE_INTERVAL_MS,
@@ -41,11 +43,12 @@ from peers.aiortc_rate import (
     loss_based,
     send_probe,
 )
-from peers.aiortc_send import RUNGS
+from peers.aiortc_send import RUNGS, START_BPS
+from peers.media import WARMUP_S
 from peers.netns import Netns
 from tests.browser import wait_state
 from tests.inprocess import LocalPair
-from tests.mediacheck import LoopLag, audio_counts, needs_root
+from tests.mediacheck import LoopLag, after, audio_counts, longest_gap, most_behind, needs_root
 from tests.netem import Impairment, Link
 from tests.support import within
 from tests.webcall import FAKE_HEIGHT, FAKE_WIDTH, Net, aiortc_peer, grows
@@ -326,6 +329,73 @@ def test_the_loss_cap_halves_the_loss_and_grows_back_8_percent_a_second() -> Non
     assert loss.cap_bps is None and loss.target() == 300_000
 
 
+def test_before_any_remb_the_loss_cap_starts_from_the_encoders_target() -> None:
+    """A report of 57 % lost before the receiver's first REMB (the start on a 300 kbit/s link)
+    cuts the encoder's target by half the loss; the REMB, when it comes, caps it in turn.
+    Without the encoder's target (aiortc_rate before): nothing to cut, the encoder kept 500."""
+    loss = LossBased(rtt_s=0.15)
+    loss.on_report(0.57, 1.0)
+    assert loss.target() is None  # nothing known to cut from
+    loss.on_report(0.57, 1.5, sending_bps=500_000)
+    assert loss.target() == int(500_000 * (1 - 0.57 / 2))
+    loss.on_report(0.6, 1.8, sending_bps=356_000)  # within 0.3 s + rtt of the last cut
+    assert loss.target() == int(500_000 * (1 - 0.57 / 2))
+    loss.on_report(0.6, 2.1, sending_bps=356_000)
+    assert loss.target() == int(500_000 * (1 - 0.57 / 2) * 0.7)
+    loss.on_remb(162_000)
+    assert loss.target() == 162_000
+
+
+def test_loss_with_a_fall_of_the_remb_sets_a_ceiling_below_where_the_queue_overflowed() -> None:
+    """The REMB climbs to 290 kbit/s on a 300 kbit/s link, the queue overflows, the REMB falls
+    and the next report says 4 % lost: the target stays under 0.85 x 290 while the REMB climbs
+    again, and nears it by 2 % a second. The same loss without a fall of the REMB (a lossy
+    wide link), or no more than the link's usual loss, sets none; a probe's answer lifts it."""
+    loss, now = LossBased(), 0.0
+    for bps in range(200_000, 300_000, 10_000):  # the climb: a REMB every 0.5 s
+        loss.on_remb(bps, now)
+        loss.note_target(loss.target() or 0, now)
+        loss.on_report(0.0, now)
+        now += 0.5
+    loss.on_remb(217_000, now)  # the detector saw the queue: 0.75 x
+    loss.note_target(loss.target() or 0, now)
+    loss.on_report(0.04, now + 0.3)
+    assert loss.ceiling_bps == pytest.approx(0.85 * 290_000)
+    now += 0.5
+    for bps in range(230_000, 400_000, 20_000):  # the REMB climbs past the link again
+        loss.on_remb(bps, now)
+        assert (loss.target() or 0) <= 0.85 * 290_000 * CEILING_GROWTH ** (now - 5.3)
+        loss.on_report(0.0, now)
+        now += 0.5
+    assert loss.target() == int(loss.ceiling_bps or 0) < 390_000
+
+    wide = LossBased()
+    for n in range(20):  # 2-4 % lost all along, the REMB steady at 1 Mbit/s
+        wide.on_remb(1_000_000, n)
+        wide.note_target(wide.target() or 0, n)
+        wide.on_report(0.02 + 0.02 * (n % 2), n)
+    assert wide.ceiling_bps is None and wide.target() == 1_000_000
+    wide.on_remb(750_000, 20.0)
+    wide.on_report(0.04, 20.5)  # a fall, but no more loss than this link's usual
+    assert wide.ceiling_bps is None
+
+    prober = Prober(probed=(now, 331_000))
+    prober.on_remb(340_000, loss, now + 0.5)
+    assert loss.ceiling_bps is None
+
+
+def test_a_new_encoder_starts_at_480x360_below_a_narrow_links_rate() -> None:
+    """Before any estimate, a VP8 sender's target is START_BPS (aiortc's: 500 kbit/s), on which
+    the ladder sends 640x480 at 480x360, whose need leaves a 300 kbit/s link room for the audio;
+    on aiortc's 500 kbit/s it sent 640x480 (276 kbit/s needed, ~290 sent with the pattern)."""
+    aiortc_patches.steady_media()
+    assert Vp8Encoder().target_bitrate == START_BPS
+    ladder = aiortc_send.Ladder(width=640, height=480, fps=30)
+    assert ladder.update(START_BPS, 0.0) == 1 and ladder.size() == (480, 360)
+    assert ladder.need(1) <= START_BPS <= 300_000 - 64_000  # Opus at 32 kbit/s + headers
+    assert aiortc_send.Ladder(width=640, height=480, fps=30).update(500_000, 0.0) == 0
+
+
 def parse_feedback(data: bytes) -> tuple[int, int, int, list[int | None]]:
     """(base, status count, reference us, each packet's arrival us or None), by the draft."""
     first, kind, words = struct.unpack("!BBH", data[:4])
@@ -415,7 +485,10 @@ async def test_at_300_kbits_video_steps_down_and_keeps_its_frame_rate(
 ) -> None:
     """A 640x480 call through 300 kbit/s with 40 ms each way: over the last 15 s of 30, sent
     below 640x480 keeping every frame at least half the time, a median of 18 frames a second in
-    the seconds this process did not stall, and the audio not starved."""
+    the seconds this process did not stall, and the audio not starved; from the first frame
+    (the start included: aiortc's start rate overran the link for 2 s, a gap of 1.4-1.6 s), no
+    gap over 1 s and, from 2 s after it, no frame shown over 500 ms behind the call's best
+    delay, less this process's stalls."""
     a, b, dev = link_pair
     pair = LocalPair(namespaces=(a, b), width=640, height=480, fps=30, video=(True, False))
     async with contextlib.aclosing(pair), LoopLag() as lag, Link(a, dev, both=NARROW):
@@ -441,6 +514,10 @@ async def test_at_300_kbits_video_steps_down_and_keeps_its_frame_rate(
             f"fps {per_second} ({len(calm)} calm seconds), every frame kept {full:.0%} "
             f"of the time, stalled {stalled:.1f} s"
         )
+        first = got.first_video or 0.0
+        shown = after(got, first + WARMUP_S)  # the first keyframe's own delay is not "behind"
+        assert most_behind(got, shown, lag) <= 500, most_behind(got, shown, lag)
+        assert longest_gap(after(got, first), lag) <= 1.0, longest_gap(after(got, first), lag)
         assert sent is not None and sent.width < 640, sent
         assert felt["sending"]["width"] == sent.width
         assert full >= 0.5, seen  # resolution first: aiortc's estimate halves the frame rate
