@@ -11,11 +11,11 @@ the first frame again. A page times its frames itself: each frame its remote
 video presents (requestVideoFrameCallback, tests.recovery.FRAMES_SHOWN), read
 from it after the event; the first one after a stall counts
 (``frame_after_stall``). An aiortc side's from its log line `media back after
-N ms`, written at its first video frame again. Median and worst per pairing and side, with
-Chromium<->Chromium (a new RTCPeerConnection, the protocol's recovery) first as
-the anchor, in the same run; then restartIce() between the two pages, and the
-pages with ``?stale-frames=keep`` (the stale frames after an outage reach
-Chromium's receiver: the page as it was before it dropped them).
+N ms`, written at its first video frame again. Median and worst per pairing and
+side, with Chromium<->Chromium (a new RTCPeerConnection, the protocol's
+recovery) first as the anchor, in the same run; then restartIce() between the
+two pages, and the pages with ``?stale-frames=keep`` (the stale frames after an
+outage reach Chromium's receiver: the page as it was before it dropped them).
 call.media_timeout_s is 2 (below the outage, so that every side notices it),
 call.heartbeat_s 1 (the default).
 """
