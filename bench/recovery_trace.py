@@ -15,9 +15,14 @@ when bytes arrived again, when frames decoded again and when steadily (4 or
 more within 0.6 s), when that side sent a PLI, received one, encoded and
 decoded a key frame, the lowest target bitrate of its video sender in the
 first second, and the longest gap between two samples (a page starved of
-CPU: its own figures are late by about that much). The pages' console lines
-follow, timed the same way. With ``--aiortc ROLE`` that side is an aiortc
-command line (the pattern and the tone) and its log lines follow instead.
+CPU: its own figures are late by about that much); then ``shown``, the first
+frame its remote video presented after the network's return, timed by the
+page itself (tests.recovery.FRAMES_SHOWN: not late when the sampler is), and
+``its packets``, when that frame's last packet arrived. Each event's line
+gives the load average, and an outage's how long the removal of its rules
+took. The pages' console lines follow, timed the same way. With ``--aiortc
+ROLE`` that side is an aiortc command line (the pattern and the tone) and its
+log lines follow instead.
 Printed, not asserted; ``--json DIR`` keeps the samples, ``--chrome-log DIR``
 each Chromium's libwebrtc lines (INFO and VERBOSE1: the receiver's key frame
 requests, the first packet after a gap and its RTP timestamp, the sender's
