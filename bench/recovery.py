@@ -6,7 +6,7 @@ For each pairing, one call in tests/recovery.py's network, then RUNS times: the
 patient's network changes (new interface and address, old one gone), and the
 time from the change to the first video frame decoded again is read on both
 sides; then a 3 s outage (everything to and from the patient dropped at the
-hub), and the time from its end (the removal of its DROP rules, one commit) to
+hub), and the time from its end (its media rules removed, one commit) to
 the first frame again. A page times its frames itself: each frame its remote
 video presents (requestVideoFrameCallback, tests.recovery.FRAMES_SHOWN), read
 from it after the event; the first one after a stall counts
@@ -226,7 +226,7 @@ async def run_pairing(pairing: Pairing, runs: int, tmp: Path) -> None:
                     began = time.time()
                     async with net.outage("patient"):
                         await asyncio.sleep(OUTAGE_S)
-                    # When its DROP rules' removal began (one commit: both ways at once).
+                    # When its media rules' removal began (one commit: both ways at once).
                     return began, net.restored_at
 
                 await measure(sides, outage, pairing.outage)

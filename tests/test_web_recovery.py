@@ -418,7 +418,7 @@ async def test_muted_side_is_not_lost_and_a_3s_outage_comes_back_on_the_old_path
         began = time.monotonic()
         await wait_said(practitioner, marks[practitioner][0], ["recovering"], units=2)
         await asyncio.sleep(max(0.0, 3 - (time.monotonic() - began)))  # the outage itself
-    restored = rec.net.restored_at  # its DROP rules' removal began (one commit)
+    restored = rec.net.restored_at  # its media rules' removal began (one commit)
     back = await asyncio.gather(
         *(shown_after(page, restored, units=3) for page in (patient, practitioner))
     )
@@ -610,7 +610,7 @@ async def test_browser_and_aiortc_come_back_after_a_network_change_and_a_3s_outa
         await page.evaluate(FRAMES_SHOWN)
         async with rec.net.outage("patient"):
             await asyncio.sleep(3)
-        restored = rec.net.restored_at  # its DROP rules' removal began (one commit)
+        restored = rec.net.restored_at  # its media rules' removal began (one commit)
         # Back and flowing: the first frame (timed by the page) and 20 more (over a second of
         # the 15 fps pattern, polled from here) within 5 s of the network's return.
         page_back = await shown_after(page, restored, units=3)
