@@ -6,16 +6,16 @@ For each pairing, one call in tests/recovery.py's network, then RUNS times: the
 patient's network changes (new interface and address, old one gone), and the
 time from the change to the first video frame decoded again is read on both
 sides; then a 3 s outage (everything to and from the patient dropped at the
-hub), and the time from its end (its first DROP rule removed) to the first
-frame again. Chromium's frames are read from getStats() (framesDecoded of the
-page's current RTCPeerConnection) every 50 ms from just before the event, and
-the first one after a stall counts (``frame_after_stall``); an aiortc side's
-from its log line `media back after N ms`, written at its first video frame
-again. Median and worst per pairing and side, with
-Chromium<->Chromium (a new RTCPeerConnection, the protocol's recovery) first as
-the anchor, in the same run; then restartIce() between the two pages, and the
-pages with ``?stale-frames=keep`` (the stale frames after an outage reach
-Chromium's receiver: the page as it was before it dropped them).
+hub), and the time from its end (its rules removed, one commit) to
+the first frame again. A page times its frames itself: each frame its remote
+video presents (requestVideoFrameCallback, tests.recovery.FRAMES_SHOWN), read
+from it after the event; the first one after a stall counts
+(``frame_after_stall``). An aiortc side's from its log line `media back after
+N ms`, written at its first video frame again. Median and worst per pairing and
+side, with Chromium<->Chromium (a new RTCPeerConnection, the protocol's
+recovery) first as the anchor, in the same run; then restartIce() between the
+two pages, and the pages with ``?stale-frames=keep`` (the stale frames after an
+outage reach Chromium's receiver: the page as it was before it dropped them).
 call.media_timeout_s is 2 (below the outage, so that every side notices it),
 call.heartbeat_s 1 (the default).
 """
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import itertools
 import statistics
 import sys
@@ -40,7 +39,13 @@ from playwright.async_api import Page
 from peers.netns import netns_missing
 from tests.browser import Browsers, chromium_missing, join, routed_flags, wait_state
 from tests.processes import Process, RelayProcess, peer_argv, spawn
-from tests.recovery import RELAY_ADDRESS, RecoveryNetwork, media_back, recovery_network
+from tests.recovery import (
+    FRAMES_SHOWN,
+    RELAY_ADDRESS,
+    RecoveryNetwork,
+    media_back,
+    recovery_network,
+)
 
 OUTAGE_S = 3.0
 LIMIT_S = 30.0  # a side not back after this counts as never
@@ -51,17 +56,9 @@ MEDIA_TIMEOUT_S = 2
 ROLES = ("patient", "practitioner")
 VIDEO = {"width": 320, "height": 240, "fps": 15}  # the aiortc peers' pattern
 
-# Frames decoded by the page's current call, and that call's identity (a new one counts from 0).
-FRAMES_NOW = """(async () => {
-  const call = epedicare.call;
-  if (!call) return [0, 0];
-  call.benchId ??= Math.random();
-  let frames = 0;
-  for (const stat of (await call.pc.getStats()).values()) {
-    if (stat.type === "inbound-rtp" && stat.kind === "video") frames += stat.framesDecoded || 0;
-  }
-  return [frames, call.benchId];
-})()"""
+# The times (ms since the epoch) of the frames a page's remote video presented after T (ms):
+# timed by the page itself (tests.recovery.FRAMES_SHOWN), whenever the bench reads them.
+SHOWN_AFTER = "(after) => epcShown.filter(([at]) => at > after).map(([at]) => at)"
 
 
 @dataclass
@@ -127,22 +124,20 @@ class Side:
     def __init__(self, page: Page | None = None, process: Process | None = None) -> None:
         self.page, self.process = page, process
         self.mark = 0
-        self.samples: list[Sample] = []
-        self.sampler: asyncio.Task[None] | None = None
+        self.began = 0.0
 
-    def before(self) -> None:
-        """Called just before the event: an aiortc side's log mark, a page's sampling starts."""
+    async def before(self) -> None:
+        """Called just before the event: an aiortc side's log mark, a page's frames timed."""
+        self.began = time.time()
         if self.process is not None:
             self.mark = len(self.process.lines)
         if self.page is not None:
-            self.samples = []
-            self.sampler = asyncio.create_task(self.sample(self.page))
+            await self.page.evaluate(FRAMES_SHOWN)  # once per page; it keeps timing
 
-    async def sample(self, page: Page) -> None:
-        while True:
-            frames, call = await page.evaluate(FRAMES_NOW)
-            self.samples.append((time.time(), frames, call))
-            await asyncio.sleep(0.05)
+    def samples(self, shown: list[float]) -> list[Sample]:
+        """The page's frames since ``before()`` as samples: one new frame at each time."""
+        start = (self.began, 0, 0.0)
+        return [start, *((at / 1000, n, 0.0) for n, at in enumerate(shown, start=1))]
 
     async def first_frame_after(self, since: float, quiet_from: float) -> float:
         """Seconds from ``since`` (time.time()) to this side's next video frame.
@@ -155,19 +150,16 @@ class Side:
             except (TimeoutError, RuntimeError):
                 return float("inf")
             return at - since
-        assert self.sampler is not None
+        assert self.page is not None
         # Frames already on their way still decode just after a change: the first frame
-        # that follows a stall (sampled from before the event on) is the one that counts.
-        try:
-            while time.time() - since < LIMIT_S:
-                if (back := frame_after_stall(self.samples, since, quiet_from)) is not None:
-                    return back - since
-                await asyncio.sleep(0.05)
-            return float("inf")
-        finally:
-            self.sampler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.sampler
+        # that follows a stall (timed by the page from before the event on) is the one that
+        # counts. Read here every 0.1 s; the times are the page's own.
+        while time.time() - since < LIMIT_S:
+            shown: list[float] = await self.page.evaluate(SHOWN_AFTER, self.began * 1000)
+            if (back := frame_after_stall(self.samples(shown), since, quiet_from)) is not None:
+                return back - since
+            await asyncio.sleep(0.1)
+        return float("inf")
 
     async def settled(self) -> None:
         if self.page is not None:
@@ -194,7 +186,7 @@ async def measure(
     """``event()`` returns (when a stall may begin, when the network is usable again)."""
     counts = {role: len(await side.methods()) for role, side in sides.items()}
     for side in sides.values():
-        side.before()
+        await side.before()
     quiet_from, since = await event()
     times = await asyncio.gather(
         *(side.first_frame_after(since, quiet_from) for side in sides.values())
@@ -256,7 +248,7 @@ async def run_pairing(pairing: Pairing, runs: int, tmp: Path, logs: Path | None 
                         await asyncio.sleep(OUTAGE_S)
                     pairing.events.append(f"{stamp(began)} outage from")
                     pairing.events.append(f"{stamp(net.restored_at)} outage to")
-                    # When the first DROP rule went: media flows again while the others go.
+                    # When its rules' removal began (one commit: both ways at once).
                     return began, net.restored_at
 
                 await measure(sides, outage, pairing.outage, pairing.by_event["outage"])

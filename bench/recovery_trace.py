@@ -15,9 +15,14 @@ when bytes arrived again, when frames decoded again and when steadily (4 or
 more within 0.6 s), when that side sent a PLI, received one, encoded and
 decoded a key frame, the lowest target bitrate of its video sender in the
 first second, and the longest gap between two samples (a page starved of
-CPU: its own figures are late by about that much). The pages' console lines
-follow, timed the same way. With ``--aiortc ROLE`` that side is an aiortc
-command line (the pattern and the tone) and its log lines follow instead.
+CPU: its own figures are late by about that much); then ``shown``, the first
+frame its remote video presented after the network's return, timed by the
+page itself (tests.recovery.FRAMES_SHOWN: not late when the sampler is), and
+``its packets``, when that frame's last packet arrived. Each event's line
+gives the load average, and an outage's how long the removal of its rules
+took. The pages' console lines follow, timed the same way. With ``--aiortc
+ROLE`` that side is an aiortc command line (the pattern and the tone) and its
+log lines follow instead.
 Printed, not asserted; ``--json DIR`` keeps the samples, ``--chrome-log DIR``
 each Chromium's libwebrtc lines (INFO and VERBOSE1: the receiver's key frame
 requests, the first packet after a gap and its RTP timestamp, the sender's
@@ -31,6 +36,7 @@ import asyncio
 import functools
 import itertools
 import json
+import os
 import sys
 import tempfile
 import time
@@ -46,7 +52,7 @@ from bench.recovery import MEDIA_TIMEOUT_S, OUTAGE_S, VIDEO
 from peers.netns import netns_missing
 from tests.browser import CHROMIUM, Browsers, chromium_missing, join, routed_flags, wait_state
 from tests.processes import Process, RelayProcess, peer_argv, spawn
-from tests.recovery import RELAY_ADDRESS, log_time, recovery_network
+from tests.recovery import FRAMES_SHOWN, RELAY_ADDRESS, log_time, recovery_network
 
 ROLES = ("patient", "practitioner")
 # libwebrtc's own lines in Chromium's log (--chrome-log): its INFO level is VLOG 1 there.
@@ -131,6 +137,20 @@ def summary(samples: list[Sample], event_ms: float, quiet_ms: float) -> dict[str
     return out
 
 
+def shown_after(shown: list[list[float | None]], at: float) -> dict[str, float | None]:
+    """Seconds from ``at`` to the first frame the page presented after it (timed by the page:
+    FRAMES_SHOWN), and to the arrival of that frame's last packet."""
+    frame = next((f for f in shown if f[0] is not None and f[0] > at * 1000), None)
+    if frame is None:
+        return {"shown": None, "its packets": None}
+    presented, received = frame
+    assert presented is not None
+    return {
+        "shown": round(presented / 1000 - at, 3),
+        "its packets": None if received is None else round(received / 1000 - at, 3),
+    }
+
+
 def timed(line: str, at: float) -> str:
     """An aiortc peer's log line timed from ``at`` (a line without a time as is)."""
     try:
@@ -211,6 +231,7 @@ async def run(
             for page in pages.values():
                 await wait_state(page, "connected", units=6)
                 await page.evaluate(SAMPLER)
+                await page.evaluate(FRAMES_SHOWN)
             for number in range(runs):
                 # both: a change, then an outage on the new connection, and so on
                 kind = event if event != "both" else ("change", "outage")[number % 2]
@@ -227,7 +248,11 @@ async def run(
                 else:
                     at = await net.change("patient")
                 await asyncio.sleep(after)
-                print(f"\n{kind} {number + 1}: began {began - at:+.2f} s")
+                load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+                removal = (
+                    f", rules removed in {net.restored_by - at:.2f} s" if kind == "outage" else ""
+                )
+                print(f"\n{kind} {number + 1}: began {began - at:+.2f} s{removal}, load {load}")
                 dump: dict[str, Any] = {"event": at, "began": began}
                 if peer is not None:
                     print(f"  {aiortc} (aiortc)")
@@ -238,6 +263,9 @@ async def run(
                     dump[role] = samples
                     quiet = at - 1.0 if kind == "outage" else at + 0.5
                     got = summary(samples, at * 1000, quiet * 1000)
+                    shown: list[list[float | None]] = await page.evaluate("epcShown")
+                    dump[f"{role} shown"] = shown
+                    got.update(shown_after(shown, at))
                     print(f"  {role:<12} " + ", ".join(f"{k} {v}" for k, v in got.items()))
                     for stamp, text in lines[role]:
                         print(f"    {stamp - at:+6.2f} {text}")

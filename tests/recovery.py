@@ -30,20 +30,26 @@ import contextlib
 import datetime
 import itertools
 import re
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+
+from playwright.async_api import Page
 
 from peers.netns import Netns, Network, command_missing
 from tests.processes import Process
 
 __all__ = [
+    "FRAMES_SHOWN",
     "RELAY_ADDRESS",
     "Outage",
     "RecoveryNetwork",
+    "first_shown",
     "log_time",
     "media_back",
     "recovery_network",
+    "stalled",
 ]
 
 RELAY_ADDRESS = "198.18.0.1"
@@ -60,7 +66,8 @@ class RecoveryNetwork:
     practitioner: Netns
     links: dict[str, tuple[str, str]] = field(default_factory=dict)  # side: (its dev, hub's dev)
     addresses: dict[str, str] = field(default_factory=dict)  # side: its current address
-    restored_at = 0.0  # time.time() when the last outage() ended
+    restored_at = 0.0  # time.time() when the last outage() ended: its rules' removal began...
+    restored_by = 0.0  # ...and was done
     _subnets: itertools.count[int] = field(default_factory=lambda: itertools.count(10))
 
     def side(self, name: str) -> Netns:
@@ -85,20 +92,34 @@ class RecoveryNetwork:
     async def outage(self, name: str) -> AsyncIterator[Outage]:
         """Nothing passes to or from ``name`` during the block (its addresses stay).
 
-        ``Outage.relay_back()`` lets the relay's traffic (to the hub itself) through
-        before the block ends, the media to the other side still dropped.
+        The DROP rules go in at once and out at once, in one commit each (iptables-restore):
+        the media (forwarded through the hub) and the relay's own connection (to and from the
+        hub itself) come back together, both ways at one moment, as a network that returns
+        (one ``iptables -D`` per rule let it through one way up to a few hundred ms before the
+        other under load). ``Outage.relay_back()`` lets the relay's traffic through before the
+        block ends, the media to the other side still dropped. ``restored_at`` is time.time()
+        just before the last rules go, ``restored_by`` when they are gone.
         """
         dev = self.links[name][1]
-        cut = Outage(self, [["FORWARD", "-i", dev], ["FORWARD", "-o", dev]])
-        cut.relay_rules = [["INPUT", "-i", dev], ["OUTPUT", "-o", dev]]
-        for rule in cut.media_rules + cut.relay_rules:
-            await self.net.run(self.hub, "iptables", "-w", "-I", *rule, "-j", "DROP")
+        cut = Outage(self, [f"FORWARD -i {dev}", f"FORWARD -o {dev}"])
+        cut.relay_rules = [f"INPUT -i {dev}", f"OUTPUT -o {dev}"]
+        await self.iptables_commit("-I", cut.media_rules + cut.relay_rules)
         try:
             yield cut
         finally:
-            self.restored_at = time.time()  # the first rule removed lets packets through
-            for rule in cut.media_rules + cut.relay_rules:
-                await self.net.run(self.hub, "iptables", "-w", "-D", *rule, "-j", "DROP")
+            self.restored_at = time.time()  # no media passes before this
+            await self.iptables_commit("-D", cut.media_rules + cut.relay_rules)
+            self.restored_by = time.time()
+
+    async def iptables_commit(self, verb: str, rules: list[str]) -> None:
+        """``verb`` (-I, -D) each of the hub's DROP ``rules`` ("CHAIN match...") in one commit."""
+        if not rules:
+            return
+        lines = [f"{verb} {rule} -j DROP" for rule in rules]
+        with tempfile.NamedTemporaryFile("w", prefix="epc-outage-", encoding="utf-8") as file:
+            file.write("\n".join(["*filter", *lines, "COMMIT", ""]))
+            file.flush()
+            await self.net.run(self.hub, "iptables-restore", "-w", "--noflush", file.name)
 
 
 @dataclass
@@ -106,23 +127,24 @@ class Outage:
     """The DROP rules of one ``RecoveryNetwork.outage()``: the media's and the relay's."""
 
     net: RecoveryNetwork
-    media_rules: list[list[str]]
-    relay_rules: list[list[str]] = field(default_factory=list)
+    media_rules: list[str]  # "CHAIN match...", as iptables-restore reads them
+    relay_rules: list[str] = field(default_factory=list)
     relay_back_at = 0.0  # time.time() when relay_back() removed the first of its rules
 
     async def relay_back(self) -> None:
         """The side reaches the relay again; the media between the sides stays dropped."""
         rules, self.relay_rules = self.relay_rules, []
         self.relay_back_at = time.time()
-        for rule in rules:
-            await self.net.net.run(self.net.hub, "iptables", "-w", "-D", *rule, "-j", "DROP")
+        await self.net.iptables_commit("-D", rules)
 
 
 @contextlib.asynccontextmanager
 async def recovery_network(prefix: str = "epc-rec") -> AsyncIterator[RecoveryNetwork]:
     """The two sides and the hub, namespaces deleted at the end (NetworkError without root)."""
     async with Network(prefix) as net:
-        if reason := command_missing("iptables", "iptables"):
+        if reason := command_missing("iptables", "iptables") or command_missing(
+            "iptables-restore", "iptables"
+        ):
             from peers.errors import NetworkError
 
             raise NetworkError(reason)
@@ -151,3 +173,55 @@ async def media_back(
     match = await process.expect(MEDIA_BACK, wait, start=start)
     line = next(line for line in process.lines[start:] if match.group(0) in line)
     return log_time(line), int(match.group(1)), match.group(2)
+
+
+# A page's remote video, timed by the page itself: each frame it presents, from
+# requestVideoFrameCallback, as [presented, received] in ms since the epoch (the clock of
+# time.time()): when the frame went to the screen, and when its last packet arrived
+# (null where the browser does not say). Not a poll: a frame decoded at any moment is
+# timed at that moment, whether or not anyone asks. Kept in ``epcShown``, the latest 3000.
+# And the page's stalls, [from, to] in ms since the epoch (``epcStalls``, the latest 1000):
+# a 25 ms timer that fired 100 ms or more late, the page (its renderer) starved of CPU.
+FRAMES_SHOWN = """
+(() => {
+  if (globalThis.epcShown) return;
+  const video = document.getElementById("remote-video");
+  const origin = performance.timeOrigin;
+  globalThis.epcShown = [];
+  const onFrame = (now, meta) => {
+    const received = meta.receiveTime === undefined ? null : origin + meta.receiveTime;
+    epcShown.push([origin + meta.presentationTime, received]);
+    if (epcShown.length > 3000) epcShown.splice(0, 1000);
+    video.requestVideoFrameCallback(onFrame);
+  };
+  video.requestVideoFrameCallback(onFrame);
+  globalThis.epcStalls = [];
+  let last = Date.now();
+  setInterval(() => {
+    const now = Date.now();
+    if (now - last >= 125) epcStalls.push([last + 25, now]); // 100 ms late or more
+    if (epcStalls.length > 1000) epcStalls.splice(0, 500);
+    last = now;
+  }, 25);
+})()
+"""
+
+
+async def first_shown(page: Page, after: float) -> tuple[float, float | None] | None:
+    """The first frame the page's remote video presented after ``after`` (time.time()), as
+    (presented, received) in time.time() seconds; None: none yet (FRAMES_SHOWN runs there)."""
+    found: list[float | None] | None = await page.evaluate(
+        "(after) => epcShown.find(([at]) => at > after) ?? null", after * 1000
+    )
+    if found is None:
+        return None
+    presented, received = found
+    assert presented is not None
+    return presented / 1000, None if received is None else received / 1000
+
+
+async def stalled(page: Page, start: float, end: float) -> float:
+    """Seconds of ``start`` to ``end`` (time.time()) during which the page was stalled (its
+    timers late by 100 ms or more: FRAMES_SHOWN's ``epcStalls``)."""
+    stalls: list[list[float]] = await page.evaluate("epcStalls")
+    return sum(max(0.0, min(end, b / 1000) - max(start, a / 1000)) for a, b in stalls)

@@ -27,7 +27,15 @@ from playwright.async_api import Page
 from peers.netns import command_missing, netns_missing
 from tests.browser import Browsers, join, notice, routed_flags, wait_state
 from tests.processes import Process, RelayProcess, peer_argv, spawn
-from tests.recovery import RELAY_ADDRESS, RecoveryNetwork, media_back, recovery_network
+from tests.recovery import (
+    FRAMES_SHOWN,
+    RELAY_ADDRESS,
+    RecoveryNetwork,
+    first_shown,
+    media_back,
+    recovery_network,
+    stalled,
+)
 from tests.support import within
 
 pytestmark = pytest.mark.netns
@@ -151,7 +159,8 @@ FRAMES = "epedicare.stats ? epedicare.stats.inVideo.framesDecoded : 0"
 
 
 async def frames_back(page: Page, count: int, units: float) -> tuple[float, float]:
-    """Wait for ``count`` more decoded frames, across calls; when the first and the last came."""
+    """Wait for ``count`` more decoded frames, across calls; when (time.time(), polled every
+    0.1 s from epedicare.stats, itself updated every 250 ms) the first and the last came."""
 
     async def poll() -> tuple[float, float]:
         previous: int = await page.evaluate(FRAMES)
@@ -161,9 +170,9 @@ async def frames_back(page: Page, count: int, units: float) -> tuple[float, floa
             now: int = await page.evaluate(FRAMES)
             delta = now - previous if now >= previous else now  # a new call counts from 0
             if delta > 0 and got == 0:
-                first = time.monotonic()
+                first = time.time()
             got, previous = got + delta, now
-        return first, time.monotonic()
+        return first, time.time()
 
     return await within(poll(), units)
 
@@ -172,6 +181,27 @@ async def more_frames(page: Page, count: int, units: float) -> float:
     """Wait for ``count`` more decoded frames, across calls; the time the first one came."""
     first, _ = await frames_back(page, count, units)
     return first
+
+
+async def shown_after(page: Page, at: float, units: float) -> float:
+    """When (time.time()) the page's remote video first presented a frame after ``at``, as
+    the page timed it (FRAMES_SHOWN, evaluated there before ``at``); polled, not timed, here."""
+
+    async def poll() -> float:
+        while (frame := await first_shown(page, at)) is None:  # noqa: ASYNC110 (the page's)
+            await asyncio.sleep(0.1)
+        return frame[0]
+
+    return await within(poll(), units)
+
+
+async def late_by(
+    page: Page, restored: float, at: float, pages: tuple[Page, ...]
+) -> tuple[float, float]:
+    """Seconds from ``restored`` to ``at`` (a side's first frame again), and how long the
+    ``pages`` (the call's) were stalled meanwhile, added up (tests.recovery.stalled)."""
+    stalls = [await stalled(other, restored, at) for other in pages]
+    return round(at - restored, 3), round(sum(stalls), 3)
 
 
 async def peer_connections(page: Page) -> dict[str, int]:
@@ -290,7 +320,7 @@ async def test_network_change_brings_video_back_on_a_new_connection(rec: Rec) ->
         sizes[page] = await watch_last_frame(page)
         marks[page] = await status_mark(page)
         logs[page] = (role, len(rec.browsers.logs[role]))
-    changed = time.monotonic()
+    changed = time.time()
     await rec.net.change("patient")
     back = await asyncio.gather(
         *(more_frames(page, 10, units=4) for page in (patient, practitioner))
@@ -381,15 +411,18 @@ async def test_muted_side_is_not_lost_and_a_3s_outage_comes_back_on_the_old_path
     await more_frames(practitioner, 10, units=2)  # the camera's pattern again, not black
     sizes = {page: await watch_last_frame(page) for page in (patient, practitioner)}
     marks = {page: await status_mark(page) for page in (patient, practitioner)}
+    for page in (patient, practitioner):
+        await page.evaluate(FRAMES_SHOWN)
 
     async with rec.net.outage("patient"):
         began = time.monotonic()
         await wait_said(practitioner, marks[practitioner][0], ["recovering"], units=2)
         await asyncio.sleep(max(0.0, 3 - (time.monotonic() - began)))  # the outage itself
-    restored = time.monotonic()
+    restored = rec.net.restored_at  # its rules' removal began (one commit)
     back = await asyncio.gather(
-        *(more_frames(page, 10, units=3) for page in (patient, practitioner))
+        *(shown_after(page, restored, units=3) for page in (patient, practitioner))
     )
+    await asyncio.gather(*(more_frames(page, 10, units=3) for page in (patient, practitioner)))
     for page in (patient, practitioner):
         await wait_said(page, marks[page][0], ["recovering", "connected"], units=3)
         await said_reconnecting(page, *marks[page], limit_ms=10_000)
@@ -397,12 +430,18 @@ async def test_muted_side_is_not_lost_and_a_3s_outage_comes_back_on_the_old_path
         assert await peer_connections(page) == {"made": 1, "open": 1}  # no new negotiation
         assert [r["method"] for r in await recoveries(page)] == ["same-path"]
         await last_frame_kept(page, sizes[page])
-    # Issue 12's budget is 1 s after the network returns. Measured here, 10 runs at load 4 to
-    # 20 (from the last DROP rule's removal, sampled every 0.1 s): the later side back after
-    # 0.24 to 1.03 s, once 2.04 s (docs/benchmarks.md); the bound stays loose for a loaded
-    # machine. What brought it there is tested on its own: test_web_stale_frames.py and
+    # Issue 12's budget: 1 s from the network's return to the first frame shown again, on both
+    # sides, timed by each page (FRAMES_SHOWN); plus the time the pages were stalled meanwhile
+    # (their timers 100 ms late or more): a page starved of CPU is late by that much, whatever
+    # it does. Measured (docs/benchmarks.md, session 5): the later side 0.16-0.47 s, 15 runs
+    # at load 1.5 to 8.7, no stall in those that counted them; with the whole call held to 0.6
+    # CPU (a cgroup), 0.87-1.20 s with 0.36-1.67 s of stalls (4 runs): 1 s alone would fail
+    # there. What brought it there is tested on its own: test_web_stale_frames.py and
     # test_both_pages_video_frames_go_through_the_worker.
-    assert max(back) - restored < 5, [round(t - restored, 1) for t in back]
+    pages = (patient, practitioner)
+    late = [await late_by(page, restored, at, pages) for page, at in zip(pages, back, strict=True)]
+    assert all(seconds < 1.0 + stalls for seconds, stalls in late), late
+    assert max(back) - restored < 5, late  # stalled or not
     for role in ("patient", "practitioner"):
         assert quiet(rec.browsers.problems(role)) == []
 
@@ -557,7 +596,7 @@ async def test_browser_and_aiortc_come_back_after_a_network_change_and_a_3s_outa
 
         mark = len(peer.lines)
         status = await status_mark(page)
-        changed = time.monotonic()
+        changed = time.time()
         await rec.net.change("patient")
         page_back = await more_frames(page, 10, units=4)
         method = await peer_back(peer, mark)
@@ -568,15 +607,25 @@ async def test_browser_and_aiortc_come_back_after_a_network_change_and_a_3s_outa
 
         mark = len(peer.lines)
         status = await status_mark(page)
+        await page.evaluate(FRAMES_SHOWN)
         async with rec.net.outage("patient"):
             await asyncio.sleep(3)
-        restored = time.monotonic()
-        # Back and flowing: the first frame and 20 (over a second of the 15 fps pattern) within
-        # 5 s of the network's return (measured: first 0.12-0.32 s, 20th 0.32-1.22 s, load 23).
-        page_back, flowing = await frames_back(page, 20, units=3)
-        method = await peer_back(peer, mark)
+        restored = rec.net.restored_at  # its rules' removal began (one commit)
+        # Back and flowing: the first frame (timed by the page) and 20 more (over a second of
+        # the 15 fps pattern, polled from here) within 5 s of the network's return.
+        page_back = await shown_after(page, restored, units=3)
+        _, flowing = await frames_back(page, 20, units=3)
+        peer_at, _, method = await media_back(peer, mark, 20)  # its first frame again
         assert method == "same-path", "\n".join(peer.lines[mark:])
-        assert page_back - restored < 5, round(page_back - restored, 1)  # see the Chromium test
+        # Issue 12's 1 s on each side, the Chromium one timed by the page, the aiortc one by
+        # its log line (written at its first frame decoded again, to the millisecond); plus
+        # the time the page was stalled meanwhile, as in the test between two pages.
+        back = {
+            browser_role: await late_by(page, restored, page_back, (page,)),
+            peer_role: await late_by(page, restored, peer_at, (page,)),
+        }
+        assert all(seconds < 1.0 + stalls for seconds, stalls in back.values()), back
+        assert max(page_back, peer_at) - restored < 5, back  # stalled or not
         assert flowing - restored < 5, round(flowing - restored, 1)
         assert [r["method"] for r in await recoveries(page)] == ["new-connection", "same-path"]
         assert await peer_connections(page) == {"made": 2, "open": 1}
