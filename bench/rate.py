@@ -21,6 +21,10 @@ REMB, with libwebrtc's probe detection on aiortc's arrival times, the same on
 the kernel's arrival times, transport-cc). Printed per call: the seconds sampled,
 those at 640 wide, the page's mean ``targetBitrate`` over the call and over its
 second half, and the samples whose ``qualityLimitationReason`` was "bandwidth".
+``--start clean`` (or ``300``): instead, calls from their start on that link, with the
+sender's start probe and without it (``aiortc_rate.START_PROBE``), back to back: seconds
+from the practitioner's first frame to the patient's ladder at 640x480, its first rung
+changes, the practitioner's first REMB values, the longest gap and the most behind.
 
 Figures are printed, never asserted: see docs/benchmarks.md.
 """
@@ -45,10 +49,12 @@ from aiortc import clock
 
 from bench.network import SETTINGS, Side, first_frame, open_page, start_side
 from peers import aiortc_rate, aiortc_send
+from peers.media import WARMUP_S
 from peers.netns import Network, netns_missing
 from tests import netem
 from tests.browser import Browsers, chromium_missing
 from tests.inprocess import LocalPair
+from tests.mediacheck import LoopLag, after, longest_gap, most_behind
 from tests.netem import Impairment, Link
 from tests.processes import Process, RelayProcess, spawn
 from tests.recovery import RELAY_ADDRESS, recovery_network
@@ -133,6 +139,86 @@ async def cell(variant: str, narrow_s: float, wide_s: float) -> dict[str, Any]:
                 "to_640_s": round(back_at - widened, 1) if back_at and widened else None,
                 "trace": trace,
             }
+
+
+# -- the start: from the first frame to 640x480 (issue 13, session 5) --------------------------
+
+START_VARIANTS = ("start probe", "no start probe")
+START_LINKS = {"clean": Impairment(), "300": NARROW}
+
+
+async def start_cell(variant: str, link_name: str, seconds: float) -> dict[str, Any]:
+    """One call from its start on ``link_name``: when the patient's ladder reached 640x480,
+    from the practitioner's first frame, and what the practitioner's estimator sent first."""
+    if variant == "no start probe":
+        aiortc_rate.START_PROBE = False
+    async with Network("bstart") as net:
+        a, b, dev = await netem.pair(net)
+        pair = LocalPair(namespaces=(a, b), width=640, height=480, fps=30, video=(True, False))
+        async with (
+            contextlib.aclosing(pair),
+            LoopLag() as lag,
+            Link(a, dev, both=START_LINKS[link_name]),
+        ):
+            await pair.connect()
+            await asyncio.wait_for(pair.b.receiver.frames(1, 10), 20)
+            got = pair.b.receiver.received
+            await asyncio.sleep(seconds)
+            first = got.first_video or 0.0
+            ladder = aiortc_send.ladder_of(pair.a.pc)
+            history = ladder.history if ladder is not None else []
+            at_640 = next((when for when, rung in history if rung == 0), None)
+            estimator = next(
+                (
+                    getattr(r, "_RTCRtpReceiver__remote_bitrate_estimator", None)
+                    for r in pair.b.pc.getReceivers()
+                    if r.track is not None and r.track.kind == "video"
+                ),
+                None,
+            )
+            estimates = getattr(estimator, "estimates", [])
+            probed = getattr(estimator, "probed", [])
+            origin = estimates[0][0] if estimates else 0
+            shown = after(got, first + WARMUP_S)
+            return {
+                "variant": variant,
+                "link": link_name,
+                "to_640_s": round(at_640 - first, 2) if at_640 is not None else None,
+                "rungs": " ".join(f"{when - first:.2f}:{rung}" for when, rung in history[:6]),
+                "first_rembs": " ".join(
+                    f"{(at - origin) / 1000:.2f}:{bps // 1000}" for at, bps in estimates[:4]
+                ),
+                "probes_taken": len(probed),
+                "longest_gap_s": round(longest_gap(after(got, first), lag), 2),
+                "behind_max_ms": round(most_behind(got, shown, lag)) if shown else None,
+                "load": round(os.getloadavg()[0], 1),
+            }
+
+
+START_COLUMNS = [("variant", 15), ("link", 6), ("to_640_s", 9), ("longest_gap_s", 14),
+                 ("behind_max_ms", 14), ("probes_taken", 13), ("load", 5), ("rungs", 30),
+                 ("first_rembs", 40)]  # fmt: skip
+
+
+def start_main(args: argparse.Namespace) -> None:
+    print(f"load average before: {os.getloadavg()[0]:.1f} (2 cores shared)")
+    print("  ".join(name.ljust(width) for name, width in START_COLUMNS))
+    for _ in range(args.runs):
+        for variant in START_VARIANTS:  # back to back, so that both see the same load
+            done = subprocess.run(
+                [sys.executable, "-m", "bench.rate", "--start", args.start, "--seconds",
+                 str(args.seconds), "--cell", variant],
+                capture_output=True,
+                text=True,
+                check=False,
+            )  # fmt: skip
+            lines = done.stdout.strip().splitlines()
+            if done.returncode != 0 or not lines:
+                print(f"{variant}: failed ({done.stderr.strip().splitlines()[-1:]})")
+                continue
+            row = json.loads(lines[-1])
+            print("  ".join(str(row[n]).ljust(w) for n, w in START_COLUMNS), flush=True)
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
 
 
 # -- Chromium sending to an aiortc practitioner on a clean link (issue 13, slice 5) -----------
@@ -277,17 +363,30 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="instead: a Chromium patient on a clean link to each receiver of --receivers",
     )
-    parser.add_argument("--seconds", type=float, default=30.0, help="--chromium: each call")
+    parser.add_argument(
+        "--seconds", type=float, default=30.0, help="--chromium, --start: each call"
+    )
+    parser.add_argument(
+        "--start",
+        choices=sorted(START_LINKS),
+        help="instead: calls from their start on this link, with and without the start probe",
+    )
     parser.add_argument("--receivers", nargs="*", choices=RECEIVERS, help="--chromium: default all")
     args = parser.parse_args(argv)
     if args.chromium:
         chromium_main(args)
+        return
+    if args.cell and args.start:
+        print(json.dumps(asyncio.run(start_cell(args.cell, args.start, args.seconds))))
         return
     if args.cell:
         print(json.dumps(asyncio.run(cell(args.cell, args.narrow, args.wide))))
         return
     if reason := netns_missing():
         sys.exit(f"bench-rate: {reason}")
+    if args.start:
+        start_main(args)
+        return
     print(f"load average before: {os.getloadavg()[0]:.1f} (2 cores shared)")
     print("  ".join(name.ljust(width) for name, width in COLUMNS))
     for _ in range(args.runs):

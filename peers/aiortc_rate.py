@@ -81,7 +81,10 @@ numbers (aiortc's, with ``Prober``).
 
 And the sender's probes (``Prober``): padding-only RTX bursts at the rate the top rung of
 the ladder needs, while the ladder is below it and the link has been calm, which the
-receiver's probe detection above takes mid-call (padding only).
+receiver's probe detection above takes mid-call (padding only); and at the start, after the
+first media packet, clusters at 3 and 6 x the start rate (libwebrtc's initial probing),
+which the receiver's start detection takes when the link carried them as sent
+(``Prober.start``, started from ``RTCRtpSender.send``, rtcrtpsender.py:204).
 
 Upstream, this would be the body of ``AimdRateControl.update`` and of
 ``RemoteBitrateEstimator.add``, a loss-based cap and a prober in ``RTCRtpSender``, a
@@ -661,6 +664,14 @@ PROBE_PACKETS = 8  # 7 deltas: libwebrtc's clusters need 4 (PROBE_MIN_CLUSTER)
 PROBE_PADDING = 255  # bytes: the most one RTP packet's padding can say (RFC 3550 5.1)
 PROBE_ABOVE = 1.2  # x the top rung's need: the rate probed
 PROBE_ANSWER_S = 2.0  # a REMB this soon after a probe, at its rate, answers it
+# The start probe (``Prober.start``), after libwebrtc's ProbeController: clusters at 3 and 6 x
+# the start rate (its kFirstExponentialProbeScale / kSecondExponentialProbeScale) as soon as
+# the first media packet has left.
+START_PROBE = True  # off: bench/rate.py --start's "no start probe"
+START_PROBE_SCALES = (3.0, 6.0)  # x the encoder's start target (START_BPS): 600 and 1200 kbit/s
+START_PROBE_PACKETS = 6  # 5 deltas per cluster: the receiver needs 4 (PROBE_MIN_CLUSTER)
+START_PROBE_PAUSE_S = 0.02  # between the clusters: the receiver tells them apart (2.5 ms bound)
+START_WAIT_S = 10.0  # no media packet by then: no start probe
 
 
 @dataclass
@@ -685,6 +696,7 @@ class Prober:
     last_fall: float = 0.0
     last_target: int | None = None
     sent: int = 0  # probes
+    started: int = 0  # start probes (``start``)
     task: asyncio.Task[None] | None = None
     probed: tuple[float, float] | None = None  # (when, bit/s) of the last probe
 
@@ -696,6 +708,45 @@ class Prober:
             state.cap_bps = None
             state.ceiling_bps = None  # the link is wider than where its queue overflowed
             self.probed = None
+
+    async def start(self, sender: RTCRtpSender) -> None:
+        """The start probe: as soon as the first media packet has left, one cluster of
+        ``START_PROBE_PACKETS`` padding-only RTX packets at each of ``START_PROBE_SCALES`` x the
+        encoder's target (``START_BPS``, 200 kbit/s: 600 and 1200 kbit/s).
+
+        aiortc's first estimate is an overuse, the receiver's start probe detection on the
+        media's own spacing, or 3 s of throughput (rate.py:74-78), and the ladder then holds
+        ``UP_AFTER_S``: a sender that starts at 480x360 to leave a 300 kbit/s link room for
+        its audio reached 640x480 on a clean link 6-9 s after its first frame. libwebrtc's
+        ``ProbeController`` (``InitiateExponentialProbing``) probes at 3 and 6 x its start
+        rate when the transport becomes writable, and the receiver's estimate is the probe's
+        rate from the first cluster that arrived as spaced as it was sent (``best_probe``):
+        a link narrower than the probe spreads it, and the estimate is not raised. While
+        that answer may come (``PROBE_ANSWER_S``), the ladder climbs at once
+        (``Ladder.climb_until``). The first media packet goes first so that the probe
+        reaches a receiver that is ready for it (aiortc starts sending as soon as its own
+        DTLS is up, rtcpeerconnection.py:1089) and no media cluster comes before it in the
+        receiver's list (one that failed would hide the probe: ``best_probe`` stops there).
+        """
+        deadline = time.monotonic() + START_WAIT_S
+        while not getattr(sender, "_RTCRtpSender__packet_count", 0):  # rtcrtpsender.py:406
+            if time.monotonic() > deadline:
+                return
+            await asyncio.sleep(0.005)
+        encoder = getattr(sender, "_RTCRtpSender__encoder", None)
+        ladder: Ladder | None = getattr(encoder, "_epc_ladder", None)
+        rtx = getattr(sender, "_RTCRtpSender__rtx_payload_type", None)
+        if encoder is None or ladder is None or rtx is None or ladder.rung == 0:
+            return
+        base = int(encoder.target_bitrate)
+        now = time.monotonic()
+        ladder.climb_until = now + PROBE_ANSWER_S
+        self.probed = now, START_PROBE_SCALES[0] * base
+        self.started += 1
+        for n, scale in enumerate(START_PROBE_SCALES):
+            if n:
+                await asyncio.sleep(START_PROBE_PAUSE_S)
+            await send_cluster(sender, rtx, scale * base, START_PROBE_PACKETS)
 
     def on_target(self, target: int, now: float) -> None:
         if self.last_target is not None and target < self.last_target:
@@ -716,6 +767,9 @@ class Prober:
         return rate
 
     async def run(self, sender: RTCRtpSender) -> None:
+        if START_PROBE:
+            with contextlib.suppress(ConnectionError):
+                await self.start(sender)
         while True:
             await asyncio.sleep(PROBE_EVERY_S)
             rate = self.want(sender, time.monotonic())
@@ -735,14 +789,38 @@ async def send_probe(sender: RTCRtpSender, payload_type: int, rate_bps: float) -
     start = time.monotonic()
     for n in range(PROBE_PACKETS):
         await asyncio.sleep(max(0.0, start + n * gap - time.monotonic()))
-        seq: int = sender._RTCRtpSender__rtx_sequence_number  # type: ignore[attr-defined]
-        sender._RTCRtpSender__rtx_sequence_number = (seq + 1) & 0xFFFF  # type: ignore[attr-defined]
-        packet = RtpPacket(payload_type=payload_type, sequence_number=seq, ssrc=sender._rtx_ssrc)
-        packet.padding_size = PROBE_PADDING
-        packet.extensions.abs_send_time = (clock.current_ntp_time() >> 14) & 0xFFFFFF
-        packet.extensions.mid = getattr(sender, "_RTCRtpSender__mid", None)
-        extensions = sender._RTCRtpSender__rtp_header_extensions_map  # type: ignore[attr-defined]
-        await sender.transport._send_rtp(packet.serialize(extensions))
+        await send_padding(sender, payload_type)
+
+
+async def send_cluster(
+    sender: RTCRtpSender, payload_type: int, rate_bps: float, packets: int
+) -> None:
+    """``packets`` padding-only RTX packets, each ``PROBE_PADDING`` x 8 / ``rate_bps`` after
+    the one before, waited out with ``time.sleep``: the event loop is held for the cluster
+    (8-17 ms at 1200 and 600 kbit/s). The receiver's start detection (``clusters``) needs
+    each send delta within 2.5 ms of the cluster's mean, and 1.7 or 3.4 ms on the event loop
+    take up to 15 while an encode holds it; libwebrtc's pacer has a thread of its own. The
+    sends do not wait (``RTCDtlsTransport._send_rtp`` to aioice's ``sendto`` never yields on
+    UDP)."""
+    gap = PROBE_PADDING * 8 / rate_bps
+    sent_at: float | None = None
+    for _ in range(packets):
+        if sent_at is not None:
+            time.sleep(max(0.0, sent_at + gap - time.monotonic()))  # noqa: ASYNC251 (the spacing)
+        sent_at = time.monotonic()
+        await send_padding(sender, payload_type)
+
+
+async def send_padding(sender: RTCRtpSender, payload_type: int) -> None:
+    """One padding-only RTX packet of ``PROBE_PADDING`` bytes, stamped with its abs-send-time."""
+    seq: int = sender._RTCRtpSender__rtx_sequence_number  # type: ignore[attr-defined]
+    sender._RTCRtpSender__rtx_sequence_number = (seq + 1) & 0xFFFF  # type: ignore[attr-defined]
+    packet = RtpPacket(payload_type=payload_type, sequence_number=seq, ssrc=sender._rtx_ssrc)
+    packet.padding_size = PROBE_PADDING
+    packet.extensions.abs_send_time = (clock.current_ntp_time() >> 14) & 0xFFFFFF
+    packet.extensions.mid = getattr(sender, "_RTCRtpSender__mid", None)
+    extensions = sender._RTCRtpSender__rtp_header_extensions_map  # type: ignore[attr-defined]
+    await sender.transport._send_rtp(packet.serialize(extensions))
 
 
 def prober(sender: RTCRtpSender) -> Prober:
@@ -1035,6 +1113,14 @@ def install() -> None:
         await original_sender_stop(self)
 
     RTCRtpSender.stop = sender_stop  # type: ignore[method-assign]
+    original_send = RTCRtpSender.send
+
+    async def send(self: RTCRtpSender, parameters: Any) -> None:
+        await original_send(self, parameters)
+        if self.kind == "video":
+            prober(self)  # its task starts with the start probe (``Prober.start``)
+
+    RTCRtpSender.send = send  # type: ignore[method-assign]
 
     if KERNEL_STAMPS:
         install_kernel_stamps()

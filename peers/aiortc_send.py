@@ -23,7 +23,11 @@ encoder as a whole. Against aiortc 1.16.0:
   frames' media time), fits the target: down at once,
   up only after the target has held ``UP_MARGIN`` above the next rung's need
   for ``UP_AFTER_S`` (each change costs a keyframe), then to the highest rung the
-  target covers (after a probe, 320x240 to 640x480 in one step).
+  target covers (after a probe, 320x240 to 640x480 in one step). While the answer to
+  the start probe may come (``Ladder.climb_until``), at once: libwebrtc's encoder is at
+  its full resolution within the first second when its initial probes find the link
+  (its ``ProbeController`` probes at 3 and 6 x the start rate as the transport becomes
+  writable), where the hold would keep 480x360 for 3 s more.
 
 - CPU overuse: aiortc has no signal that encoding is too slow for the frame
   rate. ``RTCRtpSender._next_encoded_frame`` (rtcrtpsender.py:318) awaits
@@ -172,6 +176,10 @@ class Ladder:
     changes: int = 0
     frames: int = 0  # frames offered, for the frame-rate divisor
     history: list[tuple[float, int]] = field(default_factory=list)  # (when, rung) at each change
+    # Until then (monotonic s), a target that covers a higher rung takes the ladder there at
+    # once, without ``UP_AFTER_S``: set while the answer to the start probe may come
+    # (peers/aiortc_rate.py, ``Prober.start``).
+    climb_until: float | None = None
 
     def __post_init__(self) -> None:
         # A ladder made on a rung (``Ladder(rung=2)``) is there for its bitrate.
@@ -188,7 +196,8 @@ class Ladder:
             rung += 1
         if rung == self.rate_rung and rung > 0 and target_bps >= UP_MARGIN * self.need(rung - 1):
             self.above_since = self.above_since if self.above_since is not None else now
-            if now - self.above_since >= UP_AFTER_S:
+            quick = self.climb_until is not None and now < self.climb_until
+            if quick or now - self.above_since >= UP_AFTER_S:
                 rung -= 1  # and on, to the highest rung the target covers (a probe's jump)
                 while rung > 0 and target_bps >= UP_MARGIN * self.need(rung - 1):
                     rung -= 1
