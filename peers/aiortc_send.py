@@ -173,6 +173,7 @@ class Ladder:
     cpu: CpuOveruse = field(default_factory=CpuOveruse)
     above_since: float | None = None
     last_pts_s: float | None = None  # media time of the last frame offered
+    fps_learnt: bool = False  # ``fps`` is the source's (from a first interval), not the default
     changes: int = 0
     frames: int = 0  # frames offered, for the frame-rate divisor
     history: list[tuple[float, int]] = field(default_factory=list)  # (when, rung) at each change
@@ -212,7 +213,10 @@ class Ladder:
         """Note a frame's media time: ``fps`` follows the source's frame rate (a 15 fps camera
         needs half the bitrate of a 30 fps one at the same size)."""
         if self.last_pts_s is not None and 0 < pts_s - self.last_pts_s < 1:
-            self.fps += (1 / (pts_s - self.last_pts_s) - self.fps) / 8
+            if self.fps_learnt:
+                self.fps += (1 / (pts_s - self.last_pts_s) - self.fps) / 8
+            else:  # the first interval: the source's rate at once, not 30 fps for a second
+                self.fps, self.fps_learnt = 1 / (pts_s - self.last_pts_s), True
         self.last_pts_s = pts_s
 
     def encoded(self, start: float, end: float) -> int:

@@ -813,6 +813,19 @@ def test_the_ladder_steps_resolution_then_frame_rate_down_at_once_and_up_slowly(
     assert [ladder.keep() for _ in range(4)] == [False, True, False, True]
 
 
+def test_the_ladder_takes_the_sources_frame_rate_from_its_first_interval() -> None:
+    """A 15 fps source's need is half a 30 fps one's from its second frame on: a start estimate
+    that covers 320x240 at 15 fps keeps that size (the ladder assumed 30 fps for its first
+    second and stepped such a call down to 240x180 for the 3 s of its hold)."""
+    ladder = Ladder(width=320, height=240)
+    ladder.offered(0.0)
+    ladder.offered(1 / 15)
+    assert ladder.fps == pytest.approx(15)
+    assert ladder.update(40_000, 0.1) == 0 and ladder.size() == (320, 240)
+    ladder.offered(1 / 15 + 1 / 10)  # later intervals move it by an eighth
+    assert ladder.fps == pytest.approx(15 + (10 - 15) / 8)
+
+
 def test_the_vp8_encoder_sends_320x240_at_100_kbits() -> None:
     """aiortc's own Vp8Encoder, patched, takes a 100 kbit/s target (its floor was 250) and
     encodes a 640x480 frame at 320x240."""
