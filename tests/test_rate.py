@@ -228,11 +228,10 @@ def test_a_remb_at_the_probes_rate_lifts_the_loss_cap_and_the_ladder_climbs_to_t
     assert ladder.update(300_000, 11.0 + aiortc_send.UP_AFTER_S) == 0
 
 
-@pytest.mark.asyncio
-async def test_a_probe_is_padding_only_rtx_spaced_for_its_rate() -> None:
-    """A probe at 340 kbit/s is 8 RTX packets with no payload and 255 bytes of padding, on
-    consecutive RTX numbers (across the wrap), each with its own abs-send-time, at least 6 ms
-    (255 bytes at 340 kbit/s) apart."""
+def probing_sender(**private: Any) -> tuple[SimpleNamespace, list[bytes], HeaderExtensionsMap]:
+    """A stand-in for an RTCRtpSender with RTX (ssrc 42) and abs-send-time (id 3), whose
+    transport keeps what it is given; ``private``: its other attributes. Also the list of
+    datagrams sent and the extensions map to parse them with."""
     sent: list[bytes] = []
 
     class Transport:
@@ -245,9 +244,18 @@ async def test_a_probe_is_padding_only_rtx_spaced_for_its_rate() -> None:
     sender = SimpleNamespace(
         _rtx_ssrc=42,
         transport=Transport(),
-        _RTCRtpSender__rtx_sequence_number=65534,
         _RTCRtpSender__rtp_header_extensions_map=extensions,
+        **private,
     )
+    return sender, sent, extensions
+
+
+@pytest.mark.asyncio
+async def test_a_probe_is_padding_only_rtx_spaced_for_its_rate() -> None:
+    """A probe at 340 kbit/s is 8 RTX packets with no payload and 255 bytes of padding, on
+    consecutive RTX numbers (across the wrap), each with its own abs-send-time, at least 6 ms
+    (255 bytes at 340 kbit/s) apart."""
+    sender, sent, extensions = probing_sender(_RTCRtpSender__rtx_sequence_number=65534)
     await within(send_probe(sender, 97, 340_000), 2)  # type: ignore[arg-type]
     packets = [RtpPacket.parse(data, extensions) for data in sent]
     assert [p.sequence_number for p in packets] == [65534, 65535, 0, 1, 2, 3, 4, 5]
@@ -263,21 +271,9 @@ async def test_a_probe_is_padding_only_rtx_spaced_for_its_rate() -> None:
 async def start_probe_stamps() -> tuple[list[int], aiortc_send.Ladder]:
     """The abs-send-times of the packets ``Prober.start`` sends for a sender whose first media
     packet has left, at 480x360 on START_BPS, and that sender's ladder."""
-    sent: list[bytes] = []
-
-    class Transport:
-        async def _send_rtp(self, data: bytes) -> None:
-            sent.append(data)
-
-    extensions = HeaderExtensionsMap()
-    extensions.configure(RTCRtpParameters(headerExtensions=[
-        RTCRtpHeaderExtensionParameters(id=3, uri=ABS_SEND_TIME_URI)]))  # fmt: skip
     ladder = aiortc_send.Ladder(width=640, height=480, fps=30, rung=1)
-    sender = SimpleNamespace(
-        _rtx_ssrc=42,
-        transport=Transport(),
+    sender, sent, extensions = probing_sender(
         _RTCRtpSender__rtx_sequence_number=7,
-        _RTCRtpSender__rtp_header_extensions_map=extensions,
         _RTCRtpSender__rtx_payload_type=97,
         _RTCRtpSender__packet_count=0,
         _RTCRtpSender__encoder=SimpleNamespace(target_bitrate=START_BPS, _epc_ladder=ladder),
