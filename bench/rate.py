@@ -200,24 +200,33 @@ START_COLUMNS = [("variant", 15), ("link", 6), ("to_640_s", 9), ("longest_gap_s"
                  ("first_rembs", 40)]  # fmt: skip
 
 
+def run_cell(
+    argv: list[str], variant: str, columns: list[tuple[str, int]]
+) -> dict[str, Any] | None:
+    """``python -m bench.rate ARGV`` (one cell, in a process of its own): its row printed in
+    ``columns`` and returned, or a line saying it failed and None."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.rate", *argv], capture_output=True, text=True, check=False
+    )
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        print(f"{variant}: failed ({done.stderr.strip().splitlines()[-1:]})")
+        return None
+    row: dict[str, Any] = json.loads(lines[-1])
+    print("  ".join(str(row[name]).ljust(width) for name, width in columns), flush=True)
+    return row
+
+
 def start_main(args: argparse.Namespace) -> None:
     print(f"load average before: {os.getloadavg()[0]:.1f} (2 cores shared)")
     print("  ".join(name.ljust(width) for name, width in START_COLUMNS))
     for _ in range(args.runs):
         for variant in START_VARIANTS:  # back to back, so that both see the same load
-            done = subprocess.run(
-                [sys.executable, "-m", "bench.rate", "--start", args.start, "--seconds",
-                 str(args.seconds), "--cell", variant],
-                capture_output=True,
-                text=True,
-                check=False,
-            )  # fmt: skip
-            lines = done.stdout.strip().splitlines()
-            if done.returncode != 0 or not lines:
-                print(f"{variant}: failed ({done.stderr.strip().splitlines()[-1:]})")
-                continue
-            row = json.loads(lines[-1])
-            print("  ".join(str(row[n]).ljust(w) for n, w in START_COLUMNS), flush=True)
+            run_cell(
+                ["--start", args.start, "--seconds", str(args.seconds), "--cell", variant],
+                variant,
+                START_COLUMNS,
+            )
     print(f"load average after: {os.getloadavg()[0]:.1f}")
 
 
@@ -391,20 +400,12 @@ def main(argv: list[str] | None = None) -> None:
     print("  ".join(name.ljust(width) for name, width in COLUMNS))
     for _ in range(args.runs):
         for variant in VARIANTS:  # back to back, so that both see the same load
-            argv_ = [sys.executable, "-m", "bench.rate", "--narrow", str(args.narrow)]
-            done = subprocess.run(
-                [*argv_, "--wide", str(args.wide), "--cell", variant],
-                capture_output=True,
-                text=True,
-                check=False,
+            row = run_cell(
+                ["--narrow", str(args.narrow), "--wide", str(args.wide), "--cell", variant],
+                variant,
+                COLUMNS,
             )
-            lines = done.stdout.strip().splitlines()
-            if done.returncode != 0 or not lines:
-                print(f"{variant}: failed ({done.stderr.strip().splitlines()[-1:]})")
-                continue
-            row = json.loads(lines[-1])
-            print("  ".join(str(row[name]).ljust(width) for name, width in COLUMNS), flush=True)
-            if args.trace:
+            if row is not None and args.trace:
                 for step in row["trace"]:
                     print("    " + " ".join(f"{k}={v}" for k, v in step.items()))
     print(f"load average after: {os.getloadavg()[0]:.1f}")

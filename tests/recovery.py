@@ -101,8 +101,11 @@ class RecoveryNetwork:
         just before the last rules go, ``restored_by`` when they are gone.
         """
         dev = self.links[name][1]
-        cut = Outage(self, [f"FORWARD -i {dev}", f"FORWARD -o {dev}"])
-        cut.relay_rules = [f"INPUT -i {dev}", f"OUTPUT -o {dev}"]
+        cut = Outage(
+            self,
+            media_rules=[f"FORWARD -i {dev}", f"FORWARD -o {dev}"],
+            relay_rules=[f"INPUT -i {dev}", f"OUTPUT -o {dev}"],
+        )
         await self.iptables_commit("-I", cut.media_rules + cut.relay_rules)
         try:
             yield cut
