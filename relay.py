@@ -3129,7 +3129,11 @@ class Relay:
             ws.conn_id,
             self.config.limits.write_buffer_bytes,
         )
-        ws.transport.abort()
+        # On the loop's next turn, not inside pause_writing: websockets is then
+        # writing one read's pongs one by one (a ping flood: some 2,000), and
+        # each write to an aborted transport logs asyncio's "socket.send() raised
+        # exception." The rest of that read is buffered, then freed by the abort.
+        asyncio.get_running_loop().call_soon(ws.transport.abort)
 
     def control_frame(self, ws: RelayConnection) -> None:
         actions = control_frame(self.state, ws.conn_id)
