@@ -44,6 +44,7 @@ from av import AudioFrame
 from av.frame import Frame
 from opuslib_next.api import c_int16_pointer  # type: ignore[import-untyped]
 from opuslib_next.api import decoder as binding
+from opuslib_next.api import libopus
 
 __all__ = [
     "CHANNELS",
@@ -75,47 +76,38 @@ class LostFrame(JitterFrame):
         self.fec = fec
 
 
+# libopus's own packet parser (RFC 6716 3.2, every frame-count code, padding included):
+# int opus_packet_parse(const unsigned char *data, opus_int32 len, unsigned char *out_toc,
+#                       const unsigned char *frames[48], opus_int16 size[48], int *payload_offset)
+_packet_parse = libopus.opus_packet_parse
+_packet_parse.argtypes = (
+    ctypes.c_void_p,
+    ctypes.c_int32,
+    ctypes.c_void_p,
+    ctypes.POINTER(ctypes.c_void_p),
+    ctypes.POINTER(ctypes.c_int16),
+    ctypes.c_void_p,
+)
+_packet_parse.restype = ctypes.c_int
+MAX_FRAMES = 48  # an Opus packet's most frames (RFC 6716 3.2.5)
+
+
 def _first_frame(packet: bytes) -> bytes:
-    """The first Opus frame of a packet (RFC 6716 3.2), empty if the packet is malformed."""
-    code, size = packet[0] & 0x3, len(packet)
-    if code == 0:
-        return packet[1:]
-    if code == 1:
-        return packet[1 : 1 + (size - 1) // 2]
-    if code == 2:
-        if size < 2 or (packet[1] >= 252 and size < 3):
-            return b""
-        length, offset = (packet[1], 2) if packet[1] < 252 else (packet[1] + 4 * packet[2], 3)
-        return packet[offset : offset + length]
-    if size < 2:
+    """The first Opus frame of a packet, empty if libopus finds the packet malformed."""
+    data = (ctypes.c_ubyte * len(packet)).from_buffer_copy(packet)
+    frames = (ctypes.c_void_p * MAX_FRAMES)()
+    sizes = (ctypes.c_int16 * MAX_FRAMES)()
+    if _packet_parse(data, len(packet), None, frames, sizes, None) < 1 or frames[0] is None:
         return b""
-    count, vbr, padded = packet[1] & 0x3F, packet[1] & 0x80, packet[1] & 0x40
-    offset, padding = 2, 0
-    while padded and offset < size:
-        padding += 254 if packet[offset] == 255 else packet[offset]
-        padded = packet[offset] == 255
-        offset += 1
-    if not count:
-        return b""
-    if not vbr:
-        return packet[offset : offset + (size - offset - padding) // count]
-    lengths = []
-    for _ in range(count - 1):
-        if offset >= size:
-            return b""
-        if packet[offset] < 252:
-            lengths.append(packet[offset])
-            offset += 1
-        else:
-            lengths.append(packet[offset] + 4 * packet[offset + 1] if offset + 1 < size else 0)
-            offset += 2
-    return packet[offset : offset + lengths[0]] if lengths else packet[offset : size - padding]
+    offset = frames[0] - ctypes.addressof(data)
+    return packet[offset : offset + sizes[0]]
 
 
 def has_fec(packet: bytes) -> bool:
     """Whether an Opus packet carries in-band FEC for the packet before it: a SILK or hybrid
     packet whose first frame has its LBRR flag set (RFC 6716 4.2.3; libopus 1.5's
-    ``opus_packet_has_lbrr``, which Debian's libopus 1.3 lacks)."""
+    ``opus_packet_has_lbrr``, which Debian's libopus 1.3 lacks; the first frame from libopus's
+    ``opus_packet_parse``, which 1.3 has)."""
     if len(packet) < 2:
         return False
     config = packet[0] >> 3
