@@ -42,9 +42,11 @@ from aiortc.codecs.base import Decoder
 from aiortc.jitterbuffer import JitterFrame
 from av import AudioFrame
 from av.frame import Frame
-from opuslib_next.api import c_int16_pointer  # type: ignore[import-untyped]
+from opuslib_next.api import (
+    c_int16_pointer,  # type: ignore[import-untyped]
+    libopus,
+)
 from opuslib_next.api import decoder as binding
-from opuslib_next.api import libopus
 
 __all__ = [
     "CHANNELS",
