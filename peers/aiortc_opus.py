@@ -42,10 +42,7 @@ from aiortc.codecs.base import Decoder
 from aiortc.jitterbuffer import JitterFrame
 from av import AudioFrame
 from av.frame import Frame
-from opuslib_next.api import (
-    c_int16_pointer,  # type: ignore[import-untyped]
-    libopus,
-)
+from opuslib_next.api import c_int16_pointer, libopus  # type: ignore[import-untyped]
 from opuslib_next.api import decoder as binding
 
 __all__ = [
