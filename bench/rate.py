@@ -233,12 +233,12 @@ def start_main(args: argparse.Namespace) -> None:
 
 # -- the sender after its own event loop's stalls (issue 13, session 6) ------------------------
 
-# What each variant leaves on (peers/aiortc_send.py): "today" neither, as the code was.
-STALL_VARIANTS: dict[str, tuple[bool, bool]] = {  # (SKIP_LATE, PACING)
-    "today": (False, False),
-    "skip": (True, False),
-    "pacer": (False, True),
-    "both": (True, True),
+# What each variant leaves on (peers/aiortc_send.py): "today" none, as the code was.
+STALL_VARIANTS: dict[str, dict[str, bool]] = {
+    "today": {"SKIP_LATE": False, "PACING": False},
+    "skip": {"SKIP_LATE": True, "PACING": False},
+    "pacer": {"SKIP_LATE": False, "PACING": True},
+    "both": {"SKIP_LATE": True, "PACING": True},
 }
 
 
@@ -248,7 +248,8 @@ async def stall_cell(
     """One call on the 300 kbit/s link with this process's event loop stalled ``stall_s`` every
     ``every_s`` (``Stalls``: both peers are in this process): the practitioner's frames, judged
     as the 300 kbit/s test judges them (less the stalls themselves), and the link's drops."""
-    aiortc_send.SKIP_LATE, aiortc_send.PACING = STALL_VARIANTS[variant]
+    for name, value in STALL_VARIANTS[variant].items():
+        setattr(aiortc_send, name, value)
     async with Network("bstall") as net:
         a, b, dev = await netem.pair(net)
         pair = LocalPair(namespaces=(a, b), width=640, height=480, fps=30, video=(True, False))

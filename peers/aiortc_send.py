@@ -45,6 +45,22 @@ encoder as a whole. Against aiortc 1.16.0:
   the bitrate. ``Sent.limitation`` says which one holds the sender down (the
   W3C ``qualityLimitationReason``: ``cpu``, ``bandwidth`` or ``none``).
 
+- After a stall of the sender's event loop (80-360 ms on the shared machine at load 4-8):
+  the source owes the frames that fell due meanwhile and hands them over at once
+  (``PatternTrack.recv`` catches up on its schedule, a camera's queue would too), aiortc
+  encodes each (``RTCRtpSender._next_encoded_frame``, rtcrtpsender.py:294) and sends its
+  packets as soon as they are built (rtcrtpsender.py:401): 8 frames, about 6 kB, where a
+  300 kbit/s link with a 100 ms buffer holds 3.75 kB. The buffer tail-drops, the
+  retransmissions come a round trip later, and frames play 500-900 ms behind. Here, as
+  libwebrtc does: the encoder skips a frame that comes over ``LATE_FRAMES`` intervals later
+  than the best offset between media time and the clock (the next one is already due), as
+  ``VideoStreamEncoder`` takes only the newest frame waiting (``Ladder.late``), and hides
+  the skipped time from libvpx, whose rate control would spend it on the next frame
+  (``Ladder.pts_shift``); and a packet pacer (``Pacer``, in ``paced_run_rtp`` in place of
+  ``RTCRtpSender._run_rtp``, rtcrtpsender.py:357-424) sends each video packet at
+  ``PACE_FACTOR`` x the target, stamping its abs-send-time as it leaves, with no credit for
+  the time the loop stood still (libwebrtc's ``PacingController``).
+
 Audio is not held behind video encoding: each sender runs its own task
 (``RTCRtpSender._run_rtp``) and each encode is a separate executor job; FFmpeg's
 ``avcodec_send_frame`` and ``sws_scale`` run without the GIL (av 18.1
@@ -68,7 +84,7 @@ from typing import Any
 
 from aiortc import clock
 from aiortc.codecs import vpx
-from aiortc.mediastreams import MediaStreamError
+from aiortc.mediastreams import VIDEO_TIME_BASE, MediaStreamError, convert_timebase
 from aiortc.rtcrtpsender import RTCRtpSender, random_sequence_number
 from aiortc.rtp import RTP_HISTORY_SIZE, RtpPacket
 from aiortc.utils import random32, uint16_add, uint32_add
@@ -204,6 +220,14 @@ class Ladder:
     best_offset_s: float | None = None  # the least (monotonic - media time) seen
     late_in_row: int = 0
     late_skipped: int = 0
+    prev_pts: int | None = None  # of the frame offered before, in its time base
+    # The media time the skipped frames covered, taken out of the timeline libvpx sees: its
+    # rate control gives a frame the budget of the time since the one before (after 8
+    # skipped frames at 50 kbit/s, 2,455 bytes where the frames around it are 200-330; in
+    # the stalled calls 2.7-4.1 kB, 4 packets in one burst), where libwebrtc gives libvpx a
+    # timestamp of its own that grows by one frame's duration per frame encoded
+    # (``LibvpxVp8Encoder::Encode``).
+    pts_shift: int = 0
 
     def __post_init__(self) -> None:
         # A ladder made on a rung (``Ladder(rung=2)``) is there for its bitrate.
@@ -333,7 +357,10 @@ def install() -> None:
             if frame.pts is not None and frame.time_base is not None:
                 pts_s = float(frame.pts * frame.time_base)
                 ladder.offered(pts_s)
+                step = frame.pts - ladder.prev_pts if ladder.prev_pts is not None else 0
+                ladder.prev_pts = frame.pts
                 if SKIP_LATE and not force_keyframe and ladder.late(pts_s, start):
+                    ladder.pts_shift += max(step, 0)
                     return [], 0  # the sender sends nothing for an empty list (as below)
             ladder.update(self.target_bitrate, time.monotonic())
             if not ladder.keep() and not force_keyframe:
@@ -343,7 +370,14 @@ def install() -> None:
                 scaled = frame.reformat(width=width, height=height, format="yuv420p")
                 scaled.pts, scaled.time_base = frame.pts, frame.time_base
                 frame = scaled
+        real_pts, real_base = frame.pts, frame.time_base  # PyAV's encode rebases both
+        shifted = isinstance(frame, VideoFrame) and real_pts is not None and ladder.pts_shift
+        if shifted:
+            frame.pts = real_pts - ladder.pts_shift  # what libvpx sees (``Ladder.pts_shift``)
         payloads, timestamp = vp8_encode(self, frame, force_keyframe)
+        if shifted:  # the RTP timestamp stays the media time (vpx.py:235)
+            frame.pts, frame.time_base = real_pts, real_base
+            timestamp = convert_timebase(real_pts, real_base, VIDEO_TIME_BASE)
         if isinstance(frame, VideoFrame):
             ladder.encoded(start, time.monotonic())
             last_sent[:] = [sent_by(self, ladder)]

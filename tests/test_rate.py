@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fractions
 import itertools
 import json
 import socket
@@ -55,7 +56,7 @@ from peers.aiortc_send import (
     START_BPS,
     Pacer,
 )
-from peers.media import WARMUP_S
+from peers.media import WARMUP_S, PatternTrack
 from peers.netns import Netns
 from tests.browser import wait_state
 from tests.inprocess import LocalPair
@@ -508,6 +509,35 @@ def test_after_a_stall_the_encoder_skips_the_frames_the_source_caught_up_on() ->
     assert not ladder.late(68 / 30, 100 + 68 / 30 + 0.01)  # on schedule again
     behind = [ladder.late(n / 30, 100 + n / 30 + 1.0) for n in range(69, 69 + 2 * SKIP_MAX)]
     assert behind.count(False) >= 1 and behind[:SKIP_MAX] == [True] * SKIP_MAX
+
+
+def test_the_frame_after_skipped_ones_gets_one_frames_budget_and_keeps_its_media_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """At 50 kbit/s, the frame a VP8 encoder takes after skipping the 7 that fell due during a
+    250 ms stall is no larger than twice the median of the frames before, and its RTP timestamp
+    is still its media time: libvpx sizes a frame by the time since the one before, and given
+    the real gap made it 2,455 bytes where its neighbours were 200-330 (the stalled calls sent
+    2.7-4.1 kB frames, 3-4 packets, at once)."""
+    aiortc_patches.steady_media()
+    now = [1000.0]
+    monkeypatch.setattr(aiortc_send.time, "monotonic", lambda: now[0])
+    track = PatternTrack(320, 240, 30)
+    encoder = Vp8Encoder()
+    encoder.target_bitrate = 50_000
+    sizes, timestamps = [], []
+    for n in [*range(60), *range(60, 69)]:
+        frame = track._draw(n, 0)
+        frame.pts, frame.time_base = n * 3000, fractions.Fraction(1, 90_000)
+        now[0] = 1000.0 + n / 30  # on time; then a stall ends at 2.25 s and the source catches up
+        now[0] = max(now[0], 1002.25 + 0.002 * (n - 60)) if n >= 60 else now[0]
+        payloads, timestamp = encoder.encode(frame)
+        sizes.append(sum(len(p) for p in payloads))
+        timestamps.append(timestamp)
+    ladder = aiortc_send.encoder_ladder(encoder)
+    assert ladder is not None and ladder.late_skipped == 7 and sizes[60:67] == [0] * 7
+    assert sizes[67] <= 2 * statistics.median(sizes[30:60]), sizes[55:]
+    assert timestamps[67] == 67 * 3000
 
 
 def test_the_pacer_spreads_a_burst_at_2_5_x_the_target_and_bounds_a_frames_queue_time() -> None:
