@@ -25,6 +25,11 @@ second half, and the samples whose ``qualityLimitationReason`` was "bandwidth".
 sender's start probe and without it (``aiortc_rate.START_PROBE``), back to back: seconds
 from the practitioner's first frame to the patient's ladder at 640x480, its first rung
 changes, the practitioner's first REMB values, the longest gap and the most behind.
+``--stalls``: instead, 30 s calls on the 300 kbit/s link while this process's event loop is
+blocked ``--stall-ms`` every ``--every`` s (tests/mediacheck.py ``Stalls``; both peers are in
+it), the sender's variants of ``--variants`` interleaved (``SKIP_LATE`` and ``PACING`` of
+peers/aiortc_send.py on or off): fps, freezes and the longest gap, most behind and frames
+over 500 ms behind (each less the stalls), packets the emulator tail-dropped, frames skipped.
 
 Figures are printed, never asserted: see docs/benchmarks.md.
 """
