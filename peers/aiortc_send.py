@@ -49,17 +49,19 @@ encoder as a whole. Against aiortc 1.16.0:
   the source owes the frames that fell due meanwhile and hands them over at once
   (``PatternTrack.recv`` catches up on its schedule, a camera's queue would too), aiortc
   encodes each (``RTCRtpSender._next_encoded_frame``, rtcrtpsender.py:294) and sends its
-  packets as soon as they are built (rtcrtpsender.py:401): 8 frames, about 6 kB, where a
-  300 kbit/s link with a 100 ms buffer holds 3.75 kB. The buffer tail-drops, the
-  retransmissions come a round trip later, and frames play 500-900 ms behind. Here, as
-  libwebrtc does: the encoder skips a frame that comes over ``LATE_FRAMES`` intervals later
-  than the best offset between media time and the clock (the next one is already due), as
-  ``VideoStreamEncoder`` takes only the newest frame waiting (``Ladder.late``), and hides
-  the skipped time from libvpx, whose rate control would spend it on the next frame
-  (``Ladder.pts_shift``); and a packet pacer (``Pacer``, in ``paced_run_rtp`` in place of
-  ``RTCRtpSender._run_rtp``, rtcrtpsender.py:357-424) sends each video packet at
-  ``PACE_FACTOR`` x the target, stamping its abs-send-time as it leaves, with no credit for
-  the time the loop stood still (libwebrtc's ``PacingController``).
+  packets as soon as they are built (rtcrtpsender.py:401): after 250 ms, 8-12 frames,
+  6-7.5 kB within 120 ms, where a 300 kbit/s link with a 100 ms buffer holds 3.75 kB. The
+  buffer tail-drops, the retransmissions come a round trip later, and frames play 500-900 ms
+  behind. Here, as libwebrtc does: the encoder skips a frame that comes over
+  ``LATE_FRAMES`` intervals later than the best offset between media time and the clock
+  (the next one is already due), as ``VideoStreamEncoder`` takes only the newest frame
+  waiting (``Ladder.late``), and hides the skipped time from libvpx, whose rate control
+  would spend it on the next frame (``Ladder.pts_shift``); and a packet pacer (``Pacer``,
+  in ``paced_run_rtp`` in place of ``RTCRtpSender._run_rtp``, rtcrtpsender.py:357-424)
+  sends each video packet at ``PACE_FACTOR`` x the target, stamping its abs-send-time as
+  it leaves, with no credit for the time the loop stood still (libwebrtc's
+  ``PacingController``). The skip does most of the work; the pacer's share is small
+  (docs/benchmarks.md, "The sender after its own event loop's stalls").
 
 Audio is not held behind video encoding: each sender runs its own task
 (``RTCRtpSender._run_rtp``) and each encode is a separate executor job; FFmpeg's
