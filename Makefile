@@ -147,7 +147,7 @@ netem-probe: setup system-deps
 bench-network: setup system-deps browser-deps
 	$(PY) -m bench.network $(ARGS_)
 
-## bench-rate: 300 kbit/s then a clean link, the estimate patched vs aiortc's; ARGS=--chromium: Chromium sending to each estimate; ARGS="--start clean": the first frame to 640x480 with and without the start probe (as root)
+## bench-rate: 300 kbit/s then a clean link, the estimate patched vs aiortc's; ARGS=--chromium: Chromium sending to each estimate; ARGS="--start clean": the first frame to 640x480 with and without the start probe; ARGS=--stalls: 300 kbit/s with the loop stalled 250 ms every 2.5 s, the sender as it was and with its skip and pacer (as root)
 bench-rate: setup system-deps
 	$(PY) -m bench.rate $(ARGS_)
 

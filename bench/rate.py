@@ -25,6 +25,11 @@ second half, and the samples whose ``qualityLimitationReason`` was "bandwidth".
 sender's start probe and without it (``aiortc_rate.START_PROBE``), back to back: seconds
 from the practitioner's first frame to the patient's ladder at 640x480, its first rung
 changes, the practitioner's first REMB values, the longest gap and the most behind.
+``--stalls``: instead, 30 s calls on the 300 kbit/s link while this process's event loop is
+blocked ``--stall-ms`` every ``--every`` s (tests/mediacheck.py ``Stalls``; both peers are in
+it), the sender's variants of ``--variants`` interleaved (``SKIP_LATE`` and ``PACING`` of
+peers/aiortc_send.py on or off): fps, freezes and the longest gap, most behind and frames
+over 500 ms behind (each less the stalls), packets the emulator tail-dropped, frames skipped.
 
 Figures are printed, never asserted: see docs/benchmarks.md.
 """
@@ -34,6 +39,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import statistics
@@ -54,7 +60,7 @@ from peers.netns import Network, netns_missing
 from tests import netem
 from tests.browser import Browsers, chromium_missing
 from tests.inprocess import LocalPair
-from tests.mediacheck import LoopLag, after, longest_gap, most_behind
+from tests.mediacheck import LoopLag, Stalls, after, longest_gap, most_behind
 from tests.netem import Impairment, Link
 from tests.processes import Process, RelayProcess, spawn
 from tests.recovery import RELAY_ADDRESS, recovery_network
@@ -230,6 +236,88 @@ def start_main(args: argparse.Namespace) -> None:
     print(f"load average after: {os.getloadavg()[0]:.1f}")
 
 
+# -- the sender after its own event loop's stalls (issue 13, session 6) ------------------------
+
+# What each variant leaves on (peers/aiortc_send.py): "today" none, as the code was.
+STALL_VARIANTS: dict[str, dict[str, bool]] = {
+    "today": {"SKIP_LATE": False, "PACING": False},
+    "skip": {"SKIP_LATE": True, "PACING": False},
+    "pacer": {"SKIP_LATE": False, "PACING": True},
+    "both": {"SKIP_LATE": True, "PACING": True},
+}
+
+
+async def stall_cell(
+    variant: str, seconds: float, stall_s: float, every_s: float
+) -> dict[str, Any]:
+    """One call on the 300 kbit/s link with this process's event loop stalled ``stall_s`` every
+    ``every_s`` (``Stalls``: both peers are in this process): the practitioner's frames, judged
+    as the 300 kbit/s test judges them (less the stalls themselves), and the link's drops."""
+    for name, value in STALL_VARIANTS[variant].items():
+        setattr(aiortc_send, name, value)
+    async with Network("bstall") as net:
+        a, b, dev = await netem.pair(net)
+        pair = LocalPair(namespaces=(a, b), width=640, height=480, fps=30, video=(True, False))
+        async with (
+            contextlib.aclosing(pair),
+            LoopLag() as lag,
+            Link(a, dev, both=NARROW) as link,
+        ):
+            await pair.connect()
+            await asyncio.wait_for(pair.b.receiver.frames(1, 10), 20)
+            got = pair.b.receiver.received
+            first = got.first_video or time.monotonic()
+            async with Stalls(stall_s, every_s) as stalls:
+                await asyncio.sleep(seconds)
+            counters = (await link.stats())["directions"]["egress"]
+            shown = after(got, first + WARMUP_S)
+            best = min(latency for _, latency, _ in got.history)
+            behind = [
+                latency - best - 1000 * lag.between(t - latency / 1000, t)
+                for t, latency, _ in shown
+            ]
+            sent = aiortc_send.sent_video(pair.a.pc)
+            ladder = aiortc_send.ladder_of(pair.a.pc)
+            times = [t for t, _, _ in after(got, first)]
+            gaps = [b - a - lag.between(a, b) for a, b in itertools.pairwise(times)]
+            frozen = [gap for gap in gaps if gap >= FROZEN_GAP_S]
+            return {
+                "variant": variant,
+                "fps": round(len(times) / (time.monotonic() - first), 1),
+                "freezes": len(frozen),
+                "frozen_s": round(sum(frozen), 1),
+                "longest_gap_s": round(longest_gap(after(got, first), lag), 2),
+                "behind_max_ms": round(max(behind, default=0)),
+                "over_500": sum(1 for ms in behind if ms > 500),
+                "drops": counters["overflow"],
+                "stalls": len(stalls.made),
+                "skipped": getattr(ladder, "late_skipped", 0),
+                "size": f"{sent.width}x{sent.height}/{sent.frame_divisor}" if sent else "-",
+                "load": round(os.getloadavg()[0], 1),
+            }
+
+
+FROZEN_GAP_S = 0.2  # a gap, less the stalls within it, this long is a freeze (W3C: 183 ms at 30)
+STALL_COLUMNS = [("variant", 8), ("fps", 5), ("freezes", 8), ("frozen_s", 9),
+                 ("longest_gap_s", 14), ("behind_max_ms", 14), ("over_500", 9), ("drops", 6),
+                 ("stalls", 7), ("skipped", 8), ("size", 10), ("load", 5)]  # fmt: skip
+
+
+def stall_main(args: argparse.Namespace) -> None:
+    print(f"load average before: {os.getloadavg()[0]:.1f} (2 cores shared)")
+    print(f"stalls: {args.stall_ms} ms every {args.every} s; {args.seconds} s per call")
+    print("  ".join(name.ljust(width) for name, width in STALL_COLUMNS))
+    for _ in range(args.runs):
+        for variant in args.variants:  # interleaved, so that all see the same load
+            run_cell(
+                ["--stalls", "--seconds", str(args.seconds), "--stall-ms", str(args.stall_ms),
+                 "--every", str(args.every), "--cell", variant],
+                variant,
+                STALL_COLUMNS,
+            )  # fmt: skip
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
+
+
 # -- Chromium sending to an aiortc practitioner on a clean link (issue 13, slice 5) -----------
 
 PEER_VARIANTS: dict[str, str] = {
@@ -380,10 +468,25 @@ def main(argv: list[str] | None = None) -> None:
         choices=sorted(START_LINKS),
         help="instead: calls from their start on this link, with and without the start probe",
     )
+    parser.add_argument(
+        "--stalls",
+        action="store_true",
+        help="instead: 300 kbit/s calls with this process's loop stalled on a schedule",
+    )
+    parser.add_argument("--stall-ms", type=float, default=250.0, help="--stalls: each stall")
+    parser.add_argument("--every", type=float, default=2.5, help="--stalls: seconds between")
+    parser.add_argument(
+        "--variants", nargs="*", choices=sorted(STALL_VARIANTS), default=["today", "both"],
+        help="--stalls: the sender's variants, interleaved",
+    )  # fmt: skip
     parser.add_argument("--receivers", nargs="*", choices=RECEIVERS, help="--chromium: default all")
     args = parser.parse_args(argv)
     if args.chromium:
         chromium_main(args)
+        return
+    if args.cell and args.stalls:
+        cell_row = stall_cell(args.cell, args.seconds, args.stall_ms / 1000, args.every)
+        print(json.dumps(asyncio.run(cell_row)))
         return
     if args.cell and args.start:
         print(json.dumps(asyncio.run(start_cell(args.cell, args.start, args.seconds))))
@@ -395,6 +498,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"bench-rate: {reason}")
     if args.start:
         start_main(args)
+        return
+    if args.stalls:
+        stall_main(args)
         return
     print(f"load average before: {os.getloadavg()[0]:.1f} (2 cores shared)")
     print("  ".join(name.ljust(width) for name, width in COLUMNS))

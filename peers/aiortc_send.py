@@ -45,6 +45,24 @@ encoder as a whole. Against aiortc 1.16.0:
   the bitrate. ``Sent.limitation`` says which one holds the sender down (the
   W3C ``qualityLimitationReason``: ``cpu``, ``bandwidth`` or ``none``).
 
+- After a stall of the sender's event loop (80-360 ms on the shared machine at load 4-8):
+  the source owes the frames that fell due meanwhile and hands them over at once
+  (``PatternTrack.recv`` catches up on its schedule, a camera's queue would too), aiortc
+  encodes each (``RTCRtpSender._next_encoded_frame``, rtcrtpsender.py:294) and sends its
+  packets as soon as they are built (rtcrtpsender.py:401): after 250 ms, 8-12 frames,
+  6-7.5 kB within 120 ms, where a 300 kbit/s link with a 100 ms buffer holds 3.75 kB. The
+  buffer tail-drops, the retransmissions come a round trip later, and frames play 500-900 ms
+  behind. Here, as libwebrtc does: the encoder skips a frame that comes over
+  ``LATE_FRAMES`` intervals later than the best offset between media time and the clock
+  (the next one is already due), as ``VideoStreamEncoder`` takes only the newest frame
+  waiting (``Ladder.late``), and hides the skipped time from libvpx, whose rate control
+  would spend it on the next frame (``Ladder.pts_shift``); and a packet pacer (``Pacer``,
+  in ``paced_run_rtp`` in place of ``RTCRtpSender._run_rtp``, rtcrtpsender.py:357-424)
+  sends each video packet at ``PACE_FACTOR`` x the target, stamping its abs-send-time as
+  it leaves, with no credit for the time the loop stood still (libwebrtc's
+  ``PacingController``). The skip does most of the work; the pacer's share is small
+  (docs/benchmarks.md, "The sender after its own event loop's stalls").
+
 Audio is not held behind video encoding: each sender runs its own task
 (``RTCRtpSender._run_rtp``) and each encode is a separate executor job; FFmpeg's
 ``avcodec_send_frame`` and ``sws_scale`` run without the GIL (av 18.1
@@ -59,12 +77,19 @@ overuse detector in ``RTCRtpSender``.
 
 from __future__ import annotations
 
+import asyncio
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from aiortc import clock
 from aiortc.codecs import vpx
+from aiortc.mediastreams import VIDEO_TIME_BASE, MediaStreamError, convert_timebase
+from aiortc.rtcrtpsender import RTCRtpSender, random_sequence_number
+from aiortc.rtp import RTP_HISTORY_SIZE, RtpPacket
+from aiortc.utils import random32, uint16_add, uint32_add
 from av import VideoFrame
 
 __all__ = [
@@ -78,6 +103,7 @@ __all__ = [
     "START_BPS",
     "CpuOveruse",
     "Ladder",
+    "Pacer",
     "Sent",
     "encoder_ladder",
     "install",
@@ -107,6 +133,17 @@ CPU_UP_AFTER_S = 5.0
 CPU_UP_AFTER_MAX_S = 40.0  # libwebrtc: kMaxRampUpDelayMs is 240 s
 OSCILLATION_S = 30.0  # an overuse this soon after a climb doubles the next climb's wait
 CPU_MAX_RUNG = 2  # resolution only: 320x240 of 640x480 at the full frame rate
+
+# After a stall of the sender's event loop (see the module docstring, "After a stall").
+SKIP_LATE = True  # off: bench/rate.py --stalls' "today" and "pacer"
+LATE_FRAMES = 1.5  # a frame this many intervals behind its best offset: the next one is due
+SKIP_MAX = 8  # frames skipped in a row at most (0.27 s at 30 fps): the picture still moves
+BEST_DRIFT_S = 0.0005  # per frame: the best offset may rise by this (a source's clock drifts)
+PACING = True  # off: bench/rate.py --stalls' "today" and "skip"
+PACE_FACTOR = 2.5  # x the encoder's target: libwebrtc's kDefaultPaceMultiplier
+PACE_BURST_S = 0.01  # credit an idle pacer keeps (libwebrtc's pacer: one 5 ms process interval)
+PACE_MAX_QUEUE_S = 0.5  # a frame's packets all leave within this (libwebrtc: 2 s for its queue)
+PACKET_OVERHEAD = 60  # bytes a VP8 payload carries on the wire: RTP, extensions, SRTP, UDP, IPv4
 
 
 @dataclass
@@ -181,6 +218,18 @@ class Ladder:
     # once, without ``UP_AFTER_S``: set while the answer to the start probe may come
     # (peers/aiortc_rate.py, ``Prober.start``).
     climb_until: float | None = None
+    # Frames skipped because the next one was already due (``late``).
+    best_offset_s: float | None = None  # the least (monotonic - media time) seen
+    late_in_row: int = 0
+    late_skipped: int = 0
+    prev_pts: int | None = None  # of the frame offered before, in its time base
+    # The media time the skipped frames covered, taken out of the timeline libvpx sees: its
+    # rate control gives a frame the budget of the time since the one before (after 8
+    # skipped frames at 50 kbit/s, 2,455 bytes where the frames around it are 200-330; in
+    # the stalled calls 2.7-4.1 kB, 4 packets in one burst), where libwebrtc gives libvpx a
+    # timestamp of its own that grows by one frame's duration per frame encoded
+    # (``LibvpxVp8Encoder::Encode``).
+    pts_shift: int = 0
 
     def __post_init__(self) -> None:
         # A ladder made on a rung (``Ladder(rung=2)``) is there for its bitrate.
@@ -218,6 +267,22 @@ class Ladder:
             else:  # the first interval: the source's rate at once, not 30 fps for a second
                 self.fps, self.fps_learnt = 1 / (pts_s - self.last_pts_s), True
         self.last_pts_s = pts_s
+
+    def late(self, pts_s: float, now: float) -> bool:
+        """Whether to skip the frame of media time ``pts_s`` offered at ``now`` (monotonic s)
+        because the next one is already due: it comes over ``LATE_FRAMES`` intervals later
+        than the best offset between the two clocks, at most ``SKIP_MAX`` in a row."""
+        offset = now - pts_s
+        if self.best_offset_s is None or offset < self.best_offset_s:
+            self.best_offset_s = offset
+        late = offset - self.best_offset_s > LATE_FRAMES / max(self.fps, 1.0)
+        self.best_offset_s += BEST_DRIFT_S
+        if late and self.late_in_row < SKIP_MAX:
+            self.late_in_row += 1
+            self.late_skipped += 1
+            return True
+        self.late_in_row = 0
+        return False
 
     def encoded(self, start: float, end: float) -> int:
         """Note how long one frame's encode took (monotonic s); the rung from now on."""
@@ -292,7 +357,13 @@ def install() -> None:
             if (frame.width, frame.height) != (ladder.width, ladder.height):
                 ladder.width, ladder.height = frame.width, frame.height
             if frame.pts is not None and frame.time_base is not None:
-                ladder.offered(float(frame.pts * frame.time_base))
+                pts_s = float(frame.pts * frame.time_base)
+                ladder.offered(pts_s)
+                step = frame.pts - ladder.prev_pts if ladder.prev_pts is not None else 0
+                ladder.prev_pts = frame.pts
+                if SKIP_LATE and not force_keyframe and ladder.late(pts_s, start):
+                    ladder.pts_shift += max(step, 0)
+                    return [], 0  # the sender sends nothing for an empty list (as below)
             ladder.update(self.target_bitrate, time.monotonic())
             if not ladder.keep() and not force_keyframe:
                 return [], 0  # the sender sends nothing for an empty list (rtcrtpsender.py:326)
@@ -301,13 +372,138 @@ def install() -> None:
                 scaled = frame.reformat(width=width, height=height, format="yuv420p")
                 scaled.pts, scaled.time_base = frame.pts, frame.time_base
                 frame = scaled
+        real_pts, real_base = frame.pts, frame.time_base  # PyAV's encode rebases both
+        shifted = isinstance(frame, VideoFrame) and real_pts is not None and ladder.pts_shift
+        if shifted:
+            frame.pts = real_pts - ladder.pts_shift  # what libvpx sees (``Ladder.pts_shift``)
         payloads, timestamp = vp8_encode(self, frame, force_keyframe)
+        if shifted:  # the RTP timestamp stays the media time (vpx.py:235)
+            frame.pts, frame.time_base = real_pts, real_base
+            timestamp = convert_timebase(real_pts, real_base, VIDEO_TIME_BASE)
         if isinstance(frame, VideoFrame):
             ladder.encoded(start, time.monotonic())
             last_sent[:] = [sent_by(self, ladder)]
         return payloads, timestamp
 
     vpx.Vp8Encoder.encode = encode  # type: ignore[method-assign]
+    original_run_rtp = RTCRtpSender._run_rtp
+
+    async def _run_rtp(self: RTCRtpSender, codec: Any) -> None:
+        if PACING and self.kind == "video":
+            await paced_run_rtp(self, codec)
+        else:
+            await original_run_rtp(self, codec)
+
+    RTCRtpSender._run_rtp = _run_rtp  # type: ignore[method-assign]
+
+
+@dataclass
+class Pacer:
+    """When each packet of a video sender may leave: ``PACE_FACTOR`` x the encoder's target.
+
+    libwebrtc's ``PacingController`` in one sender's task: a packet leaves when the budget
+    allows, an idle pacer keeps at most ``PACE_BURST_S`` of credit (a stall of the event loop
+    earns none: what was encoded meanwhile leaves at the pacing rate, not in one burst), and a
+    frame's packets all leave within ``PACE_MAX_QUEUE_S`` (libwebrtc raises its rate to empty
+    its queue within ``kMaxExpectedQueueLength``). The queue is the frame being sent: while it
+    waits the sender reads no new frame, and the encoder skips what has become late
+    (``Ladder.late``), as libwebrtc's encoder drops frames while its pacer is behind.
+    """
+
+    next_at: float | None = None  # monotonic s: when the next packet may leave
+    waited_s: float = 0.0  # in all
+    packets: int = 0
+
+    def wait(self, size: int, target_bps: float, frame_bytes: int, now: float) -> float:
+        """Seconds to wait before a packet of ``size`` bytes leaves, of a frame of
+        ``frame_bytes`` on the wire; the budget is taken at once."""
+        rate = max(PACE_FACTOR * target_bps, frame_bytes * 8 / PACE_MAX_QUEUE_S, 1.0)
+        at = now - PACE_BURST_S if self.next_at is None else max(self.next_at, now - PACE_BURST_S)
+        self.next_at = at + size * 8 / rate
+        self.packets += 1
+        delay = max(0.0, at - now)
+        self.waited_s += delay
+        return delay
+
+
+def pacer_of(sender: Any) -> Pacer:
+    """The video sender's ``Pacer`` (made on first use)."""
+    pacer: Pacer = sender.__dict__.setdefault("_epc_pacer", Pacer())
+    return pacer
+
+
+async def paced_run_rtp(self: RTCRtpSender, codec: Any) -> None:
+    """aiortc 1.16's ``RTCRtpSender._run_rtp`` (rtcrtpsender.py:357-424) with each video packet
+    waiting for its ``Pacer`` and stamped with its abs-send-time when it leaves.
+
+    aiortc sends a frame's packets as soon as it is encoded (rtcrtpsender.py:401), each
+    stamped as it is built (:388): after a stall of the event loop, every frame the source
+    caught up on leaves in one burst, more than a 100 ms drop-tail buffer of a 300 kbit/s link
+    holds (docs/benchmarks.md, "The sender after its own event loop's stalls"). The rest is
+    aiortc's, line for line; audio senders keep aiortc's own (libwebrtc paces audio too, first).
+    """
+    sender: Any = self  # the name-mangled attributes of aiortc's sender
+    log_debug = sender._RTCRtpSender__log_debug
+    log_debug("- RTP started")
+    sender._RTCRtpSender__rtp_started.set()
+    pacer = pacer_of(self)
+
+    sequence_number = random_sequence_number()
+    timestamp_origin = random32()
+    try:
+        while True:
+            if not sender._RTCRtpSender__track:
+                await asyncio.sleep(0.02)
+                continue
+            enc_frame = await self._next_encoded_frame(codec)
+            if enc_frame is None:
+                continue
+            timestamp = uint32_add(timestamp_origin, enc_frame.timestamp)
+            frame_bytes = sum(len(payload) + PACKET_OVERHEAD for payload in enc_frame.payloads)
+            for i, payload in enumerate(enc_frame.payloads):
+                packet = RtpPacket(
+                    payload_type=codec.payloadType,
+                    sequence_number=sequence_number,
+                    timestamp=timestamp,
+                )
+                packet.ssrc = self._ssrc
+                packet.payload = payload
+                packet.marker = ((i == len(enc_frame.payloads) - 1) and 1) or 0
+                packet.extensions.mid = sender._RTCRtpSender__mid
+                if enc_frame.audio_level is not None:
+                    packet.extensions.audio_level = (False, -enc_frame.audio_level)
+                # In the history before it waits: a NACK for it may come meanwhile.
+                sender._RTCRtpSender__rtp_history[packet.sequence_number % RTP_HISTORY_SIZE] = (
+                    packet
+                )
+                encoder = sender._RTCRtpSender__encoder
+                target = float(getattr(encoder, "target_bitrate", 0) or 0)
+                delay = pacer.wait(
+                    len(payload) + PACKET_OVERHEAD, target, frame_bytes, time.monotonic()
+                )
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                packet.extensions.abs_send_time = (clock.current_ntp_time() >> 14) & 0x00FFFFFF
+                log_debug("> %s", packet)
+                packet_bytes = packet.serialize(sender._RTCRtpSender__rtp_header_extensions_map)
+                await self.transport._send_rtp(packet_bytes)
+
+                sender._RTCRtpSender__ntp_timestamp = clock.current_ntp_time()
+                sender._RTCRtpSender__rtp_timestamp = packet.timestamp
+                sender._RTCRtpSender__octet_count += len(payload)
+                sender._RTCRtpSender__packet_count += 1
+                sequence_number = uint16_add(sequence_number, 1)
+    except (asyncio.CancelledError, ConnectionError, MediaStreamError):
+        pass
+    except Exception:
+        sender._RTCRtpSender__log_warning(traceback.format_exc())
+
+    if sender._RTCRtpSender__track:
+        sender._RTCRtpSender__track.stop()
+        sender._RTCRtpSender__track = None
+    sender._RTCRtpSender__encoder = None
+    log_debug("- RTP finished")
+    sender._RTCRtpSender__rtp_exited.set()
 
 
 def ladder_of(pc: Any) -> Ladder | None:

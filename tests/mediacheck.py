@@ -74,6 +74,35 @@ class LoopLag:
         )
 
 
+class Stalls:
+    """Stalls of this process's event loop, made on a schedule: ``time.sleep(stall_s)`` on the
+    loop every ``every_s`` (the first after ``every_s``), as a starved process's loop stalls
+    (80-360 ms at load 4-8 on the shared 2-core machine), so that what a sender does after
+    one can be measured on a quiet machine. ``LoopLag`` sees them as any other stall.
+    """
+
+    def __init__(self, stall_s: float = 0.25, every_s: float = 2.5) -> None:
+        self.stall_s, self.every_s = stall_s, every_s
+        self.made: list[float] = []  # monotonic times at which each stall ended
+        self.task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Stalls:
+        self.task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self.task is not None
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.every_s)
+            time.sleep(self.stall_s)  # noqa: ASYNC251 (the point: the whole loop stands still)
+            self.made.append(time.monotonic())
+
+
 def audio_counts(got: Received) -> tuple[int, int, int]:
     """Audio frames of media time so far (played or not: 20 ms each), missing and concealed.
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fractions
 import itertools
 import json
 import socket
@@ -46,12 +47,28 @@ from peers.aiortc_rate import (
     loss_based,
     send_probe,
 )
-from peers.aiortc_send import RUNGS, START_BPS
-from peers.media import WARMUP_S
+from peers.aiortc_send import (
+    PACE_BURST_S,
+    PACE_FACTOR,
+    PACE_MAX_QUEUE_S,
+    RUNGS,
+    SKIP_MAX,
+    START_BPS,
+    Pacer,
+)
+from peers.media import WARMUP_S, PatternTrack
 from peers.netns import Netns
 from tests.browser import wait_state
 from tests.inprocess import LocalPair
-from tests.mediacheck import LoopLag, after, audio_counts, longest_gap, most_behind, needs_root
+from tests.mediacheck import (
+    LoopLag,
+    Stalls,
+    after,
+    audio_counts,
+    longest_gap,
+    most_behind,
+    needs_root,
+)
 from tests.netem import Impairment, Link
 from tests.support import within
 from tests.webcall import FAKE_HEIGHT, FAKE_WIDTH, Net, aiortc_peer, grows
@@ -477,6 +494,71 @@ def test_a_new_encoder_starts_at_480x360_below_a_narrow_links_rate() -> None:
     assert aiortc_send.Ladder(width=640, height=480, fps=30).update(500_000, 0.0) == 0
 
 
+def test_after_a_stall_the_encoder_skips_the_frames_the_source_caught_up_on() -> None:
+    """A 30 fps source whose frames are offered on time is never skipped; after a 250 ms stall
+    the 7 frames that fell due meanwhile come at once, and the encoder takes only the newest
+    (the others were over 1.5 intervals late: the next was already due), as libwebrtc's
+    encoder takes the newest frame waiting; aiortc encodes all 8 and sends them in one burst.
+    At most SKIP_MAX in a row: a source that stays late still moves."""
+    ladder = aiortc_send.Ladder(width=640, height=480, fps=30)
+    skipped = [ladder.late(n / 30, 100 + n / 30 + 0.004 * (n % 3)) for n in range(60)]
+    assert not any(skipped)
+    stall_end = 100 + 60 / 30 + 0.25
+    skipped = [ladder.late(n / 30, stall_end + 0.002 * (n - 60)) for n in range(60, 68)]
+    assert skipped == [True] * 7 + [False]
+    assert not ladder.late(68 / 30, 100 + 68 / 30 + 0.01)  # on schedule again
+    behind = [ladder.late(n / 30, 100 + n / 30 + 1.0) for n in range(69, 69 + 2 * SKIP_MAX)]
+    assert behind.count(False) >= 1 and behind[:SKIP_MAX] == [True] * SKIP_MAX
+
+
+def test_the_frame_after_skipped_ones_gets_one_frames_budget_and_keeps_its_media_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """At 50 kbit/s, the frame a VP8 encoder takes after skipping the 7 that fell due during a
+    250 ms stall is no larger than twice the median of the frames before, and its RTP timestamp
+    is still its media time: libvpx sizes a frame by the time since the one before, and given
+    the real gap made it 2,455 bytes where its neighbours were 200-330 (the stalled calls sent
+    2.7-4.1 kB frames, 3-4 packets, at once)."""
+    aiortc_patches.steady_media()
+    now = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])  # read by the encode wrapper
+    track = PatternTrack(320, 240, 30)
+    encoder = Vp8Encoder()
+    encoder.target_bitrate = 50_000
+    sizes, timestamps = [], []
+    for n in [*range(60), *range(60, 69)]:
+        frame = track._draw(n, 0)
+        frame.pts, frame.time_base = n * 3000, fractions.Fraction(1, 90_000)
+        now[0] = 1000.0 + n / 30  # on time; then a stall ends at 2.25 s and the source catches up
+        now[0] = max(now[0], 1002.25 + 0.002 * (n - 60)) if n >= 60 else now[0]
+        payloads, timestamp = encoder.encode(frame)
+        sizes.append(sum(len(p) for p in payloads))
+        timestamps.append(timestamp)
+    ladder = aiortc_send.encoder_ladder(encoder)
+    assert ladder is not None and ladder.late_skipped == 7 and sizes[60:67] == [0] * 7
+    assert sizes[67] <= 2 * statistics.median(sizes[30:60]), sizes[55:]
+    assert timestamps[67] == 67 * 3000
+
+
+def test_the_pacer_spreads_a_burst_at_2_5_x_the_target_and_bounds_a_frames_queue_time() -> None:
+    """After a stall, 8 frames of 800 bytes offered at once with a 200 kbit/s target leave
+    spread at 500 kbit/s (aiortc: all within a millisecond: 6.9 kB into a 300 kbit/s link's
+    3.75 kB buffer); a 30 kB keyframe at a 50 kbit/s target leaves within PACE_MAX_QUEUE_S."""
+    pacer = Pacer()
+    now, leaves = 10.0, []
+    for _ in range(8):
+        now += pacer.wait(800, 200_000, 800, now)
+        leaves.append(now)
+    expected = 7 * 800 * 8 / (PACE_FACTOR * 200_000)
+    assert leaves[-1] - leaves[0] == pytest.approx(expected - PACE_BURST_S, abs=0.002)
+    assert leaves[0] == 10.0  # an idle pacer sends at once
+    keyframe = Pacer()
+    now = 20.0
+    for _ in range(25):
+        now += keyframe.wait(1200, 50_000, 30_000, now)
+    assert now - 20.0 <= PACE_MAX_QUEUE_S
+
+
 def parse_feedback(data: bytes) -> tuple[int, int, int, list[int | None]]:
     """(base, status count, reference us, each packet's arrival us or None), by the draft."""
     first, kind, words = struct.unpack("!BBH", data[:4])
@@ -616,6 +698,43 @@ async def test_at_300_kbits_video_steps_down_and_keeps_its_frame_rate(
             )
             assert media >= 50 * NARROW_S * 0.8, (call.name, media)
             assert missing + concealed <= 0.1 * media, (call.name, media, missing, concealed)
+
+
+STALL_S, STALL_EVERY_S = 0.25, 2.5  # the sender's loop at load 4-8: stalls of 80-360 ms
+
+
+@needs_root
+@pytest.mark.netns
+@pytest.mark.asyncio
+async def test_at_300_kbits_the_sender_comes_back_from_its_own_stalls_without_falling_behind(
+    link_pair: tuple[Netns, Netns, str],
+) -> None:
+    """The 640x480 call through 300 kbit/s with 40 ms each way, this process's event loop
+    stalled 250 ms every 2.5 s (``Stalls``; both peers are in it): no frame shown over 500 ms
+    behind the call's best delay and no gap over 1 s, each less the stalls themselves. aiortc
+    sent every frame the source caught up on after a stall at once (8 frames, 6 kB into the
+    link's 3.75 kB buffer), the retransmissions of what the buffer dropped came late, and
+    frames played over 500 ms behind in 15 of 20 calls, up to 933 ms (docs/benchmarks.md,
+    "The sender after its own event loop's stalls")."""
+    a, b, dev = link_pair
+    pair = LocalPair(namespaces=(a, b), width=640, height=480, fps=30, video=(True, False))
+    async with contextlib.aclosing(pair), LoopLag() as lag, Link(a, dev, both=NARROW):
+        await within(pair.connect(), 2)
+        await within(pair.b.receiver.frames(1, 10), 4)
+        got = pair.b.receiver.received
+        first = got.first_video or time.monotonic()
+        async with Stalls(STALL_S, STALL_EVERY_S) as stalls:
+            await asyncio.sleep(NARROW_S)
+        shown = after(got, first + WARMUP_S)
+        best = min(latency for _, latency, _ in got.history)
+        worst = max(shown, key=lambda entry: entry[1], default=(first, best, 0))
+        when = f"the latest {worst[1] - best:.0f} ms behind, {worst[0] - first:.1f} s in"
+        ladder = aiortc_send.ladder_of(pair.a.pc)
+        seen = f"{when}; {len(stalls.made)} stalls, {getattr(ladder, 'late_skipped', 0)} skipped"
+        assert len(stalls.made) >= NARROW_S / STALL_EVERY_S - 2, seen
+        behind, gap = most_behind(got, shown, lag), longest_gap(after(got, first), lag)
+        assert behind <= 500, (behind, seen)
+        assert gap <= 1.0, (gap, seen)
 
 
 START_640_S = 2.0  # Chromium to Chromium: 640x480 within the first second or two
