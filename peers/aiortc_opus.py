@@ -85,6 +85,7 @@ MAX_SAMPLES = 5760  # 120 ms, the longest Opus packet
 TIME_BASE = fractions.Fraction(1, SAMPLE_RATE)
 SILK_FRAME = 960  # 20 ms at 48 kHz
 CATCH_UP_FRAMES = 25  # frames read and encoded in one job at most (0.5 s of 20 ms frames)
+CATCH_UP = True  # off: aiortc's one frame per job (bench/slowloop.py's "today")
 
 
 class LostFrame(JitterFrame):
@@ -249,7 +250,7 @@ def install_sender() -> None:
     async def _next_encoded_frame(self: RTCRtpSender, codec: Any) -> RTCEncodedFrame | None:
         track = self._RTCRtpSender__track  # type: ignore[attr-defined]
         due = getattr(track, "due_frames", None)
-        if self.kind != "audio" or due is None:
+        if self.kind != "audio" or due is None or not CATCH_UP:
             return await original(self, codec)
         pending: collections.deque[RTCEncodedFrame] = self.__dict__.setdefault(
             "_epc_encoded", collections.deque()

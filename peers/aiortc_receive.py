@@ -116,6 +116,7 @@ AUDIO_WAIT_S = 0.03  # a missing audio packet waited for this long (reordering),
 MAX_CONCEAL = 10  # at most this many audio packets in a row (200 ms) made up
 MAX_HELD = 2000  # packets held while waiting for a keyframe, at most
 DRAIN_MAX = 64  # datagrams read from a socket in one turn of the event loop, at most
+DRAIN = True  # off: asyncio's one datagram per turn (bench/slowloop.py's "today")
 MAX_ARRIVALS = 300  # arrival times of frames kept for LateFrames, at most
 LATE_S = 0.15  # a frame this much later than it is due is skipped if a newer one waits
 LATE_MAX_S = 0.3  # ... and one this much later than the best recent delay, whatever the delay
@@ -995,7 +996,7 @@ def install_drain() -> None:
         inner(self, data, addr)
         # asyncio's transport keeps its socket in ``_sock`` (selector_events.py); the public
         # ``get_extra_info("socket")`` refuses ``recvfrom``.
-        sock = getattr(self.transport, "_sock", None)
+        sock = getattr(self.transport, "_sock", None) if DRAIN else None
         for _ in range(DRAIN_MAX - 1):
             if sock is None or self.transport.is_closing():
                 return
