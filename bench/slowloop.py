@@ -2,6 +2,7 @@
 
     sudo .venv/bin/python -m bench.slowloop                        # 10 ms turns, 2 runs
     sudo .venv/bin/python -m bench.slowloop --turn-ms 0 5 10 20 --stall-ms 300 --runs 3
+    sudo .venv/bin/python -m bench.slowloop --turn-ms 0 --stall-ms 0 --cpu-percent 20
 
 Two ``Call``s in two namespaces (tests/inprocess.py), each sending the stamped
 pattern (320x240, 15 fps) and the tone, the patient's interface at 2 % loss both
@@ -17,7 +18,9 @@ turn), alternating, so that both see the same load. Printed per call, over
 ``--seconds``: the audio media time that reached it (frames of 20 ms, due: 50 a
 second), missing and concealed; how far behind real time the other side's tone
 was read at the end; video frames shown and the most a frame was behind the
-call's best delay. And the process's CPU. Never asserted: see docs/benchmarks.md
+call's best delay. And the process's CPU. ``--cpu-percent P`` holds this process (not the
+link emulator) to P % of one core while the link is impaired (a cgroup v1 ``cpu``
+group, ``cpu.cfs_quota_us``, removed afterwards). Never asserted: see docs/benchmarks.md
 ("Audio when the event loop is slow").
 """
 
@@ -29,6 +32,7 @@ import contextlib
 import os
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from peers import aiortc_opus, aiortc_receive
@@ -41,36 +45,62 @@ from tests.netem import Impairment, Link
 from tests.support import within
 
 FPS = 15
+CGROUP_CPU = "/sys/fs/cgroup/cpu"
 VARIANTS = ("today", "patched")
 
 
 class SlowTurns:
     """Every turn of this process's event loop made ``turn_s`` longer, and the loop held up
     ``stall_s`` every ``every_s``: what a loaded machine does to it (each time the loop has
-    waited, it waits again for a CPU). A callback that runs once a turn blocks it."""
+    waited, it waits again for a CPU). A callback that runs once a turn blocks it (none
+    when ``turn_s`` is 0: the loop would spin), another every ``every_s``."""
 
     def __init__(self, turn_s: float, stall_s: float = 0.0, every_s: float = 2.0) -> None:
         self.turn_s, self.stall_s, self.every_s = turn_s, stall_s, every_s
         self.on = False
-        self.next_stall = 0.0
 
     def __enter__(self) -> SlowTurns:
         self.on = True
-        self.next_stall = time.monotonic() + self.every_s
-        asyncio.get_running_loop().call_soon(self._turn)
+        loop = asyncio.get_running_loop()
+        if self.turn_s > 0:
+            loop.call_soon(self._turn)
+        if self.stall_s > 0:
+            loop.call_later(self.every_s, self._stall)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.on = False
 
     def _turn(self) -> None:
-        if not self.on:
-            return
-        time.sleep(self.turn_s)
-        if self.stall_s and time.monotonic() >= self.next_stall:
+        if self.on:
+            time.sleep(self.turn_s)
+            asyncio.get_running_loop().call_soon(self._turn)
+
+    def _stall(self) -> None:
+        if self.on:
             time.sleep(self.stall_s)
-            self.next_stall = time.monotonic() + self.every_s
-        asyncio.get_running_loop().call_soon(self._turn)
+            asyncio.get_running_loop().call_later(self.every_s, self._stall)
+
+
+@contextlib.contextmanager
+def cpu_share(percent: float | None) -> Iterator[None]:
+    """This process (all its threads) held to ``percent`` % of one core while the block runs."""
+    if percent is None:
+        yield
+        return
+    group = os.path.join(CGROUP_CPU, f"epc-slowloop-{os.getpid()}")
+    os.makedirs(group, exist_ok=True)
+    try:
+        for name, value in (("cpu.cfs_period_us", 100_000), ("cpu.cfs_quota_us", percent * 1000)):
+            with open(os.path.join(group, name), "w") as f:
+                f.write(str(int(value)))
+        with open(os.path.join(group, "cgroup.procs"), "w") as f:
+            f.write(str(os.getpid()))
+        yield
+    finally:
+        with open(os.path.join(CGROUP_CPU, "cgroup.procs"), "w") as f:
+            f.write(str(os.getpid()))
+        os.rmdir(group)
 
 
 def tone_behind_s(track: Any) -> float:
@@ -80,7 +110,9 @@ def tone_behind_s(track: Any) -> float:
     return max(0.0, time.monotonic() - (track._begin + track._pts / track.RATE))
 
 
-async def run_call(variant: str, turn_s: float, stall_s: float, seconds: float) -> list[str]:
+async def run_call(
+    variant: str, turn_s: float, stall_s: float, seconds: float, cpu_percent: float | None
+) -> list[str]:
     aiortc_opus.CATCH_UP = aiortc_receive.DRAIN = variant == "patched"
     rows = []
     async with Network("slowloop") as net:
@@ -89,7 +121,7 @@ async def run_call(variant: str, turn_s: float, stall_s: float, seconds: float) 
             await within(pair.connect(), 5)
             await within(pair.flowing(video=FPS), 8)
             async with Link(a, dev, both=Impairment(loss=0.02)):
-                with SlowTurns(turn_s, stall_s):
+                with cpu_share(cpu_percent), SlowTurns(turn_s, stall_s):
                     start, cpu = time.monotonic(), time.process_time()
                     audio = {c.name: audio_counts(c.receiver.received) for c in pair.calls}
                     await asyncio.sleep(seconds)
@@ -122,6 +154,7 @@ async def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stall-ms", type=float, default=300.0)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--cpu-percent", type=float, default=None)
     args = parser.parse_args(argv)
     if reason := netns_missing():
         print(f"bench.slowloop: {reason}", file=sys.stderr)
@@ -131,7 +164,7 @@ async def main(argv: list[str] | None = None) -> int:
         for _ in range(args.runs):
             for variant in VARIANTS:
                 for row in await run_call(
-                    variant, turn_ms / 1000, args.stall_ms / 1000, args.seconds
+                    variant, turn_ms / 1000, args.stall_ms / 1000, args.seconds, args.cpu_percent
                 ):
                     print(row, flush=True)
     print(f"load average after: {os.getloadavg()}", flush=True)
