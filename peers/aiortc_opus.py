@@ -1,5 +1,5 @@
 """The receiver's Opus decoder, with libopus's in-band FEC and loss concealment (imported by
-peers/aiortc_receive.py).
+peers/aiortc_receive.py); and the audio sender's catch-up after its event loop was held up.
 
 A sibling of ``aiortc_receive`` (which installs it; ``check_versions()`` still
 guards it). Against aiortc 1.16.0, ``OpusDecoder`` (codecs/opus.py:17-29),
@@ -27,25 +27,45 @@ And its ``decode()`` copies the PCM through a Python list (about 240 us per
 
 Upstream, ``OpusDecoder`` would decode with libopus directly and take a lost
 frame (FEC or concealment) from the jitter buffer.
+
+The audio sender (``install_sender``): aiortc 1.16's ``RTCRtpSender._next_encoded_frame``
+(rtcrtpsender.py:298 and :318-320) reads one frame from the track, computes its audio
+level on the event loop (rtp.py:314, a Python loop over the samples: 60-100 us a frame
+here) and encodes it as one executor job, so each 20 ms frame costs the sender several
+turns of the loop (the track's sleep, the job's completion, the task's wake-up). On a
+loaded machine a turn waits for a CPU (10 ms and more at load 10-20): the sender then
+reads fewer than 50 frames a second and falls behind real time for good, however little
+CPU the audio itself needs; the video sender, at 15-30 frames a second, still keeps up
+(docs/benchmarks.md, "Audio when the event loop is slow"). Here a track that can say
+which of its frames are already due (``due_frames(limit)``, as a microphone's buffer
+holds what came while the reader was held up; ``peers.media.ToneTrack``) has them all
+read, leveled and encoded in one executor job, at most ``CATCH_UP_FRAMES``, and sent one
+per call without waiting: one round of turns per batch, not per frame. A track without
+``due_frames`` goes aiortc's way. Upstream, ``MediaStreamTrack`` would have a way to read
+what is already buffered, and the sender would use it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import ctypes
 import fractions
 import logging
 from typing import Any
 
-from aiortc import rtcrtpreceiver
+from aiortc import rtcrtpreceiver, rtcrtpsender, rtp
 from aiortc.codecs import get_decoder as aiortc_get_decoder
-from aiortc.codecs.base import Decoder
+from aiortc.codecs.base import Decoder, Encoder
 from aiortc.jitterbuffer import JitterFrame
+from aiortc.rtcrtpsender import RTCEncodedFrame, RTCRtpSender
 from av import AudioFrame
 from av.frame import Frame
 from opuslib_next.api import c_int16_pointer, libopus  # type: ignore[import-untyped]
 from opuslib_next.api import decoder as binding
 
 __all__ = [
+    "CATCH_UP_FRAMES",
     "CHANNELS",
     "MAX_SAMPLES",
     "SAMPLE_RATE",
@@ -54,6 +74,7 @@ __all__ = [
     "fec_samples",
     "has_fec",
     "install",
+    "install_sender",
 ]
 
 logger = logging.getLogger(__name__)
@@ -63,6 +84,8 @@ CHANNELS = 2  # as aiortc's decoder: stereo whatever was sent (codecs/opus.py:21
 MAX_SAMPLES = 5760  # 120 ms, the longest Opus packet
 TIME_BASE = fractions.Fraction(1, SAMPLE_RATE)
 SILK_FRAME = 960  # 20 ms at 48 kHz
+CATCH_UP_FRAMES = 25  # frames read and encoded in one job at most (0.5 s of 20 ms frames)
+CATCH_UP = True  # off: aiortc's one frame per job (bench/slowloop.py's "today")
 
 
 class LostFrame(JitterFrame):
@@ -189,3 +212,54 @@ def install() -> None:
 
     # rtcrtpreceiver.py:16 imports get_decoder; its decoder thread calls it at :72.
     rtcrtpreceiver.get_decoder = get_decoder  # type: ignore[attr-defined]
+
+
+def encode_frames(encoder: Encoder, frames: list[Any]) -> list[RTCEncodedFrame]:
+    """``frames`` encoded in order as aiortc's sender encodes one (rtcrtpsender.py:313-330):
+    its audio level (rtp.py:314) and the encoder's payloads; none for what the encoder
+    buffered."""
+    encoded = []
+    for frame in frames:
+        level = rtp.compute_audio_level_dbov(frame)
+        payloads, timestamp = encoder.encode(frame, False)
+        if payloads:
+            encoded.append(RTCEncodedFrame(payloads, timestamp, level))
+    return encoded
+
+
+_sender_installed: list[bool] = []
+
+
+def install_sender() -> None:
+    """Have an audio sender read, encode and send the frames its track has already due in one
+    go (``due_frames``; see the module docstring), once."""
+    if _sender_installed:
+        return
+    _sender_installed.append(True)
+    original = RTCRtpSender._next_encoded_frame
+
+    async def _next_encoded_frame(self: RTCRtpSender, codec: Any) -> RTCEncodedFrame | None:
+        track = self._RTCRtpSender__track  # type: ignore[attr-defined]
+        due = getattr(track, "due_frames", None)
+        if self.kind != "audio" or due is None or not CATCH_UP:
+            return await original(self, codec)
+        pending: collections.deque[RTCEncodedFrame] = self.__dict__.setdefault(
+            "_epc_encoded", collections.deque()
+        )
+        if pending:  # encoded with the frame before: sent on this turn, no wait
+            return pending.popleft()
+        # rtcrtpsender.py:298: one frame; here the ones already due with it.
+        frames = [await track.recv(), *due(CATCH_UP_FRAMES - 1)]
+        if not self._enabled:  # rtcrtpsender.py:303: read and dropped
+            return None
+        encoder = self._RTCRtpSender__encoder  # type: ignore[attr-defined]
+        if encoder is None:  # rtcrtpsender.py:308-309
+            encoder = self._RTCRtpSender__encoder = rtcrtpsender.get_encoder(codec)  # type: ignore[attr-defined]
+        # rtcrtpsender.py:314-320: the level and the encode of one frame, each frame's here.
+        loop = asyncio.get_running_loop()
+        encoded = await loop.run_in_executor(None, encode_frames, encoder, frames)
+        pending.extend(encoded[1:])
+        return encoded[0] if encoded else None
+
+    # rtcrtpsender.py:294, called by _run_rtp for each frame (rtcrtpsender.py:371).
+    RTCRtpSender._next_encoded_frame = _next_encoded_frame  # type: ignore[method-assign]

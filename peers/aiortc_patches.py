@@ -42,7 +42,8 @@ The patches:
   (codecs/__init__.py:33-35), now that the receiver decodes FEC (``peers/aiortc_opus.py``).
 - ``steady_media``: the media path that holds on lossy links and narrow ones, from
   the siblings ``peers/aiortc_receive.py`` (with ``peers/aiortc_opus.py``, the Opus
-  decoder with FEC and loss concealment) and ``peers/aiortc_send.py`` (the VP8
+  decoder with FEC and loss concealment, and the audio sender that catches up in one
+  go after its event loop was held up) and ``peers/aiortc_send.py`` (the VP8
   floor and start and the resolution / frame-rate ladder) and ``peers/aiortc_rate.py`` (the
   receiver's bandwidth estimate, sent as REMB) (whole replacements of aiortc's ``NackGenerator``,
   its video ``JitterBuffer`` and ``RemoteStreamTrack.recv``; the lines it
@@ -67,7 +68,7 @@ from aioice.turn import TurnClientMixin, TurnTransport
 from aiortc import RTCDtlsTransport, RTCIceTransport, RTCRtpReceiver, RTCRtpSender, codecs
 from aiortc.codecs import opus
 
-from peers import aiortc_rate, aiortc_receive, aiortc_send
+from peers import aiortc_opus, aiortc_rate, aiortc_receive, aiortc_send
 from peers.errors import PeerError
 
 __all__ = [
@@ -132,8 +133,10 @@ def steady_media() -> None:
     Call after ``check_versions()``: the replacements are proven against aiortc 1.16.0 only.
     """
     aiortc_receive.install()
+    aiortc_opus.install_sender()
     aiortc_send.install()
     aiortc_rate.install()
+    aiortc_receive.install_drain()  # after aiortc_rate's kernel stamps: each datagram stamped
     opus_settings()
 
 

@@ -38,6 +38,17 @@ installs it, and ``check_versions()`` still guards it. Against aiortc 1.16.0:
 Upstream, ``NackList`` and ``FrameBuffer`` would take the place of the two
 classes, with ``RTCRtpReceiver`` running their timer; the late-frame rule would
 be an option of ``RemoteStreamTrack``.
+
+And the socket (``install_drain``): aioice's ``StunProtocol`` (ice.py:284) is given one
+datagram per turn of the event loop (asyncio's datagram transport reads one per readiness
+event, selector_events.py ``_SelectorDatagramTransport._read_ready``). On a loaded
+machine a turn waits for a CPU (10 ms and more at load 10-20), so a peer read at most
+100 datagrams a second, fewer than a call's audio (50) and 640x480 video bring: the rest
+waited in the kernel, later and later (docs/benchmarks.md, "Audio when the event loop is
+slow"). Here each datagram handed to the protocol is followed by those already waiting on
+the same socket, up to ``DRAIN_MAX``, each through the protocol as asyncio would have
+passed it (its kernel stamp, peers/aiortc_rate.py, read after its own ``recvfrom``).
+Upstream: aioice's protocols would read what is waiting (``recvmmsg``) in one go.
 """
 
 from __future__ import annotations
@@ -52,6 +63,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from aioice.ice import StunProtocol
 from aiortc.codecs.vpx import VpxPayloadDescriptor
 from aiortc.jitterbuffer import JitterFrame
 from aiortc.rtcrtpreceiver import RemoteStreamTrack, RTCRtpReceiver
@@ -68,6 +80,7 @@ __all__ = [
     "concealed",
     "counters",
     "install",
+    "install_drain",
     "is_keyframe_start",
     "nack_rtt_s",
     "playout_delay_s",
@@ -102,6 +115,8 @@ MAX_SPAN_S = 1.0  # a hole spanning more media time than this is given up at onc
 AUDIO_WAIT_S = 0.03  # a missing audio packet waited for this long (reordering), then filled
 MAX_CONCEAL = 10  # at most this many audio packets in a row (200 ms) made up
 MAX_HELD = 2000  # packets held while waiting for a keyframe, at most
+DRAIN_MAX = 64  # datagrams read from a socket in one turn of the event loop, at most
+DRAIN = True  # off: asyncio's one datagram per turn (bench/slowloop.py's "today")
 MAX_ARRIVALS = 300  # arrival times of frames kept for LateFrames, at most
 LATE_S = 0.15  # a frame this much later than it is due is skipped if a newer one waits
 LATE_MAX_S = 0.3  # ... and one this much later than the best recent delay, whatever the delay
@@ -963,3 +978,36 @@ def _decode(receiver: RTCRtpReceiver, frame: JitterFrame, packet: RtpPacket) -> 
     frame.timestamp = mapper.map(frame.timestamp)
     receiver._RTCRtpReceiver__decoder_queue.put((codec, frame))  # type: ignore[attr-defined]
     return True
+
+
+_drain_installed: list[bool] = []
+
+
+def install_drain() -> None:
+    """Have aioice's protocols read every datagram already waiting on their socket, not one
+    per turn of the event loop (see the module docstring), once. Installed after
+    peers/aiortc_rate.py's kernel stamps, which it calls for each datagram."""
+    if _drain_installed:
+        return
+    _drain_installed.append(True)
+    inner = StunProtocol.datagram_received
+
+    def datagram_received(self: StunProtocol, data: bytes | str, addr: tuple[Any, ...]) -> None:
+        inner(self, data, addr)
+        # asyncio's transport keeps its socket in ``_sock`` (selector_events.py); the public
+        # ``get_extra_info("socket")`` refuses ``recvfrom``.
+        sock = getattr(self.transport, "_sock", None) if DRAIN else None
+        for _ in range(DRAIN_MAX - 1):
+            if sock is None or self.transport.is_closing():
+                return
+            try:
+                data, addr = sock.recvfrom(self.transport.max_size)  # type: ignore[attr-defined]
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # what asyncio's _read_ready hands the protocol
+                self.error_received(exc)
+                return
+            inner(self, data, addr)
+
+    # aioice ice.py:284, called by asyncio for each datagram it reads.
+    StunProtocol.datagram_received = datagram_received  # type: ignore[method-assign]

@@ -176,6 +176,23 @@ class ToneTrack(AudioStreamTrack):
             self._begin = time.monotonic()
         due = self._begin + self._pts / self.RATE
         await asyncio.sleep(max(0.0, due - time.monotonic()))
+        return self._next()
+
+    def due_frames(self, limit: int) -> list[AudioFrame]:
+        """The frames whose time has come (at most ``limit``), at once: what a microphone's
+        buffer holds after the reader was held up. ``recv`` would hand them out one per turn
+        of the event loop; the audio sender takes them all in one (peers/aiortc_opus.py)."""
+        frames: list[AudioFrame] = []
+        now = time.monotonic()
+        while (
+            self._begin is not None
+            and len(frames) < limit
+            and self._begin + self._pts / self.RATE <= now
+        ):
+            frames.append(self._next())
+        return frames
+
+    def _next(self) -> AudioFrame:
         offset = 2 * (self._pts % self._period)
         frame = AudioFrame(format="s16", layout="mono", samples=self._samples)
         frame.planes[0].update(self._pcm[offset : offset + 2 * self._samples])
