@@ -104,6 +104,9 @@ SETTINGS: dict[str, Any] = {
 }
 POLL_S = 0.05
 RUNNABLE_POLL_S = 0.5
+# Run as root, Chromium raises its own threads (IO, compositor, GPU: nice -8; audio: SCHED_RR);
+# without CAP_SYS_NICE they stay at nice 0, as the aiortc peers' threads are.
+NO_SYS_NICE = ("setpriv", "--bounding-set", "-sys_nice", "--inh-caps", "-sys_nice")
 AUDIO_PTIME_S = 0.02  # one Opus packet per 20 ms, from aiortc and from Chromium
 
 # The practitioner page's inbound streams, summed by kind (one call at a time).
@@ -260,15 +263,19 @@ class Call:
     cpu: str
 
 
-async def cell(link: str, pairing: str, seconds: float, tmp: Path, load: int = 0) -> Call:
+async def cell(
+    link: str, pairing: str, seconds: float, tmp: Path, *, load: int = 0, unprivileged: bool = False
+) -> Call:
     """One call through ``link`` between ``pairing``'s sides: the practitioner's figures.
 
-    ``load`` busy loops run from the link's impairment (the pages loaded) to the call's end.
+    ``load`` busy loops run from the link's impairment (the pages loaded) to the call's end;
+    ``unprivileged``: Chromium runs without CAP_SYS_NICE (NO_SYS_NICE).
     """
     (tmp / "config.yaml").write_text(yaml.safe_dump(SETTINGS), encoding="utf-8")
     kinds = dict(zip(ROLES, PAIRINGS[pairing], strict=True))
     processes: list[Process] = []
-    async with recovery_network("epc-bnet") as net, Browsers(tmp) as browsers:
+    prefix = NO_SYS_NICE if unprivileged else ()
+    async with recovery_network("epc-bnet") as net, Browsers(tmp, prefix) as browsers:
         roles = netns_inodes({role: net.side(role).name for role in ROLES} | {"hub": net.hub.name})
         relay = RelayProcess(tmp / "config.yaml", net.hub.name, host=RELAY_ADDRESS)
         await relay.start()
@@ -390,6 +397,12 @@ async def main(argv: list[str] | None = None) -> int:
         help="run each call beside N busy-loop processes at nice 0, stopped by PID after it"
         " (default 0)",
     )
+    parser.add_argument(
+        "--chromium-no-sys-nice",
+        action="store_true",
+        help="Chromium without CAP_SYS_NICE: its threads cannot raise their priority above"
+        " nice 0 (as root it runs IO, compositor and GPU threads at nice -8, audio SCHED_RR)",
+    )
     args = parser.parse_args(argv)
     SETTINGS["media"]["video"] = args.video
     if reason := netns_missing() or chromium_missing():
@@ -409,6 +422,7 @@ async def main(argv: list[str] | None = None) -> int:
         f"{args.seconds:g} s calls, {args.runs} run(s) per cell, measured at the practitioner;"
         f" the patient sends {video['width']}x{video['height']}@{video['fps']};"
         f" {args.cpu_load} busy loop(s) beside each call"
+        + ("; Chromium without CAP_SYS_NICE" if args.chromium_no_sys_nice else "")
     )
     print("  ".join(name.ljust(width) for name, width in COLUMNS), flush=True)
     for link in links:
@@ -417,7 +431,14 @@ async def main(argv: list[str] | None = None) -> int:
             for _ in range(args.runs):
                 with tempfile.TemporaryDirectory(prefix="bench-network-") as tmp:
                     try:
-                        done = await cell(link, pairing, args.seconds, Path(tmp), args.cpu_load)
+                        done = await cell(
+                            link,
+                            pairing,
+                            args.seconds,
+                            Path(tmp),
+                            load=args.cpu_load,
+                            unprivileged=args.chromium_no_sys_nice,
+                        )
                     except Exception as exc:  # one failed call: said, and the table goes on
                         print(f"{link} / {pairing}: failed ({type(exc).__name__}: {exc})")
                         continue

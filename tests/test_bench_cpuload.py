@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -17,12 +18,14 @@ from bench.cpuload import (
     Task,
     busy,
     cpu_load,
+    descends,
     kind,
     machine_line,
     shares,
     shares_line,
     snapshot,
 )
+from tests.browser import Browsers, chromium_missing
 
 
 def test_the_option_takes_a_count_of_processes() -> None:
@@ -134,3 +137,44 @@ def test_the_machine_line_is_percent_of_a_core(monkeypatch: pytest.MonkeyPatch) 
     ticks = os.sysconf("SC_CLK_TCK")
     line = machine_line((5 * ticks, 0), (8 * ticks, ticks // 10), 2.0)
     assert line == "machine 150/200 busy (steal 5)"
+
+
+def chromium_threads() -> list[tuple[str, int, int]]:
+    """(thread name, nice, scheduling policy) of every Chromium thread this process started."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, ValueError):
+            stat = (entry / "stat").read_text()
+            parents[int(entry.name)] = int(stat[stat.rindex(")") + 2 :].split()[1])
+    out = []
+    for pid in parents:
+        with contextlib.suppress(OSError):
+            if b"chromium" not in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]:
+                continue
+            if not descends(pid, os.getpid(), parents):
+                continue
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                name = (task / "comm").read_text().strip()
+                out.append((name, int(fields[16]), int(fields[38])))
+    return out
+
+
+@pytest.mark.asyncio
+@pytest.mark.skipif(os.geteuid() != 0, reason="as root only: Chromium raises its threads then")
+async def test_chromium_without_cap_sys_nice_keeps_its_threads_at_nice_0(tmp_path: Path) -> None:
+    """``--chromium-no-sys-nice``: none of its threads above nice 0; as root, some are."""
+    if reason := chromium_missing():
+        pytest.skip(reason)
+    seen = {}
+    for prefix in ((), network.NO_SYS_NICE):
+        async with Browsers(tmp_path, prefix) as browsers:
+            page = await (await browsers.launch()).new_page()
+            await page.evaluate("new AudioContext().resume()")  # the audio threads too
+            await asyncio.sleep(1.0)
+            seen[prefix] = chromium_threads()
+    assert seen[()], "no Chromium thread found"
+    raised = [t for t in seen[()] if t[1] < 0 or t[2] != 0]
+    assert raised, f"as root Chromium raised none of its threads: {seen[()]}"
+    assert seen[network.NO_SYS_NICE]
+    assert [t for t in seen[network.NO_SYS_NICE] if t[1] < 0 or t[2] != 0] == []
