@@ -30,7 +30,18 @@ the call:
   ``frameWidth x frameHeight``.
 
 Chromium<->Chromium is the reference column: compare ratios within one run
-(the machine is shared; the load average is printed before and after). The
+(the machine is shared; the load average is printed before and after, and
+with each row: ``load``, the 1-minute load average at the end of the last
+call, and ``runnable``, the mean number of runnable tasks during the measured
+part of the calls, read from /proc/stat every 0.5 s). ``--cpu-load N`` runs
+each call beside N busy-loop processes at nice 0 (bench/cpuload.py: started
+once the pages are loaded and the link impaired, stopped by PID at the call's
+end). After each call a ``cpu`` line gives, over the measured part, in % of a
+core: the whole machine's busy time and steal (/proc/stat), then what each
+kind of process got on a CPU and how long it waited for one (``on/waiting``,
+busiest first; Chromium's processes and the aiortc peers named by the role
+whose namespace they run in, ``others'`` for processes not the bench's;
+processes that ended meanwhile count in the machine's figure only). The
 calls' ``call.media_timeout_s`` is above the outage, so that it is one freeze
 of one call on every side, not a recovery. Printed, never asserted: see
 docs/benchmarks.md.
@@ -54,6 +65,16 @@ from typing import Any
 import yaml
 from playwright.async_api import Page
 
+from bench.cpuload import (
+    busy,
+    cpu_load,
+    machine_line,
+    machine_ticks,
+    netns_inodes,
+    shares,
+    shares_line,
+    snapshot,
+)
 from peers.netns import netns_missing
 from tests.browser import Browsers, chromium_missing, join, routed_flags, wait_state
 from tests.netem import Impairment, Link
@@ -82,6 +103,10 @@ SETTINGS: dict[str, Any] = {
     "call": {"media_timeout_s": 10},
 }
 POLL_S = 0.05
+RUNNABLE_POLL_S = 0.5
+# Run as root, Chromium raises its own threads (IO, compositor, GPU: nice -8; audio: SCHED_RR);
+# without CAP_SYS_NICE they stay at nice 0, as the aiortc peers' threads are.
+NO_SYS_NICE = ("setpriv", "--bounding-set", "-sys_nice", "--inh-caps", "-sys_nice")
 AUDIO_PTIME_S = 0.02  # one Opus packet per 20 ms, from aiortc and from Chromium
 
 # The practitioner page's inbound streams, summed by kind (one call at a time).
@@ -213,12 +238,45 @@ def aiortc_row(summary: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-async def cell(link: str, pairing: str, seconds: float, tmp: Path) -> dict[str, Any]:
-    """One call through ``link`` between ``pairing``'s sides: the practitioner's figures."""
+def runnable_now() -> int:
+    """Tasks runnable at this instant, this reader included (``procs_running``, /proc/stat)."""
+    for line in Path("/proc/stat").read_text(encoding="ascii").splitlines():
+        if line.startswith("procs_running "):
+            return int(line.split()[1])
+    return 0
+
+
+async def count_runnable(until: float, into: list[int]) -> None:
+    """``procs_running`` every RUNNABLE_POLL_S until ``until``, appended to ``into``."""
+    while time.monotonic() < until:
+        into.append(runnable_now())
+        await asyncio.sleep(RUNNABLE_POLL_S)
+
+
+@dataclass
+class Call:
+    """One call's row, and the machine while it ran."""
+
+    row: dict[str, Any]
+    runnable: float
+    load: float
+    cpu: str
+
+
+async def cell(
+    link: str, pairing: str, seconds: float, tmp: Path, *, load: int = 0, unprivileged: bool = False
+) -> Call:
+    """One call through ``link`` between ``pairing``'s sides: the practitioner's figures.
+
+    ``load`` busy loops run from the link's impairment (the pages loaded) to the call's end;
+    ``unprivileged``: Chromium runs without CAP_SYS_NICE (NO_SYS_NICE).
+    """
     (tmp / "config.yaml").write_text(yaml.safe_dump(SETTINGS), encoding="utf-8")
     kinds = dict(zip(ROLES, PAIRINGS[pairing], strict=True))
     processes: list[Process] = []
-    async with recovery_network("epc-bnet") as net, Browsers(tmp) as browsers:
+    prefix = NO_SYS_NICE if unprivileged else ()
+    async with recovery_network("epc-bnet") as net, Browsers(tmp, prefix) as browsers:
+        roles = netns_inodes({role: net.side(role).name for role in ROLES} | {"hub": net.hub.name})
         relay = RelayProcess(tmp / "config.yaml", net.hub.name, host=RELAY_ADDRESS)
         await relay.start()
         try:
@@ -230,15 +288,27 @@ async def cell(link: str, pairing: str, seconds: float, tmp: Path) -> dict[str, 
                 if kinds[role] == "chromium"
             }
             dev = net.links["patient"][0]
-            async with Link(net.patient, dev, both=LINKS[link]) as emulator:
-                sides = {}
+            async with contextlib.AsyncExitStack() as stack:
+                emulator = await stack.enter_async_context(Link(net.patient, dev, both=LINKS[link]))
+                busy_pids, sides = frozenset(stack.enter_context(busy(load))), {}
                 for role in reversed(ROLES):  # the practitioner waits for the patient
                     sides[role] = side = await start_side(role, pages.get(role), net, relay, tmp)
                     if side.process is not None:
                         processes.append(side.process)
                 seeing = sides["practitioner"]
                 await first_frame(seeing)
-                start = time.monotonic()
+                start, tasks, runnable = time.monotonic(), snapshot(busy_pids), list[int]()
+                ticks = machine_ticks()
+
+                def machine(row: dict[str, Any]) -> Call:
+                    took = time.monotonic() - start
+                    cpu = shares(tasks, snapshot(busy_pids), took, roles)
+                    return Call(
+                        row,
+                        round(statistics.fmean(runnable), 1) if runnable else 0.0,
+                        round(os.getloadavg()[0], 1),
+                        f"{machine_line(ticks, machine_ticks(), took)}; {shares_line(cpu)}",
+                    )
 
                 async def outage() -> None:
                     if link == "3 s outage":
@@ -247,15 +317,18 @@ async def cell(link: str, pairing: str, seconds: float, tmp: Path) -> dict[str, 
                         await asyncio.sleep(OUTAGE_S)
                         await emulator.update(outage=False)
 
+                counting = count_runnable(start + seconds, runnable)
                 if seeing.page is not None:
-                    watched, _ = await asyncio.gather(
-                        watch_page(seeing.page, start + seconds), outage()
+                    watched, *_ = await asyncio.gather(
+                        watch_page(seeing.page, start + seconds), outage(), counting
                     )
-                    return page_row(time.monotonic() - start, *watched)
-                await asyncio.gather(asyncio.sleep(seconds), outage())
+                    return machine(page_row(time.monotonic() - start, *watched))
+                await asyncio.gather(asyncio.sleep(seconds), outage(), counting)
                 assert seeing.process is not None and seeing.stats_json is not None
+                done = machine({})
                 await seeing.process.stop()
-                return aiortc_row(json.loads(seeing.stats_json.read_text(encoding="utf-8")))
+                done.row = aiortc_row(json.loads(seeing.stats_json.read_text(encoding="utf-8")))
+                return done
         finally:
             for process in processes:
                 await process.stop()
@@ -266,6 +339,7 @@ COLUMNS = [
     ("link", 18), ("pairing", 20), ("fps", 5), ("freezes", 8), ("frozen_s", 9),
     ("longest_gap_s", 14), ("behind_p95_ms", 14), ("behind_max_ms", 14),
     ("audio_bad_pct", 14), ("audio_rx_pct", 13), ("audio_fec_pct", 14), ("resolution", 11),
+    ("runnable", 9), ("load", 5),
 ]  # fmt: skip
 
 
@@ -315,6 +389,20 @@ async def main(argv: list[str] | None = None) -> int:
         metavar="WxH@FPS",
         help="what an aiortc patient sends (default 640x480@30; the page always sends 640x480)",
     )
+    parser.add_argument(
+        "--cpu-load",
+        type=cpu_load,
+        default=0,
+        metavar="N",
+        help="run each call beside N busy-loop processes at nice 0, stopped by PID after it"
+        " (default 0)",
+    )
+    parser.add_argument(
+        "--chromium-no-sys-nice",
+        action="store_true",
+        help="Chromium without CAP_SYS_NICE: its threads cannot raise their priority above"
+        " nice 0 (as root it runs IO, compositor and GPU threads at nice -8, audio SCHED_RR)",
+    )
     args = parser.parse_args(argv)
     SETTINGS["media"]["video"] = args.video
     if reason := netns_missing() or chromium_missing():
@@ -332,7 +420,9 @@ async def main(argv: list[str] | None = None) -> int:
     video = args.video
     print(
         f"{args.seconds:g} s calls, {args.runs} run(s) per cell, measured at the practitioner;"
-        f" the patient sends {video['width']}x{video['height']}@{video['fps']}"
+        f" the patient sends {video['width']}x{video['height']}@{video['fps']};"
+        f" {args.cpu_load} busy loop(s) beside each call"
+        + ("; Chromium without CAP_SYS_NICE" if args.chromium_no_sys_nice else "")
     )
     print("  ".join(name.ljust(width) for name, width in COLUMNS), flush=True)
     for link in links:
@@ -341,9 +431,23 @@ async def main(argv: list[str] | None = None) -> int:
             for _ in range(args.runs):
                 with tempfile.TemporaryDirectory(prefix="bench-network-") as tmp:
                     try:
-                        rows.append(await cell(link, pairing, args.seconds, Path(tmp)))
+                        done = await cell(
+                            link,
+                            pairing,
+                            args.seconds,
+                            Path(tmp),
+                            load=args.cpu_load,
+                            unprivileged=args.chromium_no_sys_nice,
+                        )
                     except Exception as exc:  # one failed call: said, and the table goes on
                         print(f"{link} / {pairing}: failed ({type(exc).__name__}: {exc})")
+                        continue
+                rows.append({**done.row, "runnable": done.runnable, "load": done.load})
+                print(
+                    f"  cpu, % of a core on/waiting (runnable {done.runnable}, load"
+                    f" {done.load}): {done.cpu}",
+                    flush=True,
+                )
             if rows:
                 row = {"link": link, "pairing": pairing, **median_row(rows)}
                 print("  ".join(str(row[n]).ljust(w) for n, w in COLUMNS), flush=True)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shlex
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -99,8 +100,9 @@ def write_config(path: Path, **sections: Mapping[str, Any]) -> Path:
 class Browsers:
     """The browsers and pages of one test; their console logs, and artifacts on failure."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, prefix: tuple[str, ...] = ()) -> None:
         self.tmp = tmp
+        self.prefix = prefix  # run before Chromium, e.g. setpriv (bench-network)
         self.playwright: Playwright | None = None
         self.browsers: list[Browser] = []
         self.pages: dict[str, Page] = {}
@@ -121,9 +123,11 @@ class Browsers:
         """A fresh Chromium (Playwright gives it a new --user-data-dir), in netns if given."""
         assert self.playwright is not None
         executable = CHROMIUM
-        if netns is not None:
-            executable = self.tmp / f"chromium-in-{netns}"
-            executable.write_text(f'#!/bin/sh\nexec ip netns exec {netns} {CHROMIUM} "$@"\n')
+        if netns is not None or self.prefix:
+            inside = ("ip", "netns", "exec", netns) if netns is not None else ()
+            command = shlex.join([*inside, *self.prefix, str(CHROMIUM)])
+            executable = self.tmp / f"chromium-in-{netns or 'host'}"
+            executable.write_text(f'#!/bin/sh\nexec {command} "$@"\n')
             executable.chmod(0o755)
         browser = await self.playwright.chromium.launch(
             executable_path=executable,
