@@ -47,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -70,81 +71,93 @@ VARIANTS = ("patched", "no probing", "aiortc estimate")
 LAST_S = 15
 
 
+@contextlib.asynccontextmanager
+async def bench_call(name: str, link: Impairment) -> AsyncIterator[tuple[LocalPair, LoopLag, Link]]:
+    """A 640x480 call at 30 fps in namespaces of its own (``name``), video from the patient
+    only, through ``link`` both ways on the patient's side, its first 10 frames shown."""
+    async with Network(name) as net:
+        a, b, dev = await netem.pair(net)
+        pair = LocalPair(namespaces=(a, b), width=640, height=480, fps=30, video=(True, False))
+        async with (
+            contextlib.aclosing(pair),
+            LoopLag() as lag,
+            Link(a, dev, both=link) as shaped,
+        ):
+            await pair.connect()
+            await asyncio.wait_for(pair.b.receiver.frames(1, 10), 20)
+            yield pair, lag, shaped
+
+
 async def cell(variant: str, narrow_s: float, wide_s: float) -> dict[str, Any]:
     if variant == "no probing":
         aiortc_rate.PROBING = False
     elif variant != "patched":
         aiortc_rate.install = lambda: None
-    async with Network("brate") as net:
-        a, b, dev = await netem.pair(net)
-        pair = LocalPair(namespaces=(a, b), width=640, height=480, fps=30, video=(True, False))
-        async with contextlib.aclosing(pair), Link(a, dev, both=NARROW) as link:
-            await pair.connect()
-            await asyncio.wait_for(pair.b.receiver.frames(1, 10), 20)
-            got = pair.b.receiver.received
-            start = time.monotonic()
-            trace: list[dict[str, Any]] = []
-            widened: float | None = None
-            back_at: float | None = None
-            seen = got.video_frames
-            audio = (got.audio_pts or 0) // 960, got.audio_missing + got.audio_concealed
-            narrow_audio: tuple[int, int] | None = None
-            while (elapsed := time.monotonic() - start) < narrow_s + wide_s:
-                await asyncio.sleep(1.0)
-                if widened is None and elapsed >= narrow_s:
-                    narrow_audio = (
-                        (got.audio_pts or 0) // 960 - audio[0],
-                        got.audio_missing + got.audio_concealed - audio[1],
-                    )
-                    await link.update(both=Impairment())
-                    widened = time.monotonic()
-                sent = aiortc_send.sent_video(pair.a.pc)
-                estimator = next(
-                    (
-                        getattr(r, "_RTCRtpReceiver__remote_bitrate_estimator", None)
-                        for r in pair.b.pc.getReceivers()
-                        if r.track is not None and r.track.kind == "video"
-                    ),
-                    None,
+    async with bench_call("brate", NARROW) as (pair, _, link):
+        got = pair.b.receiver.received
+        start = time.monotonic()
+        trace: list[dict[str, Any]] = []
+        widened: float | None = None
+        back_at: float | None = None
+        seen = got.video_frames
+        audio = (got.audio_pts or 0) // 960, got.audio_missing + got.audio_concealed
+        narrow_audio: tuple[int, int] | None = None
+        while (elapsed := time.monotonic() - start) < narrow_s + wide_s:
+            await asyncio.sleep(1.0)
+            if widened is None and elapsed >= narrow_s:
+                narrow_audio = (
+                    (got.audio_pts or 0) // 960 - audio[0],
+                    got.audio_missing + got.audio_concealed - audio[1],
                 )
-                video_sender = next(s for s in pair.a.pc.getSenders() if s.kind == "video")
-                loss = getattr(video_sender, "_epc_loss_based", None)
-                row = {
-                    "t": round(time.monotonic() - start),
-                    "fps": got.video_frames - seen,
-                    "size": f"{sent.width}x{sent.height}/{sent.frame_divisor}" if sent else "-",
-                    "target_kbps": round(sent.target_bps / 1000) if sent else None,
-                }
-                if estimator is not None:
-                    control = estimator.rate_control
-                    incoming = estimator.incoming_bitrate.rate(clock.current_ms())
-                    row["in_kbps"] = round(incoming / 1000) if incoming else None
-                    row["remb_kbps"] = round(control.current_bitrate / 1000)
-                    row["detector"] = estimator.detector.state().name.lower()
-                    if isinstance(control, aiortc_rate.SteadyAimd):
-                        row["decreases"] = f"{control.decreases}+{control.gentle}"
-                        row["held"] = estimator.held
-                probes = getattr(video_sender, "_epc_prober", None)
-                if probes is not None and isinstance(estimator, aiortc_rate.SteadyEstimator):
-                    row["probes"] = f"{probes.sent} sent, {len(estimator.probed)} taken"
-                if loss is not None:
-                    row["cap_kbps"] = round(loss.cap_bps / 1000) if loss.cap_bps else None
-                    row["loss_cuts"] = loss.decreases
-                seen = got.video_frames
-                trace.append(row)
-                if widened is not None and back_at is None and sent and sent.width == 640:
-                    back_at = time.monotonic()
-            narrow = [r for r in trace if narrow_s - LAST_S < r["t"] <= narrow_s]
-            media, bad = narrow_audio or (1, 0)
-            return {
-                "variant": variant,
-                "fps_last_15s": statistics.median(r["fps"] for r in narrow) if narrow else None,
-                "sent": narrow[-1]["size"] if narrow else None,
-                "target_kbps": narrow[-1]["target_kbps"] if narrow else None,
-                "audio_bad_pct": round(100 * bad / media, 1) if media else None,
-                "to_640_s": round(back_at - widened, 1) if back_at and widened else None,
-                "trace": trace,
+                await link.update(both=Impairment())
+                widened = time.monotonic()
+            sent = aiortc_send.sent_video(pair.a.pc)
+            estimator = next(
+                (
+                    getattr(r, "_RTCRtpReceiver__remote_bitrate_estimator", None)
+                    for r in pair.b.pc.getReceivers()
+                    if r.track is not None and r.track.kind == "video"
+                ),
+                None,
+            )
+            video_sender = next(s for s in pair.a.pc.getSenders() if s.kind == "video")
+            loss = getattr(video_sender, "_epc_loss_based", None)
+            row = {
+                "t": round(time.monotonic() - start),
+                "fps": got.video_frames - seen,
+                "size": f"{sent.width}x{sent.height}/{sent.frame_divisor}" if sent else "-",
+                "target_kbps": round(sent.target_bps / 1000) if sent else None,
             }
+            if estimator is not None:
+                control = estimator.rate_control
+                incoming = estimator.incoming_bitrate.rate(clock.current_ms())
+                row["in_kbps"] = round(incoming / 1000) if incoming else None
+                row["remb_kbps"] = round(control.current_bitrate / 1000)
+                row["detector"] = estimator.detector.state().name.lower()
+                if isinstance(control, aiortc_rate.SteadyAimd):
+                    row["decreases"] = f"{control.decreases}+{control.gentle}"
+                    row["held"] = estimator.held
+            probes = getattr(video_sender, "_epc_prober", None)
+            if probes is not None and isinstance(estimator, aiortc_rate.SteadyEstimator):
+                row["probes"] = f"{probes.sent} sent, {len(estimator.probed)} taken"
+            if loss is not None:
+                row["cap_kbps"] = round(loss.cap_bps / 1000) if loss.cap_bps else None
+                row["loss_cuts"] = loss.decreases
+            seen = got.video_frames
+            trace.append(row)
+            if widened is not None and back_at is None and sent and sent.width == 640:
+                back_at = time.monotonic()
+        narrow = [r for r in trace if narrow_s - LAST_S < r["t"] <= narrow_s]
+        media, bad = narrow_audio or (1, 0)
+        return {
+            "variant": variant,
+            "fps_last_15s": statistics.median(r["fps"] for r in narrow) if narrow else None,
+            "sent": narrow[-1]["size"] if narrow else None,
+            "target_kbps": narrow[-1]["target_kbps"] if narrow else None,
+            "audio_bad_pct": round(100 * bad / media, 1) if media else None,
+            "to_640_s": round(back_at - widened, 1) if back_at and widened else None,
+            "trace": trace,
+        }
 
 
 # -- the start: from the first frame to 640x480 (issue 13, session 5) --------------------------
@@ -158,47 +171,38 @@ async def start_cell(variant: str, link_name: str, seconds: float) -> dict[str, 
     from the practitioner's first frame, and what the practitioner's estimator sent first."""
     if variant == "no start probe":
         aiortc_rate.START_PROBE = False
-    async with Network("bstart") as net:
-        a, b, dev = await netem.pair(net)
-        pair = LocalPair(namespaces=(a, b), width=640, height=480, fps=30, video=(True, False))
-        async with (
-            contextlib.aclosing(pair),
-            LoopLag() as lag,
-            Link(a, dev, both=START_LINKS[link_name]),
-        ):
-            await pair.connect()
-            await asyncio.wait_for(pair.b.receiver.frames(1, 10), 20)
-            got = pair.b.receiver.received
-            await asyncio.sleep(seconds)
-            first = got.first_video or 0.0
-            ladder = aiortc_send.ladder_of(pair.a.pc)
-            history = ladder.history if ladder is not None else []
-            at_640 = next((when for when, rung in history if rung == 0), None)
-            estimator = next(
-                (
-                    getattr(r, "_RTCRtpReceiver__remote_bitrate_estimator", None)
-                    for r in pair.b.pc.getReceivers()
-                    if r.track is not None and r.track.kind == "video"
-                ),
-                None,
-            )
-            estimates = getattr(estimator, "estimates", [])
-            probed = getattr(estimator, "probed", [])
-            origin = estimates[0][0] if estimates else 0
-            shown = after(got, first + WARMUP_S)
-            return {
-                "variant": variant,
-                "link": link_name,
-                "to_640_s": round(at_640 - first, 2) if at_640 is not None else None,
-                "rungs": " ".join(f"{when - first:.2f}:{rung}" for when, rung in history[:6]),
-                "first_rembs": " ".join(
-                    f"{(at - origin) / 1000:.2f}:{bps // 1000}" for at, bps in estimates[:4]
-                ),
-                "probes_taken": len(probed),
-                "longest_gap_s": round(longest_gap(after(got, first), lag), 2),
-                "behind_max_ms": round(most_behind(got, shown, lag)) if shown else None,
-                "load": round(os.getloadavg()[0], 1),
-            }
+    async with bench_call("bstart", START_LINKS[link_name]) as (pair, lag, _):
+        got = pair.b.receiver.received
+        await asyncio.sleep(seconds)
+        first = got.first_video or 0.0
+        ladder = aiortc_send.ladder_of(pair.a.pc)
+        history = ladder.history if ladder is not None else []
+        at_640 = next((when for when, rung in history if rung == 0), None)
+        estimator = next(
+            (
+                getattr(r, "_RTCRtpReceiver__remote_bitrate_estimator", None)
+                for r in pair.b.pc.getReceivers()
+                if r.track is not None and r.track.kind == "video"
+            ),
+            None,
+        )
+        estimates = getattr(estimator, "estimates", [])
+        probed = getattr(estimator, "probed", [])
+        origin = estimates[0][0] if estimates else 0
+        shown = after(got, first + WARMUP_S)
+        return {
+            "variant": variant,
+            "link": link_name,
+            "to_640_s": round(at_640 - first, 2) if at_640 is not None else None,
+            "rungs": " ".join(f"{when - first:.2f}:{rung}" for when, rung in history[:6]),
+            "first_rembs": " ".join(
+                f"{(at - origin) / 1000:.2f}:{bps // 1000}" for at, bps in estimates[:4]
+            ),
+            "probes_taken": len(probed),
+            "longest_gap_s": round(longest_gap(after(got, first), lag), 2),
+            "behind_max_ms": round(most_behind(got, shown, lag)) if shown else None,
+            "load": round(os.getloadavg()[0], 1),
+        }
 
 
 START_COLUMNS = [("variant", 15), ("link", 6), ("to_640_s", 9), ("longest_gap_s", 14),
@@ -255,46 +259,36 @@ async def stall_cell(
     as the 300 kbit/s test judges them (less the stalls themselves), and the link's drops."""
     for name, value in STALL_VARIANTS[variant].items():
         setattr(aiortc_send, name, value)
-    async with Network("bstall") as net:
-        a, b, dev = await netem.pair(net)
-        pair = LocalPair(namespaces=(a, b), width=640, height=480, fps=30, video=(True, False))
-        async with (
-            contextlib.aclosing(pair),
-            LoopLag() as lag,
-            Link(a, dev, both=NARROW) as link,
-        ):
-            await pair.connect()
-            await asyncio.wait_for(pair.b.receiver.frames(1, 10), 20)
-            got = pair.b.receiver.received
-            first = got.first_video or time.monotonic()
-            async with Stalls(stall_s, every_s) as stalls:
-                await asyncio.sleep(seconds)
-            counters = (await link.stats())["directions"]["egress"]
-            shown = after(got, first + WARMUP_S)
-            best = min(latency for _, latency, _ in got.history)
-            behind = [
-                latency - best - 1000 * lag.between(t - latency / 1000, t)
-                for t, latency, _ in shown
-            ]
-            sent = aiortc_send.sent_video(pair.a.pc)
-            ladder = aiortc_send.ladder_of(pair.a.pc)
-            times = [t for t, _, _ in after(got, first)]
-            gaps = [b - a - lag.between(a, b) for a, b in itertools.pairwise(times)]
-            frozen = [gap for gap in gaps if gap >= FROZEN_GAP_S]
-            return {
-                "variant": variant,
-                "fps": round(len(times) / (time.monotonic() - first), 1),
-                "freezes": len(frozen),
-                "frozen_s": round(sum(frozen), 1),
-                "longest_gap_s": round(longest_gap(after(got, first), lag), 2),
-                "behind_max_ms": round(max(behind, default=0)),
-                "over_500": sum(1 for ms in behind if ms > 500),
-                "drops": counters["overflow"],
-                "stalls": len(stalls.made),
-                "skipped": getattr(ladder, "late_skipped", 0),
-                "size": f"{sent.width}x{sent.height}/{sent.frame_divisor}" if sent else "-",
-                "load": round(os.getloadavg()[0], 1),
-            }
+    async with bench_call("bstall", NARROW) as (pair, lag, link):
+        got = pair.b.receiver.received
+        first = got.first_video or time.monotonic()
+        async with Stalls(stall_s, every_s) as stalls:
+            await asyncio.sleep(seconds)
+        counters = (await link.stats())["directions"]["egress"]
+        shown = after(got, first + WARMUP_S)
+        best = min(latency for _, latency, _ in got.history)
+        behind = [
+            latency - best - 1000 * lag.between(t - latency / 1000, t) for t, latency, _ in shown
+        ]
+        sent = aiortc_send.sent_video(pair.a.pc)
+        ladder = aiortc_send.ladder_of(pair.a.pc)
+        times = [t for t, _, _ in after(got, first)]
+        gaps = [b - a - lag.between(a, b) for a, b in itertools.pairwise(times)]
+        frozen = [gap for gap in gaps if gap >= FROZEN_GAP_S]
+        return {
+            "variant": variant,
+            "fps": round(len(times) / (time.monotonic() - first), 1),
+            "freezes": len(frozen),
+            "frozen_s": round(sum(frozen), 1),
+            "longest_gap_s": round(longest_gap(after(got, first), lag), 2),
+            "behind_max_ms": round(max(behind, default=0)),
+            "over_500": sum(1 for ms in behind if ms > 500),
+            "drops": counters["overflow"],
+            "stalls": len(stalls.made),
+            "skipped": getattr(ladder, "late_skipped", 0),
+            "size": f"{sent.width}x{sent.height}/{sent.frame_divisor}" if sent else "-",
+            "load": round(os.getloadavg()[0], 1),
+        }
 
 
 FROZEN_GAP_S = 0.2  # a gap, less the stalls within it, this long is a freeze (W3C: 183 ms at 30)

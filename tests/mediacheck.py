@@ -10,6 +10,7 @@ import contextlib
 import itertools
 import time
 from collections.abc import AsyncIterator
+from typing import Self
 
 import pytest
 import pytest_asyncio
@@ -31,7 +32,27 @@ async def link_pair() -> AsyncIterator[tuple[Netns, Netns, str]]:
         yield await netem.pair(net)
 
 
-class LoopLag:
+class LoopTask:
+    """A task of this event loop's for the length of an ``async with`` (``_run``, cancelled
+    at the end)."""
+
+    task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Self:
+        self.task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self.task is not None
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+
+    async def _run(self) -> None:
+        raise NotImplementedError
+
+
+class LoopLag(LoopTask):
     """This process's event-loop stalls: what the machine's load costs every frame here.
 
     Both calls run in this process, so a stall delays sending and receiving
@@ -45,17 +66,6 @@ class LoopLag:
 
     def __init__(self) -> None:
         self.stalls: list[tuple[float, float]] = []  # (when it ended, seconds lost)
-        self.task: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> LoopLag:
-        self.task = asyncio.create_task(self._run())
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        assert self.task is not None
-        self.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.task
 
     async def _run(self) -> None:
         while True:
@@ -74,7 +84,7 @@ class LoopLag:
         )
 
 
-class Stalls:
+class Stalls(LoopTask):
     """Stalls of this process's event loop, made on a schedule: ``time.sleep(stall_s)`` on the
     loop every ``every_s`` (the first after ``every_s``), as a starved process's loop stalls
     (80-360 ms at load 4-8 on the shared 2-core machine), so that what a sender does after
@@ -84,17 +94,6 @@ class Stalls:
     def __init__(self, stall_s: float = 0.25, every_s: float = 2.5) -> None:
         self.stall_s, self.every_s = stall_s, every_s
         self.made: list[float] = []  # monotonic times at which each stall ended
-        self.task: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> Stalls:
-        self.task = asyncio.create_task(self._run())
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        assert self.task is not None
-        self.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.task
 
     async def _run(self) -> None:
         while True:

@@ -17,6 +17,7 @@ import socket
 import statistics
 import struct
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -640,6 +641,20 @@ def fps_per_second(times: list[float], start: float, end: float) -> list[int]:
     ]
 
 
+@contextlib.asynccontextmanager
+async def started_call(
+    link_pair: tuple[Netns, Netns, str], link: Impairment
+) -> AsyncIterator[tuple[LocalPair, LoopLag]]:
+    """A 640x480 call at 30 fps, video from the patient only, through ``link`` both ways on the
+    patient's side, its first 10 frames shown; this process's stalls measured throughout."""
+    a, b, dev = link_pair
+    pair = LocalPair(namespaces=(a, b), width=640, height=480, fps=30, video=(True, False))
+    async with contextlib.aclosing(pair), LoopLag() as lag, Link(a, dev, both=link):
+        await within(pair.connect(), 2)
+        await within(pair.b.receiver.frames(1, 10), 4)
+        yield pair, lag
+
+
 @needs_root
 @pytest.mark.netns
 @pytest.mark.asyncio
@@ -652,11 +667,7 @@ async def test_at_300_kbits_video_steps_down_and_keeps_its_frame_rate(
     (the start included: aiortc's start rate overran the link for 2 s, a gap of 1.4-1.6 s), no
     gap over 1 s and, from 2 s after it, no frame shown over 500 ms behind the call's best
     delay, less this process's stalls."""
-    a, b, dev = link_pair
-    pair = LocalPair(namespaces=(a, b), width=640, height=480, fps=30, video=(True, False))
-    async with contextlib.aclosing(pair), LoopLag() as lag, Link(a, dev, both=NARROW):
-        await within(pair.connect(), 2)
-        await within(pair.b.receiver.frames(1, 10), 4)
+    async with started_call(link_pair, NARROW) as (pair, lag):
         got = pair.b.receiver.received
         audio = {call.name: audio_counts(call.receiver.received) for call in pair.calls}
         await asyncio.sleep(NARROW_S)
@@ -716,11 +727,7 @@ async def test_at_300_kbits_the_sender_comes_back_from_its_own_stalls_without_fa
     link's 3.75 kB buffer), the retransmissions of what the buffer dropped came late, and
     frames played over 500 ms behind in 15 of 20 calls, up to 933 ms (docs/benchmarks.md,
     "The sender after its own event loop's stalls")."""
-    a, b, dev = link_pair
-    pair = LocalPair(namespaces=(a, b), width=640, height=480, fps=30, video=(True, False))
-    async with contextlib.aclosing(pair), LoopLag() as lag, Link(a, dev, both=NARROW):
-        await within(pair.connect(), 2)
-        await within(pair.b.receiver.frames(1, 10), 4)
+    async with started_call(link_pair, NARROW) as (pair, lag):
         got = pair.b.receiver.received
         first = got.first_video or time.monotonic()
         async with Stalls(STALL_S, STALL_EVERY_S) as stalls:
@@ -750,11 +757,7 @@ async def test_on_a_clean_link_the_sender_reaches_640x480_within_2_s_of_its_firs
     START_BPS (room for the audio on a 300 kbit/s link), is at 640x480 within 2 s of the
     practitioner's first frame, less this process's stalls, and stays there (the start probe:
     before it, 6-9 s)."""
-    a, b, dev = link_pair
-    pair = LocalPair(namespaces=(a, b), width=640, height=480, fps=30, video=(True, False))
-    async with contextlib.aclosing(pair), LoopLag() as lag, Link(a, dev, both=Impairment()):
-        await within(pair.connect(), 2)
-        await within(pair.b.receiver.frames(1, 10), 4)
+    async with started_call(link_pair, Impairment()) as (pair, lag):
         first = pair.b.receiver.received.first_video or time.monotonic()
         await asyncio.sleep(START_640_S + 2)
         ladder = aiortc_send.ladder_of(pair.a.pc)
