@@ -8,9 +8,9 @@ Two ``Call``s in two namespaces (tests/inprocess.py), each sending the stamped
 pattern (320x240, 15 fps) and the tone, the patient's interface at 2 % loss both
 ways (tests/netem.py), as tests/test_media.py's 2 % test. While the link is
 impaired, every turn of this process's event loop is made ``--turn-ms`` longer
-(a callback that runs once a turn sleeps: on a loaded machine each time the loop
-has waited it waits again for a CPU) and the loop is held up ``--stall-ms``
-every 2 s. Each setting is run with the audio fixes ("patched":
+(tests/mediacheck.py ``SlowTurns``: on a loaded machine each time the loop has
+waited it waits again for a CPU) and the loop is held up ``--stall-ms`` every 2 s
+(``Stalls``). Each setting is run with the audio fixes ("patched":
 ``aiortc_opus.CATCH_UP``, the sender's frames due read and encoded in one go;
 ``aiortc_receive.DRAIN``, every datagram waiting read in one turn) and without
 ("today", aiortc's one frame per executor job and asyncio's one datagram per
@@ -40,46 +40,14 @@ from peers.media import ToneTrack
 from peers.netns import Network, netns_missing
 from tests import netem
 from tests.inprocess import LocalPair
-from tests.mediacheck import audio_counts
+from tests.mediacheck import SlowTurns, Stalls, audio_counts
 from tests.netem import Impairment, Link
 from tests.support import within
 
 FPS = 15
+STALL_EVERY_S = 2.0
 CGROUP_CPU = "/sys/fs/cgroup/cpu"
 VARIANTS = ("today", "patched")
-
-
-class SlowTurns:
-    """Every turn of this process's event loop made ``turn_s`` longer, and the loop held up
-    ``stall_s`` every ``every_s``: what a loaded machine does to it (each time the loop has
-    waited, it waits again for a CPU). A callback that runs once a turn blocks it (none
-    when ``turn_s`` is 0: the loop would spin), another every ``every_s``."""
-
-    def __init__(self, turn_s: float, stall_s: float = 0.0, every_s: float = 2.0) -> None:
-        self.turn_s, self.stall_s, self.every_s = turn_s, stall_s, every_s
-        self.on = False
-
-    def __enter__(self) -> SlowTurns:
-        self.on = True
-        loop = asyncio.get_running_loop()
-        if self.turn_s > 0:
-            loop.call_soon(self._turn)
-        if self.stall_s > 0:
-            loop.call_later(self.every_s, self._stall)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.on = False
-
-    def _turn(self) -> None:
-        if self.on:
-            time.sleep(self.turn_s)
-            asyncio.get_running_loop().call_soon(self._turn)
-
-    def _stall(self) -> None:
-        if self.on:
-            time.sleep(self.stall_s)
-            asyncio.get_running_loop().call_later(self.every_s, self._stall)
 
 
 @contextlib.contextmanager
@@ -121,12 +89,13 @@ async def run_call(
             await within(pair.connect(), 5)
             await within(pair.flowing(video=FPS), 8)
             async with Link(a, dev, both=Impairment(loss=0.02)):
-                with cpu_share(cpu_percent), SlowTurns(turn_s, stall_s):
-                    start, cpu = time.monotonic(), time.process_time()
-                    audio = {c.name: audio_counts(c.receiver.received) for c in pair.calls}
-                    await asyncio.sleep(seconds)
-                    elapsed, cpu = time.monotonic() - start, time.process_time() - cpu
-                    behind = [tone_behind_s(c.audio) for c in pair.calls]
+                with cpu_share(cpu_percent):
+                    async with SlowTurns(turn_s), Stalls(stall_s, STALL_EVERY_S):
+                        start, cpu = time.monotonic(), time.process_time()
+                        audio = {c.name: audio_counts(c.receiver.received) for c in pair.calls}
+                        await asyncio.sleep(seconds)
+                        elapsed, cpu = time.monotonic() - start, time.process_time() - cpu
+                        behind = [tone_behind_s(c.audio) for c in pair.calls]
             for call, other_behind in zip(pair.calls, reversed(behind), strict=True):
                 got = call.receiver.received
                 media_frames, missing, concealed = (

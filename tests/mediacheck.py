@@ -102,6 +102,22 @@ class Stalls(LoopTask):
             self.made.append(time.monotonic())
 
 
+class SlowTurns(LoopTask):
+    """Every turn of this process's event loop made ``turn_s`` longer: what a loaded machine
+    does to it (each time the loop has waited, it waits again for a CPU). A task that blocks
+    the loop once a turn (none when ``turn_s`` is 0: the loop would spin); with ``Stalls``
+    for the loop held up on a schedule as well.
+    """
+
+    def __init__(self, turn_s: float) -> None:
+        self.turn_s = turn_s
+
+    async def _run(self) -> None:
+        while self.turn_s > 0:
+            time.sleep(self.turn_s)  # noqa: ASYNC251 (the point: the whole loop stands still)
+            await asyncio.sleep(0)  # the next turn
+
+
 def audio_counts(got: Received) -> tuple[int, int, int]:
     """Audio frames of media time so far (played or not: 20 ms each), missing and concealed.
 

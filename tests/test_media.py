@@ -31,7 +31,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import bench.opus
-from bench.slowloop import SlowTurns
 from peers import aiortc_opus, aiortc_patches, aiortc_receive, aiortc_send, media, stats
 from peers.aiortc_receive import (
     AUDIO_WAIT_S,
@@ -61,6 +60,8 @@ from peers.netns import Netns
 from tests.inprocess import LocalPair
 from tests.mediacheck import (
     LoopLag,
+    SlowTurns,
+    Stalls,
     after,
     audio_counts,
     longest_gap,
@@ -725,10 +726,10 @@ async def test_at_2_percent_loss_audio_keeps_real_time_when_the_loop_is_slow(
     link_pair: tuple[Netns, Netns, str],
 ) -> None:
     """The 2 % test's audio bounds with every turn of the event loop 10 ms longer and the loop
-    held up 0.3 s every 2 s (bench/slowloop.py's ``SlowTurns``: what a loaded machine does to
-    it, where each time the loop has waited it waits again for a CPU; the 555 and 799 audio
-    frames of 1000 that the 2 % test saw at load): at least 80 % of the media time due
-    reaches each side (the sender reads, encodes and sends what is due in one go,
+    held up 0.3 s every 2 s (tests/mediacheck.py's ``SlowTurns`` and ``Stalls``: what a
+    loaded machine does to it, where each time the loop has waited it waits again for a CPU;
+    the 555 and 799 audio frames of 1000 that the 2 % test saw at load): at least 80 % of the
+    media time due reaches each side (the sender reads, encodes and sends what is due in one go,
     peers/aiortc_opus.py; the receiver reads every datagram waiting, peers/aiortc_receive.py),
     at most 3 % of it missing or concealed. Before: 367-457 frames of 1000, the tone's
     sender further behind real time every second."""
@@ -736,12 +737,11 @@ async def test_at_2_percent_loss_audio_keeps_real_time_when_the_loop_is_slow(
     async with contextlib.aclosing(LocalPair(namespaces=(a, b), fps=FPS)) as pair:
         await within(pair.connect(), 2)
         await within(pair.flowing(video=FPS), 4)
-        async with Link(a, dev, both=Impairment(loss=0.02)):
-            with SlowTurns(0.01, 0.3, 2.0):
-                start = time.monotonic()
-                audio = {call.name: audio_counts(call.receiver.received) for call in pair.calls}
-                await asyncio.sleep(SECONDS)
-                elapsed = time.monotonic() - start
+        async with Link(a, dev, both=Impairment(loss=0.02)), SlowTurns(0.01), Stalls(0.3, 2.0):
+            start = time.monotonic()
+            audio = {call.name: audio_counts(call.receiver.received) for call in pair.calls}
+            await asyncio.sleep(SECONDS)
+            elapsed = time.monotonic() - start
         for call in pair.calls:
             got = call.receiver.received
             media, missing, concealed = (
