@@ -103,6 +103,11 @@ SETTINGS: dict[str, Any] = {
     "call": {"media_timeout_s": 10},
 }
 POLL_S = 0.05
+# Chromium's fake camera runs at 20 fps unless told (media/capture's FakeVideoCaptureDevice):
+# the reference would send two thirds of the frames of an aiortc patient, each a third less
+# likely to meet a loss, and its freeze threshold (at least 150 ms over the mean interval)
+# longer. Until 2026-12-02 the bench ran it at 20 fps (docs/benchmarks.md says which rows).
+FAKE_CAMERA_30 = "--use-fake-device-for-media-stream=fps=30"
 RUNNABLE_POLL_S = 0.5
 # Run as root, Chromium raises its own threads (IO, compositor, GPU: nice -8; audio: SCHED_RR);
 # without CAP_SYS_NICE they stay at nice 0, as the aiortc peers' threads are.
@@ -141,7 +146,7 @@ async def open_page(
 ) -> Page:
     """A Chromium in ``role``'s namespace with the project's page loaded (not joined yet)."""
     browser = await browsers.launch(
-        netns=net.side(role).name, extra_args=routed_flags(relay.http_url)
+        netns=net.side(role).name, extra_args=(*routed_flags(relay.http_url), FAKE_CAMERA_30)
     )
     page = await browsers.open(role, f"{relay.http_url}/", browser=browser)
     await page.bring_to_front()
