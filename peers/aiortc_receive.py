@@ -59,32 +59,38 @@ import contextlib
 import logging
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
 from aioice.ice import StunProtocol
+from aiortc import codecs as aiortc_codecs
+from aiortc.codecs import depayload
 from aiortc.codecs.vpx import VpxPayloadDescriptor
 from aiortc.jitterbuffer import JitterFrame
+from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 from aiortc.rtcrtpreceiver import RemoteStreamTrack, RTCRtpReceiver
-from aiortc.rtp import RTP_HISTORY_SIZE, RtpPacket
+from aiortc.rtp import RTP_HISTORY_SIZE, HeaderExtensionsMap, RtpPacket
 from av import VideoFrame
 
-from peers import aiortc_opus
+from peers import aiortc_opus, ulpfec
 
 __all__ = [
     "AudioBuffer",
     "FrameBuffer",
     "NackList",
     "ReceiveCounters",
+    "RedFront",
     "concealed",
     "counters",
+    "fec_recovered",
     "install",
     "install_drain",
     "is_keyframe_start",
     "nack_rtt_s",
     "playout_delay_s",
     "recovered",
+    "vp8_picture_id",
 ]
 
 logger = logging.getLogger(__name__)
@@ -150,6 +156,8 @@ class ReceiveCounters:
     late_dropped: int = 0
     audio_concealed: int = 0  # lost audio packets concealed (libopus's PLC)
     audio_recovered: int = 0  # lost audio packets rebuilt from the next one's in-band FEC
+    fec_recovered: int = 0  # lost video packets rebuilt from ULPFEC
+    fec_holes: int = 0  # holes between two frames that follow each other (lost FEC) passed over
 
 
 counters = ReceiveCounters()
@@ -215,8 +223,9 @@ class NackList:
         self._unwrap = _Unwrapper()
         self._now: Callable[[], float] = time.monotonic
 
-    def add(self, packet: RtpPacket) -> bool:
-        """Mark a packet received and note the holes before it.
+    def add(self, packet: RtpPacket, rebuilt: bool = False) -> bool:
+        """Mark a packet received and note the holes before it; ``rebuilt``: from FEC, not an
+        answer to a NACK (no round trip learnt from it).
 
         Returns False: NACKs go out from ``due()`` (aiortc's call site then sends nothing).
         """
@@ -231,7 +240,7 @@ class NackList:
             self.max_seq = ext
         else:
             entry = self.missing.pop(ext, None)
-            if entry is not None and entry.first is not None:
+            if entry is not None and entry.first is not None and not rebuilt:
                 counters.recovered += 1
                 # From the first NACK: the answer to the repeat when the first was lost (the
                 # median keeps those out), and no Karn ambiguity to leave the estimate unlearnt
@@ -245,6 +254,14 @@ class NackList:
         """Stop asking for packets before ``ext`` (the frame buffer gave up on them)."""
         for seq in [s for s in self.missing if s < ext]:
             del self.missing[seq]
+
+    def forget_before(self, ext: int) -> None:
+        """Stop asking for packets before another count's extended number ``ext`` (the frame
+        buffer's: the two differ by a constant, compared mod 2**16)."""
+        lowest = ext & 0xFFFF
+        for seq in list(self.missing):
+            if (lowest - (seq & 0xFFFF)) & 0xFFFF < 0x8000 and seq & 0xFFFF != lowest:
+                del self.missing[seq]
 
     def due(self, now: float) -> list[int]:
         """The 16-bit sequence numbers to NACK now (each marked sent)."""
@@ -302,6 +319,18 @@ def is_keyframe_start(mime_type: str, payload: bytes) -> bool:
     return True
 
 
+def vp8_picture_id(payload: bytes) -> tuple[int, int] | None:
+    """The picture ID of a VP8 payload that begins a frame (S = 1, partition 0) and its modulus
+    (128 or 32768, RFC 7741 ``M``); None for any other payload or one without a picture ID."""
+    if len(payload) < 3 or payload[0] & 0x9F != 0x90 or not payload[1] & 0x80:
+        return None  # X, S, PID 0 and I wanted (N and the reserved bit ignored)
+    if payload[2] & 0x80:
+        if len(payload) < 4:
+            return None
+        return int.from_bytes(payload[2:4], "big") & 0x7FFF, 1 << 15
+    return payload[2], 1 << 7
+
+
 class _MediaTime:
     """32-bit RTP timestamps to seconds of media time from the first one."""
 
@@ -339,6 +368,16 @@ class FrameBuffer(_InOrder):
     Each frame released after waiting on a hole is timed against the best delay
     (release time against media time) of the last ``BEST_DELAY_S``: what those
     were late by sets ``playout_delay_s()``.
+
+    Sequence numbers that carry no media (ULPFEC packets sent in the media's
+    sequence space, RED-wrapped: common.md) are given by ``filler(packet)`` when
+    they arrive, and passed over. Those lost leave holes that nobody
+    retransmits: a hole between the frame last released and a packet that
+    begins the frame right after it (``picture_id(packet)``: VP8's picture ID,
+    one more than the last frame's) holds no media and is passed over at once,
+    neither waited for nor given up (libwebrtc: its packet buffer assembles each
+    frame on its own, and ``RtpVp8RefFinder`` tells by picture IDs that frames
+    follow each other).
     """
 
     def __init__(
@@ -351,6 +390,7 @@ class FrameBuffer(_InOrder):
         keyframe_retry_s: Callable[[], float] = lambda: KEYFRAME_RETRY_S,
         forget: Callable[[int], None] = lambda ext: None,
         superseded: Callable[[int], None] = lambda timestamp: None,
+        picture_id: Callable[[RtpPacket], tuple[int, int] | None] = lambda packet: None,
         clock_rate: int = 90_000,
     ) -> None:
         super().__init__()
@@ -361,6 +401,9 @@ class FrameBuffer(_InOrder):
         self.hole_wait_s = hole_wait_s
         self.forget = forget
         self.superseded = superseded
+        self.picture_id = picture_id
+        self.fillers: set[int] = set()  # sequence numbers that came with no media (FEC)
+        self.last_picture: tuple[int, int] | None = None  # of the last frame released
         self._burst: list[tuple[int, float]] = []  # (timestamp, late by) of frames released
         self.packets: dict[int, RtpPacket] = {}
         self.need_keyframe = True  # nothing decodes before a keyframe
@@ -395,6 +438,19 @@ class FrameBuffer(_InOrder):
         self._release(now)
         return False, None
 
+    def filler(self, packet: RtpPacket, now: float | None = None) -> None:
+        """A packet that holds no media (an FEC packet) came: its sequence number is no hole."""
+        now, ext = self._arrival(packet, now)
+        if ext is None:
+            return
+        assert self.next_seq is not None
+        if ext - self.next_seq > MAX_HELD:
+            return  # a jump: the next media packet tells (``add``)
+        self.fillers.add(ext)
+        if len(self.fillers) > MAX_HELD:
+            self.fillers = set(sorted(self.fillers)[-MAX_HELD // 2 :])
+        self._release(now)
+
     def _stale(self, timestamp: int | None) -> bool:
         """Whether media time ``timestamp`` is more than MAX_SPAN_S older than the newest packet."""
         if timestamp is None or self.newest is None:
@@ -410,7 +466,9 @@ class FrameBuffer(_InOrder):
         for seq in [s for s, p in self.packets.items() if self._stale(p.timestamp)]:
             del self.packets[seq]
         self.next_seq = max(self.next_seq, min(self.packets, default=self.next_seq))
+        self._drop_fillers()
         self.forget(self.next_seq)
+        self.last_picture = None
         self.last_timestamp = (
             None  # no reference left: the age of a hole counts from the next frame
         )
@@ -497,16 +555,24 @@ class FrameBuffer(_InOrder):
                 self.forget(start)
                 logger.debug("keyframe at %d (last asked %s)", start, self.last_request)
                 self.next_seq = start
+                self._drop_fillers()
                 self.key_at = start
                 self.need_keyframe = False
+            while self.next_seq in self.fillers:  # FEC after the last frame
+                self.fillers.discard(self.next_seq)
+                self.next_seq += 1
             frame = self._complete()
             if frame is None:
+                if self.next_seq not in self.packets and self._bridge():
+                    continue
                 # A packet after the one awaited (or after the frame's missing one): a hole.
                 newest = max(self.packets, default=self.next_seq)
                 if newest <= self.next_seq:
                     self.hole_since = None
                     return
-                if sum(1 for s in self.packets if s >= self.next_seq) > newest - self.next_seq:
+                here = sum(1 for s in self.packets if s >= self.next_seq)
+                here += sum(1 for s in self.fillers if self.next_seq <= s < newest)
+                if here > newest - self.next_seq:
                     # All here up to the newest: a frame still coming (a sender that paces its
                     # packets, as Chromium does), no hole to wait on or time as one.
                     self.hole_since = None
@@ -524,9 +590,35 @@ class FrameBuffer(_InOrder):
             self.last_request = None
             self.key_at = None
             self.last_timestamp = frame[0].timestamp
+            self.last_picture = self.picture_id(frame[0])
             # ``_data``: the depayloaded bytes aiortc sets at rtcrtpreceiver.py:543.
             data = b"".join(p._data for p in frame)  # type: ignore[attr-defined]
             self.deliver(JitterFrame(data=data, timestamp=frame[0].timestamp), frame[0])
+
+    def _drop_fillers(self) -> None:
+        assert self.next_seq is not None
+        self.fillers = {s for s in self.fillers if s >= self.next_seq}
+
+    def _bridge(self) -> bool:
+        """Pass over the hole at ``next_seq`` when the packet after it begins the frame that
+        follows the last one released (picture IDs): the hole holds no media (lost FEC)."""
+        assert self.next_seq is not None
+        if self.last_picture is None:
+            return False
+        after = min((s for s in self.packets if s > self.next_seq), default=None)
+        if after is None or (picture := self.picture_id(self.packets[after])) is None:
+            return False
+        last, modulus = self.last_picture
+        if picture[1] != modulus or (picture[0] - last) % modulus != 1:
+            return False
+        logger.debug(
+            "no media in %d-%d (picture %d after %d)", self.next_seq, after - 1, picture[0], last
+        )
+        counters.fec_holes += 1
+        self.next_seq = after
+        self._drop_fillers()
+        self.forget(after)
+        return True
 
     def _timed(self, timestamp: int, now: float, waited: bool) -> float:
         """Note a frame's release: the frame interval, the best delay, and how late it is if it
@@ -581,6 +673,140 @@ class FrameBuffer(_InOrder):
             del self.packets[s]
         self.next_seq += len(frame)
         return frame
+
+
+# -- RED and ULPFEC -------------------------------------------------------------------------------
+
+
+class RedFront:
+    """RED (RFC 2198) and ULPFEC (RFC 5109) in front of a video ``FrameBuffer``: what aiortc
+    hands its jitter buffer (rtcrtpreceiver.py:551), after its statistics, RTX unwrapping and
+    NACK list have seen the packet as it came.
+
+    A RED packet's media block goes on as the packet it carries (the media's payload type),
+    its bytes as sent (``packet._epc_raw``, kept by ``install_raw``) fed to
+    ``ulpfec.Recovery``; an ULPFEC block goes to ``Recovery`` and its sequence number to the
+    frame buffer as a filler; each packet rebuilt is parsed and goes where a received one
+    goes (NACK list, frame buffer), counted. A RED packet that came by RTX (aiortc rebuilds
+    it, rtp.py:757 ``unwrap_rtx``: no bytes as sent, and libwebrtc writes other header
+    extensions into a retransmission) is unwrapped the same way but never fed to
+    ``Recovery``, which rebuilds a packet from the others' bytes exactly as they were
+    protected. Media that is not RED-wrapped passes as it is (libwebrtc's
+    ``RtpVideoStreamReceiver2`` feeds its ULPFEC receiver RED packets only).
+    """
+
+    def __init__(self, buffer: FrameBuffer, nack: NackList, codecs: dict[int, Any]) -> None:
+        self.buffer = buffer
+        self.nack = nack
+        self.codecs = codecs  # payload type -> RTCRtpCodecParameters (the receiver's, filled later)
+        self.red_pt: int | None = None
+        self.ulpfec_pt: int | None = None
+        self.mutable_ids: frozenset[int] = frozenset()
+        self.extensions = HeaderExtensionsMap()
+        self.recovery: ulpfec.Recovery | None = None
+        self.recovered = 0  # packets rebuilt from FEC that went on
+        self.malformed = 0  # RED or ULPFEC packets that could not be read
+
+    def configure(
+        self, extensions: HeaderExtensionsMap, header_extensions: Collection[tuple[int, str]] = ()
+    ) -> None:
+        """Take the negotiated codecs (``codecs``, filled by now) and header extensions (id,
+        uri): the mutable ones are zeroed by both sides of ULPFEC."""
+        for pt, codec in self.codecs.items():
+            if codec.mimeType.lower() == ulpfec.RED_MIME:
+                self.red_pt = pt
+            elif codec.mimeType.lower() == ulpfec.ULPFEC_MIME:
+                self.ulpfec_pt = pt
+        self.extensions = extensions
+        self.mutable_ids = frozenset(
+            ext_id for ext_id, uri in header_extensions if uri in ulpfec.MUTABLE_EXTENSIONS
+        )
+
+    def _media_codec(self, pt: int) -> Any:
+        codec = self.codecs.get(pt)
+        if codec is None or codec.mimeType.lower().split("/")[-1] in ("red", "ulpfec", "rtx"):
+            return None
+        return codec
+
+    # aiortc's call site: ``pli_flag, encoded_frame = self.__jitter_buffer.add(packet)``
+    def add(self, packet: RtpPacket, now: float | None = None) -> tuple[bool, None]:
+        if self.red_pt is None or packet.payload_type not in (self.red_pt, self.ulpfec_pt):
+            return self.buffer.add(packet, now)
+        raw: bytes | None = getattr(packet, "_epc_raw", None)
+        try:
+            if packet.payload_type == self.ulpfec_pt:  # ULPFEC without RED (not libwebrtc's)
+                block_pt, inner = packet.payload_type, raw
+                payload = packet.payload
+            elif raw is not None:
+                block_pt, inner = ulpfec.from_red(raw)
+                payload = inner[ulpfec.header_length(inner) : len(inner) - packet.padding_size]
+            else:  # by RTX: the RED payload alone
+                block_pt, bare = ulpfec.from_red(
+                    bytes((0x80, packet.payload_type)) + bytes(10) + packet.payload
+                )
+                payload, inner = bare[12:], None
+        except ValueError:
+            self.malformed += 1
+            return False, None
+        if block_pt == self.ulpfec_pt:
+            self.buffer.filler(packet, now)
+            rebuilt: list[bytes] = []
+            if inner is not None:
+                try:
+                    rebuilt = self._recovery(packet.ssrc).fec(payload)
+                except ValueError:
+                    self.malformed += 1
+            self._rebuilt(rebuilt, now)
+            return False, None
+        codec = self._media_codec(block_pt)
+        if codec is None:
+            self.buffer.filler(packet, now)  # no media we know: no hole to wait on
+            return False, None
+        media = _with_payload(packet, block_pt, payload)
+        try:
+            media._data = depayload(codec, payload)  # type: ignore[attr-defined]
+        except ValueError:  # as rtcrtpreceiver.py:541-546
+            return False, None
+        rebuilt = [] if inner is None else self._recovery(packet.ssrc).media(inner)
+        self.buffer.add(media, now)
+        self._rebuilt(rebuilt, now)
+        return False, None
+
+    def _recovery(self, ssrc: int) -> ulpfec.Recovery:
+        if self.recovery is None or self.recovery.ssrc != ssrc:
+            self.recovery = ulpfec.Recovery(ssrc, self.mutable_ids)
+        return self.recovery
+
+    def _rebuilt(self, packets: list[bytes], now: float | None) -> None:
+        for raw in packets:
+            try:
+                packet = RtpPacket.parse(raw, self.extensions)
+                codec = self._media_codec(packet.payload_type)
+                if codec is None:
+                    continue
+                packet._data = depayload(codec, packet.payload)  # type: ignore[attr-defined]
+            except ValueError:
+                self.malformed += 1
+                continue
+            self.recovered += 1
+            counters.fec_recovered += 1
+            self.nack.add(packet, rebuilt=True)
+            self.buffer.add(packet, now)
+
+
+def _with_payload(packet: RtpPacket, payload_type: int, payload: bytes) -> RtpPacket:
+    """``packet`` with another payload type and payload (its header otherwise)."""
+    out = RtpPacket(
+        payload_type=payload_type,
+        marker=packet.marker,
+        sequence_number=packet.sequence_number,
+        timestamp=packet.timestamp,
+        ssrc=packet.ssrc,
+        payload=payload,
+    )
+    out.csrc = packet.csrc
+    out.extensions = packet.extensions
+    return out
 
 
 class AudioBuffer(_InOrder):
@@ -736,7 +962,10 @@ def install() -> None:
     aiortc_opus.install()  # the Opus decoder that AudioBuffer's lost slots are decoded by
     original_init = RTCRtpReceiver.__init__
     original_handle = RTCRtpReceiver._handle_rtp_packet
+    original_receive = RTCRtpReceiver.receive
     original_recv = RemoteStreamTrack.recv
+    install_raw()
+    offer_red()
 
     def __init__(self: RTCRtpReceiver, kind: str, transport: Any) -> None:
         original_init(self, kind, transport)
@@ -752,6 +981,12 @@ def install() -> None:
         if path is not None:
             path.seen(packet)
         await original_handle(self, packet, arrival_time_ms)
+
+    async def receive(self: RTCRtpReceiver, parameters: Any) -> None:
+        await original_receive(self, parameters)
+        path = getattr(self, "_epc_path", None)
+        if isinstance(path, _VideoPath):
+            path.configure(parameters)
 
     async def recv(self: RemoteStreamTrack) -> Any:
         while True:
@@ -771,7 +1006,50 @@ def install() -> None:
 
     RTCRtpReceiver.__init__ = __init__  # type: ignore[method-assign]
     RTCRtpReceiver._handle_rtp_packet = _handle_rtp_packet  # type: ignore[method-assign]
+    RTCRtpReceiver.receive = receive  # type: ignore[method-assign]
     RemoteStreamTrack.recv = recv  # type: ignore[method-assign]
+
+
+def install_raw() -> None:
+    """Keep each received RTP packet's bytes (after SRTP) as ``packet._epc_raw``: ULPFEC
+    protects the bytes as sent, header extensions included, and aiortc's parse keeps only the
+    extensions it knows (rtp.py:671 ``RtpPacket.parse``, called at rtcdtlstransport.py:616)."""
+    if getattr(RtpPacket.parse, "_epc_raw", False):
+        return
+    original = RtpPacket.parse.__func__  # type: ignore[attr-defined]
+
+    def parse(
+        cls: type[RtpPacket], data: bytes, extensions_map: HeaderExtensionsMap = _NO_EXTENSIONS
+    ) -> RtpPacket:
+        packet: RtpPacket = original(cls, data, extensions_map)
+        packet._epc_raw = data  # type: ignore[attr-defined]
+        return packet
+
+    parse._epc_raw = True  # type: ignore[attr-defined]
+    RtpPacket.parse = classmethod(parse)  # type: ignore[method-assign,assignment]
+
+
+_NO_EXTENSIONS = HeaderExtensionsMap()  # rtp.py:673's default
+# Until the send path's negotiation (branch wip-send) lands: red, its RTX and ulpfec offered
+# and answered after aiortc's video codecs (codecs/__init__.py:58-104), libwebrtc's order.
+RED_PT, RED_RTX_PT, ULPFEC_PT = 123, 124, 125
+
+
+def offer_red() -> None:
+    """Offer and answer video/red (with RTX) and video/ulpfec (process-wide, once)."""
+    video = aiortc_codecs.CODECS["video"]
+    if any(c.mimeType.lower() == ulpfec.RED_MIME for c in video):
+        return
+    video += [
+        RTCRtpCodecParameters(mimeType="video/red", clockRate=90000, payloadType=RED_PT),
+        RTCRtpCodecParameters(
+            mimeType="video/rtx",
+            clockRate=90000,
+            payloadType=RED_RTX_PT,
+            parameters={"apt": RED_PT},
+        ),
+        RTCRtpCodecParameters(mimeType="video/ulpfec", clockRate=90000, payloadType=ULPFEC_PT),
+    ]
 
 
 class _VideoPath:
@@ -789,14 +1067,32 @@ class _VideoPath:
             self._keyframe,
             hole_wait_s=self._hole_wait_s,
             keyframe_retry_s=self._keyframe_retry_s,
-            forget=self._forget,
+            forget=self.nack.forget_before,
             superseded=self._superseded,
+            picture_id=self._picture_id,
         )
+        codecs: dict[int, Any] = receiver._RTCRtpReceiver__codecs  # type: ignore[attr-defined]
+        self.front = RedFront(self.buffer, self.nack, codecs)
         self.pts: dict[int, int] = {}  # RTP timestamp -> pts, of the frames just delivered
         receiver._epc_path = self  # type: ignore[attr-defined]
-        # rtcrtpreceiver.py:299-300: the two parts replaced (used at :535 and :551).
-        receiver._RTCRtpReceiver__jitter_buffer = self.buffer  # type: ignore[attr-defined]
+        # rtcrtpreceiver.py:299-300: the two parts replaced (used at :535 and :551); RED and
+        # ULPFEC taken off in front of the frame buffer.
+        receiver._RTCRtpReceiver__jitter_buffer = self.front  # type: ignore[attr-defined]
         receiver._RTCRtpReceiver__nack_generator = self.nack  # type: ignore[attr-defined]
+
+    def configure(self, parameters: Any) -> None:
+        """The receiver's parameters are set (rtcrtpreceiver.py:392 ``receive``)."""
+        transport = self.receiver.transport
+        self.front.configure(
+            transport._rtp_header_extensions_map,
+            [(ext.id, ext.uri) for ext in parameters.headerExtensions],
+        )
+
+    def _picture_id(self, packet: RtpPacket) -> tuple[int, int] | None:
+        codec = self._codec(packet)
+        if codec is None or codec.mimeType.lower() != "video/vp8":
+            return None
+        return vp8_picture_id(packet.payload)
 
     def _hole_wait_s(self) -> float:
         wait = NACK_REPEAT_S + HOLE_WAIT_RTTS * self.nack.rtt_s + 0.05
@@ -812,15 +1108,6 @@ class _VideoPath:
     def _keyframe(self, packet: RtpPacket) -> bool:
         codec = self._codec(packet)
         return codec is not None and is_keyframe_start(codec.mimeType, packet.payload)
-
-    def _forget(self, ext: int) -> None:
-        # The buffer's and the NACK list's extended numbers differ by a constant: compare mod 2**16.
-        if self.nack.max_seq is None:
-            return
-        lowest = ext & 0xFFFF
-        for seq in list(self.nack.missing):
-            if (lowest - (seq & 0xFFFF)) & 0xFFFF < 0x8000 and seq & 0xFFFF != lowest:
-                del self.nack.missing[seq]
 
     def seen(self, packet: RtpPacket) -> None:
         if self.task is None:
@@ -888,6 +1175,15 @@ def nack_rtt_s(pc: Any) -> float | None:
         if isinstance(path, _VideoPath):
             return path.nack.rtt_s
     return None
+
+
+def fec_recovered(pc: Any) -> int:
+    """Video packets a peer connection's receive path rebuilt from ULPFEC so far."""
+    return sum(
+        path.front.recovered
+        for receiver in pc.getReceivers()
+        if isinstance(path := getattr(receiver, "_epc_path", None), _VideoPath)
+    )
 
 
 def playout_delay_s(pc: Any) -> float | None:
