@@ -220,6 +220,7 @@ def page_row(
         "audio_rx_pct": round(100 * delta("audio", "packetsReceived") * AUDIO_PTIME_S / seconds),
         "audio_fec_pct": "-",
         "resolution": f"{video.get('frameWidth', 0)}x{video.get('frameHeight', 0)}",
+        "video_fec": "-",
     }
 
 
@@ -240,6 +241,7 @@ def aiortc_row(summary: dict[str, Any]) -> dict[str, Any]:
         "audio_rx_pct": "-",
         "audio_fec_pct": round(100 * audio.get("recovered", 0) / due, 1) if due else None,
         "resolution": f"{video['width']}x{video['height']}",
+        "video_fec": video.get("fec_recovered", "-"),
     }
 
 
@@ -344,8 +346,11 @@ COLUMNS = [
     ("link", 18), ("pairing", 20), ("fps", 5), ("freezes", 8), ("frozen_s", 9),
     ("longest_gap_s", 14), ("behind_p95_ms", 14), ("behind_max_ms", 14),
     ("audio_bad_pct", 14), ("audio_rx_pct", 13), ("audio_fec_pct", 14), ("resolution", 11),
+    ("video_fec", 10),
     ("runnable", 9), ("load", 5),
 ]  # fmt: skip
+
+RUN_FIELDS = ("fps", "freezes", "frozen_s", "longest_gap_s", "video_fec")  # each run's, with --runs
 
 
 def video_size(text: str) -> dict[str, int]:
@@ -448,6 +453,11 @@ async def main(argv: list[str] | None = None) -> int:
                         print(f"{link} / {pairing}: failed ({type(exc).__name__}: {exc})")
                         continue
                 rows.append({**done.row, "runnable": done.runnable, "load": done.load})
+                if args.runs > 1:
+                    print(
+                        "  run: " + ", ".join(f"{n} {done.row.get(n)}" for n in RUN_FIELDS),
+                        flush=True,
+                    )
                 print(
                     f"  cpu, % of a core on/waiting (runnable {done.runnable}, load"
                     f" {done.load}): {done.cpu}",

@@ -33,7 +33,7 @@ from aiortc.stats import (
     RTCRemoteOutboundRtpStreamStats,
 )
 
-from peers import aiortc_send
+from peers import aiortc_receive, aiortc_send
 from peers.call import Call
 from peers.seat import Seat
 
@@ -170,6 +170,7 @@ def media_summary(call: Call) -> dict[str, Any]:
             "behind_ms": round(got.behind_ms, 1),
             "max_behind_ms": round(got.max_behind_ms, 1),
             "behind_p95_ms": round(got.behind_p95_ms(), 1),
+            "fec_recovered": aiortc_receive.fec_recovered(call.pc),
         },
         "audio": {
             "frames": got.audio_frames,
