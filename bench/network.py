@@ -268,6 +268,7 @@ class Call:
     runnable: float
     load: float
     cpu: str
+    summary: dict[str, Any] | None = None  # an aiortc practitioner's --stats-json
 
 
 async def cell(
@@ -334,7 +335,8 @@ async def cell(
                 assert seeing.process is not None and seeing.stats_json is not None
                 done = machine({})
                 await seeing.process.stop()
-                done.row = aiortc_row(json.loads(seeing.stats_json.read_text(encoding="utf-8")))
+                done.summary = json.loads(seeing.stats_json.read_text(encoding="utf-8"))
+                done.row = aiortc_row(done.summary)
                 return done
         finally:
             for process in processes:

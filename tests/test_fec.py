@@ -10,6 +10,7 @@ peers/ulpfec.py as a libwebrtc sender does, parsed by aiortc's ``RtpPacket.parse
 from __future__ import annotations
 
 import struct
+from pathlib import Path
 
 import pytest
 from aiortc import RTCRtpCodecParameters
@@ -17,6 +18,7 @@ from aiortc.jitterbuffer import JitterFrame
 from aiortc.rtcrtpparameters import RTCRtpHeaderExtensionParameters, RTCRtpParameters
 from aiortc.rtp import HeaderExtensionsMap, RtpPacket, unwrap_rtx
 
+import bench.network
 from peers import aiortc_receive, ulpfec
 from peers.aiortc_receive import (
     FrameBuffer,
@@ -25,6 +27,8 @@ from peers.aiortc_receive import (
     is_keyframe_start,
     vp8_picture_id,
 )
+from peers.netns import netns_missing
+from tests.browser import chromium_missing
 
 VP8_PT, RED_PT, RTX_PT, ULPFEC_PT = 96, 123, 124, 125
 SSRC = 0x1234ABCD
@@ -315,3 +319,28 @@ def test_plain_vp8_passes_when_red_is_negotiated() -> None:
     packet._data = b"frame"  # type: ignore[attr-defined]  # aiortc's depayload
     receiver.front.add(packet, 0.0)
     assert receiver.out == [b"frame"]
+
+
+# -- a Chromium patient -------------------------------------------------------------------------
+
+FROZEN_MAX_S = 2.0  # issue 13: at most 2 s frozen per 30 s at 5 % loss + 75 ms each way
+
+
+@pytest.mark.netns
+@pytest.mark.asyncio
+async def test_chromium_to_aiortc_at_5_pct_loss_and_75_ms_rebuilds_from_fec_within_the_bound(
+    tmp_path: Path,
+) -> None:
+    """A Chromium patient (640x480 at 30 fps) sends to an aiortc practitioner through a link
+    that loses 5 % and delays 75 ms each way (bench/network.py's call, 30 s): Chromium
+    protects its video with RED + ULPFEC because the practitioner answers them, packets are
+    rebuilt from it, and the practitioner's video (as Chromium counts freezes) is frozen at
+    most 2 s of the 30 (2.4-2.8 s without FEC, docs/benchmarks.md)."""
+    if reason := netns_missing() or chromium_missing():
+        pytest.skip(reason)
+    done = await bench.network.cell("5 % loss, 75 ms", "Chromium->aiortc", 30.0, tmp_path)
+    assert done.summary is not None
+    video = done.summary["video"]
+    figures = f"{video}; runnable {done.runnable}, load {done.load}"
+    assert video["fec_recovered"] > 0, figures
+    assert video["frozen_s"] <= FROZEN_MAX_S, figures
