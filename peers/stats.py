@@ -3,20 +3,19 @@
 The line, logged every few seconds while a call is up::
 
     call 1: stats: path host -> host over udp; video in 640x480 29.9 fps; bitrate in 1203 kbit/s
-    out 1187 kbit/s; rtt 2 ms; packets lost 0; freezes 1 (0.4 s); behind 12 ms;
+    out 1187 kbit/s; rtt 2 ms; packets lost 3 (fec rebuilt 2); freezes 1 (0.4 s); behind 12 ms;
     audio missing 0 concealed 1 recovered 3; sending 640x480 at 500 kbit/s
 
 The summary (JSON, written by the command line at exit) speaks of the last
 call: its ICE path, time to first frame, frames, resolution, latency from the
 stamps, what a user felt (``media_summary``: freezes by the W3C definition,
 their total, the longest gap, time behind the call's best delay from the
-stamps, audio frames missing, concealed and recovered from FEC) and what this side sends (size
-and target bitrate of its VP8 encoder); and of the seat: calls started, relay
-reconnections, why it exited, each recovery of a lost path (``recoveries``:
-``at_s`` since the start, ``outage_ms`` from the last byte received to the
-first frame again, ``method`` "same-path" or "new-connection") and the video
-frames of each call in turn (``video_per_call``: ``frames``, ``stamped``,
-``in_order``).
+stamps, video packets rebuilt from ULPFEC, audio frames missing, concealed and recovered from
+FEC) and what this side sends (size and target bitrate of its VP8 encoder); and of the seat:
+calls started, relay reconnections, why it exited, each recovery of a lost path
+(``recoveries``: ``at_s`` since the start, ``outage_ms`` from the last byte received to the
+first frame again, ``method`` "same-path" or "new-connection") and the video frames of each
+call in turn (``video_per_call``: ``frames``, ``stamped``, ``in_order``).
 """
 
 from __future__ import annotations
@@ -85,7 +84,8 @@ class StatsLine:
         return (
             f"stats: path {path or '-'}; video in {got.width}x{got.height} "
             f"{got.fps(now):.1f} fps; {bitrate}; "
-            f"rtt {rtt_text}; packets lost {lost}; "
+            f"rtt {rtt_text}; packets lost {lost} (fec rebuilt "
+            f"{aiortc_receive.fec_recovered(call.pc)}); "
             f"freezes {got.freezes} ({got.frozen_s:.1f} s); behind {got.behind_ms:.0f} ms; "
             f"audio missing {got.audio_missing} concealed {got.audio_concealed} "
             f"recovered {got.audio_recovered}; {sending}"
