@@ -84,9 +84,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiortc import clock
+from aiortc import clock, codecs
 from aiortc.codecs import vpx
 from aiortc.mediastreams import VIDEO_TIME_BASE, MediaStreamError, convert_timebase
+from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 from aiortc.rtcrtpsender import RTCRtpSender, random_sequence_number
 from aiortc.rtp import RTP_HISTORY_SIZE, RtpPacket
 from aiortc.utils import random32, uint16_add, uint32_add
@@ -106,9 +107,11 @@ __all__ = [
     "Pacer",
     "Sent",
     "encoder_ladder",
+    "fec_codecs",
     "install",
     "ladder_of",
     "last_sent",
+    "negotiate_fec",
     "sent_video",
     "vp8_encode",
 ]
@@ -144,6 +147,52 @@ PACE_FACTOR = 2.5  # x the encoder's target: libwebrtc's kDefaultPaceMultiplier
 PACE_BURST_S = 0.01  # credit an idle pacer keeps (libwebrtc's pacer: one 5 ms process interval)
 PACE_MAX_QUEUE_S = 0.5  # a frame's packets all leave within this (libwebrtc: 2 s for its queue)
 PACKET_OVERHEAD = 60  # bytes a VP8 payload carries on the wire: RTP, extensions, SRTP, UDP, IPv4
+
+
+# RED + ULPFEC (RFC 2198 + RFC 5109) on video, as Chromium negotiates them: ``red/90000`` with
+# an rtx of its own (libwebrtc retransmits a RED-wrapped packet on RTX with apt=red) and
+# ``ulpfec/90000``. aiortc's video payload types are 97-102 (VP8, H264 x 2, each with its rtx:
+# codecs/__init__.py:66-104), Opus 96 (codecs/__init__.py:34); these follow them. Offered and
+# answered only where ``negotiate_fec(True)`` was called (``CallOptions.fec``, the config's
+# ``media.video.fec``): the receive half must take RED packets first.
+RED_MIME, ULPFEC_MIME, RTX_MIME = "video/red", "video/ulpfec", "video/rtx"
+RED_PT, RED_RTX_PT, ULPFEC_PT = 103, 104, 105
+
+
+def fec_codecs() -> list[RTCRtpCodecParameters]:
+    """video/red, its rtx and video/ulpfec, as ``negotiate_fec(True)`` adds them."""
+    return [
+        RTCRtpCodecParameters(mimeType=RED_MIME, clockRate=90_000, payloadType=RED_PT),
+        RTCRtpCodecParameters(
+            mimeType=RTX_MIME, clockRate=90_000, payloadType=RED_RTX_PT, parameters={"apt": RED_PT}
+        ),
+        RTCRtpCodecParameters(mimeType=ULPFEC_MIME, clockRate=90_000, payloadType=ULPFEC_PT),
+    ]
+
+
+def _is_fec_codec(codec: RTCRtpCodecParameters) -> bool:
+    mime = codec.mimeType.lower()
+    return mime in (RED_MIME, ULPFEC_MIME) or (
+        mime == RTX_MIME and codec.parameters.get("apt") == RED_PT
+    )
+
+
+def negotiate_fec(on: bool) -> None:
+    """Offer and answer video/red (with its rtx) and video/ulpfec, or no longer (process-wide).
+
+    Upstream: entries of ``CODECS["video"]`` (aiortc codecs/__init__.py:40, filled by
+    ``init_codecs``, :65-104, with VP8 and H264 only), which ``createOffer`` offers
+    (rtcpeerconnection.py:648), ``setRemoteDescription`` answers when the other side offers them
+    (``find_common_codecs``, rtcpeerconnection.py:920, red's rtx through its ``apt``) and
+    ``getCapabilities`` lists (codecs/__init__.py:116, for ``setCodecPreferences``). They come
+    after VP8 and H264: ``RTCRtpSender.send`` sends the first codec negotiated
+    (rtcrtpsender.py:227), Chromium's offer lists red after its video codecs, and its answer
+    keeps the offer's order.
+    """
+    video = codecs.CODECS["video"]
+    video[:] = [codec for codec in video if not _is_fec_codec(codec)]
+    if on:
+        video.extend(fec_codecs())
 
 
 @dataclass
