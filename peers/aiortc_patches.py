@@ -68,7 +68,7 @@ from aioice.turn import TurnClientMixin, TurnTransport
 from aiortc import RTCDtlsTransport, RTCIceTransport, RTCRtpReceiver, RTCRtpSender, codecs
 from aiortc.codecs import opus
 
-from peers import aiortc_opus, aiortc_rate, aiortc_receive, aiortc_send
+from peers import aiortc_opus, aiortc_rate, aiortc_receive, aiortc_send, aiortc_vp8
 from peers.errors import PeerError
 
 __all__ = [
@@ -125,6 +125,10 @@ def check_versions(installed: Callable[[str], str] | None = None) -> None:
             + ", ".join(wrong)
             + " (run `make setup`)"
         )
+    try:
+        aiortc_vp8.check()  # the libvpx that PyAV ships, driven directly
+    except RuntimeError as exc:
+        raise UnsupportedVersion(f"{exc} (run `make setup`)") from exc
 
 
 def steady_media() -> None:

@@ -63,6 +63,11 @@ encoder as a whole. Against aiortc 1.16.0:
   ``PacingController``). The skip does most of the work; the pacer's share is small
   (docs/benchmarks.md, "The sender after its own event loop's stalls").
 
+- Each new target: aiortc rebuilds its encoder when the target moves by over 10 %
+  (vpx.py:183-190), a keyframe each time (14 in 30 s at 5 % loss + 75 ms); here the running
+  encoder takes the new rate (``vp8_encode``, peers/aiortc_vp8.py, as libwebrtc's
+  ``SetRates``).
+
 Audio is not held behind video encoding: each sender runs its own task
 (``RTCRtpSender._run_rtp``) and each encode is a separate executor job; FFmpeg's
 ``avcodec_send_frame`` and ``sws_scale`` run without the GIL (av 18.1
@@ -92,6 +97,8 @@ from aiortc.rtcrtpsender import RTCRtpSender, random_sequence_number
 from aiortc.rtp import RTP_HISTORY_SIZE, RtpPacket
 from aiortc.utils import random32, uint16_add, uint32_add
 from av import VideoFrame
+
+from peers import aiortc_vp8
 
 __all__ = [
     "BITS_PER_PIXEL",
@@ -380,10 +387,10 @@ class Sent:
 last_sent: list[Sent] = []
 _installed: list[bool] = []
 
-# aiortc's own ``Vp8Encoder.encode`` (vpx.py:180), taken before ``install()`` wraps it: the
-# ladder's wrapper calls and times it. A test may put a slower one in its place, to starve the
-# encoder alone.
-vp8_encode: Callable[..., tuple[list[bytes], int]] = vpx.Vp8Encoder.encode
+# ``Vp8Encoder.encode`` (vpx.py:180) on libvpx itself (peers/aiortc_vp8.py: a new target is a
+# new rate of the running encoder, not a new encoder and a keyframe): the ladder's wrapper
+# calls and times it. A test may put a slower one in its place, to starve the encoder alone.
+vp8_encode: Callable[..., tuple[list[bytes], int]] = aiortc_vp8.encode
 
 
 def install() -> None:
