@@ -112,6 +112,16 @@ RUNNABLE_POLL_S = 0.5
 # Run as root, Chromium raises its own threads (IO, compositor, GPU: nice -8; audio: SCHED_RR);
 # without CAP_SYS_NICE they stay at nice 0, as the aiortc peers' threads are.
 NO_SYS_NICE = ("setpriv", "--bounding-set", "-sys_nice", "--inh-caps", "-sys_nice")
+# The video's loss and its repair at a Chromium practitioner, on each call's line.
+REPAIR = (
+    "packetsReceived",
+    "packetsLost",
+    "nackCount",
+    "fecPacketsReceived",
+    "fecPacketsDiscarded",
+    "retransmittedPacketsReceived",
+    "pliCount",
+)
 AUDIO_PTIME_S = 0.02  # one Opus packet per 20 ms, from aiortc and from Chromium
 
 # The practitioner page's inbound streams, summed by kind (one call at a time).
@@ -124,7 +134,9 @@ INBOUND = """(async () => {
     const into = out[s.kind];
     for (const key of ["framesDecoded", "freezeCount", "totalFreezesDuration",
                        "jitterBufferDelay", "jitterBufferEmittedCount", "concealedSamples",
-                       "totalSamplesReceived", "packetsReceived", "frameWidth", "frameHeight"]) {
+                       "totalSamplesReceived", "packetsReceived", "frameWidth", "frameHeight",
+                       "packetsLost", "nackCount", "fecPacketsReceived", "fecPacketsDiscarded",
+                       "retransmittedPacketsReceived", "pliCount"]) {
       if (typeof s[key] === "number") into[key] = (into[key] || 0) + s[key];
     }
   }
@@ -221,6 +233,8 @@ def page_row(
         "audio_fec_pct": "-",
         "resolution": f"{video.get('frameWidth', 0)}x{video.get('frameHeight', 0)}",
         "video_fec": "-",
+        # Not columns: the video's loss and its repair, on the call's own line (``--repair``).
+        "repair": {key: round(delta("video", key)) for key in REPAIR},
     }
 
 
@@ -342,6 +356,10 @@ async def cell(
             for process in processes:
                 await process.stop()
             await relay.stop()
+            sent = tmp / "patient.json"
+            if kinds["patient"] == "aiortc" and sent.exists():
+                sending = json.loads(sent.read_text(encoding="utf-8")).get("sending") or {}
+                print(f"  aiortc patient's FEC: {sending.get('fec')}", flush=True)
 
 
 COLUMNS = [
@@ -415,8 +433,26 @@ async def main(argv: list[str] | None = None) -> int:
         help="Chromium without CAP_SYS_NICE: its threads cannot raise their priority above"
         " nice 0 (as root it runs IO, compositor and GPU threads at nice -8, audio SCHED_RR)",
     )
+    parser.add_argument(
+        "--fec",
+        action="store_true",
+        help="the aiortc peers offer and answer RED + ULPFEC (media.video.fec: true, the default)",
+    )
+    parser.add_argument(
+        "--no-fec",
+        action="store_true",
+        help="the aiortc peers neither offer nor answer RED + ULPFEC (media.video.fec: false)",
+    )
+    parser.add_argument(
+        "--no-retransmit",
+        action="store_true",
+        help="the aiortc peers answer no NACK for video (EPEDICARE_NO_RETRANSMIT=1): with --fec,"
+        " what the practitioner decodes of a lossy link is what the FEC rebuilt",
+    )
     args = parser.parse_args(argv)
-    SETTINGS["media"]["video"] = args.video
+    if args.no_retransmit:
+        os.environ["EPEDICARE_NO_RETRANSMIT"] = "1"  # read by the peers this starts
+    SETTINGS["media"]["video"] = {**args.video, "fec": args.fec or not args.no_fec}
     if reason := netns_missing() or chromium_missing():
         print(f"bench-network: {reason}", file=sys.stderr)
         return 2
@@ -434,6 +470,8 @@ async def main(argv: list[str] | None = None) -> int:
         f"{args.seconds:g} s calls, {args.runs} run(s) per cell, measured at the practitioner;"
         f" the patient sends {video['width']}x{video['height']}@{video['fps']};"
         f" {args.cpu_load} busy loop(s) beside each call"
+        + ("; the aiortc peers without RED + ULPFEC" if args.no_fec else "")
+        + ("; no retransmission of video by the aiortc peers" if args.no_retransmit else "")
         + ("; Chromium without CAP_SYS_NICE" if args.chromium_no_sys_nice else "")
     )
     print("  ".join(name.ljust(width) for name, width in COLUMNS), flush=True)
@@ -454,7 +492,11 @@ async def main(argv: list[str] | None = None) -> int:
                     except Exception as exc:  # one failed call: said, and the table goes on
                         print(f"{link} / {pairing}: failed ({type(exc).__name__}: {exc})")
                         continue
+                repair = done.row.pop("repair", None)
                 rows.append({**done.row, "runnable": done.runnable, "load": done.load})
+                if repair is not None:
+                    said = ", ".join(f"{key} {value}" for key, value in repair.items())
+                    print(f"  video at the page: {said}", flush=True)
                 if args.runs > 1:
                     print(
                         "  run: " + ", ".join(f"{n} {done.row.get(n)}" for n in RUN_FIELDS),

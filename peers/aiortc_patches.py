@@ -44,7 +44,8 @@ The patches:
   the siblings ``peers/aiortc_receive.py`` (with ``peers/aiortc_opus.py``, the Opus
   decoder with FEC and loss concealment, and the audio sender that catches up in one
   go after its event loop was held up) and ``peers/aiortc_send.py`` (the VP8
-  floor and start and the resolution / frame-rate ladder) and ``peers/aiortc_rate.py`` (the
+  floor and start, the resolution / frame-rate ladder, and RED + ULPFEC: their negotiation,
+  ``negotiate_fec``, extends aiortc's ``CODECS["video"]``) and ``peers/aiortc_rate.py`` (the
   receiver's bandwidth estimate, sent as REMB) (whole replacements of aiortc's ``NackGenerator``,
   its video ``JitterBuffer`` and ``RemoteStreamTrack.recv``; the lines it
   replaces are named there).

@@ -74,11 +74,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aioice.ice import StunProtocol
-from aiortc import codecs as aiortc_codecs
 from aiortc.codecs import depayload
 from aiortc.codecs.vpx import VpxPayloadDescriptor
 from aiortc.jitterbuffer import JitterFrame
-from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 from aiortc.rtcrtpreceiver import RemoteStreamTrack, RTCRtpReceiver
 from aiortc.rtp import RTP_HISTORY_SIZE, HeaderExtensionsMap, RtpPacket
 from av import VideoFrame
@@ -975,7 +973,6 @@ def install() -> None:
     original_receive = RTCRtpReceiver.receive
     original_recv = RemoteStreamTrack.recv
     install_raw()
-    offer_red()
 
     def __init__(self: RTCRtpReceiver, kind: str, transport: Any) -> None:
         original_init(self, kind, transport)
@@ -1040,26 +1037,6 @@ def install_raw() -> None:
 
 
 _NO_EXTENSIONS = HeaderExtensionsMap()  # rtp.py:673's default
-# Until the send path's negotiation (branch wip-send) lands: red, its RTX and ulpfec offered
-# and answered after aiortc's video codecs (codecs/__init__.py:58-104), libwebrtc's order.
-RED_PT, RED_RTX_PT, ULPFEC_PT = 123, 124, 125
-
-
-def offer_red() -> None:
-    """Offer and answer video/red (with RTX) and video/ulpfec (process-wide, once)."""
-    video = aiortc_codecs.CODECS["video"]
-    if any(c.mimeType.lower() == ulpfec.RED_MIME for c in video):
-        return
-    video += [
-        RTCRtpCodecParameters(mimeType="video/red", clockRate=90000, payloadType=RED_PT),
-        RTCRtpCodecParameters(
-            mimeType="video/rtx",
-            clockRate=90000,
-            payloadType=RED_RTX_PT,
-            parameters={"apt": RED_PT},
-        ),
-        RTCRtpCodecParameters(mimeType="video/ulpfec", clockRate=90000, payloadType=ULPFEC_PT),
-    ]
 
 
 class _VideoPath:

@@ -67,6 +67,19 @@ encoder as a whole. Against aiortc 1.16.0:
   (vpx.py:183-190), a keyframe each time (14 in 30 s at 5 % loss + 75 ms); here the running
   encoder takes the new rate (``vp8_encode``, peers/aiortc_vp8.py, as libwebrtc's
   ``SetRates``).
+- RED + ULPFEC (RFC 2198 + RFC 5109), when negotiated (``negotiate_fec``, the config's
+  ``media.video.fec``) and the codec is VP8: aiortc offers neither and sends the first codec
+  only (rtcrtpsender.py:227), so at 5 % loss and 75 ms each way every lost packet costs a
+  round trip of NACK, and a lost retransmission a freeze (aiortc->Chromium 1.4-2.6 s frozen
+  per 30 s where Chromium<->Chromium, with its FEC, froze 0.1-0.5 s). Here, as libwebrtc's
+  ``RtpSenderVideo`` with its ``UlpfecGenerator``: every media packet leaves RED-wrapped
+  (``ulpfec.to_red``; the history keeps the RED form, retransmitted on red's RTX), and after
+  a frame's last packet, FEC packets (``ulpfec.protect`` over the group's packets as they were
+  sent, non-RED, abs-send-time zeroed as libwebrtc does) go out as RED packets of block type
+  ulpfec on the media's SSRC and sequence numbers, never retransmitted. How many and over
+  which packets: ``Protection``, from the loss the receiver reports (``peers/aiortc_rate.py``,
+  ``ReportedLoss``) and the round trip; none on a clean link; its share comes out of the
+  encoder's target.
 
 Audio is not held behind video encoding: each sender runs its own task
 (``RTCRtpSender._run_rtp``) and each encode is a separate executor job; FFmpeg's
@@ -83,21 +96,25 @@ overuse detector in ``RTCRtpSender``.
 from __future__ import annotations
 
 import asyncio
+import math
+import os
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiortc import clock
+from aiortc import clock, codecs
 from aiortc.codecs import vpx
 from aiortc.mediastreams import VIDEO_TIME_BASE, MediaStreamError, convert_timebase
+from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 from aiortc.rtcrtpsender import RTCRtpSender, random_sequence_number
 from aiortc.rtp import RTP_HISTORY_SIZE, RtpPacket
 from aiortc.utils import random32, uint16_add, uint32_add
 from av import VideoFrame
 
-from peers import aiortc_vp8
+from peers import aiortc_vp8, ulpfec
+from peers.aiortc_receive import is_keyframe_start
 
 __all__ = [
     "BITS_PER_PIXEL",
@@ -111,11 +128,19 @@ __all__ = [
     "CpuOveruse",
     "Ladder",
     "Pacer",
+    "Protection",
+    "RedTypes",
     "Sent",
     "encoder_ladder",
+    "fec_codecs",
+    "fec_sent",
     "install",
     "ladder_of",
     "last_sent",
+    "negotiate_fec",
+    "protection_of",
+    "red_of",
+    "red_packet",
     "sent_video",
     "vp8_encode",
 ]
@@ -151,6 +176,192 @@ PACE_FACTOR = 2.5  # x the encoder's target: libwebrtc's kDefaultPaceMultiplier
 PACE_BURST_S = 0.01  # credit an idle pacer keeps (libwebrtc's pacer: one 5 ms process interval)
 PACE_MAX_QUEUE_S = 0.5  # a frame's packets all leave within this (libwebrtc: 2 s for its queue)
 PACKET_OVERHEAD = 60  # bytes a VP8 payload carries on the wire: RTP, extensions, SRTP, UDP, IPv4
+
+
+# RED + ULPFEC (RFC 2198 + RFC 5109) on video, as Chromium negotiates them: ``red/90000`` with
+# an rtx of its own (libwebrtc retransmits a RED-wrapped packet on RTX with apt=red) and
+# ``ulpfec/90000``. aiortc's video payload types are 97-102 (VP8, H264 x 2, each with its rtx:
+# codecs/__init__.py:66-104), Opus 96 (codecs/__init__.py:34); these follow them. Offered and
+# answered only where ``negotiate_fec(True)`` was called (``CallOptions.fec``, the config's
+# ``media.video.fec``): the receive half must take RED packets first.
+RED_MIME, ULPFEC_MIME, RTX_MIME = "video/red", "video/ulpfec", "video/rtx"
+# For measurement only (bench/network.py --no-retransmit sets the variable for the peers it
+# starts): the video sender answers no NACK (rtcrtpsender.py:274-276), so what the receiver
+# still decodes of a lossy link is what the FEC rebuilt.
+RETRANSMIT = os.environ.get("EPEDICARE_NO_RETRANSMIT") != "1"
+RED_PT, RED_RTX_PT, ULPFEC_PT = 103, 104, 105
+
+
+def fec_codecs() -> list[RTCRtpCodecParameters]:
+    """video/red, its rtx and video/ulpfec, as ``negotiate_fec(True)`` adds them."""
+    return [
+        RTCRtpCodecParameters(mimeType=RED_MIME, clockRate=90_000, payloadType=RED_PT),
+        RTCRtpCodecParameters(
+            mimeType=RTX_MIME, clockRate=90_000, payloadType=RED_RTX_PT, parameters={"apt": RED_PT}
+        ),
+        RTCRtpCodecParameters(mimeType=ULPFEC_MIME, clockRate=90_000, payloadType=ULPFEC_PT),
+    ]
+
+
+def _is_fec_codec(codec: RTCRtpCodecParameters) -> bool:
+    mime = codec.mimeType.lower()
+    return mime in (RED_MIME, ULPFEC_MIME) or (
+        mime == RTX_MIME and codec.parameters.get("apt") == RED_PT
+    )
+
+
+def negotiate_fec(on: bool) -> None:
+    """Offer and answer video/red (with its rtx) and video/ulpfec, or no longer (process-wide).
+
+    Upstream: entries of ``CODECS["video"]`` (aiortc codecs/__init__.py:40, filled by
+    ``init_codecs``, :65-104, with VP8 and H264 only), which ``createOffer`` offers
+    (rtcpeerconnection.py:648), ``setRemoteDescription`` answers when the other side offers them
+    (``find_common_codecs``, rtcpeerconnection.py:920, red's rtx through its ``apt``) and
+    ``getCapabilities`` lists (codecs/__init__.py:116, for ``setCodecPreferences``). They come
+    after VP8 and H264: ``RTCRtpSender.send`` sends the first codec negotiated
+    (rtcrtpsender.py:227), Chromium's offer lists red after its video codecs, and its answer
+    keeps the offer's order.
+    """
+    video = codecs.CODECS["video"]
+    video[:] = [codec for codec in video if not _is_fec_codec(codec)]
+    if on:
+        video.extend(fec_codecs())
+
+
+# How much FEC (``Protection``): after libwebrtc's ``VCMNackFecMethod`` (media_opt_util.cc) and
+# ``UlpfecGenerator`` (ulpfec_generator.cc); see ``Protection``.
+FEC_MIN_LOSS = 0.01  # filtered loss below this: no FEC (a clean link; libwebrtc: 0)
+FEC_MIN_RTT_S = 0.02  # round trip below this: NACK alone (libwebrtc's kLowRttNackMs, 20 ms)
+FEC_RESIDUAL = 0.2  # a lost packet's chance of sharing its FEC packet with another loss
+FEC_MAX_SPAN = 10  # media packets per FEC packet at most (libwebrtc: 20 % protection at least)
+FEC_MIN_SPAN = 2  # at most one FEC packet per two media packets (libwebrtc: 50 % at most)
+FEC_MAX_FRAMES = 6  # frames in one group at most (libwebrtc's kUpperLimitFramesFec)
+FEC_MAX_MEDIA = 48  # media packets one ULPFEC packet covers at most (its 48-bit mask)
+LOSS_FILTER = 0.25  # weight of a new receiver report in the filtered loss
+SHARE_DECAY = 0.9  # per group: the weight of the past in the measured FEC share
+
+
+@dataclass
+class Protection:
+    """Which media packets one video sender's next FEC packets protect, and how many.
+
+    From the receiver's reports: the loss (each report's fraction lost, filtered) and the
+    round trip. No FEC below ``FEC_MIN_LOSS`` (a clean link) nor below ``FEC_MIN_RTT_S`` (a
+    retransmission comes in time: libwebrtc's hybrid NACK/FEC does the same). Otherwise each
+    FEC packet covers ``span()`` media packets (interleaved: ``ulpfec.protect``), as many as
+    leave a lost packet at most ``FEC_RESIDUAL`` chance that another one of them, or the FEC
+    packet, is lost too: ``(1 - loss) ** span >= 1 - FEC_RESIDUAL``, 4 at 5 % loss (25 %
+    overhead; libwebrtc's table gives 20-50 % there), 11 at 2 % (held to ``FEC_MAX_SPAN``),
+    2 at 10 %; a group of n packets gets n / span FEC packets, rounded, at least one. What
+    is left (a fifth of the losses) NACK recovers as before. A keyframe gets twice the FEC
+    (half the span): a lost one freezes until the next.
+
+    Groups (``UlpfecGenerator``): the FEC goes out after the last packet of a frame (never
+    inside one: the receiver assembles a frame from consecutive sequence numbers). A frame of
+    ``span()`` packets or more is a group of its own; small frames (1-2 packets at low rates)
+    are grouped until the group has ``span()`` packets, ``FEC_MAX_FRAMES`` frames, or spans half
+    a round trip (later, a NACK's retransmission would come first), so that the overhead stays
+    near ``1 / span`` and not one FEC packet per frame. A keyframe starts a group of its own.
+    ``FEC_MAX_MEDIA`` packets at most per FEC packet's mask: a group that a frame would take
+    past it is protected first, a frame that has more is protected in pieces.
+
+    The FEC's bitrate comes out of the encoder's target (``media_share``), as libwebrtc takes
+    its protection overhead out of the video's (``ProtectionBitrateCalculator``).
+    """
+
+    red: bool = False  # the sender sends RED + ULPFEC (negotiated)
+    loss: float | None = None  # filtered fraction lost
+    rtt_s: float = 0.2
+    group: list[bytes] = field(default_factory=list)  # raw media packets, as sent, non-RED
+    frames: int = 0  # in the group
+    keyframe: bool = False  # the group is a keyframe
+    started: float | None = None  # when the group's first packet left (monotonic s)
+    on: bool = False  # the frame being sent is protected
+    media_acc: float = 0.0  # bytes, decayed per group (the measured share)
+    fec_acc: float = 0.0
+    media_packets: int = 0  # protected, in all
+    fec_packets: int = 0  # made, in all
+    groups: int = 0
+
+    def on_report(self, fraction_lost: float, rtt_s: float | None) -> None:
+        """A receiver report of this sender's stream: its fraction lost, the round trip now."""
+        if self.loss is None:
+            self.loss = fraction_lost
+        else:
+            self.loss += LOSS_FILTER * (fraction_lost - self.loss)
+        if rtt_s is not None:
+            self.rtt_s = rtt_s
+
+    def span(self, keyframe: bool = False) -> int:
+        """Media packets per FEC packet now; 0: no FEC."""
+        loss = self.loss
+        if loss is None or loss < FEC_MIN_LOSS or self.rtt_s < FEC_MIN_RTT_S:
+            return 0
+        span = int(math.log(1 - FEC_RESIDUAL) / math.log(1 - min(loss, 0.5)))
+        span = min(max(span, FEC_MIN_SPAN), FEC_MAX_SPAN)
+        return max(FEC_MIN_SPAN, span // 2) if keyframe else span
+
+    def media_share(self) -> float:
+        """The share of the sender's target left to the encoder (1.0 without FEC)."""
+        span = self.span()
+        if not span:
+            return 1.0
+        if self.media_acc <= 0:
+            return span / (span + 1)
+        return max(
+            self.media_acc / (self.media_acc + self.fec_acc), FEC_MIN_SPAN / (FEC_MIN_SPAN + 1)
+        )
+
+    def before_frame(self, packets: int, keyframe: bool) -> list[tuple[list[bytes], int]]:
+        """A frame of ``packets`` packets is about to be sent: the groups to protect first
+        (the group so far, when this frame starts a new one), each piece with its FEC count."""
+        due: list[tuple[list[bytes], int]] = []
+        span = self.span(keyframe)
+        if self.group and (not span or keyframe or len(self.group) + packets > FEC_MAX_MEDIA):
+            due = self._close()
+        self.on = span > 0
+        if self.on and not self.group:
+            self.keyframe = keyframe
+        return due
+
+    def add(self, raw: bytes, now: float) -> None:
+        """One media packet of the frame, as sent (non-RED form)."""
+        if self.on:
+            if not self.group:
+                self.started = now
+            self.group.append(raw)
+
+    def end_of_frame(self, now: float) -> list[tuple[list[bytes], int]]:
+        """The frame's last packet has left: the pieces to protect now, with their FEC counts."""
+        if not self.on or not self.group:
+            return []
+        self.frames += 1
+        span = self.span(self.keyframe)
+        started = self.started if self.started is not None else now
+        if (
+            self.keyframe
+            or len(self.group) >= span
+            or self.frames >= FEC_MAX_FRAMES
+            or now - started >= self.rtt_s / 2
+        ):
+            return self._close()
+        return []
+
+    def _close(self) -> list[tuple[list[bytes], int]]:
+        """The group, in pieces of ``FEC_MAX_MEDIA`` packets, each with its FEC packet count."""
+        group, self.group, self.frames, self.started = self.group, [], 0, None
+        span = self.span(self.keyframe) or FEC_MAX_SPAN  # FEC turned off: the group still goes
+        pieces = [group[i : i + FEC_MAX_MEDIA] for i in range(0, len(group), FEC_MAX_MEDIA)]
+        # libwebrtc's rounding (``ForwardErrorCorrection::NumFecPackets``), at least one.
+        return [(piece, max(1, int(len(piece) / span + 0.5))) for piece in pieces]
+
+    def sent(self, media: list[bytes], fec: list[bytes]) -> None:
+        """Note a group protected: its media packets and the FEC packets made for it."""
+        self.media_acc = SHARE_DECAY * self.media_acc + sum(map(len, media))
+        self.fec_acc = SHARE_DECAY * self.fec_acc + sum(map(len, fec))
+        self.media_packets += len(media)
+        self.fec_packets += len(fec)
+        self.groups += 1
 
 
 @dataclass
@@ -402,6 +613,23 @@ def install() -> None:
             await original_run_rtp(self, codec)
 
     RTCRtpSender._run_rtp = _run_rtp  # type: ignore[method-assign]
+    original_send = RTCRtpSender.send
+
+    async def send(self: RTCRtpSender, parameters: Any) -> None:
+        # RTCRtpSender.send hands _run_rtp the first codec only (rtcrtpsender.py:227): red and
+        # ulpfec's payload types are kept for ``red_of``.
+        self.__dict__.setdefault("_epc_codecs", list(parameters.codecs))
+        self.__dict__.setdefault("_epc_extensions", list(parameters.headerExtensions))
+        await original_send(self, parameters)
+
+    RTCRtpSender.send = send  # type: ignore[method-assign]
+    original_retransmit = RTCRtpSender._retransmit
+
+    async def _retransmit(self: RTCRtpSender, sequence_number: int) -> None:
+        if RETRANSMIT or self.kind != "video":
+            await original_retransmit(self, sequence_number)
+
+    RTCRtpSender._retransmit = _retransmit  # type: ignore[method-assign]
 
 
 @dataclass
@@ -433,6 +661,101 @@ class Pacer:
         return delay
 
 
+@dataclass(frozen=True)
+class RedTypes:
+    """The payload types of RED and ULPFEC a video sender uses."""
+
+    red: int
+    ulpfec: int
+    rtx: int | None  # red's rtx
+    mutable_ids: frozenset[int]  # header extensions stamped as a packet leaves (abs-send-time)
+
+
+def red_of(sender: RTCRtpSender, codec: Any) -> RedTypes | None:
+    """RED + ULPFEC's payload types when the call negotiated both and sends VP8, else None.
+
+    With RED, a retransmission is of the RED form (libwebrtc stores RED packets in its
+    history and maps the RTX payload type by the original's, red): the sender's RTX payload
+    type becomes red's rtx (aiortc takes the rtx of the first codec, rtcrtpsender.py:219-225,
+    and wraps what its history holds, :339), or none (the RED packet again, on the media SSRC).
+    H.264 keeps NACK alone: without picture IDs a receiver cannot tell a lost FEC packet from
+    a lost media packet (libwebrtc turns ULPFEC off for it: ``ShouldDisableRedAndUlpfec``).
+    """
+    codecs_: list[Any] = sender.__dict__.get("_epc_codecs", [])
+    if codec.mimeType.lower() != "video/vp8":
+        return None
+    red = next((c.payloadType for c in codecs_ if c.mimeType.lower() == RED_MIME), None)
+    fec = next((c.payloadType for c in codecs_ if c.mimeType.lower() == ULPFEC_MIME), None)
+    if red is None or fec is None:
+        return None
+    rtx = next(
+        (
+            c.payloadType
+            for c in codecs_
+            if c.mimeType.lower() == RTX_MIME and c.parameters.get("apt") == red
+        ),
+        None,
+    )
+    sender._RTCRtpSender__rtx_payload_type = rtx  # type: ignore[attr-defined]
+    extensions: list[Any] = sender.__dict__.get("_epc_extensions", [])
+    mutable = frozenset(e.id for e in extensions if e.uri in ulpfec.MUTABLE_EXTENSIONS)
+    return RedTypes(red, fec, rtx, mutable)
+
+
+def red_packet(packet: RtpPacket, red_pt: int) -> RtpPacket:
+    """``packet`` in RED form (RFC 2198, one block): PT red, its own PT in the RED header, the
+    same header extensions (the object itself: stamped as the packet leaves)."""
+    wrapped = RtpPacket(
+        payload_type=red_pt,
+        marker=packet.marker,
+        sequence_number=packet.sequence_number,
+        timestamp=packet.timestamp,
+        ssrc=packet.ssrc,
+        payload=bytes([packet.payload_type & 0x7F]) + packet.payload,
+    )
+    wrapped.csrc = packet.csrc
+    wrapped.extensions = packet.extensions
+    return wrapped
+
+
+def protection_of(sender: Any) -> Protection:
+    """The video sender's ``Protection`` (made on first use)."""
+    protection: Protection = sender.__dict__.setdefault("_epc_protection", Protection())
+    return protection
+
+
+# The protection of the last video sender that sent RED (one call at a time, as ``last_sent``).
+last_protection: list[Protection] = []
+
+
+def fec_sent(pc: Any) -> dict[str, Any] | None:
+    """What an RTCPeerConnection's video sender sent as FEC (None without RED + ULPFEC): the FEC
+    packets, the media packets they protect, the loss and round trip they were chosen from;
+    once the connection is closed, the last sender's of this process."""
+    protection: Protection | None = next(
+        (
+            found
+            for sender in pc.getSenders()
+            if sender.kind == "video"
+            and (found := sender.__dict__.get("_epc_protection")) is not None
+            and found.red
+        ),
+        None,
+    )
+    if protection is None and last_protection and pc.connectionState == "closed":
+        protection = last_protection[-1]
+    if protection is None:
+        return None
+    return {
+        "fec_packets": protection.fec_packets,
+        "protected": protection.media_packets,
+        "groups": protection.groups,
+        "loss_pct": round(100 * (protection.loss or 0.0), 1),
+        "rtt_ms": round(1000 * protection.rtt_s),
+        "span": protection.span(),
+    }
+
+
 def pacer_of(sender: Any) -> Pacer:
     """The video sender's ``Pacer`` (made on first use)."""
     pacer: Pacer = sender.__dict__.setdefault("_epc_pacer", Pacer())
@@ -446,8 +769,10 @@ async def paced_run_rtp(self: RTCRtpSender, codec: Any) -> None:
     aiortc sends a frame's packets as soon as it is encoded (rtcrtpsender.py:401), each
     stamped as it is built (:388): after a stall of the event loop, every frame the source
     caught up on leaves in one burst, more than a 100 ms drop-tail buffer of a 300 kbit/s link
-    holds (docs/benchmarks.md, "The sender after its own event loop's stalls"). The rest is
-    aiortc's, line for line; audio senders keep aiortc's own (libwebrtc paces audio too, first).
+    holds (docs/benchmarks.md, "The sender after its own event loop's stalls"). With RED +
+    ULPFEC negotiated (``red_of``), each packet leaves RED-wrapped and each group of frames is
+    followed by its FEC packets (``Protection``, the module docstring). The rest is aiortc's,
+    line for line; audio senders keep aiortc's own (libwebrtc paces audio too, first).
     """
     sender: Any = self  # the name-mangled attributes of aiortc's sender
     log_debug = sender._RTCRtpSender__log_debug
@@ -457,6 +782,55 @@ async def paced_run_rtp(self: RTCRtpSender, codec: Any) -> None:
 
     sequence_number = random_sequence_number()
     timestamp_origin = random32()
+    protection_timestamp = [0]  # of the last frame sent: a group's FEC carries it
+    red = red_of(self, codec)  # RED + ULPFEC negotiated: every packet RED-wrapped
+    protection = protection_of(self)
+    if red is not None:
+        protection.red = True
+        last_protection[:] = [protection]
+    extensions_map = sender._RTCRtpSender__rtp_header_extensions_map
+
+    async def send(packet: RtpPacket, size: int, frame_bytes: int) -> bytes:
+        """Pace, stamp, serialize and send one packet (RED-wrapped when ``red``): the bytes
+        sent in their non-RED form (what the FEC protects, ``Protection``)."""
+        encoder = sender._RTCRtpSender__encoder
+        target = float(getattr(encoder, "target_bitrate", 0) or 0)
+        delay = pacer.wait(size + PACKET_OVERHEAD, target, frame_bytes, time.monotonic())
+        if delay > 0:
+            await asyncio.sleep(delay)
+        packet.extensions.abs_send_time = (clock.current_ntp_time() >> 14) & 0x00FFFFFF
+        log_debug("> %s", packet)
+        raw = packet.serialize(extensions_map)
+        await self.transport._send_rtp(raw if red is None else ulpfec.to_red(raw, red.red))
+        sender._RTCRtpSender__ntp_timestamp = clock.current_ntp_time()
+        sender._RTCRtpSender__rtp_timestamp = packet.timestamp
+        sender._RTCRtpSender__octet_count += size
+        sender._RTCRtpSender__packet_count += 1
+        return raw
+
+    async def send_fec(
+        pieces: list[tuple[list[bytes], int]], timestamp: int, frame_bytes: int
+    ) -> None:
+        """The FEC packets of each piece: RED packets (block PT ulpfec) on the media's SSRC and
+        sequence numbers, the timestamp of the frame just sent, marker 0, never kept for
+        retransmission (libwebrtc's ``RtpSenderVideo`` / ``UlpfecGenerator``)."""
+        nonlocal sequence_number
+        assert red is not None
+        for media, count in pieces:
+            payloads = ulpfec.protect(media, count, red.mutable_ids)
+            protection.sent(media, payloads)
+            for payload in payloads:
+                packet = RtpPacket(
+                    payload_type=red.ulpfec,
+                    sequence_number=sequence_number,
+                    timestamp=timestamp,
+                )
+                packet.ssrc = self._ssrc
+                packet.payload = payload
+                packet.extensions.mid = sender._RTCRtpSender__mid
+                await send(packet, len(payload), frame_bytes)
+                sequence_number = uint16_add(sequence_number, 1)
+
     try:
         while True:
             if not sender._RTCRtpSender__track:
@@ -467,6 +841,10 @@ async def paced_run_rtp(self: RTCRtpSender, codec: Any) -> None:
                 continue
             timestamp = uint32_add(timestamp_origin, enc_frame.timestamp)
             frame_bytes = sum(len(payload) + PACKET_OVERHEAD for payload in enc_frame.payloads)
+            if red is not None:
+                keyframe = is_keyframe_start(codec.mimeType, enc_frame.payloads[0])
+                due = protection.before_frame(len(enc_frame.payloads), keyframe)
+                await send_fec(due, protection_timestamp[0], frame_bytes)
             for i, payload in enumerate(enc_frame.payloads):
                 packet = RtpPacket(
                     payload_type=codec.payloadType,
@@ -479,27 +857,19 @@ async def paced_run_rtp(self: RTCRtpSender, codec: Any) -> None:
                 packet.extensions.mid = sender._RTCRtpSender__mid
                 if enc_frame.audio_level is not None:
                     packet.extensions.audio_level = (False, -enc_frame.audio_level)
-                # In the history before it waits: a NACK for it may come meanwhile.
-                sender._RTCRtpSender__rtp_history[packet.sequence_number % RTP_HISTORY_SIZE] = (
-                    packet
-                )
-                encoder = sender._RTCRtpSender__encoder
-                target = float(getattr(encoder, "target_bitrate", 0) or 0)
-                delay = pacer.wait(
-                    len(payload) + PACKET_OVERHEAD, target, frame_bytes, time.monotonic()
-                )
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                packet.extensions.abs_send_time = (clock.current_ntp_time() >> 14) & 0x00FFFFFF
-                log_debug("> %s", packet)
-                packet_bytes = packet.serialize(sender._RTCRtpSender__rtp_header_extensions_map)
-                await self.transport._send_rtp(packet_bytes)
-
-                sender._RTCRtpSender__ntp_timestamp = clock.current_ntp_time()
-                sender._RTCRtpSender__rtp_timestamp = packet.timestamp
-                sender._RTCRtpSender__octet_count += len(payload)
-                sender._RTCRtpSender__packet_count += 1
+                # In the history before it waits: a NACK for it may come meanwhile. With RED,
+                # the RED form (rtcrtpsender.py:339 wraps it in RTX apt=red: ``red_of``), its
+                # header extensions the packet's own (stamped as it leaves).
+                kept = packet if red is None else red_packet(packet, red.red)
+                sender._RTCRtpSender__rtp_history[packet.sequence_number % RTP_HISTORY_SIZE] = kept
+                raw = await send(packet, len(payload), frame_bytes)
+                if red is not None:
+                    protection.add(raw, time.monotonic())
                 sequence_number = uint16_add(sequence_number, 1)
+            if red is not None:
+                protection_timestamp[0] = timestamp
+                due = protection.end_of_frame(time.monotonic())
+                await send_fec(due, timestamp, frame_bytes)
     except (asyncio.CancelledError, ConnectionError, MediaStreamError):
         pass
     except Exception:

@@ -51,7 +51,7 @@ from aiortc import (
 )
 from aiortc.sdp import candidate_from_sdp
 
-from peers import aiortc_patches, ice
+from peers import aiortc_patches, aiortc_send, ice
 from peers.config import PeerSettings
 from peers.errors import CallFailed, DtlsFailed, IceFailed
 from peers.media import Receiver
@@ -78,6 +78,9 @@ class CallOptions:
     codec: str = "vp8"
     early_channels: bool = True  # bind TURN channels before the checks start
     media_timeout_s: float = 3.0  # nothing received this long: the path is dead
+    # RED + ULPFEC offered and answered on video (media.video.fec, on by default; off here for
+    # a Call built in process unless asked)
+    fec: bool = False
 
     @classmethod
     def from_settings(
@@ -90,6 +93,7 @@ class CallOptions:
             timeout_s=settings.ice_timeout_s,
             ca_file=settings.turn_ca_file,
             codec=settings.video.codec,
+            fec=settings.video.fec,
             media_timeout_s=settings.call_media_timeout_s,
         )
 
@@ -109,6 +113,7 @@ class Call:
     ) -> None:
         aiortc_patches.check_versions()
         aiortc_patches.steady_media()
+        aiortc_send.negotiate_fec(options.fec)  # process-wide: aiortc's codec list
         self.options = options
         self.name = name
         self.audio, self.video = audio, video

@@ -47,6 +47,9 @@ class VideoSettings:
     height: int = 480
     fps: int = 30
     codec: str = "vp8"
+    # RED + ULPFEC offered and answered (peers/aiortc_send.py, ``negotiate_fec``), sent by the
+    # aiortc sender and taken by its receive path (peers/aiortc_receive.py, ``RedFront``).
+    fec: bool = True
 
 
 @dataclass(frozen=True)
@@ -81,7 +84,7 @@ class PeerSettings:
         turn = top.section("turn")
         call = top.section("call")
         calls = call_settings(call)
-        video = media.section("video", known={"width", "height", "fps", "codec"})
+        video = media.section("video", known={"width", "height", "fps", "codec", "fec"})
         audio: object = media.get("audio")
         if isinstance(audio, dict):
             audio = media.section("audio", known={"enabled"}).flag("enabled", True)
@@ -108,6 +111,7 @@ class PeerSettings:
                 height=video.integer("height", d.height, minimum=16),
                 fps=video.integer("fps", d.fps, minimum=1),
                 codec=video.choice("codec", ("vp8", "h264"), d.codec),
+                fec=video.flag("fec", d.fec),
             ),
             audio=bool(audio),
             call_recovery_timeout_s=calls["recovery_timeout_s"],

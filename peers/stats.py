@@ -186,5 +186,6 @@ def media_summary(call: Call) -> dict[str, Any]:
             "target_kbps": round(sent.target_bps / 1000, 1),
             "frame_divisor": sent.frame_divisor,
             "limitation": sent.limitation,
+            "fec": aiortc_send.fec_sent(call.pc),
         },
     }
