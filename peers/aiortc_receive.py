@@ -41,7 +41,7 @@ installs it, and ``check_versions()`` still guards it. Against aiortc 1.16.0:
   them); the frame buffer passes over the FEC packets' sequence numbers, and
   over the holes lost FEC packets leave, by VP8 picture IDs. Chromium protects
   its video so when the answer lists red and ulpfec: at 5 % loss + 75 ms each
-  way, Chromium->aiortc froze 0.2-0.9 s per 30 s instead of 2.4-2.8 s
+  way, Chromium->aiortc froze 0.0-0.9 s per 30 s instead of 2.4-2.8 s
   (docs/benchmarks.md, "RED + ULPFEC in the aiortc receiver").
 
 Upstream, ``NackList`` and ``FrameBuffer`` would take the place of the two
