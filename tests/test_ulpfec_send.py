@@ -305,6 +305,7 @@ async def test_the_fec_sent_rebuilds_lost_packets_byte_for_byte(
     follow their frames' last packets in the same sequence space, and the dropped packets are
     rebuilt as they were sent (abs-send-time zeroed): the bytes protected are the bytes sent."""
     a, b, _ = link_pair
+    aiortc_patches.steady_media()  # installed first: the patch below wraps the receive path
     monkeypatch.setattr(Protection, "on_report", lambda self, loss, rtt: None)
     handle = RTCRtpReceiver._handle_rtp_packet
 
