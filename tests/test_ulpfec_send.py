@@ -237,10 +237,12 @@ def test_a_keyframe_is_grouped_alone_and_big_frames_in_pieces_of_48() -> None:
 
 
 def test_the_fec_share_comes_out_of_the_encoders_target() -> None:
-    """The encoder gets span / (span + 1) of the target before any FEC was sent, then what the
-    groups sent measure (bytes): 4/5 at 5 %; 1 FEC of a group of 3 (a short round trip's
-    group) leaves it 3/4."""
+    """With RED + ULPFEC the encoder gets span / (span + 1) of the target before any FEC was
+    sent, then what the groups sent measure (bytes): 4/5 at 5 %; 1 FEC of a group of 3 (a short
+    round trip's group) leaves it 3/4. Without them, the whole target."""
     protection = lossy(0.05, 0.3)
+    assert protection.media_share() == 1.0  # a call without RED + ULPFEC sends no FEC
+    protection.red = True
     assert protection.media_share() == pytest.approx(4 / 5)
     media = [raw(seq) for seq in range(3)]
     protection.sent(media, [raw(9)])
