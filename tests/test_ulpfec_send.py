@@ -250,15 +250,15 @@ def test_the_fec_share_comes_out_of_the_encoders_target() -> None:
     assert (protection.fec_packets, protection.media_packets, protection.groups) == (1, 3, 1)
 
 
-def test_the_loss_is_taken_over_20_packets_at_least_from_the_cumulative_counts() -> None:
+def test_the_loss_is_taken_over_10_packets_at_least_from_the_cumulative_counts() -> None:
     """Chromium's reports come several a second, some over 2-3 packets (1 lost of 2 said 50 %):
-    the loss is taken from the cumulative lost count once 20 packets are expected since the
+    the loss is taken from the cumulative lost count once 10 packets are expected since the
     last update; mod 2**16 for a receiver that reports no cycles."""
     counter = ReportedLoss()
     assert counter.add(1000, 10) is None  # the first report: the base
     assert counter.add(1002, 11) is None  # 2 packets: wait
     assert counter.add(1040, 12) == pytest.approx(2 / 40)
-    assert counter.add(1060, 12) == 0.0
+    assert counter.add(1050, 12) == 0.0
     assert counter.add(65_530, 12) is None  # reordered / far off: ignored
     wrapping = ReportedLoss(highest=65_530, lost=0)
     assert wrapping.add(14, 1) == pytest.approx(1 / 20)
