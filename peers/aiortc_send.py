@@ -302,9 +302,10 @@ class Protection:
         return max(FEC_MIN_SPAN, span // 2) if keyframe else span
 
     def media_share(self) -> float:
-        """The share of the sender's target left to the encoder (1.0 without FEC)."""
+        """The share of the sender's target left to the encoder (1.0 without FEC: also for a
+        sender whose call did not negotiate RED + ULPFEC, whose reports are read all the same)."""
         span = self.span()
-        if not span:
+        if not span or not self.red:
             return 1.0
         if self.media_acc <= 0:
             return span / (span + 1)

@@ -239,10 +239,12 @@ def test_a_keyframe_is_grouped_alone_and_big_frames_in_pieces_of_48() -> None:
 
 
 def test_the_fec_share_comes_out_of_the_encoders_target() -> None:
-    """The encoder gets span / (span + 1) of the target before any FEC was sent, then what the
-    groups sent measure (bytes): 4/5 at 5 %; 1 FEC of a group of 3 (a short round trip's
-    group) leaves it 3/4."""
+    """With RED + ULPFEC the encoder gets span / (span + 1) of the target before any FEC was
+    sent, then what the groups sent measure (bytes): 4/5 at 5 %; 1 FEC of a group of 3 (a short
+    round trip's group) leaves it 3/4. Without them, the whole target."""
     protection = lossy(0.05, 0.3)
+    assert protection.media_share() == 1.0  # a call without RED + ULPFEC sends no FEC
+    protection.red = True
     assert protection.media_share() == pytest.approx(4 / 5)
     media = [raw(seq) for seq in range(3)]
     protection.sent(media, [raw(9)])
@@ -250,15 +252,15 @@ def test_the_fec_share_comes_out_of_the_encoders_target() -> None:
     assert (protection.fec_packets, protection.media_packets, protection.groups) == (1, 3, 1)
 
 
-def test_the_loss_is_taken_over_20_packets_at_least_from_the_cumulative_counts() -> None:
+def test_the_loss_is_taken_over_10_packets_at_least_from_the_cumulative_counts() -> None:
     """Chromium's reports come several a second, some over 2-3 packets (1 lost of 2 said 50 %):
-    the loss is taken from the cumulative lost count once 20 packets are expected since the
+    the loss is taken from the cumulative lost count once 10 packets are expected since the
     last update; mod 2**16 for a receiver that reports no cycles."""
     counter = ReportedLoss()
     assert counter.add(1000, 10) is None  # the first report: the base
     assert counter.add(1002, 11) is None  # 2 packets: wait
     assert counter.add(1040, 12) == pytest.approx(2 / 40)
-    assert counter.add(1060, 12) == 0.0
+    assert counter.add(1050, 12) == 0.0
     assert counter.add(65_530, 12) is None  # reordered / far off: ignored
     wrapping = ReportedLoss(highest=65_530, lost=0)
     assert wrapping.add(14, 1) == pytest.approx(1 / 20)
@@ -307,6 +309,7 @@ async def test_the_fec_sent_rebuilds_lost_packets_byte_for_byte(
     follow their frames' last packets in the same sequence space, and the dropped packets are
     rebuilt as they were sent (abs-send-time zeroed): the bytes protected are the bytes sent."""
     a, b, _ = link_pair
+    aiortc_patches.steady_media()  # installed first: the patch below wraps the receive path
     monkeypatch.setattr(Protection, "on_report", lambda self, loss, rtt: None)
     handle = RTCRtpReceiver._handle_rtp_packet
 
