@@ -367,6 +367,9 @@ class Received:
         }
 
 
+RECORD_VIDEO_WAIT_S = 10.0  # a recording's audio waits this long for its first video frame
+
+
 class Receiver:
     """Consumes the remote tracks: counts, decodes stamps, records if asked."""
 
@@ -375,6 +378,7 @@ class Receiver:
         self.record_to = record_to
         self.recorder: MediaRecorder | None = None
         self.tasks: list[asyncio.Task[None]] = []
+        self.tees: list[_Tee] = []
         self.first_frame = asyncio.Event()
         self._counted = asyncio.Event()  # set after every frame counted
 
@@ -382,12 +386,18 @@ class Receiver:
         if self.record_to is not None:
             if self.recorder is None:
                 self.recorder = MediaRecorder(str(self.record_to))
-            self.recorder.addTrack(_Tee(track, self))
+            tee = _Tee(track, self)
+            self.tees.append(tee)
+            self.recorder.addTrack(tee)
             return
         self.tasks.append(asyncio.create_task(self._consume(track)))
 
     async def start(self) -> None:
         if self.recorder is not None:
+            if any(tee.kind == "video" for tee in self.tees):
+                for tee in self.tees:
+                    if tee.kind == "audio":
+                        tee.after = self.first_frame
             await self.recorder.start()
 
     async def _consume(self, track: MediaStreamTrack) -> None:
@@ -443,15 +453,30 @@ class Receiver:
 
 
 class _Tee(MediaStreamTrack):
-    """Passes a track's frames to a recorder, counting them on the way."""
+    """Passes a track's frames to a recorder, counting them on the way.
+
+    An audio tee of a recording with video holds its first frame until the first video frame
+    went through (``after``), ``RECORD_VIDEO_WAIT_S`` at most: aiortc's ``MediaRecorder`` sizes
+    the video stream from its first frame (contrib/media.py:506-511), and an audio packet
+    muxed before it opens the container's codecs, the video one at its default 640x480; the
+    first video frame then fails ("Cannot change width after codec is open"), which ends the
+    recorder's video task silently: a recording with no video at all. Which stream came first
+    was a race (4 recordings of 6 lost their video when the video's first frame came a little
+    later than the audio's).
+    """
 
     def __init__(self, track: MediaStreamTrack, receiver: Receiver) -> None:
         super().__init__()
         self.kind = track.kind
         self.track = track
         self.receiver = receiver
+        self.after: asyncio.Event | None = None
 
     async def recv(self) -> Any:
         frame = await self.track.recv()
         self.receiver.count(frame, self.track)
+        if self.after is not None and not self.after.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(RECORD_VIDEO_WAIT_S):
+                    await self.after.wait()
         return frame
