@@ -99,6 +99,7 @@ __all__ = [
     "playout_delay_s",
     "recovered",
     "vp8_picture_id",
+    "with_payload",
 ]
 
 logger = logging.getLogger(__name__)
@@ -770,7 +771,7 @@ class RedFront:
         if codec is None:
             self.buffer.filler(packet, now)  # no media we know: no hole to wait on
             return False, None
-        media = _with_payload(packet, block_pt, payload)
+        media = with_payload(packet, block_pt, payload)
         try:
             media._data = depayload(codec, payload)  # type: ignore[attr-defined]
         except ValueError:  # as rtcrtpreceiver.py:541-546
@@ -802,8 +803,9 @@ class RedFront:
             self.buffer.add(packet, now)
 
 
-def _with_payload(packet: RtpPacket, payload_type: int, payload: bytes) -> RtpPacket:
-    """``packet`` with another payload type and payload (its header otherwise)."""
+def with_payload(packet: RtpPacket, payload_type: int, payload: bytes) -> RtpPacket:
+    """``packet`` with another payload type and payload (its header otherwise, the header
+    extensions the same object)."""
     out = RtpPacket(
         payload_type=payload_type,
         marker=packet.marker,

@@ -114,7 +114,7 @@ from aiortc.utils import random32, uint16_add, uint32_add
 from av import VideoFrame
 
 from peers import aiortc_vp8, ulpfec
-from peers.aiortc_receive import is_keyframe_start
+from peers.aiortc_receive import is_keyframe_start, with_payload
 
 __all__ = [
     "BITS_PER_PIXEL",
@@ -706,17 +706,7 @@ def red_of(sender: RTCRtpSender, codec: Any) -> RedTypes | None:
 def red_packet(packet: RtpPacket, red_pt: int) -> RtpPacket:
     """``packet`` in RED form (RFC 2198, one block): PT red, its own PT in the RED header, the
     same header extensions (the object itself: stamped as the packet leaves)."""
-    wrapped = RtpPacket(
-        payload_type=red_pt,
-        marker=packet.marker,
-        sequence_number=packet.sequence_number,
-        timestamp=packet.timestamp,
-        ssrc=packet.ssrc,
-        payload=bytes([packet.payload_type & 0x7F]) + packet.payload,
-    )
-    wrapped.csrc = packet.csrc
-    wrapped.extensions = packet.extensions
-    return wrapped
+    return with_payload(packet, red_pt, bytes([packet.payload_type & 0x7F]) + packet.payload)
 
 
 def protection_of(sender: Any) -> Protection:
@@ -809,6 +799,16 @@ async def paced_run_rtp(self: RTCRtpSender, codec: Any) -> None:
         sender._RTCRtpSender__packet_count += 1
         return raw
 
+    def new_packet(payload_type: int, payload: bytes, timestamp: int) -> RtpPacket:
+        """The next packet of this sender's SSRC and sequence (rtcrtpsender.py:378-384)."""
+        packet = RtpPacket(
+            payload_type=payload_type, sequence_number=sequence_number, timestamp=timestamp
+        )
+        packet.ssrc = self._ssrc
+        packet.payload = payload
+        packet.extensions.mid = sender._RTCRtpSender__mid
+        return packet
+
     async def send_fec(
         pieces: list[tuple[list[bytes], int]], timestamp: int, frame_bytes: int
     ) -> None:
@@ -821,15 +821,7 @@ async def paced_run_rtp(self: RTCRtpSender, codec: Any) -> None:
             payloads = ulpfec.protect(media, count, red.mutable_ids)
             protection.sent(media, payloads)
             for payload in payloads:
-                packet = RtpPacket(
-                    payload_type=red.ulpfec,
-                    sequence_number=sequence_number,
-                    timestamp=timestamp,
-                )
-                packet.ssrc = self._ssrc
-                packet.payload = payload
-                packet.extensions.mid = sender._RTCRtpSender__mid
-                await send(packet, len(payload), frame_bytes)
+                await send(new_packet(red.ulpfec, payload, timestamp), len(payload), frame_bytes)
                 sequence_number = uint16_add(sequence_number, 1)
 
     try:
@@ -847,15 +839,8 @@ async def paced_run_rtp(self: RTCRtpSender, codec: Any) -> None:
                 due = protection.before_frame(len(enc_frame.payloads), keyframe)
                 await send_fec(due, protection_timestamp[0], frame_bytes)
             for i, payload in enumerate(enc_frame.payloads):
-                packet = RtpPacket(
-                    payload_type=codec.payloadType,
-                    sequence_number=sequence_number,
-                    timestamp=timestamp,
-                )
-                packet.ssrc = self._ssrc
-                packet.payload = payload
+                packet = new_packet(codec.payloadType, payload, timestamp)
                 packet.marker = ((i == len(enc_frame.payloads) - 1) and 1) or 0
-                packet.extensions.mid = sender._RTCRtpSender__mid
                 if enc_frame.audio_level is not None:
                     packet.extensions.audio_level = (False, -enc_frame.audio_level)
                 # In the history before it waits: a NACK for it may come meanwhile. With RED,
