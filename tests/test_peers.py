@@ -62,6 +62,7 @@ VIDEO = {"width": 320, "height": 240, "fps": FPS}
         ({"ice": {"polcy": "all"}}, "ice.polcy"),
         ({"media": {"video": {"width": "wide"}}}, "media.video.width"),
         ({"media": {"video": {"codec": "av1"}}}, "media.video.codec"),
+        ({"media": {"video": {"fec": "sometimes"}}}, "media.video.fec"),
         ({"media": {"audio": "loud"}}, "media.audio"),
     ],
 )
