@@ -538,6 +538,8 @@ class ReportedLoss:
 
     highest: int | None = None  # the highest sequence number of the last update
     lost: int = 0  # the cumulative lost count then
+    expected_total: int = 0  # over all the updates (the call's loss: ``whole``)
+    lost_total: int = 0
 
     def add(self, highest_sequence: int, packets_lost: int) -> float | None:
         """The fraction lost since the last update, or None (too few packets yet)."""
@@ -551,7 +553,13 @@ class ReportedLoss:
             return None  # reordered reports, or too few packets
         lost = max(packets_lost - self.lost, 0)
         self.highest, self.lost = highest_sequence, packets_lost
+        self.expected_total += expected
+        self.lost_total += min(lost, expected)
         return min(lost / expected, 1.0)
+
+    def whole(self) -> float | None:
+        """The fraction lost over all the updates so far (None before the first)."""
+        return self.lost_total / self.expected_total if self.expected_total else None
 
 
 @dataclass
@@ -680,7 +688,7 @@ def _on_rtcp(sender: RTCRtpSender, packet: Any) -> None:
         if fraction is None:
             return  # too few packets since the last update (``ReportedLoss``)
         state.on_report(fraction, time.monotonic(), int(encoder.target_bitrate))
-        protection_of(sender).on_report(fraction, rtt)
+        protection_of(sender).on_report(fraction, rtt, counter.whole())
     elif isinstance(packet, RtcpPsfbPacket) and packet.fmt == RTCP_PSFB_APP:
         try:
             bitrate, ssrcs = unpack_remb_fci(packet.fci)

@@ -271,6 +271,7 @@ class Protection:
 
     red: bool = False  # the sender sends RED + ULPFEC (negotiated)
     loss: float | None = None  # filtered fraction lost
+    call_loss: float | None = None  # over the whole call so far (``ReportedLoss.whole``)
     rtt_s: float = 0.2
     group: list[bytes] = field(default_factory=list)  # raw media packets, as sent, non-RED
     frames: int = 0  # in the group
@@ -283,8 +284,12 @@ class Protection:
     fec_packets: int = 0  # made, in all
     groups: int = 0
 
-    def on_report(self, fraction_lost: float, rtt_s: float | None) -> None:
-        """A receiver report of this sender's stream: its fraction lost, the round trip now."""
+    def on_report(
+        self, fraction_lost: float, rtt_s: float | None, call_loss: float | None = None
+    ) -> None:
+        """A receiver report of this sender's stream: its fraction lost, the round trip now, and
+        the fraction lost over the call so far (reported, not used: the filtered loss is)."""
+        self.call_loss = call_loss if call_loss is not None else self.call_loss
         if self.loss is None:
             self.loss = fraction_lost
         else:
@@ -741,7 +746,8 @@ def fec_sent(pc: Any) -> dict[str, Any] | None:
         "fec_packets": protection.fec_packets,
         "protected": protection.media_packets,
         "groups": protection.groups,
-        "loss_pct": round(100 * (protection.loss or 0.0), 1),
+        "loss_pct": round(100 * (protection.loss or 0.0), 1),  # filtered, the last
+        "call_loss_pct": round(100 * (protection.call_loss or 0.0), 1),
         "rtt_ms": round(1000 * protection.rtt_s),
         "span": protection.span(),
     }

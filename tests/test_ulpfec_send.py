@@ -261,8 +261,10 @@ def test_the_loss_is_taken_over_10_packets_at_least_from_the_cumulative_counts()
     assert counter.add(1002, 11) is None  # 2 packets: wait
     assert counter.add(1040, 12) == pytest.approx(2 / 40)
     assert counter.add(1050, 12) == 0.0
+    assert counter.whole() == pytest.approx(2 / 50)  # over the call: 2 lost of 50
     assert counter.add(65_530, 12) is None  # reordered / far off: ignored
     wrapping = ReportedLoss(highest=65_530, lost=0)
+    assert wrapping.whole() is None
     assert wrapping.add(14, 1) == pytest.approx(1 / 20)
 
 
@@ -289,7 +291,8 @@ async def test_aiortc_to_chromium_at_5_percent_and_75_ms_sends_fec_and_freezes_u
     print("aiortc->Chromium with FEC:", done.row, fec, f"load {done.load}")  # for `pytest -s`
     assert fec is not None and fec["fec_packets"] > 0, fec
     assert fec["protected"] >= 0.5 * done.row["repair"]["packetsReceived"], fec  # FEC and RTX too
-    assert 2.0 <= fec["loss_pct"] <= 10.0, fec
+    # The loss over the call: the filtered loss's last value swings (13.5 % once, in CI).
+    assert 2.0 <= fec["call_loss_pct"] <= 10.0, fec
     assert done.row["fps"] >= 20, done.row
     assert done.row["frozen_s"] <= 2.0, done.row
 
