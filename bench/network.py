@@ -370,7 +370,10 @@ COLUMNS = [
     ("runnable", 9), ("load", 5),
 ]  # fmt: skip
 
-RUN_FIELDS = ("fps", "freezes", "frozen_s", "longest_gap_s", "video_fec")  # each run's, with --runs
+RUN_FIELDS = (  # each run's, with --runs
+    "fps", "freezes", "frozen_s", "longest_gap_s", "behind_p95_ms", "behind_max_ms",
+    "audio_bad_pct", "video_fec",
+)  # fmt: skip
 
 
 def video_size(text: str) -> dict[str, int]:
