@@ -317,6 +317,33 @@ def test_frames_released_together_already_past_late_max_are_superseded() -> None
     assert marked == [step, 2 * step]
 
 
+def test_a_frame_released_alone_past_late_max_with_a_newer_one_coming_is_superseded() -> None:
+    """A frame that waited on a hole and is released alone, later than LATE_MAX_S, while packets
+    of a newer frame are already here, is marked superseded: shown, it put a 300 kbit/s call
+    477-618 ms behind. Within LATE_MAX_S, with nothing newer here, or after LATE_ALONE_GAP_S
+    without a frame, it is shown."""
+    marked: list[int] = []
+    frames = Frames(wait_s=1.0)
+    frames.buffer.superseded = marked.append
+    step = 3000  # 30 fps
+    frames.buffer.add(vp8(0, 0, key=True), now=0.05)
+    frames.buffer.add(vp8(2, 2 * step, marker=False), now=2 / 30 + 0.05)  # 1 lost, 2 begun
+    frames.buffer.add(vp8(1, step), now=1 / 30 + 0.4)  # 350 ms late, alone: 2 is incomplete
+    assert frames.out == [0, step]
+    assert marked == [step]
+    frames.buffer.add(vp8(3, 2 * step, start=False), now=2 / 30 + 0.41)  # 2 complete: the newest
+    frames.buffer.add(vp8(5, 4 * step, marker=False), now=4 / 30 + 0.05)  # 3 lost, 4 begun
+    frames.buffer.add(vp8(4, 3 * step), now=3 / 30 + 0.3)  # 250 ms late: shown
+    frames.buffer.add(vp8(6, 4 * step, start=False), now=4 / 30 + 0.3)
+    frames.buffer.add(vp8(7, 5 * step), now=5 / 30 + 0.45)  # late, but nothing newer is here
+    assert frames.out == [0, step, 2 * step, 3 * step, 4 * step, 5 * step]
+    assert marked == [step]
+    frames.buffer.add(vp8(9, 7 * step, marker=False), now=7 / 30 + 0.05)  # 6 lost, 7 begun
+    frames.buffer.add(vp8(8, 6 * step), now=6 / 30 + 1.0)  # late, but none shown for 0.58 s
+    assert frames.out[-1] == 6 * step
+    assert marked == [step]
+
+
 def test_frames_are_held_until_due_and_late_ones_dropped_behind_newer_ones() -> None:
     """With a playout delay, a frame that came at once is held until it is due; one later than
     due + LATE_S (at most LATE_MAX_S) is dropped when a newer decoded frame waits; the best
