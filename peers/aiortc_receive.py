@@ -462,12 +462,17 @@ class FrameBuffer(_InOrder):
             self.fillers = set(sorted(self.fillers)[-MAX_HELD // 2 :])
         self._release(now)
 
+    def _behind(self, timestamp: int | None) -> int:
+        """How far (clock units) media time ``timestamp`` is behind the newest packet's; 0 when
+        it is not behind, or nothing has come."""
+        if timestamp is None or self.newest is None:
+            return 0
+        behind = (self.newest[1] - timestamp) & 0xFFFFFFFF
+        return behind if behind < 0x80000000 else 0
+
     def _stale(self, timestamp: int | None) -> bool:
         """Whether media time ``timestamp`` is more than MAX_SPAN_S older than the newest packet."""
-        if timestamp is None or self.newest is None:
-            return False
-        behind = (self.newest[1] - timestamp) & 0xFFFFFFFF
-        return self.clock_rate * MAX_SPAN_S < behind < 0x80000000
+        return self._behind(timestamp) > self.clock_rate * MAX_SPAN_S
 
     def _skip(self, now: float, ask: bool = True) -> None:
         """Give up the awaited frame and anything stale; decode again from a keyframe."""
@@ -553,14 +558,8 @@ class FrameBuffer(_InOrder):
         if not self._burst or before is None or now - before > LATE_ALONE_GAP_S:
             return
         timestamp, late = self._burst[-1]
-        if late > LATE_MAX_S and self._newer_here(timestamp):
+        if late > LATE_MAX_S and self._behind(timestamp) > 0:  # a newer frame's packets came
             self.superseded(timestamp)
-
-    def _newer_here(self, timestamp: int) -> bool:
-        """Whether packets of a frame newer than media time ``timestamp`` have come."""
-        if self.newest is None:
-            return False
-        return 0 < (self.newest[1] - timestamp) & 0xFFFFFFFF < 0x80000000
 
     def _release_frames(self, now: float) -> None:
         assert self.next_seq is not None
