@@ -321,7 +321,7 @@ def test_a_frame_released_alone_past_late_max_with_a_newer_one_coming_is_superse
     """A frame that waited on a hole and is released alone, later than LATE_MAX_S, while packets
     of a newer frame are already here, is marked superseded: shown, it put a 300 kbit/s call
     477-618 ms behind. Within LATE_MAX_S, with nothing newer here, or after LATE_ALONE_GAP_S
-    without a frame, it is shown."""
+    without a frame, it is shown; past LATE_HARD_S late, never while a newer one is coming."""
     marked: list[int] = []
     frames = Frames(wait_s=1.0)
     frames.buffer.superseded = marked.append
@@ -338,10 +338,15 @@ def test_a_frame_released_alone_past_late_max_with_a_newer_one_coming_is_superse
     frames.buffer.add(vp8(7, 5 * step), now=5 / 30 + 0.45)  # late, but nothing newer is here
     assert frames.out == [0, step, 2 * step, 3 * step, 4 * step, 5 * step]
     assert marked == [step]
-    frames.buffer.add(vp8(9, 7 * step, marker=False), now=7 / 30 + 0.05)  # 6 lost, 7 begun
-    frames.buffer.add(vp8(8, 6 * step), now=6 / 30 + 1.0)  # late, but none shown for 0.58 s
-    assert frames.out[-1] == 6 * step
+    frames.buffer.add(vp8(9, 23 * step, marker=False), now=23 / 30 + 0.05)  # 8 lost, 9 begun
+    frames.buffer.add(vp8(8, 22 * step), now=22 / 30 + 0.43)  # 380 ms late, none for 0.55 s
+    assert frames.out[-1] == 22 * step
     assert marked == [step]
+    frames.buffer.add(vp8(10, 23 * step, start=False), now=23 / 30 + 0.44)
+    frames.buffer.add(vp8(12, 25 * step, marker=False), now=25 / 30 + 0.05)  # 11 lost, 12 begun
+    frames.buffer.add(vp8(11, 24 * step), now=24 / 30 + 0.95)  # none for 0.58 s, but 900 ms late
+    assert frames.out[-1] == 24 * step
+    assert marked == [step, 24 * step]
 
 
 def test_frames_are_held_until_due_and_late_ones_dropped_behind_newer_ones() -> None:
