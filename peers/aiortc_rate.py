@@ -514,7 +514,13 @@ LOSS_GROWTH = 1.08  # per second under LOSS_LOW, + 1 kbit/s (libwebrtc)
 OVERFLOW_S = 2.0
 CEILING_BELOW = 0.85
 CEILING_LOOKBACK_S = 3.0
-CEILING_GROWTH = 1.02  # per second: back to where the queue overflowed in about 8 s
+CEILING_GROWTH = 1.02  # per second: back to where the queue overflowed in about 8 s ...
+# ... but from CEILING_NEAR x that rate on, by CEILING_NEAR_GROWTH only (TCP CUBIC's plateau
+# around its last loss, RFC 9438): at 2 %/s all the way, a 300 kbit/s link's queue overflowed
+# again every 5-9 s, and about one overflow in 10 became a run of holes and a keyframe, a
+# freeze of 0.8-1.3 s. A link that widened is found by a probe (``Prober``), not by this.
+CEILING_NEAR = 0.95
+CEILING_NEAR_GROWTH = 1.005
 
 
 # A loss fraction over fewer packets waits for the next report (libwebrtc: 20). 10 here: the
@@ -576,6 +582,7 @@ class LossBased:
     # Where a drop-tail queue overflowed (see ``on_report``): the target stays below it.
     ceiling_bps: float | None = None
     ceiling_growth_at: float | None = None
+    overflowed_bps: float | None = None  # the highest target before the ceiling's overflow
     ceilings: int = 0
     remb_fell_at: float | None = None
     mean_loss: float = 0.0  # of the reports so far (a running mean over about 8)
@@ -621,6 +628,7 @@ class LossBased:
         if self.ceiling_bps is None or ceiling < self.ceiling_bps:
             self.ceiling_bps = max(float(MIN_BPS), ceiling)
             self.ceiling_growth_at = now
+            self.overflowed_bps = highest
             self.ceilings += 1
         self.remb_fell_at = None  # one fall, one ceiling
 
@@ -628,7 +636,10 @@ class LossBased:
         if self.ceiling_bps is None or self.ceiling_growth_at is None:
             return
         elapsed = min(now - self.ceiling_growth_at, 1.0)
-        self.ceiling_bps *= CEILING_GROWTH**elapsed
+        near = self.overflowed_bps is not None and (
+            self.ceiling_bps >= CEILING_NEAR * self.overflowed_bps
+        )
+        self.ceiling_bps *= (CEILING_NEAR_GROWTH if near else CEILING_GROWTH) ** elapsed
         self.ceiling_growth_at = now
         if self.remb_bps is not None and self.ceiling_bps >= 2 * self.remb_bps:
             self.ceiling_bps = None  # far above what the receiver allows: of no use
@@ -759,6 +770,7 @@ class Prober:
         if probed is not None and now - probed[0] < PROBE_ANSWER_S and bps >= 0.9 * probed[1]:
             state.cap_bps = None
             state.ceiling_bps = None  # the link is wider than where its queue overflowed
+            state.overflowed_bps = None
             self.probed = None
 
     async def start(self, sender: RTCRtpSender) -> None:

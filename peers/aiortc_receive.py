@@ -157,6 +157,11 @@ PLAYOUT_QUANTILE = 0.8
 PLAYOUT_MARGIN_S = 0.04
 PLAYOUT_MAX_S = 0.2  # with LATE_MAX_S, a frame waiting behind another is never shown later
 FREEZE_OVER_MEAN_S = 0.15  # Chromium's freeze rule (peers/media.py's is_freeze)
+# A picture still for longer than this is frozen (Chromium's rule at 30 fps: max(3 x 33 ms,
+# 33 + 150 ms) = 183 ms): the frame that ends it is shown at once, not held for the playout
+# delay. On a 300 kbit/s link whose queue overflowed, a keyframe that ended a 1.1 s freeze
+# was held 119 ms more, and the gap went over 1 s.
+FROZEN_S = 0.2
 
 
 @dataclass
@@ -551,11 +556,13 @@ class FrameBuffer(_InOrder):
         LATE_MAX_S with a newer one behind them are ``superseded`` (decoded, never shown: the
         newer one is ready; the decoder, not yet done with it, must not let them show late).
         So is the last one released when packets of a newer frame are already here (it waited
-        on a hole while they came, and the newer frame follows) unless none was released for
-        LATE_ALONE_GAP_S: a frame released alone 0.4 s late, shown, put the 300 kbit/s call
-        477-618 ms behind in 3 of 30 calls; a still picture past that is a freeze. Past
-        LATE_HARD_S late it is superseded whatever the wait: the newer frame is the one to show,
-        and the freeze lasts until it is complete, not 0.2-0.5 s less with the picture behind."""
+        on a hole while they came) and that frame follows with no hole of its own
+        (``_hole_ahead``), unless none was released for LATE_ALONE_GAP_S: a frame released
+        alone 0.4 s late, shown, put the 300 kbit/s call 477-618 ms behind in 3 of 30 calls; a
+        still picture past that is a freeze, and so is one until the next frame's hole is
+        filled. Past LATE_HARD_S late it is superseded whatever the wait: the newer frame is
+        the one to show, and the freeze lasts until it is complete, not 0.2-0.5 s less with
+        the picture behind."""
         self._burst = []
         before = self.released_at
         self._release_frames(now)
@@ -567,8 +574,23 @@ class FrameBuffer(_InOrder):
         timestamp, late = self._burst[-1]
         if late <= LATE_MAX_S or self._behind(timestamp) == 0:  # no newer frame's packets came
             return
-        if late > LATE_HARD_S or (before is not None and now - before <= LATE_ALONE_GAP_S):
+        follows = not self._hole_ahead()  # the newer frame is arriving, not waiting on a hole
+        recent = before is not None and now - before <= LATE_ALONE_GAP_S
+        if late > LATE_HARD_S or (follows and recent):
             self.superseded(timestamp)
+
+    def _hole_ahead(self) -> bool:
+        """Whether a packet is missing between the next one due and the newest here: the next
+        frame waits on a retransmission (0.2-0.6 s on a full 300 kbit/s queue), so the frame
+        just released is the picture until then. Superseded, one 320 ms late was followed by
+        0.9 s of nothing, a 1.2 s gap."""
+        assert self.next_seq is not None
+        newest = max(self.packets, default=self.next_seq)
+        if newest <= self.next_seq:
+            return False
+        here = sum(1 for s in self.packets if s >= self.next_seq)
+        here += sum(1 for s in self.fillers if self.next_seq <= s < newest)
+        return here <= newest - self.next_seq
 
     def _release_frames(self, now: float) -> None:
         assert self.next_seq is not None
@@ -946,7 +968,10 @@ class LateFrames:
     Due (``hold_s``): ``target_s`` after the best delay, the playout delay the
     receive path sets (``FrameBuffer.playout_delay_s``): frames that came at
     once wait for it, so that a frame held behind a retransmitted packet is a
-    stutter, not a freeze.
+    stutter, not a freeze. The frame that ends a freeze (nothing shown for
+    ``FROZEN_S``) is not held: the delay is there to keep a stutter from
+    becoming a freeze, and that one already is (libwebrtc holds it to its
+    render time too; here a freeze ends as soon as it can).
     """
 
     late_s: float = LATE_S
@@ -958,10 +983,12 @@ class LateFrames:
     arrivals: dict[int, float] = field(default_factory=dict)
     # Frames (by pts) the frame buffer released already too late with a newer one.
     superseded: set[int] = field(default_factory=set)
+    shown_at: float | None = None  # when the last frame kept is shown (``shown``)
 
     def hold_s(self, media_s: float, now: float) -> float:
-        """How long to hold a frame kept by ``keep`` before it is due (0 to ``target_s``)."""
-        if not self.recent:
+        """How long to hold a frame kept by ``keep`` before it is due (0 to ``target_s``; 0 for
+        the frame that ends a freeze)."""
+        if not self.recent or (self.shown_at is not None and now - self.shown_at > FROZEN_S):
             return 0.0
         due = media_s + self.recent[0][1] + self.target_s
         return min(max(due - now, 0.0), self.target_s)
@@ -1036,7 +1063,9 @@ def install() -> None:
                 newer = True  # released with a newer frame, still being decoded
             media_s, now = float(frame.pts * frame.time_base), time.monotonic()
             if late.keep(media_s, now, newer, late.arrivals.pop(frame.pts, None)):
-                if (hold := late.hold_s(media_s, now)) > 0:
+                hold = late.hold_s(media_s, now)
+                late.shown_at = now + hold
+                if hold > 0:
                     await asyncio.sleep(hold)
                 return frame
 

@@ -13,6 +13,7 @@ import contextlib
 import fractions
 import itertools
 import json
+import math
 import socket
 import statistics
 import struct
@@ -33,6 +34,8 @@ from playwright.async_api import Page
 from peers import aiortc_patches, aiortc_send, stats
 from peers.aiortc_rate import (
     CEILING_GROWTH,
+    CEILING_NEAR,
+    CEILING_NEAR_GROWTH,
     NTP_UNIX_S,
     PROBE_ABOVE,
     PROBE_ANSWER_S,
@@ -481,6 +484,25 @@ def test_loss_with_a_fall_of_the_remb_sets_a_ceiling_below_where_the_queue_overf
     prober = Prober(probed=(now, 331_000))
     prober.on_remb(340_000, loss, now + 0.5)
     assert loss.ceiling_bps is None
+
+
+def test_near_where_the_queue_overflowed_the_ceiling_grows_by_half_a_percent_a_second() -> None:
+    """From 0.85 x the rate the queue overflowed at, the ceiling grows by 2 % a second up to
+    CEILING_NEAR (0.95) x that rate, in about 5.6 s, then by 0.5 % a second: 20 s later it is
+    within 3 % of where the queue overflowed, where 2 % a second all along would be 26 % over."""
+    loss = LossBased(ceiling_bps=0.85 * 290_000, ceiling_growth_at=0.0, overflowed_bps=290_000)
+    loss.on_remb(1_000_000)
+    now = 0.0
+    while now < 20.0:
+        now += 0.5
+        loss.on_report(0.0, now)
+        if now == 5.0:
+            assert (loss.ceiling_bps or 0) == pytest.approx(0.85 * 290_000 * CEILING_GROWTH**5)
+    near = math.log(CEILING_NEAR / 0.85) / math.log(CEILING_GROWTH)
+    assert loss.ceiling_bps == pytest.approx(
+        CEILING_NEAR * 290_000 * CEILING_NEAR_GROWTH ** (20 - near), rel=0.01
+    )
+    assert (loss.ceiling_bps or 0) < 1.03 * 290_000 < 0.85 * 290_000 * CEILING_GROWTH**20
 
 
 def test_a_new_encoder_starts_at_480x360_below_a_narrow_links_rate() -> None:
