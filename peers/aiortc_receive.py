@@ -580,10 +580,11 @@ class FrameBuffer(_InOrder):
             self.superseded(timestamp)
 
     def _hole_ahead(self) -> bool:
-        """Whether a packet is missing between the next one due and the newest here: the next
-        frame waits on a retransmission (0.2-0.6 s on a full 300 kbit/s queue), so the frame
-        just released is the picture until then. Superseded, one 320 ms late was followed by
-        0.9 s of nothing, a 1.2 s gap."""
+        """Whether a packet is missing between the next one due and the newest here (FEC
+        packets' numbers count as here): the next frame waits on a retransmission (0.2-0.6 s
+        on a full 300 kbit/s queue). Then the frame just released is the picture until that
+        hole is filled (``_release``: superseded, one 320 ms late was followed by 0.9 s of
+        nothing, a 1.2 s gap), and the hole is timed (``_release_frames``)."""
         assert self.next_seq is not None
         newest = max(self.packets, default=self.next_seq)
         if newest <= self.next_seq:
@@ -623,15 +624,9 @@ class FrameBuffer(_InOrder):
                 if self.next_seq not in self.packets and self._bridge():
                     continue
                 # A packet after the one awaited (or after the frame's missing one): a hole.
-                newest = max(self.packets, default=self.next_seq)
-                if newest <= self.next_seq:
-                    self.hole_since = None
-                    return
-                here = sum(1 for s in self.packets if s >= self.next_seq)
-                here += sum(1 for s in self.fillers if self.next_seq <= s < newest)
-                if here > newest - self.next_seq:
-                    # All here up to the newest: a frame still coming (a sender that paces its
-                    # packets, as Chromium does), no hole to wait on or time as one.
+                if not self._hole_ahead():
+                    # Nothing after it, or all here up to the newest: a frame still coming (a
+                    # sender that paces its packets, as Chromium does), no hole to wait on.
                     self.hole_since = None
                     return
                 if not self._stale(self.last_timestamp):
