@@ -870,6 +870,9 @@ async def paced_run_rtp(self: RTCRtpSender, codec: Any) -> None:
     if sender._RTCRtpSender__track:
         sender._RTCRtpSender__track.stop()
         sender._RTCRtpSender__track = None
+    encoder = sender._RTCRtpSender__encoder
+    if encoder is not None and (ladder := encoder.__dict__.get("_epc_ladder")) and ladder.width:
+        self.__dict__["_epc_sent"] = sent_by(encoder, ladder)  # for ``sent_video`` from now on
     sender._RTCRtpSender__encoder = None
     log_debug("- RTP finished")
     sender._RTCRtpSender__rtp_exited.set()
@@ -893,8 +896,11 @@ def encoder_ladder(encoder: Any) -> Ladder | None:
 def sent_video(pc: Any) -> Sent | None:
     """The video encoder's size and target of an RTCPeerConnection.
 
-    None before it encodes; once the connection is closed, the last frame this
-    process encoded (``last_sent``), if any.
+    None before it encodes; once the sender's RTP loop has ended (aiortc then
+    drops its encoder, rtcrtpsender.py:421), the last frame it encoded; once the
+    connection is closed, the last frame this process encoded (``last_sent``),
+    if any. (A summary written between the loop's end and the connection's
+    close read None: a CI failure of tests/test_cluster.py.)
 
     Upstream: the W3C ``outbound-rtp`` stats ``frameWidth``, ``frameHeight`` and
     ``targetBitrate``; aiortc keeps its encoder in ``RTCRtpSender.__encoder``
@@ -906,6 +912,9 @@ def sent_video(pc: Any) -> Sent | None:
         encoder = getattr(sender, "_RTCRtpSender__encoder", None)
         ladder = getattr(encoder, "_epc_ladder", None)
         if encoder is None or ladder is None or not ladder.width:
+            kept: Sent | None = sender.__dict__.get("_epc_sent")
+            if kept is not None:
+                return kept
             continue
         return sent_by(encoder, ladder)
     return last_sent[-1] if last_sent and pc.connectionState == "closed" else None
