@@ -574,9 +574,9 @@ class FrameBuffer(_InOrder):
         timestamp, late = self._burst[-1]
         if late <= LATE_MAX_S or self._behind(timestamp) == 0:  # no newer frame's packets came
             return
-        follows = not self._hole_ahead()  # the newer frame is arriving, not waiting on a hole
         recent = before is not None and now - before <= LATE_ALONE_GAP_S
-        if late > LATE_HARD_S or (follows and recent):
+        # Not while the newer frame waits on a hole of its own: this one is the picture till then.
+        if late > LATE_HARD_S or (recent and not self._hole_ahead()):
             self.superseded(timestamp)
 
     def _hole_ahead(self) -> bool:
@@ -978,7 +978,7 @@ class LateFrames:
     arrivals: dict[int, float] = field(default_factory=dict)
     # Frames (by pts) the frame buffer released already too late with a newer one.
     superseded: set[int] = field(default_factory=set)
-    shown_at: float | None = None  # when the last frame kept is shown (``shown``)
+    shown_at: float | None = None  # when the last frame kept is shown (set by ``recv``)
 
     def hold_s(self, media_s: float, now: float) -> float:
         """How long to hold a frame kept by ``keep`` before it is due (0 to ``target_s``; 0 for

@@ -870,9 +870,8 @@ async def paced_run_rtp(self: RTCRtpSender, codec: Any) -> None:
     if sender._RTCRtpSender__track:
         sender._RTCRtpSender__track.stop()
         sender._RTCRtpSender__track = None
-    encoder = sender._RTCRtpSender__encoder
-    if encoder is not None and (ladder := encoder.__dict__.get("_epc_ladder")) and ladder.width:
-        self.__dict__["_epc_sent"] = sent_by(encoder, ladder)  # for ``sent_video`` from now on
+    if (sent := encoder_sent(sender._RTCRtpSender__encoder)) is not None:
+        self.__dict__["_epc_sent"] = sent  # for ``sent_video`` from now on
     sender._RTCRtpSender__encoder = None
     log_debug("- RTP finished")
     sender._RTCRtpSender__rtp_exited.set()
@@ -893,6 +892,14 @@ def encoder_ladder(encoder: Any) -> Ladder | None:
     return ladder
 
 
+def encoder_sent(encoder: Any) -> Sent | None:
+    """What a ``Vp8Encoder`` (or None) encodes now; None before its first frame."""
+    ladder = encoder_ladder(encoder)
+    return (
+        None if encoder is None or ladder is None or not ladder.width else sent_by(encoder, ladder)
+    )
+
+
 def sent_video(pc: Any) -> Sent | None:
     """The video encoder's size and target of an RTCPeerConnection.
 
@@ -909,14 +916,10 @@ def sent_video(pc: Any) -> Sent | None:
     for sender in pc.getSenders():
         if sender.kind != "video":
             continue
-        encoder = getattr(sender, "_RTCRtpSender__encoder", None)
-        ladder = getattr(encoder, "_epc_ladder", None)
-        if encoder is None or ladder is None or not ladder.width:
-            kept: Sent | None = sender.__dict__.get("_epc_sent")
-            if kept is not None:
-                return kept
-            continue
-        return sent_by(encoder, ladder)
+        sent = encoder_sent(getattr(sender, "_RTCRtpSender__encoder", None))
+        sent = sent if sent is not None else sender.__dict__.get("_epc_sent")
+        if sent is not None:
+            return sent
     return last_sent[-1] if last_sent and pc.connectionState == "closed" else None
 
 
